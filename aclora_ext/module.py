@@ -1,0 +1,121 @@
+"""The per-layer adapter: one LoRA module hooked into one Linear or Conv2d.
+
+Same parameters, buffer and forward as kohya's networks.lora ``LoRAModule``
+(``lora_down``, ``lora_up``, ``alpha``; y = W0 x + multiplier * alpha/r *
+up(down(x))), so state dicts are interchangeable. The original module stays in
+the model; only its ``forward`` is replaced.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import nn
+
+
+def is_targetable(layer: nn.Module) -> bool:
+    """Linear, or Conv2d without groups (LoRA on grouped convs has no standard file form)."""
+    if isinstance(layer, nn.Linear):
+        return True
+    return isinstance(layer, nn.Conv2d) and layer.groups == 1
+
+
+class ACLoRAModule(nn.Module):
+    """LoRA factors for one layer, at rank ``rank`` (the module's maximum rank R while training)."""
+
+    def __init__(
+        self,
+        lora_name: str,
+        org_module: nn.Module,
+        rank: int,
+        alpha: Optional[float],
+        multiplier: float = 1.0,
+        dropout: Optional[float] = None,
+        rank_dropout: Optional[float] = None,
+        module_dropout: Optional[float] = None,
+    ) -> None:
+        super().__init__()
+        if not is_targetable(org_module):
+            raise TypeError(f"{lora_name}: cannot attach a LoRA to {type(org_module).__name__}")
+        self.lora_name = lora_name
+        self.rank = int(rank)
+        if isinstance(org_module, nn.Conv2d):
+            self.is_conv = True
+            in_dim, out_dim = org_module.in_channels, org_module.out_channels
+            self.lora_down = nn.Conv2d(in_dim, rank, org_module.kernel_size, org_module.stride, org_module.padding,
+                                       dilation=org_module.dilation, bias=False)
+            self.lora_up = nn.Conv2d(rank, out_dim, (1, 1), (1, 1), bias=False)
+        else:
+            self.is_conv = False
+            in_dim, out_dim = org_module.in_features, org_module.out_features
+            self.lora_down = nn.Linear(in_dim, rank, bias=False)
+            self.lora_up = nn.Linear(rank, out_dim, bias=False)
+        self.in_dim, self.out_dim = in_dim, out_dim
+        alpha = float(rank) if alpha is None or float(alpha) == 0 else float(alpha)
+        self.register_buffer("alpha", torch.tensor(alpha))
+        nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_up.weight)
+        self.multiplier = multiplier
+        self.dropout = dropout
+        self.rank_dropout = rank_dropout
+        self.module_dropout = module_dropout
+        self.enabled = True
+        # A plain list keeps the original layer out of this module's children and state_dict.
+        self._org = [org_module]
+        self._org_forward = None
+
+    @property
+    def org_module(self) -> nn.Module:
+        return self._org[0]
+
+    @property
+    def scale(self) -> float:
+        return float(self.alpha) / self.rank
+
+    def apply_to(self) -> None:
+        """Route the original layer's forward through this module (idempotent)."""
+        if self._org_forward is None:
+            self._org_forward = self.org_module.forward
+            self.org_module.forward = self.forward
+
+    def remove(self) -> None:
+        """Give the original layer its own forward back."""
+        if self._org_forward is not None:
+            self.org_module.forward = self._org_forward
+            self._org_forward = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        base = self._org_forward(x)
+        if not self.enabled or self.multiplier == 0:
+            return base
+        if self.module_dropout and self.training and torch.rand(1).item() < self.module_dropout:
+            return base
+        hidden = self.lora_down(x.to(self.lora_down.weight.dtype))
+        if self.dropout and self.training:
+            hidden = nn.functional.dropout(hidden, p=self.dropout)
+        scale = self.scale
+        if self.rank_dropout and self.training:
+            mask = torch.rand((hidden.size(0), self.rank), device=hidden.device) > self.rank_dropout
+            if hidden.dim() == 3:
+                mask = mask.unsqueeze(1)
+            elif hidden.dim() == 4:
+                mask = mask.unsqueeze(-1).unsqueeze(-1)
+            hidden = hidden * mask.to(hidden.dtype)
+            scale = scale / (1.0 - self.rank_dropout)
+        return base + (self.lora_up(hidden) * (self.multiplier * scale)).to(base.dtype)
+
+    # --- matrices ---------------------------------------------------------------
+    def down_matrix(self) -> torch.Tensor:
+        """lora_down as an (r, in * kh * kw) matrix (a view)."""
+        return self.lora_down.weight.reshape(self.rank, -1)
+
+    def up_matrix(self) -> torch.Tensor:
+        """lora_up as an (out, r) matrix (a view)."""
+        return self.lora_up.weight.reshape(self.out_dim, self.rank)
+
+    def delta_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """multiplier-free update alpha/r * up @ down, shaped like the original weight."""
+        delta = self.up_matrix().to(dtype) @ self.down_matrix().to(dtype) * self.scale
+        return delta.reshape(self.org_module.weight.shape)

@@ -1,0 +1,224 @@
+"""Every ``--network_args`` option, declared once and parsed from that declaration.
+
+sd-scripts hands ``--network_args key=value`` pairs to ``create_network`` as
+``**kwargs`` of strings (and always adds ``dropout``). :func:`parse_network_args`
+turns them into a typed :class:`ACLoRAConfig`; anything unknown or malformed
+raises :class:`OptionError` naming the key, the value and what is allowed.
+The README's options table is generated from :data:`OPTIONS`
+(``python -m aclora_ext.options``) and a test keeps the two in step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+RESTART_MODES = ("paper", "product", "off")
+ENERGY_RULES = ("squared", "linear")
+
+_TRUE = ("true", "1", "yes", "on")
+_FALSE = ("false", "0", "no", "off")
+_NONE = ("none", "null", "")
+
+
+class OptionError(ValueError):
+    """A ``--network_args`` value (or a create_network argument) that cannot be used."""
+
+
+@dataclass(frozen=True)
+class Option:
+    """One user-facing option: its name, type, default, allowed range and help."""
+
+    name: str
+    kind: str  # "int", "float", "bool" or "choice"
+    default: Any
+    help: str
+    choices: Sequence[str] = ()
+    minimum: Optional[float] = None
+    maximum: Optional[float] = None
+    min_inclusive: bool = True
+    max_inclusive: bool = True
+    optional: bool = True  # "None" is accepted and means "not set"
+
+    def allowed(self) -> str:
+        """A short human description of the accepted values."""
+        if self.kind == "choice":
+            text = " | ".join(self.choices)
+        elif self.kind == "bool":
+            text = "true | false"
+        else:
+            lo = "" if self.minimum is None else f"{'>=' if self.min_inclusive else '>'} {self.minimum:g}"
+            hi = "" if self.maximum is None else f"{'<=' if self.max_inclusive else '<'} {self.maximum:g}"
+            bounds = " and ".join(b for b in (lo, hi) if b)
+            text = f"{'an integer' if self.kind == 'int' else 'a number'}{' ' + bounds if bounds else ''}"
+        return text + (" (or none)" if self.optional and self.default is None else "")
+
+    def parse(self, raw: Any) -> Any:
+        """Convert ``raw`` (a string from the command line, or a Python value) or raise OptionError."""
+        if raw is None or (isinstance(raw, str) and raw.strip().lower() in _NONE):
+            if self.optional:
+                return self.default if self.default is not None else None
+            raise OptionError(self._bad(raw))
+        text = raw.strip() if isinstance(raw, str) else raw
+        try:
+            if self.kind == "choice":
+                value = str(text).lower()
+                if value not in self.choices:
+                    raise ValueError
+                return value
+            if self.kind == "bool":
+                if isinstance(text, bool):
+                    return text
+                if str(text).lower() in _TRUE:
+                    return True
+                if str(text).lower() in _FALSE:
+                    return False
+                raise ValueError
+            if self.kind == "int":
+                if isinstance(text, bool):
+                    raise ValueError
+                number = float(text)
+                if not number.is_integer():
+                    raise ValueError
+                value = int(number)
+            else:
+                if isinstance(text, bool):
+                    raise ValueError
+                value = float(text)
+                if not math.isfinite(value):
+                    raise ValueError
+        except (TypeError, ValueError):
+            raise OptionError(self._bad(raw)) from None
+        self._check_range(raw, value)
+        return value
+
+    def _check_range(self, raw: Any, value: float) -> None:
+        if self.minimum is not None:
+            if value < self.minimum or (not self.min_inclusive and value == self.minimum):
+                raise OptionError(self._bad(raw))
+        if self.maximum is not None:
+            if value > self.maximum or (not self.max_inclusive and value == self.maximum):
+                raise OptionError(self._bad(raw))
+
+    def _bad(self, raw: Any) -> str:
+        return f"network_args: {self.name}={raw!r} is not valid; allowed: {self.allowed()}"
+
+
+OPTIONS: tuple[Option, ...] = (
+    # --- what is trained (same meaning as kohya's networks.lora) -------------
+    Option("conv_dim", "int", None, "Maximum rank of the LoRA on 3x3 convolutions (ResnetBlock2D, Down/Upsample2D). Unset: no 3x3 conv LoRA, like networks.lora.", minimum=1),
+    Option("conv_alpha", "float", None, "Alpha of the 3x3 conv LoRA (defaults to 1.0 like networks.lora). Needs conv_dim.", minimum=0, min_inclusive=False),
+    Option("dropout", "float", None, "Dropout on the rank-dimension activations (sd-scripts fills it from --network_dropout).", minimum=0, maximum=1, max_inclusive=False),
+    Option("rank_dropout", "float", None, "Probability of dropping each rank for a step (the kept ones are rescaled).", minimum=0, maximum=1, max_inclusive=False),
+    Option("module_dropout", "float", None, "Probability of skipping a whole module for a step.", minimum=0, maximum=1, max_inclusive=False),
+    Option("loraplus_lr_ratio", "float", None, "LoRA+: the lr of lora_up is this many times the lr of lora_down.", minimum=0, min_inclusive=False),
+    Option("loraplus_unet_lr_ratio", "float", None, "LoRA+ ratio for the U-Net only (overrides loraplus_lr_ratio).", minimum=0, min_inclusive=False),
+    Option("loraplus_text_encoder_lr_ratio", "float", None, "LoRA+ ratio for the text encoder(s) only (overrides loraplus_lr_ratio).", minimum=0, min_inclusive=False),
+    # --- RESTART ------------------------------------------------------------
+    Option("restart_mode", "choice", "paper", "paper: SVD of each factor (lora_down, lora_up) as in the paper. product: decide and truncate the module's update up*down (our mode). off: never restart (a plain LoRA at the maximum rank).", choices=RESTART_MODES, optional=False),
+    Option("restart_every", "int", None, "Epochs between RESTARTs. Unset: a tenth of the run (at least 1), as in the paper (every 10 of 100 epochs).", minimum=1),
+    Option("restart_every_steps", "int", None, "Optimizer steps between RESTARTs, for runs counted in steps or with few epochs. Replaces restart_every.", minimum=1),
+    Option("energy", "choice", "squared", "What the threshold p is a fraction of: squared = cumulative energy of squared singular values; linear = cumulative sum of singular values.", choices=ENERGY_RULES, optional=False),
+    Option("min_rank", "int", 1, "Fewest components a module keeps at a RESTART.", minimum=1, optional=False),
+    Option("fixed_p", "float", None, "Use this threshold p at every RESTART instead of p = 1 - L^alpha from the training loss (also what makes a RESTART run when no loss was captured).", minimum=0, maximum=1, min_inclusive=False),
+    Option("seed", "int", 0, "Seed of the RESTART noise (shared by all processes, so every GPU draws the same noise).", minimum=0, optional=False),
+    Option("save_full_rank", "bool", False, "Also write '<name>-fullrank.safetensors' beside every saved file: the raw training factors at the maximum rank, for continuing a run. The normal file is always the variable-rank export.", optional=False),
+)
+
+_BY_NAME: dict[str, Option] = {o.name: o for o in OPTIONS}
+
+
+@dataclass(frozen=True)
+class ACLoRAConfig:
+    """Validated options of one network (see :data:`OPTIONS` for their meaning)."""
+
+    conv_dim: Optional[int] = None
+    conv_alpha: Optional[float] = None
+    dropout: Optional[float] = None
+    rank_dropout: Optional[float] = None
+    module_dropout: Optional[float] = None
+    loraplus_lr_ratio: Optional[float] = None
+    loraplus_unet_lr_ratio: Optional[float] = None
+    loraplus_text_encoder_lr_ratio: Optional[float] = None
+    restart_mode: str = "paper"
+    restart_every: Optional[int] = None
+    restart_every_steps: Optional[int] = None
+    energy: str = "squared"
+    min_rank: int = 1
+    fixed_p: Optional[float] = None
+    seed: int = 0
+    save_full_rank: bool = False
+
+    def replace(self, **changes: Any) -> "ACLoRAConfig":
+        return validate(dataclasses.replace(self, **changes))
+
+
+def validate(config: ACLoRAConfig, max_rank: Optional[int] = None) -> ACLoRAConfig:
+    """Reject option combinations that contradict each other."""
+    if config.restart_every is not None and config.restart_every_steps is not None:
+        raise OptionError(
+            f"network_args: restart_every={config.restart_every} and restart_every_steps={config.restart_every_steps} "
+            "contradict each other; set only one (epochs or optimizer steps)"
+        )
+    if config.restart_mode == "off":
+        for name in ("restart_every", "restart_every_steps", "fixed_p"):
+            if getattr(config, name) is not None:
+                raise OptionError(
+                    f"network_args: {name}={getattr(config, name)} has no effect with restart_mode=off; "
+                    "remove it or choose restart_mode=paper|product"
+                )
+    if config.conv_alpha is not None and config.conv_dim is None:
+        raise OptionError(f"network_args: conv_alpha={config.conv_alpha} needs conv_dim=<rank of the 3x3 conv LoRA>")
+    if max_rank is not None and config.min_rank > max_rank:
+        raise OptionError(
+            f"network_args: min_rank={config.min_rank} is larger than the maximum rank network_dim={max_rank}; "
+            f"allowed: 1 .. {max_rank}"
+        )
+    if max_rank is not None and config.conv_dim is not None and config.min_rank > config.conv_dim:
+        raise OptionError(
+            f"network_args: min_rank={config.min_rank} is larger than conv_dim={config.conv_dim}; allowed: 1 .. {config.conv_dim}"
+        )
+    return config
+
+
+def parse_network_args(kwargs: Mapping[str, Any], max_rank: Optional[int] = None) -> ACLoRAConfig:
+    """Parse sd-scripts' ``**kwargs`` (strings, or Python values from the API) into a config."""
+    unknown = sorted(k for k in kwargs if k not in _BY_NAME)
+    if unknown:
+        key = unknown[0]
+        raise OptionError(
+            f"network_args: unknown key {key!r} (value {kwargs[key]!r}); "
+            f"allowed keys: {', '.join(o.name for o in OPTIONS)}"
+        )
+    values = {name: _BY_NAME[name].parse(raw) for name, raw in kwargs.items()}
+    return validate(ACLoRAConfig(**values), max_rank=max_rank)
+
+
+def parse_positive(name: str, raw: Any, default: Optional[float], kind: Callable[[Any], Any] = float) -> Any:
+    """Parse ``network_dim``/``network_alpha`` style arguments (numbers or numeric strings)."""
+    if raw is None:
+        return default
+    try:
+        value = kind(float(raw)) if kind is int else kind(raw)
+        if kind is int and float(raw) != int(float(raw)):
+            raise ValueError
+    except (TypeError, ValueError):
+        raise OptionError(f"{name}={raw!r} is not valid; allowed: a positive {'integer' if kind is int else 'number'}") from None
+    if not math.isfinite(float(value)) or value <= 0:
+        raise OptionError(f"{name}={raw!r} is not valid; allowed: a positive {'integer' if kind is int else 'number'}")
+    return value
+
+
+def markdown_table() -> str:
+    """The README's options table, generated from :data:`OPTIONS`."""
+    rows = ["| option | default | allowed | what it does |", "|---|---|---|---|"]
+    for o in OPTIONS:
+        default = "unset" if o.default is None else str(o.default).lower() if isinstance(o.default, bool) else str(o.default)
+        rows.append(f"| `{o.name}` | {default} | {o.allowed()} | {o.help} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(markdown_table())

@@ -1,0 +1,175 @@
+"""When RESTART runs, and the training loss it reads.
+
+sd-scripts never hands the loss to the network: the only place the scalar is
+visible is ``accelerator.backward(loss)``. We wrap ``accelerate.Accelerator.backward``
+once (class level) and let every registered network see the loss: it is
+accumulated on the device (no host sync per step) and read once per RESTART,
+averaged over processes. The same wrapper tells us when an optimizer step
+happens (``accelerator.sync_gradients``), which gives optimizer-step counts that
+respect gradient accumulation.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import weakref
+from dataclasses import dataclass, fields
+from typing import Any, Optional
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+class LossMeter:
+    """Device-side running sum of finite loss values (NaN/Inf counted, not summed)."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self._sum: Optional[torch.Tensor] = None
+        self._count: Optional[torch.Tensor] = None
+        self._bad: Optional[torch.Tensor] = None
+
+    def add(self, loss: torch.Tensor | float) -> None:
+        value = torch.as_tensor(loss).detach().float().mean()
+        finite = torch.isfinite(value)
+        if self._sum is None or self._sum.device != value.device:
+            self._sum = torch.zeros((), dtype=torch.float64, device=value.device)
+            self._count = torch.zeros((), dtype=torch.float64, device=value.device)
+            self._bad = torch.zeros((), dtype=torch.float64, device=value.device)
+        self._sum += torch.where(finite, value, torch.zeros_like(value)).double()
+        self._count += finite.double()
+        self._bad += (~finite).double()
+
+    def read(self) -> tuple[Optional[float], int, int]:
+        """(mean of the finite values, how many, how many non-finite), summed over processes.
+
+        This is the one host sync of a RESTART's loss bookkeeping.
+        """
+        device = self._sum.device if self._sum is not None else torch.device("cpu")
+        totals = torch.zeros(3, dtype=torch.float64, device=device)
+        if self._sum is not None:
+            totals = torch.stack([self._sum, self._count, self._bad])
+        totals = all_reduce_sum(totals)
+        total, count, bad = totals.tolist()
+        return (total / count if count > 0 else None), int(count), int(bad)
+
+
+def distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum over processes; a copy on the backend's device when the tensor is elsewhere."""
+    if not distributed():
+        return t
+    backend = torch.distributed.get_backend()
+    work = t.clone()
+    if backend == "nccl" and work.device.type != "cuda":
+        work = work.cuda()
+    if backend == "gloo" and work.device.type != "cpu":
+        work = work.cpu()
+    torch.distributed.all_reduce(work)
+    return work.to(t.device)
+
+
+@dataclass
+class Clock:
+    """The network's own count of training progress (persisted through --save_state/--resume)."""
+
+    epochs_started: int = 0
+    optimizer_steps: int = 0
+    steps_at_epoch_start: int = 0
+    steps_per_epoch: int = 0  # observed over the first complete epoch
+    restarts: int = 0
+    last_restart_step: int = 0
+    last_restart_epoch: int = 0
+    resumed_mid_epoch: int = 0
+
+    def as_list(self) -> list[int]:
+        return [getattr(self, f.name) for f in fields(self)]
+
+    @classmethod
+    def size(cls) -> int:
+        return len(fields(cls))
+
+    def load_list(self, values: list[int]) -> None:
+        for f, v in zip(fields(self), values):
+            setattr(self, f.name, int(v))
+
+    @property
+    def epochs_completed(self) -> int:
+        return max(self.epochs_started - 1, 0)
+
+
+@dataclass
+class TrainingLength:
+    """How long the run is, as far as sd-scripts' args tell (read lazily: final only before the loop)."""
+
+    max_train_steps: Optional[int] = None
+    max_train_epochs: Optional[int] = None
+    gradient_accumulation_steps: int = 1
+
+    @classmethod
+    def from_args(cls, args: Any) -> "TrainingLength":
+        def number(name: str) -> Optional[int]:
+            value = getattr(args, name, None)
+            return int(value) if isinstance(value, (int, float)) and value and value > 0 else None
+
+        return cls(number("max_train_steps"), number("max_train_epochs"), number("gradient_accumulation_steps") or 1)
+
+    def total_epochs(self, steps_per_epoch: int) -> Optional[int]:
+        """sd-scripts' num_train_epochs = ceil(max_train_steps / steps per epoch)."""
+        if self.max_train_steps and steps_per_epoch > 0:
+            return math.ceil(self.max_train_steps / steps_per_epoch)
+        return self.max_train_epochs
+
+
+# --- capture of accelerator.backward --------------------------------------------------
+_listeners: "weakref.WeakSet[Any]" = weakref.WeakSet()
+_installed = False
+
+
+def install_backward_capture() -> bool:
+    """Wrap ``accelerate.Accelerator.backward`` once so registered networks see each loss.
+
+    Returns False when accelerate is not installed (then use ``record_loss``).
+    """
+    global _installed
+    if _installed:
+        return True
+    try:
+        from accelerate import Accelerator
+    except ImportError:
+        return False
+    original = Accelerator.backward
+    if getattr(original, "_aclora_wrapped", False):
+        _installed = True
+        return True
+
+    @functools.wraps(original)
+    def backward(self: Any, loss: Any, **kwargs: Any) -> Any:
+        for listener in list(_listeners):
+            listener._on_backward(loss, self)
+        return original(self, loss, **kwargs)
+
+    backward._aclora_wrapped = True  # type: ignore[attr-defined]
+    Accelerator.backward = backward
+    _installed = True
+    return True
+
+
+def listen(network: Any) -> bool:
+    """Register ``network`` for loss capture (its ``_on_backward(loss, accelerator)`` is called)."""
+    ok = install_backward_capture()
+    if ok:
+        _listeners.add(network)
+    return ok
+
+
+def forget(network: Any) -> None:
+    _listeners.discard(network)
