@@ -5,12 +5,22 @@ Consumers compute ΔW = alpha / rank * up @ down with rank = down.shape[0] of
 LoRA file. We write, per module with signal rank k: the best rank-k
 approximation of the training update alpha/R * up @ down (from the SVD of the
 factors' R x R core, never of the out x in update), split evenly between
-lora_up (out x k) and lora_down (k x in, or conv shapes), and alpha = k * alpha/R
-so that alpha/k equals the training scale. No refill noise reaches the file.
+lora_up (out x k) and lora_down (k x in, or conv shapes). No refill noise
+reaches the file.
+
+Every module gets the same ``alpha`` (the most common training alpha); the
+module's own factor k * (alpha_m/R_m) / alpha is folded into the factors, so
+alpha/k * up @ down is the truncated training update. kohya's resize_lora
+writes alpha = k * alpha/R instead, but diffusers (0.42) applies one alpha to
+every module whose alpha is not the file's most common one: its alpha_pattern
+keys do not match the peft module names. A single alpha is read the same way by
+every consumer.
 """
 
 from __future__ import annotations
 
+import math
+from collections import Counter
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -36,6 +46,7 @@ def export_modules(modules: Sequence[ACLoRAModule], ranks: Sequence[int], dtype:
     out_ranks: dict[str, int] = {}
     errors: dict[str, float] = {}
     non_finite: list[str] = []
+    alpha = file_alpha(modules, dtype)
     with torch.no_grad():
         for (rank, cols, rows, _device), indices in shape_groups(modules).items():
             for part in chunks(indices, F.chunk_size(rows, cols, rank, budget_bytes)):
@@ -53,13 +64,21 @@ def export_modules(modules: Sequence[ACLoRAModule], ranks: Sequence[int], dtype:
                 err = F.truncation_error(s, k)
                 for j, m in enumerate(batch):
                     kj = int(k[j])
-                    _store(tensors, m, new_down[j, :kj], new_up[j, :, :kj], kj, dtype)
+                    gain = math.sqrt(kj * m.scale / alpha)  # alpha/k * up @ down == scale * (rank-k part)
+                    _store(tensors, m, new_down[j, :kj] * gain, new_up[j, :, :kj] * gain, kj, alpha, dtype)
                     out_ranks[m.lora_name] = kj
                     errors[m.lora_name] = float(err[j])
     return ExportResult(tensors, out_ranks, errors, non_finite)
 
 
-def _store(tensors: dict, m: ACLoRAModule, down: torch.Tensor, up: torch.Tensor, k: int,
+def file_alpha(modules: Sequence[ACLoRAModule], dtype: torch.dtype | None = None) -> float:
+    """The one alpha written for every module: the most common training alpha, as the file stores it."""
+    value = Counter(float(m.alpha) for m in modules).most_common(1)[0][0]
+    stored = dtype or modules[0].lora_down.weight.dtype
+    return float(torch.tensor(value).to(stored))
+
+
+def _store(tensors: dict, m: ACLoRAModule, down: torch.Tensor, up: torch.Tensor, k: int, alpha: float,
            dtype: torch.dtype | None) -> None:
     """Write one module's keys with the original layer's shapes (conv kernels restored)."""
     down_shape = (k,) + tuple(m.lora_down.weight.shape[1:])
@@ -67,7 +86,7 @@ def _store(tensors: dict, m: ACLoRAModule, down: torch.Tensor, up: torch.Tensor,
     dtype = dtype or m.lora_down.weight.dtype
     tensors[f"{m.lora_name}.lora_down.weight"] = down.reshape(down_shape).to("cpu", dtype)
     tensors[f"{m.lora_name}.lora_up.weight"] = up.reshape(up_shape).to("cpu", dtype)
-    tensors[f"{m.lora_name}.alpha"] = torch.tensor(m.scale * k).to(dtype)
+    tensors[f"{m.lora_name}.alpha"] = torch.tensor(alpha).to(dtype)
 
 
 def raw_modules(modules: Sequence[ACLoRAModule], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:

@@ -13,7 +13,7 @@ from .network import ACLoRANetwork
 from .options import OptionError, parse_network_args, parse_positive
 from .targets import (as_list, check_patterns, find_by_patterns, find_text_encoder_targets, find_unet_targets,
                       is_sdxl_unet)
-from .weights import check_shapes, group_modules, module_alpha, module_rank
+from .weights import check_model_family, check_shapes, group_modules, module_alpha, module_rank
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +77,7 @@ def create_network_from_weights(multiplier: float, file: Optional[str], vae: Any
     conv3x3 = any(p["lora_down.weight"].dim() == 4 and p["lora_down.weight"].shape[2:] != (1, 1) for p in modules.values())
     text_encoders = as_list(text_encoder)
     candidates = {t.lora_name: t for t in find_text_encoder_targets(text_encoders) + find_unet_targets(unet, conv3x3)}
+    check_model_family(modules, candidates, source)
     present = [name for name in modules if name in candidates]
     unknown = sorted(set(modules) - set(candidates))
     if not present:

@@ -29,7 +29,7 @@ from .module import ACLoRAModule
 from .options import ACLoRAConfig, OptionError
 from .restart import RestartReport, restart_modules, shape_groups
 from .targets import Target
-from .weights import check_shapes, group_modules
+from .weights import check_model_family, check_shapes, group_modules
 
 logger = logging.getLogger(__name__)
 
@@ -449,16 +449,20 @@ class ACLoRANetwork(nn.Module):
     def metadata(self, ranks: dict[str, int], errors: Optional[dict[str, float]] = None) -> dict[str, str]:
         """Our own metadata keys: enough for a file to explain how its ranks came about."""
         last = self.history[-1] if self.history else None
+        conv3x3 = [m.rank for m in self.loras if m.lora_down.weight.shape[2:] not in ((), (1, 1))]
+        others = [m.rank for m in self.loras if m.lora_down.weight.shape[2:] in ((), (1, 1))]
         meta = {
             "aclora_version": __version__,
             "aclora_mode": self.config.restart_mode,
             "aclora_energy": self.config.energy,
-            "aclora_max_rank": str(self.max_rank),
+            "aclora_max_rank": str(max(others) if others else self.max_rank),
             "aclora_restarts": str(len(self.history)),
             "aclora_ranks": json.dumps(ranks, separators=(",", ":")),
             "aclora_history": json.dumps([{k: v for k, v in h.items()} for h in self.history], separators=(",", ":")),
             "aclora_modules": json.dumps([m.lora_name for m in self.loras], separators=(",", ":")),
         }
+        if conv3x3:
+            meta["aclora_conv_max_rank"] = str(max(conv3x3))  # conv_dim: the 3x3 modules' own maximum rank
         if last is not None:
             meta["aclora_last_p"] = f"{last['p']:.6f}"
             meta["aclora_last_loss"] = "" if last["loss"] is None else f"{last['loss']:.6f}"
@@ -519,6 +523,7 @@ class ACLoRANetwork(nn.Module):
     def load_state(self, weights: dict[str, torch.Tensor], meta: Optional[dict] = None, source: str = "weights") -> LoadInfo:
         modules = group_modules(weights, source)
         by_name = {m.lora_name: m for m in self.loras}
+        check_model_family(modules, by_name, source)
         info = LoadInfo()
         info.unexpected = sorted(set(modules) - set(by_name))
         info.missing = sorted(set(by_name) - set(modules))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Iterable, Mapping, Optional
 
 import torch
 
@@ -55,6 +55,30 @@ def module_rank(parts: Mapping[str, torch.Tensor]) -> int:
 
 def module_alpha(parts: Mapping[str, torch.Tensor]) -> float:
     return float(parts["alpha"]) if "alpha" in parts else float(module_rank(parts))
+
+
+def model_family(names: Iterable[str]) -> Optional[str]:
+    """"SDXL" or "SD1.x/2.x" from kohya module names, or None when the names do not tell.
+
+    SDXL files name their two text encoders lora_te1_/lora_te2_ and, from
+    sd-scripts' own U-Net, its blocks input_blocks/middle_block/output_blocks;
+    SD1.x/2.x files have one text encoder, lora_te_.
+    """
+    names = list(names)
+    if any(n.startswith(("lora_te1_", "lora_te2_", "lora_unet_input_blocks_", "lora_unet_middle_block_",
+                         "lora_unet_output_blocks_")) for n in names):
+        return "SDXL"
+    if any(n.startswith("lora_te_") for n in names):
+        return "SD1.x/2.x"
+    return None
+
+
+def check_model_family(file_names: Iterable[str], model_names: Iterable[str], source: str) -> None:
+    """Refuse, by name, a file for SD1.x/2.x given to an SDXL model (or the reverse)."""
+    ours, theirs = model_family(file_names), model_family(model_names)
+    if ours and theirs and ours != theirs:
+        raise LoRAFileError(f"{source}: this LoRA is for an {ours} model, but the model given is {theirs} "
+                            "(another model's LoRA cannot be loaded)")
 
 
 def check_shapes(modules: Mapping[str, Mapping[str, torch.Tensor]], layers: Mapping[str, object], source: str,

@@ -1,0 +1,114 @@
+"""Shared fixtures: tiny random-weight models and synthetic data from aclora_ext.tiny.
+
+Every model fixture is built fresh per test (a few milliseconds) because a
+network patches the models it is applied to.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+import pytest
+import torch
+
+try:
+    import aclora_ext.tiny  # noqa: F401  (the package is normally pip-installed editable)
+except ImportError:
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from aclora_ext import tiny
+
+# The tiny models are far too small to gain from intra-op threads, and on a
+# shared 2-core machine several threaded processes spin against each other
+# (measured: a 1 s replay took 30-140 s with 2 threads under load).
+# OMP_NUM_THREADS, when set, still wins.
+if "OMP_NUM_THREADS" not in os.environ:
+    torch.set_num_threads(1)
+
+
+@pytest.fixture
+def sd1_models():
+    """A tiny SD1.x-like model set: dict(unet, text_encoder, vae=None)."""
+    return tiny.sd1_models(seed=0)
+
+
+@pytest.fixture
+def sdxl_models():
+    """A tiny SDXL-like model set: dict(unet, text_encoders=[te1, te2], vae=None)."""
+    return tiny.sdxl_models(seed=0)
+
+
+@pytest.fixture
+def style_data():
+    """15 synthetic style latents (4x8x8) with trigger-token captions."""
+    return tiny.style_dataset(n=15, seed=0)
+
+
+@pytest.fixture
+def sd_network_module():
+    """The network module as sd-scripts imports it (``--network_module=networks.aclora``);
+    tests using it are skipped while it cannot be imported."""
+    try:
+        return importlib.import_module("networks.aclora")
+    except ImportError as error:
+        pytest.skip(f"networks.aclora is not importable yet: {error}")
+
+
+def plant_ranks(network, seed: int = 0) -> dict:
+    """Give module i of ``network`` an update of known rank 1 + i mod R (R its maximum rank).
+
+    lora_up's first r columns and lora_down's first r rows are orthonormal, so
+    the update up @ down has r equal singular values (a product-mode RESTART at
+    p = 0.9 keeps exactly r); the other slots hold noise a thousand times smaller.
+    Returns {module name: planted rank}.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    planted = {}
+    with torch.no_grad():
+        for i, m in enumerate(network.loras):
+            r = 1 + i % m.rank
+            up = torch.randn(m.out_dim, m.rank, generator=generator) * 1e-3
+            down = torch.randn(m.rank, m.lora_down.weight[0].numel(), generator=generator) * 1e-3
+            up[:, :r] = torch.linalg.qr(torch.randn(m.out_dim, r, generator=generator))[0]
+            down[:r] = torch.linalg.qr(torch.randn(down.shape[1], r, generator=generator))[0].T
+            m.lora_up.weight.copy_(up.reshape(m.lora_up.weight.shape))
+            m.lora_down.weight.copy_(down.reshape(m.lora_down.weight.shape))
+            planted[m.lora_name] = r
+    return planted
+
+
+def keep_training(network, scale: float = 0.02, seed: int = 1) -> None:
+    """Stand-in for optimizer steps after a RESTART: perturb every factor by ``scale`` of its RMS."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in network.loras:
+            for weight in (m.lora_down.weight, m.lora_up.weight):
+                rms = weight.pow(2).mean().sqrt()
+                weight.add_(torch.randn(weight.shape, generator=generator) * rms * scale)
+
+
+@pytest.fixture
+def planted_network():
+    """Factory: an applied product-mode AC-LoRA network on a tiny model set, with planted
+    per-module ranks, one RESTART per entry of ``ps``, and "training" after each.
+
+    ``build(models, max_rank=8, alpha=4.0, ps=(0.9,), **network_args)``: ``models``
+    is a dict from the ``sd1_models`` / ``sdxl_models`` fixtures; ``network_args``
+    are ``--network_args`` (e.g. ``conv_dim="4"``). Returns (network, planted ranks).
+    """
+    from aclora_ext import create_network
+
+    def build(models, max_rank: int = 8, alpha: float = 4.0, ps=(0.9,), **network_args):
+        text_encoder = models.get("text_encoders") or models.get("text_encoder")
+        network_args.setdefault("restart_mode", "product")
+        network = create_network(1.0, max_rank, alpha, None, text_encoder, models["unet"], **network_args)
+        network.apply_to(text_encoder, models["unet"], True, True)
+        planted = plant_ranks(network)
+        for i, p in enumerate(ps):
+            network.restart(p=p)
+            keep_training(network, seed=i + 1)
+        return network, planted
+
+    return build

@@ -1,0 +1,215 @@
+"""``--network_args`` and create_network's numbers: parsed from the one declaration, validated, documented.
+
+sd-scripts hands every ``--network_args key=value`` over as a string (and adds
+``dropout``, usually None); a bad value must name the key, the value and what
+is allowed, before any training starts.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+
+import pytest
+
+from aclora_ext import OPTIONS, OptionError, create_network, parse_network_args
+from aclora_ext.options import markdown_table
+
+REPO = Path(__file__).resolve().parents[1]
+NUMERIC = [o for o in OPTIONS if o.kind in ("int", "float")]
+
+
+def as_command_line(value) -> str:
+    """How a default would be typed after ``--network_args``."""
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def below_minimum(option) -> str:
+    """A value just outside the option's lower bound."""
+    return str(option.minimum - 1 if option.min_inclusive else option.minimum)
+
+
+def create(models, network_dim=4, network_alpha=1.0, **kwargs):
+    return create_network(1.0, network_dim, network_alpha, None, models["text_encoder"], models["unet"], **kwargs)
+
+
+# --- every declared option --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("option", OPTIONS, ids=lambda o: o.name)
+def test_every_option_parses_its_default_typed_as_a_string(option):
+    config = parse_network_args({option.name: as_command_line(option.default)})
+    assert getattr(config, option.name) == option.default
+
+
+@pytest.mark.parametrize("option", OPTIONS, ids=lambda o: o.name)
+def test_every_option_rejects_junk_naming_key_value_and_allowed_values(option):
+    with pytest.raises(OptionError) as caught:
+        parse_network_args({option.name: "junk?"})
+    message = str(caught.value)
+    assert option.name in message
+    assert "junk?" in message
+    assert option.allowed() in message
+    for choice in option.choices:
+        assert choice in message
+
+
+@pytest.mark.parametrize("option", [o for o in NUMERIC if o.minimum is not None], ids=lambda o: o.name)
+def test_numeric_options_reject_values_below_their_minimum(option):
+    value = below_minimum(option)
+    with pytest.raises(OptionError, match=re.escape(option.name)) as caught:
+        parse_network_args({option.name: value})
+    assert value in str(caught.value)
+
+
+@pytest.mark.parametrize("option", [o for o in NUMERIC if o.maximum is not None], ids=lambda o: o.name)
+def test_numeric_options_reject_values_above_their_maximum(option):
+    with pytest.raises(OptionError, match=re.escape(option.name)):
+        parse_network_args({option.name: str(option.maximum + 1)})
+
+
+@pytest.mark.parametrize("option", [o for o in NUMERIC if o.kind == "float"], ids=lambda o: o.name)
+@pytest.mark.parametrize("value", ["nan", "inf"])
+def test_float_options_reject_non_finite_numbers(option, value):
+    with pytest.raises(OptionError, match=re.escape(option.name)):
+        parse_network_args({option.name: value})
+
+
+@pytest.mark.parametrize("option", [o for o in NUMERIC if o.kind == "int"], ids=lambda o: o.name)
+def test_integer_options_reject_fractions_and_accept_integral_spellings(option):
+    with pytest.raises(OptionError, match=re.escape(option.name)):
+        parse_network_args({option.name: "2.5"})
+    assert getattr(parse_network_args({option.name: "4.0"}), option.name) == 4
+
+
+def test_an_unknown_key_is_named_and_every_valid_key_listed():
+    with pytest.raises(OptionError) as caught:
+        parse_network_args({"conv_dimm": "4"})
+    message = str(caught.value)
+    assert "conv_dimm" in message
+    for option in OPTIONS:
+        assert option.name in message
+
+
+def test_dropout_none_as_sd_scripts_always_passes_it_is_accepted(sd1_models):
+    assert parse_network_args({"dropout": None}).dropout is None
+    network = create(sd1_models, neuron_dropout=None, dropout=None)
+    assert all(m.dropout is None for m in network.loras)
+
+
+def test_network_dropout_reaches_every_module(sd1_models):
+    network = create(sd1_models, neuron_dropout=0.25, dropout=None)
+    assert {m.dropout for m in network.loras} == {0.25}
+
+
+@pytest.mark.parametrize("text", ["true", "True", "1", "yes", "on"])
+def test_boolean_options_accept_true_spellings(text):
+    assert parse_network_args({"save_full_rank": text}).save_full_rank is True
+
+
+@pytest.mark.parametrize("text", ["false", "FALSE", "0", "no", "off"])
+def test_boolean_options_accept_false_spellings(text):
+    assert parse_network_args({"save_full_rank": text}).save_full_rank is False
+
+
+def test_choices_are_case_insensitive_and_values_typed():
+    config = parse_network_args({"restart_mode": "Product", "conv_dim": "8", "conv_alpha": "2", "seed": "3"})
+    assert (config.restart_mode, config.conv_dim, config.conv_alpha, config.seed) == ("product", 8, 2.0, 3)
+    assert isinstance(config.conv_dim, int) and isinstance(config.conv_alpha, float)
+
+
+# --- contradictions ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "args, named",
+    [
+        ({"restart_every": "2", "restart_every_steps": "50"}, ("restart_every", "restart_every_steps")),
+        ({"restart_mode": "off", "restart_every": "2"}, ("restart_every", "restart_mode=off")),
+        ({"restart_mode": "off", "restart_every_steps": "20"}, ("restart_every_steps", "restart_mode=off")),
+        ({"restart_mode": "off", "fixed_p": "0.5"}, ("fixed_p", "restart_mode=off")),
+        ({"conv_alpha": "4"}, ("conv_alpha", "conv_dim")),
+    ],
+    ids=["epochs-and-steps", "off-with-every", "off-with-every-steps", "off-with-fixed-p", "conv-alpha-alone"],
+)
+def test_contradicting_options_are_rejected_naming_both_sides(args, named):
+    with pytest.raises(OptionError) as caught:
+        parse_network_args(args)
+    for text in named:
+        assert text in str(caught.value)
+
+
+def test_min_rank_above_network_dim_is_rejected(sd1_models):
+    with pytest.raises(OptionError) as caught:
+        create(sd1_models, network_dim=4, min_rank="8")
+    assert "min_rank=8" in str(caught.value) and "network_dim=4" in str(caught.value)
+
+
+def test_min_rank_up_to_network_dim_is_accepted(sd1_models):
+    assert create(sd1_models, network_dim=4, min_rank="4").config.min_rank == 4
+
+
+# --- network_dim and network_alpha ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("argument", ["network_dim", "network_alpha"])
+@pytest.mark.parametrize("value", ["abc", "-4", "0", -2, "nan"])
+def test_bad_network_dim_or_alpha_is_rejected_naming_it(sd1_models, argument, value):
+    numbers = {"network_dim": 4, "network_alpha": 1.0, argument: value}
+    with pytest.raises(OptionError) as caught:
+        create(sd1_models, **numbers)
+    message = str(caught.value)
+    assert argument in message and repr(value) in message and "positive" in message
+
+
+def test_fractional_network_dim_is_rejected(sd1_models):
+    with pytest.raises(OptionError, match="network_dim"):
+        create(sd1_models, network_dim="4.5")
+
+
+def test_numeric_strings_are_accepted_for_network_dim_and_alpha(sd1_models):
+    network = create(sd1_models, network_dim="6", network_alpha="3")
+    assert {(m.rank, float(m.alpha)) for m in network.loras} == {(6, 3.0)}
+
+
+def test_missing_network_dim_uses_the_default_rank_and_says_so(sd1_models, caplog):
+    with caplog.at_level(logging.INFO, logger="aclora_ext"):
+        network = create(sd1_models, network_dim=None)
+    assert {m.rank for m in network.loras} == {64}
+    assert any("network_dim" in r.getMessage() and "64" in r.getMessage() for r in caplog.records)
+
+
+def test_missing_network_alpha_uses_alpha_one_like_networks_lora(sd1_models):
+    network = create(sd1_models, network_dim=4, network_alpha=None)
+    assert {float(m.alpha) for m in network.loras} == {1.0}
+
+
+# --- README ------------------------------------------------------------------------------------
+
+
+def test_readme_options_table_matches_the_declarations():
+    readme = REPO / "README.md"
+    if not readme.exists():
+        pytest.skip("README.md is not written yet")
+    text = readme.read_text(encoding="utf-8")
+    generated = markdown_table().splitlines()
+    missing = [row for row in generated if row not in text.splitlines()]
+    assert not missing, ("README.md's options table is out of date; regenerate it with "
+                         "`python -m aclora_ext.options`. Rows missing or different:\n" + "\n".join(missing))
+    documented = set(re.findall(r"^\|\s*`([a-z_0-9]+)`\s*\|", options_table(text), flags=re.MULTILINE))
+    stale = documented - {o.name for o in OPTIONS}
+    assert not stale, f"README.md's options table lists options that do not exist: {sorted(stale)}"
+
+
+def options_table(text: str) -> str:
+    """The README's options table: from its header row to the first line that is not a table row."""
+    header = markdown_table().splitlines()[0]
+    lines = text.splitlines()
+    start = lines.index(header) if header in lines else len(lines)
+    table = []
+    for line in lines[start:]:
+        if not line.startswith("|"):
+            break
+        table.append(line)
+    return "\n".join(table)
