@@ -30,7 +30,10 @@ def create_network(multiplier: float, network_dim: Optional[int | str], network_
     max_rank = parse_positive("network_dim", network_dim, DEFAULT_MAX_RANK, int)
     if network_alpha is None:
         logger.info("AC-LoRA: network_alpha not given; using %g (like networks.lora)", DEFAULT_ALPHA)
-    alpha = parse_positive("network_alpha", network_alpha, DEFAULT_ALPHA, float)
+    alpha = parse_positive("network_alpha", network_alpha, DEFAULT_ALPHA, float, allow_zero=True)
+    if alpha == 0:
+        logger.info("AC-LoRA: network_alpha=0 means alpha = rank (scale 1), as in networks.lora")
+        alpha = float(max_rank)
     config = parse_network_args(kwargs, max_rank=max_rank)
     if config.dropout is None and neuron_dropout is not None:
         config = config.replace(dropout=parse_network_args({"dropout": neuron_dropout}).dropout)

@@ -96,12 +96,25 @@ def truncate_factor(factor: Tensor, vectors: Tensor, k: Tensor, rank_dim: int) -
     return proj @ factor if rank_dim == 1 else factor @ proj
 
 
+def row_std(x: Tensor) -> Tensor:
+    """Sample std (n - 1) of each batch item's entries, (B,).
+
+    From the sum and the sum of squares: ~30x faster than ``Tensor.std`` on a
+    CPU (whose Welford reduction dominated a RESTART); LoRA factors and their
+    residuals have a mean far below their spread, so nothing cancels.
+    """
+    flat = x.flatten(1)
+    n = flat.shape[1]
+    if n < 2:
+        return flat.abs().flatten()
+    mean = flat.mean(dim=1)
+    squares = torch.linalg.vector_norm(flat, dim=1).square()
+    return ((squares - n * mean * mean) / (n - 1)).clamp(min=0).sqrt()
+
+
 def residual_std(original: Tensor, truncated: Tensor) -> Tensor:
     """sigma of Eq. 2 / Algorithm 1 line 18: std(U D V - U D' V) per matrix, (B,)."""
-    diff = (original - truncated).flatten(1)
-    if diff.shape[1] < 2:
-        return diff.abs().flatten()
-    return diff.std(dim=1)
+    return row_std(original - truncated)
 
 
 def gaussian_refill(truncated: Tensor, sigma: Tensor, generator: Optional[torch.Generator]) -> Tensor:
@@ -111,7 +124,7 @@ def gaussian_refill(truncated: Tensor, sigma: Tensor, generator: Optional[torch.
     entire matrix "to accelerate the calculation"; we follow the practical form.
     """
     noise = torch.randn(truncated.shape, generator=generator, device=truncated.device, dtype=truncated.dtype)
-    return truncated + noise * sigma.view(-1, *([1] * (truncated.ndim - 1)))
+    return torch.addcmul(truncated, noise, sigma.view(-1, *([1] * (truncated.ndim - 1))))
 
 
 def restart_paper(down: Tensor, up: Tensor, p: float, energy: str, min_rank: int,
@@ -184,10 +197,9 @@ def restart_product(down: Tensor, up: Tensor, p: float, energy: str, min_rank: i
     c = torch.where(kept_row_sq > 0, (old_row_sq / kept_row_sq.clamp(min=1e-30)).sqrt(), torch.ones_like(old_row_sq))
     new_down = new_down * c[:, None, None]
     new_up = new_up / c[:, None, None]
-    sigma = down.flatten(1).std(dim=1) if down[0].numel() > 1 else down.abs().flatten()
     free = 1.0 - keep_mask(k, r).to(down.dtype)
     noise = torch.randn(down.shape, generator=generator, device=down.device, dtype=down.dtype)
-    new_down = new_down + noise * sigma[:, None, None] * free[:, :, None]
+    new_down = torch.addcmul(new_down, noise, (row_std(down)[:, None] * free)[:, :, None])
     return new_down, new_up, k
 
 
@@ -210,10 +222,20 @@ def chunk_size(rows: int, cols: int, rank: int, budget_bytes: int, bytes_per: in
 
 
 def is_finite(*tensors: Tensor) -> Tensor:
-    """(B,) bool: all entries of each batch item finite in every tensor."""
+    """(B,) bool: all entries of each batch item finite in every tensor.
+
+    A batch item whose sum is finite has only finite entries (barring overflow
+    of the sum, which the exact check then clears), so the element-wise check,
+    a quarter of a CPU RESTART when run on everything, runs only on the items
+    whose sum is not finite.
+    """
     ok = None
     for t in tensors:
-        item = torch.isfinite(t.flatten(1)).all(dim=1)
+        flat = t.flatten(1)
+        item = torch.isfinite(flat.sum(dim=1))
+        if not bool(item.all()):
+            suspect = (~item).nonzero().flatten()
+            item[suspect] = torch.isfinite(flat[suspect]).all(dim=1)
         ok = item if ok is None else ok & item
     return ok
 
@@ -227,6 +249,6 @@ def median(values: list[int]) -> float:
 
 __all__ = [
     "threshold_p", "signal_rank", "rank_side_svd", "keep_mask", "truncate_factor", "residual_std",
-    "gaussian_refill", "restart_paper", "product_svd", "balanced_factors", "restart_product",
+    "row_std", "gaussian_refill", "restart_paper", "product_svd", "balanced_factors", "restart_product",
     "truncation_error", "chunk_size", "is_finite", "median",
 ]

@@ -107,6 +107,8 @@ class ACLoRANetwork(nn.Module):
         self.register_buffer("aclora_ranks", torch.zeros(n, dtype=torch.int64))
         self.register_buffer("aclora_history_ranks", torch.zeros(HISTORY_CAPACITY, n, dtype=torch.int16))
         self.register_buffer("aclora_history_stats", torch.zeros(HISTORY_CAPACITY, 8, dtype=torch.int64))
+        # the loss sums since the last RESTART (float64 bit patterns), so a resumed run's next L is the same
+        self.register_buffer("aclora_loss", torch.zeros(3, dtype=torch.int64))
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):  # noqa: D401 - torch hook
         self.aclora_clock.copy_(torch.tensor(self.clock.as_list()))
@@ -119,6 +121,7 @@ class ACLoRANetwork(nn.Module):
                 entry["index"], entry["epoch"], entry["step"], round(entry["p"] * FIXED_POINT),
                 -1 if entry["loss"] is None else round(entry["loss"] * FIXED_POINT),
                 round(entry["alpha"] * FIXED_POINT), round(entry["seconds"] * 1e6), 1])
+        self.aclora_loss.copy_(self.loss_meter.state().to(self.aclora_loss.device).view(torch.int64))
         super()._save_to_state_dict(destination, prefix, keep_vars)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
@@ -129,7 +132,10 @@ class ACLoRANetwork(nn.Module):
             return
         self.clock.load_list(self.aclora_clock.tolist())
         if self.clock.optimizer_steps > self.clock.steps_at_epoch_start:
-            self.clock.resumed_mid_epoch = 1  # sd-scripts re-enters this epoch and calls on_epoch_start again
+            self.clock.resumed_mid_epoch = 1  # the next on_epoch_start may re-enter this epoch (see there)
+        if prefix + "aclora_loss" in state_dict and (not schedule.distributed() or torch.distributed.get_rank() == 0):
+            # every process loads rank 0's sums: only one keeps them, or the all-reduce would count them twice
+            self.loss_meter.load(self.aclora_loss.view(torch.float64))
         for m, k in zip(self.loras, self.aclora_ranks.tolist()):
             self._signal[m.lora_name] = int(k) if k > 0 else m.rank
         self.history = []
@@ -245,13 +251,24 @@ class ACLoRANetwork(nn.Module):
         clock = self.clock
         if clock.resumed_mid_epoch:
             clock.resumed_mid_epoch = 0
-            return
+            if not self._saved_epoch_was_complete():
+                return  # sd-scripts re-enters the epoch the state was saved in, and calls this hook again
         if clock.epochs_started >= 1 and clock.steps_per_epoch == 0:
             clock.steps_per_epoch = clock.optimizer_steps - clock.steps_at_epoch_start
         clock.epochs_started += 1
         clock.steps_at_epoch_start = clock.optimizer_steps
         if self._epoch_restart_due() or self._step_restart_due():
             self.restart()
+
+    def _saved_epoch_was_complete(self) -> bool:
+        """After a resume: was the state saved at the end of an epoch (sd-scripts then starts the next one)?
+
+        Needs the epoch length: observed after the first epoch, or from sd-scripts' args
+        (max_train_steps / max_train_epochs). A state saved during the first epoch of a run
+        counted in steps only is taken as saved mid-epoch.
+        """
+        per_epoch = self.clock.steps_per_epoch or self._length().steps_per_epoch()
+        return per_epoch > 0 and self.clock.optimizer_steps - self.clock.steps_at_epoch_start >= per_epoch
 
     def on_step_start(self, text_encoder=None, unet=None) -> None:
         """Called by sd-scripts before each micro-batch: RESTART at an optimizer-step boundary when due."""
@@ -317,13 +334,14 @@ class ACLoRANetwork(nn.Module):
         every = self.config.restart_every_steps
         if self.config.restart_mode == "off" or every is None:
             return False
+        total = self._length().max_train_steps
+        if total is not None and every >= total:  # checked before the step count: the interval is never reached
+            self._warn_once("too-long", "AC-LoRA: restart_every_steps=%d is not shorter than the run (%d steps); "
+                            "no RESTART will run.", every, total)
+            return False
         steps = self.clock.optimizer_steps
         if steps == 0 or steps % every or steps == self.clock.last_restart_step:
             return False
-        total = self._length().max_train_steps
-        if total is not None and every >= total:
-            self._warn_once("too-long", "AC-LoRA: restart_every_steps=%d is not shorter than the run (%d steps); "
-                            "no RESTART will run.", every, total)
         return total is None or steps < total
 
     def _progress(self) -> float:
@@ -403,9 +421,15 @@ class ACLoRANetwork(nn.Module):
         return p_used, alpha, clamped
 
     def _broadcast_from_rank0(self) -> None:
-        """Make every process hold rank 0's weights after a RESTART (bit-identical, whatever the hardware)."""
+        """Make every process hold rank 0's weights and ranks after a RESTART (bit-identical, whatever the hardware)."""
         if not schedule.distributed():
             return
+        ranks = torch.tensor([self._signal[m.lora_name] for m in self.loras], dtype=torch.int64)
+        if torch.distributed.get_backend() == "nccl":
+            ranks = ranks.cuda()
+        torch.distributed.broadcast(ranks, src=0)  # each process decided them from its own copy
+        for m, k in zip(self.loras, ranks.tolist()):
+            self._signal[m.lora_name] = int(k)
         params = [p.data for p in self.parameters()]
         budget = 64 * 1024 * 1024 // 4
         start = 0
@@ -473,16 +497,23 @@ class ACLoRANetwork(nn.Module):
         return meta
 
     def state_for_export(self, dtype: Optional[torch.dtype] = None):
-        """(tensors, metadata) of the variable-rank export, or raise ValueError on non-finite weights."""
+        """(tensors, metadata, truncation errors) of the variable-rank export.
+
+        Raises ValueError naming the modules whose weights are NaN/Inf, checked
+        after the cast to ``dtype`` so that an fp16 overflow counts too.
+        """
         signal = [self._signal[m.lora_name] for m in self.loras]
         if all(k == m.rank for k, m in zip(signal, self.loras)):
+            # nothing truncated yet (or restarts off): the training factors are the file, exactly
             ranks = {m.lora_name: m.rank for m in self.loras}
-            return raw_modules(self.loras, dtype), self.metadata(ranks), {name: 0.0 for name in ranks}
-        result = export_modules(self.loras, signal, dtype)
-        if result.non_finite:
-            raise ValueError(f"non-finite weights in {len(result.non_finite)} module(s): "
-                             f"{', '.join(result.non_finite[:5])}{' ...' if len(result.non_finite) > 5 else ''}")
-        return result.tensors, self.metadata(result.ranks, result.errors), result.errors
+            tensors, errors, bad = raw_modules(self.loras, dtype), {}, []
+        else:
+            result = export_modules(self.loras, signal, dtype)
+            tensors, ranks, errors, bad = result.tensors, result.ranks, result.errors, result.non_finite
+        bad = bad or sorted({key.rsplit(".", 2)[0] for key, t in tensors.items() if not bool(torch.isfinite(t).all())})
+        if bad:
+            raise ValueError(f"non-finite weights in {len(bad)} module(s): {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}")
+        return tensors, self.metadata(ranks, errors), errors
 
     def save_weights(self, file: str, dtype: Optional[torch.dtype] = None, metadata: Optional[dict] = None) -> bool:
         """Write the variable-rank LoRA file (atomically). Returns False, keeping any old file, on NaN/Inf weights."""

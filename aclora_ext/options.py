@@ -42,12 +42,12 @@ class Option:
     max_inclusive: bool = True
     optional: bool = True  # "None" is accepted and means "not set"
 
-    def allowed(self) -> str:
+    def allowed(self, separator: str = " | ") -> str:
         """A short human description of the accepted values."""
         if self.kind == "choice":
-            text = " | ".join(self.choices)
+            text = separator.join(self.choices)
         elif self.kind == "bool":
-            text = "true | false"
+            text = separator.join(("true", "false"))
         else:
             lo = "" if self.minimum is None else f"{'>=' if self.min_inclusive else '>'} {self.minimum:g}"
             hi = "" if self.maximum is None else f"{'<=' if self.max_inclusive else '<'} {self.maximum:g}"
@@ -196,7 +196,8 @@ def parse_network_args(kwargs: Mapping[str, Any], max_rank: Optional[int] = None
     return validate(ACLoRAConfig(**values), max_rank=max_rank)
 
 
-def parse_positive(name: str, raw: Any, default: Optional[float], kind: Callable[[Any], Any] = float) -> Any:
+def parse_positive(name: str, raw: Any, default: Optional[float], kind: Callable[[Any], Any] = float,
+                   allow_zero: bool = False) -> Any:
     """Parse ``network_dim``/``network_alpha`` style arguments (numbers or numeric strings)."""
     if raw is None:
         return default
@@ -206,8 +207,9 @@ def parse_positive(name: str, raw: Any, default: Optional[float], kind: Callable
             raise ValueError
     except (TypeError, ValueError):
         raise OptionError(f"{name}={raw!r} is not valid; allowed: a positive {'integer' if kind is int else 'number'}") from None
-    if not math.isfinite(float(value)) or value <= 0:
-        raise OptionError(f"{name}={raw!r} is not valid; allowed: a positive {'integer' if kind is int else 'number'}")
+    if not math.isfinite(float(value)) or value < 0 or (value == 0 and not allow_zero):
+        what = "a number >= 0" if allow_zero else f"a positive {'integer' if kind is int else 'number'}"
+        raise OptionError(f"{name}={raw!r} is not valid; allowed: {what}")
     return value
 
 
@@ -216,7 +218,7 @@ def markdown_table() -> str:
     rows = ["| option | default | allowed | what it does |", "|---|---|---|---|"]
     for o in OPTIONS:
         default = "unset" if o.default is None else str(o.default).lower() if isinstance(o.default, bool) else str(o.default)
-        rows.append(f"| `{o.name}` | {default} | {o.allowed()} | {o.help} |")
+        rows.append(f"| `{o.name}` | {default} | {o.allowed(separator=', ')} | {o.help} |")
     return "\n".join(rows)
 
 

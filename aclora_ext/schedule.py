@@ -37,13 +37,27 @@ class LossMeter:
     def add(self, loss: torch.Tensor | float) -> None:
         value = torch.as_tensor(loss).detach().float().mean()
         finite = torch.isfinite(value)
-        if self._sum is None or self._sum.device != value.device:
+        if self._sum is None:
             self._sum = torch.zeros((), dtype=torch.float64, device=value.device)
             self._count = torch.zeros((), dtype=torch.float64, device=value.device)
             self._bad = torch.zeros((), dtype=torch.float64, device=value.device)
+        elif self._sum.device != value.device:  # e.g. sums restored on another device: keep them
+            self._sum, self._count, self._bad = (t.to(value.device) for t in (self._sum, self._count, self._bad))
         self._sum += torch.where(finite, value, torch.zeros_like(value)).double()
         self._count += finite.double()
         self._bad += (~finite).double()
+
+    def state(self) -> torch.Tensor:
+        """(sum, count, non-finite count) as a float64 tensor, for the resumable state (a host sync)."""
+        if self._sum is None:
+            return torch.zeros(3, dtype=torch.float64)
+        return torch.stack([self._sum, self._count, self._bad])
+
+    def load(self, values: torch.Tensor) -> None:
+        """Continue from ``state()``'s values."""
+        self.reset()
+        if bool((values != 0).any()):
+            self._sum, self._count, self._bad = (v.clone() for v in values.to(torch.float64))
 
     def read(self) -> tuple[Optional[float], int, int]:
         """(mean of the finite values, how many, how many non-finite), summed over processes.
@@ -121,6 +135,13 @@ class TrainingLength:
             return int(value) if isinstance(value, (int, float)) and value and value > 0 else None
 
         return cls(number("max_train_steps"), number("max_train_epochs"), number("gradient_accumulation_steps") or 1)
+
+    def steps_per_epoch(self) -> int:
+        """Optimizer steps per epoch when the args give both lengths (sd-scripts sets
+        max_train_steps = max_train_epochs * steps per epoch), else 0."""
+        if self.max_train_steps and self.max_train_epochs:
+            return self.max_train_steps // self.max_train_epochs
+        return 0
 
     def total_epochs(self, steps_per_epoch: int) -> Optional[int]:
         """sd-scripts' num_train_epochs = ceil(max_train_steps / steps per epoch)."""

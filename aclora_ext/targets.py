@@ -127,7 +127,10 @@ def as_list(text_encoder: Optional[nn.Module | Sequence[nn.Module]]) -> list[nn.
 
 def _matches(path: str, patterns: Iterable[str]) -> bool:
     for pattern in patterns:
-        if fnmatch.fnmatchcase(path, pattern) or re.fullmatch(pattern, path) is not None:
+        if fnmatch.fnmatchcase(path, pattern):
+            return True
+        # Globs such as "*.attn" are not regular expressions: only valid ones are tried as such.
+        if _safe_regex(pattern) and re.fullmatch(pattern, path) is not None:
             return True
     return False
 

@@ -12,9 +12,11 @@ tests, the demo and the benchmarks.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import math
-from typing import Any, Dict, List, NamedTuple, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, NamedTuple, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -56,21 +58,21 @@ def tiny_sd1_unet(seed: int = 0) -> nn.Module:
     shrunk to 32/64 channels so a training step costs milliseconds."""
     from diffusers import UNet2DConditionModel
 
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        mid_block_type="UNetMidBlock2DCrossAttn",
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        norm_num_groups=8,
-        cross_attention_dim=TINY_TE1_HIDDEN,
-        attention_head_dim=4,
-        use_linear_projection=False,
-    )
+    with _seeded(seed):
+        unet = UNet2DConditionModel(
+            sample_size=8,
+            in_channels=4,
+            out_channels=4,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            mid_block_type="UNetMidBlock2DCrossAttn",
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            block_out_channels=(32, 64),
+            layers_per_block=1,
+            norm_num_groups=8,
+            cross_attention_dim=TINY_TE1_HIDDEN,
+            attention_head_dim=4,
+            use_linear_projection=False,
+        )
     return _frozen_eval(unet)
 
 
@@ -80,26 +82,35 @@ def tiny_sdxl_unet(seed: int = 0) -> nn.Module:
     "text_time" added conditioning (pooled te2 embedding + 6 size/crop values)."""
     from diffusers import UNet2DConditionModel
 
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        mid_block_type="UNetMidBlock2DCrossAttn",
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        block_out_channels=(32, 64, 64),
-        layers_per_block=1,
-        transformer_layers_per_block=(1, 1, 2),
-        norm_num_groups=8,
-        cross_attention_dim=TINY_TE1_HIDDEN + TINY_TE2_HIDDEN,
-        attention_head_dim=(2, 4, 4),
-        use_linear_projection=True,
-        addition_embed_type="text_time",
-        addition_time_embed_dim=TINY_ADDITION_TIME_EMBED_DIM,
-        projection_class_embeddings_input_dim=TINY_TE2_PROJECTION + 6 * TINY_ADDITION_TIME_EMBED_DIM,
-    )
+    with _seeded(seed):
+        unet = UNet2DConditionModel(
+            sample_size=8,
+            in_channels=4,
+            out_channels=4,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            mid_block_type="UNetMidBlock2DCrossAttn",
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            block_out_channels=(32, 64, 64),
+            layers_per_block=1,
+            transformer_layers_per_block=(1, 1, 2),
+            norm_num_groups=8,
+            cross_attention_dim=TINY_TE1_HIDDEN + TINY_TE2_HIDDEN,
+            attention_head_dim=(2, 4, 4),
+            use_linear_projection=True,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=TINY_ADDITION_TIME_EMBED_DIM,
+            projection_class_embeddings_input_dim=TINY_TE2_PROJECTION + 6 * TINY_ADDITION_TIME_EMBED_DIM,
+        )
     return _frozen_eval(unet)
+
+
+@contextlib.contextmanager
+def _seeded(seed: int) -> Iterator[None]:
+    """Seed the global RNG (diffusers and transformers initialise from it) inside a
+    fork, so building a model never disturbs the caller's random stream."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
 
 
 def _frozen_eval(model: nn.Module) -> nn.Module:
@@ -142,10 +153,11 @@ def tiny_clip_text_encoder(
     for SDXL's te2) in whatever module-path spelling the installed transformers uses."""
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    torch.manual_seed(seed)
     config = _tiny_clip_config(hidden_size, layers, projection_dim)
     cls = CLIPTextModelWithProjection if with_projection else CLIPTextModel
-    return _frozen_eval(cls(config))
+    with _seeded(seed):
+        model = cls(config)
+    return _frozen_eval(model)
 
 
 def has_text_model_level(model: nn.Module) -> bool:
@@ -220,27 +232,37 @@ def as_transformers5_layout(model: nn.Module) -> nn.Module:
 # ---------------------------------------------------------------------------
 
 
-def sd1_models(seed: int = 0) -> Dict[str, Any]:
-    """A tiny SD1.x-like model set: U-Net, one CLIP text encoder, no VAE (data are latents)."""
-    return {
+def sd1_models(seed: int = 0, pretrained: bool = False) -> Dict[str, Any]:
+    """A tiny SD1.x-like model set: U-Net, one CLIP text encoder, no VAE (data are latents).
+
+    With ``pretrained`` the U-Net is a denoiser of generic latents (see
+    :func:`pretrain_unet`) instead of random, so training losses start well below 1.
+    """
+    models = {
         "unet": tiny_sd1_unet(seed),
         "text_encoder": tiny_clip_text_encoder(seed + 1, hidden_size=TINY_TE1_HIDDEN),
         "vae": None,
     }
+    if pretrained:
+        models["unet"].load_state_dict(_pretrained_unet_state(False, seed))
+    return models
 
 
-def sdxl_models(seed: int = 0) -> Dict[str, Any]:
+def sdxl_models(seed: int = 0, pretrained: bool = False) -> Dict[str, Any]:
     """A tiny SDXL-like model set: U-Net, [CLIPTextModel, CLIPTextModelWithProjection], no VAE.
 
     te1 has 3 layers: SDXL reads te1's penultimate hidden state (hidden_states[11]
     of 13), so, as with the real model, its last layer gets no gradient while the
-    layers below it do.
+    layers below it do. ``pretrained`` as for :func:`sd1_models`.
     """
     te1 = tiny_clip_text_encoder(seed + 1, hidden_size=TINY_TE1_HIDDEN, layers=3)
     te2 = tiny_clip_text_encoder(
         seed + 2, hidden_size=TINY_TE2_HIDDEN, layers=2, with_projection=True, projection_dim=TINY_TE2_PROJECTION
     )
-    return {"unet": tiny_sdxl_unet(seed), "text_encoders": [te1, te2], "vae": None}
+    models = {"unet": tiny_sdxl_unet(seed), "text_encoders": [te1, te2], "vae": None}
+    if pretrained:
+        models["unet"].load_state_dict(_pretrained_unet_state(True, seed))
+    return models
 
 
 # ---------------------------------------------------------------------------
@@ -304,6 +326,67 @@ def style_split(n_train: int = 15, n_holdout: int = 5, **kwargs: Any) -> Tuple[l
     """(train, held-out) samples of one style: same patterns, disjoint exclusive parts."""
     samples = style_dataset(n=n_train + n_holdout, **kwargs)
     return samples[:n_train], samples[n_train:]
+
+
+# ---------------------------------------------------------------------------
+# Pretrained-like base U-Nets
+# ---------------------------------------------------------------------------
+
+PRETRAIN_STEPS = 40
+PRETRAIN_BATCH = 16
+PRETRAIN_LR = 2e-3
+GENERIC_SAMPLES = 256
+GENERIC_PATTERNS = 8
+GENERIC_SEED_OFFSET = 1000
+
+
+def pretrain_unet(models: Dict[str, Any], sdxl: bool, steps: int = PRETRAIN_STEPS, seed: int = 0) -> float:
+    """Fine-tune the whole U-Net (text encoders untouched) as an epsilon predictor of
+    *generic* latents: many patterns, none of them the style's.
+
+    A random U-Net predicts noise worse than predicting zero (loss > 1), which
+    no real base model does; after ~40 steps the tiny U-Net reaches a loss of
+    about 0.15 on generic data and 0.3 on an unseen style, leaving a LoRA
+    something real to learn. Deterministic by ``seed`` on one device; the U-Net
+    is left frozen and in eval mode. Returns the mean loss of the last 10 steps.
+    """
+    from .replay import add_noise, call_unet, collate, encode_text, text_encoders_of
+
+    generator = torch.Generator().manual_seed(seed + GENERIC_SEED_OFFSET)
+    generic = style_dataset(n=GENERIC_SAMPLES, seed=seed + GENERIC_SEED_OFFSET, n_patterns=GENERIC_PATTERNS)
+    unet, text_encoders = models["unet"], text_encoders_of(models, sdxl)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=PRETRAIN_LR)
+    unet.requires_grad_(True)
+    unet.train()
+    losses = []
+    with torch.enable_grad():
+        for _ in range(steps):
+            picks = torch.randint(0, GENERIC_SAMPLES, (PRETRAIN_BATCH,), generator=generator).tolist()
+            batch = collate([generic[i] for i in picks])
+            latents = batch["latents"]
+            with torch.no_grad():
+                conds = encode_text(text_encoders, batch["input_ids"], sdxl)
+            noise = torch.randn(latents.shape, generator=generator)
+            timesteps = torch.randint(0, 1000, (PRETRAIN_BATCH,), generator=generator)
+            prediction = call_unet(unet, add_noise(latents, noise, timesteps), timesteps, conds, sdxl)
+            loss = torch.nn.functional.mse_loss(prediction, noise)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+    _frozen_eval(unet)
+    tail = losses[-10:]
+    final = sum(tail) / len(tail)
+    logger.debug("pretrained tiny %s U-Net: loss %.3f -> %.3f", "SDXL" if sdxl else "SD1", losses[0], final)
+    return final
+
+
+@functools.lru_cache(maxsize=8)
+def _pretrained_unet_state(sdxl: bool, seed: int) -> Dict[str, torch.Tensor]:
+    """Pretrain once per process and (kind, seed); later builds just load the weights."""
+    models = sdxl_models(seed) if sdxl else sd1_models(seed)
+    pretrain_unet(models, sdxl, seed=seed)
+    return {key: value.detach().clone() for key, value in models["unet"].state_dict().items()}
 
 
 # ---------------------------------------------------------------------------

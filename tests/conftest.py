@@ -41,6 +41,19 @@ def sdxl_models():
 
 
 @pytest.fixture
+def sd1_pretrained_models():
+    """As ``sd1_models`` with a U-Net pretrained as a denoiser of generic latents
+    (once per session, a few seconds), so losses start near 0.3 rather than above 1."""
+    return tiny.sd1_models(seed=0, pretrained=True)
+
+
+@pytest.fixture
+def sdxl_pretrained_models():
+    """As ``sdxl_models`` with a pretrained U-Net (see ``sd1_pretrained_models``)."""
+    return tiny.sdxl_models(seed=0, pretrained=True)
+
+
+@pytest.fixture
 def style_data():
     """15 synthetic style latents (4x8x8) with trigger-token captions."""
     return tiny.style_dataset(n=15, seed=0)

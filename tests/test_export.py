@@ -191,12 +191,13 @@ def test_load_weights_into_a_max_rank_network_pads_and_keeps_every_update(saved,
                            conv_alpha="1", restart_mode="product")
     fresh.apply_to(models["text_encoder"], models["unet"], True, True)
     info = fresh.load_weights(str(path))
-    smaller = {n for n, k in network.ranks().items() if k < network._module(n).rank}
+    trained = {m.lora_name: m for m in network.loras}
+    smaller = {n for n, k in network.ranks().items() if k < trained[n].rank}
     assert set(info.padded) == smaller and smaller
     assert not info.missing and not info.unexpected
     assert fresh.ranks() == network.ranks()
     for m in fresh.loras:
-        assert m.rank == network._module(m.lora_name).rank
+        assert m.rank == trained[m.lora_name].rank
         assert relative(training_update(m), file_update(tensors, m.lora_name)) < 1e-5, m.lora_name
     again = tmp_path / "again.safetensors"
     fresh.save_weights(str(again))

@@ -154,13 +154,23 @@ def test_min_rank_up_to_network_dim_is_accepted(sd1_models):
 
 
 @pytest.mark.parametrize("argument", ["network_dim", "network_alpha"])
-@pytest.mark.parametrize("value", ["abc", "-4", "0", -2, "nan"])
+@pytest.mark.parametrize("value", ["abc", "-4", -2, "nan"])
 def test_bad_network_dim_or_alpha_is_rejected_naming_it(sd1_models, argument, value):
     numbers = {"network_dim": 4, "network_alpha": 1.0, argument: value}
     with pytest.raises(OptionError) as caught:
         create(sd1_models, **numbers)
     message = str(caught.value)
-    assert argument in message and repr(value) in message and "positive" in message
+    assert argument in message and repr(value) in message and "allowed" in message
+
+
+def test_zero_network_dim_is_rejected(sd1_models):
+    with pytest.raises(OptionError, match="network_dim='0'.*positive integer"):
+        create(sd1_models, network_dim="0")
+
+
+def test_zero_network_alpha_means_alpha_equals_rank_like_networks_lora(sd1_models):
+    network = create(sd1_models, network_dim=6, network_alpha="0")
+    assert {(m.rank, float(m.alpha)) for m in network.loras} == {(6, 6.0)}
 
 
 def test_fractional_network_dim_is_rejected(sd1_models):

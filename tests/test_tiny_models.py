@@ -170,6 +170,25 @@ def test_style_dataset_is_deterministic_and_shares_a_style():
     assert torch.equal(held_out[1]["latents"], data[5]["latents"])
 
 
+def test_building_models_leaves_the_global_rng_alone():
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    tiny.sdxl_models(seed=2)
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_pretrained_base_denoises_and_is_built_once(sd1_pretrained_models, style_data):
+    batch = replay.collate(style_data[:8])
+    random_loss = replay.fixed_batch_loss(None, tiny.sd1_models(seed=0), batch, False, seed=1)
+    pretrained_loss = replay.fixed_batch_loss(None, sd1_pretrained_models, batch, False, seed=1)
+    assert random_loss > 1.0 and pretrained_loss < 0.5, (random_loss, pretrained_loss)
+    again = tiny.sd1_models(seed=0, pretrained=True)
+    first_state, second_state = sd1_pretrained_models["unet"].state_dict(), again["unet"].state_dict()
+    assert all(torch.equal(first_state[name], second_state[name]) for name in first_state)
+    assert not any(p.requires_grad for p in again["unet"].parameters()) and not again["unet"].training
+
+
 # ---------------------------------------------------------------------------
 # the real SDXL module set
 # ---------------------------------------------------------------------------

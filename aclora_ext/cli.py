@@ -1,0 +1,70 @@
+"""The ``aclora`` command.
+
+``aclora inspect FILE [--json] [--plot OUT.png]``: the rank report of a LoRA
+file (AC-LoRA or plain kohya). ``aclora demo [...]``: a tiny end-to-end run on
+synthetic data that ends with that report (see ``aclora demo --help``).
+A file that cannot be read gives one line on stderr and exit status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Optional, Sequence
+
+from .files import LoRAFileError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="aclora", description="AC-LoRA (Auto Component LoRA) tools.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    inspect = commands.add_parser(
+        "inspect", help="rank report of a LoRA file",
+        description="Per-block ranks (min/median/max), parameter count and file size against the same LoRA at its "
+                    "maximum rank, and the RESTART history of a LoRA file. Plain kohya LoRA files work too.")
+    inspect.add_argument("file", metavar="FILE", help="a LoRA file (.safetensors)")
+    inspect.add_argument("--json", action="store_true", help="print the report as JSON (for scripts)")
+    inspect.add_argument("--plot", metavar="OUT.png",
+                         help="also draw ranks per module and over RESTARTs to this image (needs matplotlib)")
+    commands.add_parser("demo", add_help=False,
+                        help="train a tiny AC-LoRA on synthetic data and show its rank report (aclora demo --help)")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["demo"]:
+        from . import demo  # heavy (diffusers, transformers): only when asked for
+
+        return demo.main(argv[1:])
+    args = build_parser().parse_args(argv)
+    return inspect(args.file, as_json=args.json, plot_to=args.plot)
+
+
+def inspect(path: str, as_json: bool = False, plot_to: Optional[str] = None) -> int:
+    """Print the rank report of ``path`` (and draw it to ``plot_to``); 0 on success, 1 on a bad file."""
+    from .report import ReportError, format_report, plot_report, read_report
+
+    try:
+        report = read_report(path)
+        if as_json:
+            print(json.dumps(report.as_dict(), indent=2))
+        else:
+            print(format_report(report))
+        if plot_to:
+            plot_report(report, plot_to)
+            print(f"plot written to {plot_to}", file=sys.stderr if as_json else sys.stdout)
+    except (LoRAFileError, ReportError) as err:
+        message = " ".join(str(err).split())
+        print(f"aclora inspect: error: {message}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:  # `aclora inspect FILE | head`: the reader left; say nothing more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,303 @@
+"""The exported file is read unchanged by the programs people load LoRAs with.
+
+1. diffusers: ``load_lora_weights`` + ``fuse_lora`` on tiny SD1.x-like and
+   SDXL-like pipelines give the same U-Net and text-encoder weights as merging
+   the file with our ``merge_to``, with diffusers-style U-Net names and with
+   sd-scripts' SDXL names (``lora_unet_input_blocks_4_1_...``).
+   Tolerance: rtol 1e-5 / atol 1e-6 (both add alpha/r * up @ down in float32;
+   measured on CPU: bit-identical). This holds because every module of the file
+   carries the same alpha: diffusers 0.42 turns per-module alphas into a peft
+   ``alpha_pattern`` whose keys do not match the module names (U-Net attention
+   keys keep the old ``processor.to_q_lora`` spelling, text-encoder keys are cut
+   to the parent module), so a module whose alpha is not the file's most common
+   one is scaled with the most common one (kohya resize_lora's alpha = k*alpha/R
+   files were off by up to 25% here).
+   diffusers 0.32 (sd-scripts' pinned stack) cannot read the U-Net part of any
+   LoRA whose modules have different ranks at its alpha: its
+   ``_maybe_adjust_config`` then sets every U-Net module's alpha to its rank
+   (scale 1) whatever the file says (text encoders are not affected). No alpha
+   convention is read right by both 0.32 and current releases, so where that
+   behaviour is present (probed, not guessed from the version) the U-Net is
+   checked against exactly that: the file merged at scale 1.
+2. A1111 / ComfyUI: re-implemented here from what they do with a kohya file
+   (layer found from the key by the kohya name; update alpha / down.shape[0] *
+   up @ down, 3x3 convs composed as convolutions), checked for every key against
+   the trained network's update at its signal rank (an SVD here) and against the
+   output of the layer under a network built from the file; and no key of the
+   file is one those loaders would leave unused.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.nn import functional as F
+
+from aclora_ext import create_network_from_weights, tiny
+
+# diffusers' fused weights against merge_to's.
+FUSE_RTOL, FUSE_ATOL = 1e-5, 1e-6
+KOHYA_PARTS = ("lora_down.weight", "lora_up.weight", "alpha")
+
+
+# --- building the pipelines offline -------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    """A CLIPTokenizer from a six-entry vocabulary and an empty merge list written to a temp dir."""
+    from transformers import CLIPTokenizer
+
+    folder = tmp_path_factory.mktemp("tokenizer")
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1, "a</w>": 2, "b</w>": 3, "a": 4, "b": 5}
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77)
+
+
+def tiny_vae():
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(block_out_channels=(8,), down_block_types=("DownEncoderBlock2D",),
+                         up_block_types=("UpDecoderBlock2D",), latent_channels=4, norm_num_groups=8,
+                         layers_per_block=1)
+
+
+def sd1_pipeline(models, tokenizer):
+    from diffusers import PNDMScheduler, StableDiffusionPipeline
+
+    return StableDiffusionPipeline(vae=tiny_vae(), text_encoder=models["text_encoder"], tokenizer=tokenizer,
+                                   unet=models["unet"], scheduler=PNDMScheduler(), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+
+
+def sdxl_pipeline(models, tokenizer):
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+
+    te1, te2 = models["text_encoders"]
+    return StableDiffusionXLPipeline(vae=tiny_vae(), text_encoder=te1, text_encoder_2=te2, tokenizer=tokenizer,
+                                     tokenizer_2=tokenizer, unet=models["unet"], scheduler=EulerDiscreteScheduler())
+
+
+def diffusers_forces_unit_scale_on_mixed_ranks() -> bool:
+    """True where diffusers' U-Net loader sets alpha = rank for every module once ranks differ (0.32)."""
+    import diffusers.loaders.peft as loader
+
+    adjust = getattr(loader, "_maybe_adjust_config", None)
+    if adjust is None:
+        return False
+    probe = adjust({"r": 4, "lora_alpha": 1.0, "rank_pattern": {"a": 2, "b": 8}, "alpha_pattern": {},
+                    "target_modules": ["a", "b", "c"]})
+    return probe["lora_alpha"] == 4
+
+
+def as_diffusers_reads_the_unet(path) -> dict:
+    """The file's tensors, with every U-Net alpha replaced by the scale diffusers applies to it."""
+    tensors = load_file(path)
+    if not diffusers_forces_unit_scale_on_mixed_ranks():
+        return tensors
+    ranks = {k.split(".")[0]: v.shape[0] for k, v in tensors.items() if k.endswith(".lora_down.weight")}
+    return {k: torch.tensor(float(ranks[k.split(".")[0]])) if k.startswith("lora_unet_") and k.endswith(".alpha")
+            else v for k, v in tensors.items()}
+
+
+def fused_by_diffusers(pipe, path) -> None:
+    pipe.load_lora_weights(str(path))
+    pipe.fuse_lora()
+    pipe.unload_lora_weights()  # keeps the fused weights, removes the LoRA layers
+
+
+def merged_by_us(models, text_encoder, weights: dict):
+    network, _ = create_network_from_weights(1.0, None, None, text_encoder, models["unet"], weights_sd=weights,
+                                             for_inference=True)
+    network.merge_to(text_encoder, models["unet"], weights, torch.float32, "cpu")
+    return network
+
+
+def assert_same_weights(got: nn.Module, want: nn.Module, base: nn.Module, adapted: set) -> None:
+    """Every parameter equal within the tolerance; the changed ones are exactly the adapted layers' weights."""
+    got_sd, want_sd, base_sd = got.state_dict(), want.state_dict(), base.state_dict()
+    assert got_sd.keys() == want_sd.keys()
+    for key, value in want_sd.items():
+        torch.testing.assert_close(got_sd[key], value, rtol=FUSE_RTOL, atol=FUSE_ATOL, msg=key)
+    changed = {k for k, v in want_sd.items() if not torch.equal(v, base_sd[k])}
+    assert changed == adapted
+
+
+def adapted_weights(network, part_prefixes, layers: dict) -> set:
+    """The state-dict keys of the weights of the network's layers whose LoRA name starts with a prefix."""
+    by_layer = {id(module): path for path, module in layers.items()}
+    return {by_layer[id(m.org_module)] + ".weight" for m in network.loras if m.lora_name.startswith(part_prefixes)}
+
+
+# --- diffusers -------------------------------------------------------------------------------------------
+def test_diffusers_fuses_an_sd1_file_like_merge_to(tmp_path, sd1_models, planted_network, tokenizer):
+    network, _ = planted_network(sd1_models, conv_dim="4", conv_alpha="1")
+    path = tmp_path / "sd1.safetensors"
+    network.save_weights(str(path))
+    assert len({v.shape[0] for k, v in load_file(path).items() if k.endswith("lora_down.weight")}) > 1
+
+    pipe = sd1_pipeline(tiny.sd1_models(seed=0), tokenizer)
+    fused_by_diffusers(pipe, path)
+    reference = tiny.sd1_models(seed=0)
+    merged = merged_by_us(reference, reference["text_encoder"], as_diffusers_reads_the_unet(path))
+    base = tiny.sd1_models(seed=0)
+    assert_same_weights(pipe.unet, reference["unet"], base["unet"],
+                        adapted_weights(merged, "lora_unet", dict(reference["unet"].named_modules())))
+    assert_same_weights(pipe.text_encoder, reference["text_encoder"], base["text_encoder"],
+                        adapted_weights(merged, "lora_te_", dict(reference["text_encoder"].named_modules())))
+
+
+def sd_scripts_sdxl_name(name: str, layers_per_block: int) -> str:
+    """A diffusers-layout U-Net module name in sd-scripts' SDXL (sgm) spelling.
+
+    sgm numbers the blocks of each resolution consecutively: a down level has
+    layers_per_block resnets plus its downsampler, an up level layers_per_block + 1
+    resnets (with the upsampler), and index 1 inside a block is its attention.
+    Real SDXL (layers_per_block 2): down_blocks.i.attentions.j <-> input_blocks.(3i+j+1).1,
+    mid_block.attentions.0 <-> middle_block.1, up_blocks.i.attentions.j <-> output_blocks.(3i+j).1.
+    """
+    per_level = layers_per_block + 1
+    name = re.sub(r"^lora_unet_down_blocks_(\d+)_attentions_(\d+)_",
+                  lambda g: f"lora_unet_input_blocks_{int(g[1]) * per_level + int(g[2]) + 1}_1_", name)
+    name = re.sub(r"^lora_unet_mid_block_attentions_0_", "lora_unet_middle_block_1_", name)
+    return re.sub(r"^lora_unet_up_blocks_(\d+)_attentions_(\d+)_",
+                  lambda g: f"lora_unet_output_blocks_{int(g[1]) * per_level + int(g[2])}_1_", name)
+
+
+def test_sd_scripts_sdxl_names_follow_the_real_sdxl_layout():
+    assert sd_scripts_sdxl_name("lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q", 2) == \
+        "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q"
+    assert sd_scripts_sdxl_name("lora_unet_down_blocks_2_attentions_1_proj_in", 2) == \
+        "lora_unet_input_blocks_8_1_proj_in"
+    assert sd_scripts_sdxl_name("lora_unet_mid_block_attentions_0_proj_out", 2) == "lora_unet_middle_block_1_proj_out"
+    assert sd_scripts_sdxl_name("lora_unet_up_blocks_0_attentions_2_transformer_blocks_9_ff_net_2", 2) == \
+        "lora_unet_output_blocks_2_1_transformer_blocks_9_ff_net_2"
+    assert sd_scripts_sdxl_name("lora_unet_up_blocks_1_attentions_0_proj_in", 2) == \
+        "lora_unet_output_blocks_3_1_proj_in"
+
+
+@pytest.mark.parametrize("naming", ["diffusers", "sd-scripts"])
+def test_diffusers_fuses_an_sdxl_file_like_merge_to(naming, tmp_path, sdxl_models, planted_network, tokenizer):
+    """diffusers maps sd-scripts' input/middle/output block numbers back with the U-Net config's
+    layers_per_block (1 in the tiny SDXL U-Net, so input_blocks.(2i+j+1) here)."""
+    network, _ = planted_network(sdxl_models)
+    path = tmp_path / "sdxl.safetensors"
+    network.save_weights(str(path))
+    layers_per_block = sdxl_models["unet"].config.layers_per_block
+    if naming == "sd-scripts":
+        renamed = {sd_scripts_sdxl_name(k, layers_per_block): v for k, v in load_file(path).items()}
+        assert any(k.startswith("lora_unet_input_blocks_") for k in renamed)
+        assert not any(k.startswith(("lora_unet_down_blocks_", "lora_unet_up_blocks_", "lora_unet_mid_block_"))
+                       for k in renamed)
+        path = tmp_path / "sdxl-sgm.safetensors"
+        save_file(renamed, str(path))
+
+    pipe = sdxl_pipeline(tiny.sdxl_models(seed=0), tokenizer)
+    fused_by_diffusers(pipe, path)
+    reference = tiny.sdxl_models(seed=0)
+    merged = merged_by_us(reference, reference["text_encoders"],
+                          as_diffusers_reads_the_unet(tmp_path / "sdxl.safetensors"))
+    base = tiny.sdxl_models(seed=0)
+    te1, te2 = reference["text_encoders"]
+    assert_same_weights(pipe.unet, reference["unet"], base["unet"],
+                        adapted_weights(merged, "lora_unet", dict(reference["unet"].named_modules())))
+    assert_same_weights(pipe.text_encoder, te1, base["text_encoders"][0],
+                        adapted_weights(merged, "lora_te1_", dict(te1.named_modules())))
+    assert_same_weights(pipe.text_encoder_2, te2, base["text_encoders"][1],
+                        adapted_weights(merged, "lora_te2_", dict(te2.named_modules())))
+
+
+# --- A1111 / ComfyUI -----------------------------------------------------------------------------------
+def kohya_layer_map(unet: nn.Module, text_encoders: list) -> dict:
+    """Kohya name -> layer, the way A1111/ComfyUI find a key's layer: the module path (transformers 4.x
+    spelling, which both use) with "." turned into "_", behind lora_unet / lora_te / lora_te1 / lora_te2."""
+    prefixes = ["lora_te"] if len(text_encoders) == 1 else ["lora_te1", "lora_te2"]
+    roots = [("lora_unet", unet)] + [(p, tiny.as_transformers4_layout(te)) for p, te in zip(prefixes, text_encoders)]
+    return {f"{prefix}_{path.replace('.', '_')}": module for prefix, root in roots
+            for path, module in root.named_modules() if isinstance(module, (nn.Linear, nn.Conv2d))}
+
+
+def consumer_update(tensors: dict, name: str, weight_shape: torch.Size) -> torch.Tensor:
+    """The update A1111 and ComfyUI add: alpha / rank * up @ down, rank = down.shape[0]; a conv down
+    kernel followed by a 1x1 up is the convolution of the two."""
+    down, up = tensors[f"{name}.lora_down.weight"].float(), tensors[f"{name}.lora_up.weight"].float()
+    scale = float(tensors[f"{name}.alpha"]) / down.shape[0]
+    if down.dim() == 2:
+        return scale * up @ down
+    if down.shape[2:] == (1, 1):
+        return scale * (up.flatten(1) @ down.flatten(1)).reshape(weight_shape)
+    return scale * F.conv2d(down.permute(1, 0, 2, 3), up).permute(1, 0, 2, 3)
+
+
+def best_rank_k(delta: torch.Tensor, k: int) -> torch.Tensor:
+    u, s, vh = torch.linalg.svd(delta.double().reshape(delta.shape[0], -1), full_matrices=False)
+    return (u[:, :k] * s[:k] @ vh[:k]).reshape(delta.shape)
+
+
+def layer_output(layer: nn.Module, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    if isinstance(layer, nn.Linear):
+        return F.linear(x, weight, layer.bias)
+    return F.conv2d(x, weight, layer.bias, layer.stride, layer.padding, layer.dilation)
+
+
+def probe(layer: nn.Module) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(0)
+    if isinstance(layer, nn.Linear):
+        return torch.randn(3, layer.in_features, generator=generator)
+    return torch.randn(1, layer.in_channels, 6, 6, generator=generator)
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_a1111_and_comfyui_formula_gives_the_network_update_for_every_key(family, tmp_path, planted_network):
+    make = tiny.sd1_models if family == "sd1" else tiny.sdxl_models
+    models = make(seed=0)
+    extra = {"conv_dim": "4", "conv_alpha": "1"} if family == "sd1" else {}
+    network, _ = planted_network(models, **extra)
+    path = tmp_path / "lora.safetensors"
+    network.save_weights(str(path))
+    tensors = load_file(path)
+    trained = {m.lora_name: best_rank_k(m.delta_weight().detach(), network.ranks()[m.lora_name]) for m in network.loras}
+
+    fresh = make(seed=0)
+    text_encoders = fresh["text_encoders"] if family == "sdxl" else [fresh["text_encoder"]]
+    layers = kohya_layer_map(fresh["unet"], text_encoders)
+    names = {k.split(".", 1)[0] for k in tensors}
+    assert names <= layers.keys()
+    base_weights = {name: layers[name].weight.detach().clone() for name in names}
+    rebuilt, _ = create_network_from_weights(1.0, str(path), None, fresh.get("text_encoders") or fresh["text_encoder"],
+                                             fresh["unet"])
+    rebuilt.apply_to(None, None, True, True)
+    rebuilt.load_weights(str(path))
+    kinds = set()
+    with torch.no_grad():
+        for name in sorted(names):
+            layer = layers[name]
+            update = consumer_update(tensors, name, layer.weight.shape)
+            assert float((update - trained[name]).norm() / trained[name].norm()) < 1e-4, name
+            x = probe(layer)
+            consumer = layer_output(layer, base_weights[name] + update, x)
+            torch.testing.assert_close(layer(x), consumer, rtol=1e-4, atol=1e-5, msg=name)
+            kinds.add("linear" if isinstance(layer, nn.Linear) else "conv{}x{}".format(*layer.kernel_size))
+    assert kinds == ({"linear", "conv1x1", "conv3x3"} if family == "sd1" else {"linear"})
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_the_file_has_no_key_a_loader_would_leave_unused(family, tmp_path, planted_network):
+    models = tiny.sd1_models(seed=0) if family == "sd1" else tiny.sdxl_models(seed=0)
+    network, _ = planted_network(models, conv_dim="4")
+    path = tmp_path / "lora.safetensors"
+    network.save_weights(str(path))
+    fresh = tiny.sd1_models(seed=0) if family == "sd1" else tiny.sdxl_models(seed=0)
+    layers = kohya_layer_map(fresh["unet"], fresh.get("text_encoders") or [fresh["text_encoder"]])
+    parts: dict[str, set] = {}
+    for key in load_file(path):
+        name, _, part = key.partition(".")
+        assert part in KOHYA_PARTS, key
+        assert name in layers, key
+        parts.setdefault(name, set()).add(part)
+    assert all(found == set(KOHYA_PARTS) for found in parts.values())
+    assert set(parts) == {m.lora_name for m in network.loras}

@@ -1,0 +1,357 @@
+"""The RESTART math of paper §3.2-3.4 (aclora_ext.functional), checked against
+torch.linalg.svd and against the equations themselves.
+
+Shapes follow kohya: lora_down is R x n (rank on the rows), lora_up is n x R
+(rank on the columns); every function takes a batch of them.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from aclora_ext import functional as F
+from aclora_ext import restart as restart_lib
+from aclora_ext.factory import attach
+
+R = 16  # maximum rank of the factors below
+N = 64  # their large side
+SURE_P = 0.99  # a threshold that every planted signal below clears and no noise floor reaches
+
+
+def planted(rows: int, cols: int, k: int, noise: float = 1e-3, seed: int = 0, dtype=torch.float32,
+            strength: float = 1.0) -> torch.Tensor:
+    """A rows x cols matrix: a rank-k signal (singular values 2 .. 1 times ``strength``) plus Gaussian noise of std ``noise``."""
+    g = torch.Generator().manual_seed(seed)
+    u, _ = torch.linalg.qr(torch.randn(rows, k, generator=g, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(cols, k, generator=g, dtype=torch.float64))
+    signal = (u * torch.linspace(2.0, 1.0, k, dtype=torch.float64) * strength) @ v.T
+    return (signal + noise * torch.randn(rows, cols, generator=g, dtype=torch.float64)).to(dtype)
+
+
+def best_rank_k(matrix: torch.Tensor, k: int) -> torch.Tensor:
+    """Eckart-Young: the closest rank-k matrix, from a full float64 SVD."""
+    u, s, vh = torch.linalg.svd(matrix.double(), full_matrices=False)
+    return (u[:, :k] * s[:k]) @ vh[:k]
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def no_refill(truncated, sigma, generator):
+    """gaussian_refill with sigma = 0: leaves exactly U D' V of Eq. 2."""
+    return truncated
+
+
+def mlp(seed: int = 0) -> nn.Module:
+    """Five Linear layers of two shapes (64 -> 48 three times, 48 -> 64 twice)."""
+    torch.manual_seed(seed)
+    return nn.Sequential(*(nn.Linear(64, 48) if i % 2 == 0 else nn.Linear(48, 64) for i in range(5)))
+
+
+# --- signal count: Eq. 3 -------------------------------------------------------------------
+
+@pytest.mark.parametrize("k", [1, 3, 6, 12])
+@pytest.mark.parametrize("shape", ["lora_down R x n", "lora_up n x R"])
+def test_a_factor_with_a_planted_rank_k_signal_keeps_k_components(k, shape):
+    if shape.startswith("lora_down"):
+        factor, rank_dim = planted(R, N, k, seed=k), 1
+    else:
+        factor, rank_dim = planted(N, R, k, seed=k), 2
+    s, _ = F.rank_side_svd(factor[None], rank_dim)
+    assert F.signal_rank(s, SURE_P).tolist() == [k]
+
+
+@pytest.mark.parametrize("k", [2, 5, 9])
+def test_a_module_with_planted_rank_k_in_both_factors_keeps_k_through_restart_paper(k):
+    network = attach(nn.Sequential(nn.Linear(N, 48)), max_rank=R)
+    m = network.loras[0]
+    with torch.no_grad():
+        m.lora_down.weight.copy_(planted(R, N, k, seed=1))
+        m.lora_up.weight.copy_(planted(48, R, k, seed=2))
+    _, _, ranks = F.restart_paper(m.down_matrix()[None], m.up_matrix()[None], SURE_P, "squared", 1, gen(0))
+    assert ranks.tolist() == [k]
+    report = network.restart(p=SURE_P)
+    assert report.ranks == {m.lora_name: k} == network.ranks()
+
+
+@pytest.mark.parametrize("k_down, k_up", [(3, 7), (7, 3), (4, 4)])
+def test_a_module_keeps_the_larger_of_its_factors_signal_counts_union_rule(k_down, k_up, monkeypatch):
+    """Eq. 7: S = union of the layers' signal sets, i.e. the largest count; both factors are cut to it.
+
+    In float64, so that the components cut inside the noise floor are resolved exactly.
+    """
+    down, up = planted(R, N, k_down, seed=3, dtype=torch.float64), planted(48, R, k_up, seed=4, dtype=torch.float64)
+    monkeypatch.setattr(F, "gaussian_refill", no_refill)
+    new_down, new_up, k = F.restart_paper(down[None], up[None], SURE_P, "squared", 1, gen(0))
+    union = max(k_down, k_up)
+    assert k.tolist() == [union]
+    assert torch.allclose(new_down[0], best_rank_k(down, union), atol=1e-10)
+    assert torch.allclose(new_up[0], best_rank_k(up, union), atol=1e-10)
+
+
+def test_squared_and_linear_energy_choose_different_counts_on_one_spectrum():
+    """Singular values 3,1,1,1,1 with p = 0.6.
+
+    squared: energies 9,1,1,1,1 (total 13): the first component alone holds 9/13 >= 0.6, so 1.
+    linear: values 3,1,1,1,1 (total 7): 3/7, 4/7 < 0.6 and 5/7 >= 0.6, so 3.
+    """
+    s = torch.tensor([[3.0, 1.0, 1.0, 1.0, 1.0]])
+    assert F.signal_rank(s, 0.6, energy="squared").tolist() == [1]
+    assert F.signal_rank(s, 0.6, energy="linear").tolist() == [3]
+
+
+def test_the_component_that_crosses_p_is_kept():
+    """Energies 4,3,2,1 (total 10), p = 0.5: the second component takes the sum from 4 to 7, past 5."""
+    s = torch.tensor([[4.0, 3.0, 2.0, 1.0]]).sqrt()
+    assert F.signal_rank(s, 0.5).tolist() == [2]
+
+
+def test_a_cumulative_energy_exactly_at_p_needs_no_further_component():
+    """Energies 4,3,2,1, p = 0.4: the first component reaches exactly 4 = 0.4 * 10."""
+    s = torch.tensor([[4.0, 3.0, 2.0, 1.0]], dtype=torch.float64).sqrt()
+    assert F.signal_rank(s, 0.4).tolist() == [1]
+
+
+@pytest.mark.parametrize("min_rank, expected", [(1, 1), (3, 3)])
+def test_p_zero_keeps_min_rank_components_and_at_least_one(min_rank, expected):
+    s = torch.tensor([[4.0, 3.0, 2.0, 1.0]])
+    assert F.signal_rank(s, 0.0, min_rank=min_rank).tolist() == [expected]
+
+
+def test_an_all_zero_factor_keeps_one_component():
+    """A fresh lora_up is all zeros: nothing to keep, but a module never drops below one component."""
+    s, _ = F.rank_side_svd(torch.zeros(1, N, R), rank_dim=2)
+    assert F.signal_rank(s, 0.9).tolist() == [1]
+
+
+def test_p_one_keeps_every_nonzero_component_and_no_zero_one():
+    s = torch.tensor([[3.0, 2.0, 1e-3, 0.0, 0.0]])
+    assert F.signal_rank(s, 1.0).tolist() == [3]
+
+
+def test_min_rank_larger_than_the_factor_keeps_all_of_it():
+    s = torch.tensor([[3.0, 2.0, 1.0]])
+    assert F.signal_rank(s, 0.1, min_rank=5).tolist() == [3]
+
+
+def test_each_module_of_a_batch_gets_its_own_count():
+    batch = torch.stack([planted(R, N, k, seed=k) for k in (1, 4, 8, 12)])
+    s, _ = F.rank_side_svd(batch, rank_dim=1)
+    assert F.signal_rank(s, SURE_P).tolist() == [1, 4, 8, 12]
+
+
+# --- the rank-side SVD and truncation: Eq. 2 --------------------------------------------------
+
+@pytest.mark.parametrize("rank_dim", [1, 2])
+def test_rank_side_svd_gives_the_singular_values_and_rank_side_vectors_of_torch_svd(rank_dim):
+    g = gen(5)
+    factors = torch.randn(3, R, N, generator=g, dtype=torch.float64)
+    if rank_dim == 2:
+        factors = factors.transpose(1, 2).contiguous()
+    s, v = F.rank_side_svd(factors, rank_dim)
+    u_ref, s_ref, vh_ref = torch.linalg.svd(factors, full_matrices=False)
+    rank_side = u_ref if rank_dim == 1 else vh_ref.transpose(1, 2)
+    assert torch.allclose(s, s_ref, rtol=1e-10, atol=1e-10)
+    # singular vectors are unique up to sign (the random spectra have no repeated values)
+    overlap = (v.transpose(1, 2) @ rank_side).abs()
+    assert torch.allclose(overlap, torch.eye(R, dtype=torch.float64).expand(3, R, R), atol=1e-8)
+
+
+@pytest.mark.parametrize("rank_dim", [1, 2])
+def test_truncating_a_factor_gives_its_best_rank_k_approximation(rank_dim):
+    g = gen(6)
+    factor = torch.randn(R, N, generator=g, dtype=torch.float64)
+    if rank_dim == 2:
+        factor = factor.T.contiguous()
+    s, v = F.rank_side_svd(factor[None], rank_dim)
+    for k in (1, 5, 11, R):
+        kept = F.truncate_factor(factor[None], v, torch.tensor([k]), rank_dim)[0]
+        assert torch.allclose(kept, best_rank_k(factor, k), atol=1e-10), k
+        dropped = s[0, k:].pow(2).sum().sqrt()
+        assert torch.allclose(torch.linalg.matrix_norm(factor - kept), dropped, atol=1e-10)
+
+
+def test_residual_std_is_the_standard_deviation_of_what_was_removed():
+    original = torch.randn(2, R, N, generator=gen(7))
+    truncated = original * 0.5
+    expected = torch.stack([(o - t).flatten().std() for o, t in zip(original, truncated)])
+    assert torch.allclose(F.residual_std(original, truncated), expected)
+
+
+# --- the Gaussian refill ------------------------------------------------------------------------
+
+def assert_gaussian_with_std(noise: torch.Tensor, sigma: float) -> None:
+    """Mean, std and the share within one std of a N(0, sigma^2) sample, each within 5 standard errors."""
+    n = noise.numel()
+    x = noise.double().flatten()
+    assert abs(float(x.mean())) < 5 * sigma / math.sqrt(n)
+    # the sample std of n normal values has standard error sigma / sqrt(2 n)
+    assert abs(float(x.std()) - sigma) < 5 * sigma / math.sqrt(2 * n)
+    inside = float((x.abs() < sigma).double().mean())
+    share = math.erf(1 / math.sqrt(2))  # 0.6827 for a Gaussian
+    assert abs(inside - share) < 5 * math.sqrt(share * (1 - share) / n)
+
+
+def test_the_refill_of_each_factor_has_the_std_of_that_factors_removed_residual():
+    """Eq. 2: M' = U D' V + G, G ~ N(0, sigma^2), sigma = std(M - U D' V), per factor.
+
+    The factors are large (64 x 8192) so the sample std pins sigma to about 0.1 %;
+    their noise floors differ (0.05 and 0.2) so each factor must use its own sigma.
+    The signal is strong enough to hold more than 99 % of the energy of such a factor.
+    """
+    rank, wide, k = 64, 8192, 6
+    down = planted(rank, wide, k, noise=0.05, seed=8, strength=1000)
+    up = planted(wide, rank, k, noise=0.2, seed=9, strength=1000)
+    new_down, new_up, ks = F.restart_paper(down[None], up[None], SURE_P, "squared", 1, gen(0))
+    assert ks.tolist() == [k]
+    for old, new in ((down, new_down[0]), (up, new_up[0])):
+        kept = best_rank_k(old, k)
+        sigma = float((old.double() - kept).std())
+        assert_gaussian_with_std(new.double() - kept, sigma)
+
+
+def test_gaussian_refill_draws_noise_of_the_given_std_per_matrix():
+    truncated = torch.zeros(2, 64, 4096)
+    sigma = torch.tensor([0.5, 2.0])
+    refilled = F.gaussian_refill(truncated, sigma, gen(1))
+    for noise, s in zip(refilled, sigma.tolist()):
+        assert_gaussian_with_std(noise, s)
+
+
+def test_the_refill_noise_is_the_same_for_the_same_seed_and_differs_for_another():
+    down, up = planted(R, N, 4, noise=0.05, seed=10)[None], planted(48, R, 4, noise=0.05, seed=11)[None]
+    first = F.restart_paper(down, up, 0.9, "squared", 1, gen(123))
+    again = F.restart_paper(down, up, 0.9, "squared", 1, gen(123))
+    other = F.restart_paper(down, up, 0.9, "squared", 1, gen(124))
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    assert torch.equal(first[2], other[2])  # the same ranks: only the noise depends on the seed
+    assert not torch.equal(first[0], other[0]) and not torch.equal(first[1], other[1])
+
+
+# --- the threshold: Eq. 5-6 ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("loss, progress", [(0.5, 0.0), (0.5, 0.5), (0.5, 1.0), (0.1, 0.3), (0.9, 0.9), (0.02, 0.1)])
+def test_threshold_p_is_one_minus_the_loss_to_the_power_one_plus_progress(loss, progress):
+    p, alpha = F.threshold_p(loss, progress)
+    assert alpha == pytest.approx(1.0 + progress)
+    assert p == pytest.approx(1.0 - loss ** (1.0 + progress))
+
+
+def test_threshold_p_rises_as_training_progresses_at_a_fixed_loss():
+    ps = [F.threshold_p(0.3, e / 10)[0] for e in range(11)]
+    assert ps == sorted(ps) and ps[0] == pytest.approx(0.7) and ps[-1] == pytest.approx(1 - 0.3**2)
+
+
+def test_threshold_p_clamps_to_zero_for_a_loss_above_one_and_to_one_for_zero_loss():
+    assert F.threshold_p(1.5, 0.4) == (0.0, pytest.approx(1.4))
+    assert F.threshold_p(0.0, 0.4)[0] == 1.0
+
+
+@pytest.mark.parametrize("progress, alpha", [(-0.5, 1.0), (2.0, 2.0)])
+def test_alpha_stays_between_one_and_two(progress, alpha):
+    assert F.threshold_p(0.5, progress) == (pytest.approx(1 - 0.5**alpha), pytest.approx(alpha))
+
+
+def test_a_huge_loss_gives_p_zero_flagged_clamped_in_the_report_and_logged(caplog):
+    network = attach(mlp(), max_rank=8)
+    with caplog.at_level(logging.INFO, logger="aclora_ext"):
+        report = network.restart(loss=1.5, progress=0.3)
+    assert report.p == 0.0 and report.p_clamped and report.loss == 1.5
+    assert set(report.ranks.values()) == {1}  # p = 0 keeps min_rank
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING and "clamped" in r.getMessage()]
+    assert len(warnings) == 1
+    assert report.line() in caplog.text and "clamped" in report.line()
+
+
+# --- product mode -----------------------------------------------------------------------------------
+
+def planted_module(k: int, out_dim: int = 48, in_dim: int = N, noise: float = 1e-4, seed: int = 0):
+    """(down R x in, up out x R) with a random full-rank down and an up chosen so up @ down has rank k (+ noise)."""
+    g = gen(seed)
+    down = torch.randn(R, in_dim, generator=g) / math.sqrt(in_dim)
+    up = torch.randn(out_dim, k, generator=g) @ torch.randn(k, R, generator=g) + noise * torch.randn(out_dim, R, generator=g)
+    return down, up
+
+
+@pytest.mark.parametrize("k", [1, 4, 9])
+def test_product_mode_keeps_the_planted_rank_of_the_update_and_truncates_it_exactly(k):
+    down, up = planted_module(k, seed=k)
+    new_down, new_up, ks = F.restart_product(down[None], up[None], SURE_P, "squared", 1, gen(0))
+    assert ks.tolist() == [k]
+    # the module's update is the best rank-k approximation of the old one: no noise reaches the product
+    assert torch.allclose((new_up[0] @ new_down[0]).double(), best_rank_k(up @ down, k), atol=1e-5)
+
+
+def test_product_mode_restarts_freed_slots_like_a_fresh_lora():
+    """Freed lora_up columns are zero; freed lora_down rows are Gaussian with the old lora_down's std."""
+    k, wide = 3, 16384
+    down, up = planted_module(k, in_dim=wide, seed=12)
+    new_down, new_up, ks = F.restart_product(down[None], up[None], SURE_P, "squared", 1, gen(0))
+    assert ks.tolist() == [k]
+    assert torch.count_nonzero(new_up[0, :, k:]) == 0
+    assert_gaussian_with_std(new_down[0, k:], float(down.std()))
+
+
+def test_product_mode_gives_the_kept_lora_down_rows_the_old_rows_mean_norm():
+    down, up = planted_module(5, seed=13)
+    new_down, _, ks = F.restart_product(down[None], up[None], SURE_P, "squared", 1, gen(0))
+    kept = new_down[0, : int(ks[0])]
+    assert torch.allclose(kept.pow(2).sum(1).mean(), down.pow(2).sum(1).mean(), rtol=1e-5)
+
+
+def test_product_svd_is_the_svd_of_the_explicit_product():
+    g = gen(14)
+    down, up = torch.randn(4, R, N, generator=g, dtype=torch.float64), torch.randn(4, 48, R, generator=g, dtype=torch.float64)
+    left, s, right = F.product_svd(down, up)
+    product = up @ down
+    assert torch.allclose(s, torch.linalg.svdvals(product)[:, :R], atol=1e-10)
+    assert torch.allclose((left * s[:, None, :]) @ right.transpose(1, 2), product, atol=1e-10)
+    eye = torch.eye(R, dtype=torch.float64).expand(4, R, R)
+    assert torch.allclose(left.transpose(1, 2) @ left, eye, atol=1e-10)
+    assert torch.allclose(right.transpose(1, 2) @ right, eye, atol=1e-10)
+
+
+# --- batched over a network vs one module at a time -------------------------------------------------
+
+def planted_network(seed: int = 0):
+    """An MLP network at maximum rank 8 whose five modules hold planted signals of ranks 1..5 (+ noise)."""
+    network = attach(mlp(seed), max_rank=8)
+    with torch.no_grad():
+        for i, m in enumerate(network.loras):
+            m.lora_down.weight.copy_(planted(8, m.in_dim, i + 1, noise=0.02, seed=10 * seed + i))
+            m.lora_up.weight.copy_(planted(m.out_dim, 8, i + 2, noise=0.02, seed=10 * seed + i + 5))
+    return network
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["one batch per shape", "chunks of two"])
+@pytest.mark.parametrize("mode", ["paper", "product"])
+def test_the_batched_restart_equals_restarting_each_module_on_its_own(mode, chunked, monkeypatch):
+    """restart_modules vs calling the math on one module at a time with the same p.
+
+    The noise cannot match (one generator per chunk), so it is taken out where
+    it lands: paper mode refills with sigma = 0; product mode puts noise only in
+    the freed lora_down rows, so lora_up and the kept rows are compared.
+    """
+    if mode == "paper":
+        monkeypatch.setattr(F, "gaussian_refill", no_refill)
+    if chunked:
+        monkeypatch.setattr(F, "chunk_size", lambda *args, **kwargs: 2)
+    network = planted_network()
+    before = [(m.down_matrix().detach().clone(), m.up_matrix().detach().clone()) for m in network.loras]
+    math_fn = F.restart_paper if mode == "paper" else F.restart_product
+    ranks, skipped = restart_lib.restart_modules(network.loras, mode=mode, p=0.95, energy="squared", min_rank=1,
+                                                 seed=0)
+    assert skipped == []
+    for m, (down, up), k in zip(network.loras, before, ranks):
+        one_down, one_up, one_k = math_fn(down[None], up[None], 0.95, "squared", 1, gen(99))
+        assert int(one_k) == k
+        rows = k if mode == "product" else m.rank
+        assert torch.allclose(m.down_matrix()[:rows], one_down[0, :rows], atol=1e-5)
+        assert torch.allclose(m.up_matrix(), one_up[0], atol=1e-5)
+    assert len(set(ranks)) > 1  # the modules really differ

@@ -1,0 +1,67 @@
+"""A full replayed sd-scripts run (train_network.py's call sequence) on the tiny SDXL-like model.
+
+The base U-Net is the pretrained tiny one (a random U-Net's loss is above 1,
+which would clamp p to 0 and keep one component everywhere). Nothing but the
+maximum rank is set: the default schedule (a tenth of the run) and the loss rule
+p = 1 - L^alpha decide every module's rank.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from safetensors import safe_open
+
+from aclora_ext import replay
+
+MAX_RANK = 8
+EPOCHS = 20
+EVERY = 2  # the default: a tenth of the run, so RESTARTs follow epochs 2, 4, ..., 18 (none after the last)
+SAMPLES = 4
+BATCH = 2  # 2 optimizer steps per epoch
+
+
+def file_contents(path: str) -> tuple[dict[str, int], dict[str, int], dict[str, str]]:
+    """(lora_down rows per module, lora_up columns per module, metadata) of a saved LoRA file."""
+    with safe_open(path, framework="pt") as f:
+        meta = f.metadata()
+        down = {k[: -len(".lora_down.weight")]: f.get_slice(k).get_shape()[0] for k in f.keys() if k.endswith(".lora_down.weight")}
+        up = {k[: -len(".lora_up.weight")]: f.get_slice(k).get_shape()[1] for k in f.keys() if k.endswith(".lora_up.weight")}
+    return down, up, meta
+
+
+@pytest.mark.parametrize("mode", ["paper", "product"])
+def test_a_replayed_sdxl_run_restarts_on_schedule_and_saves_per_module_ranks_below_the_maximum(
+        mode, sdxl_pretrained_models, style_data, sd_network_module, tmp_path):
+    path = str(tmp_path / "style.safetensors")
+    result = replay.replay_training(sd_network_module, sdxl_pretrained_models, style_data[:SAMPLES], sdxl=True,
+                                    network_dim=MAX_RANK, network_alpha=4.0, epochs=EPOCHS, batch_size=BATCH, lr=1e-3,
+                                    network_args={} if mode == "paper" else {"restart_mode": mode}, save_path=path)
+    network = result.network
+    per_epoch = SAMPLES // BATCH
+    assert result.global_step == EPOCHS * per_epoch
+
+    # on schedule, and p from the loss rule (the losses of a pretrained base are below 1)
+    assert [(h["epoch"], h["step"]) for h in network.history] == [(e, e * per_epoch) for e in range(EVERY, EPOCHS, EVERY)]
+    for h in network.history:
+        window = result.losses[(h["epoch"] - EVERY) * per_epoch: h["epoch"] * per_epoch]
+        assert h["loss"] == pytest.approx(sum(window) / len(window), rel=1e-5)
+        assert h["alpha"] == pytest.approx(1 + h["epoch"] / EPOCHS)
+        assert 0 < h["loss"] < 1 and h["p"] == pytest.approx(1 - h["loss"] ** h["alpha"])
+
+    # the data chose the ranks: below R, not all the same
+    ranks = network.ranks()
+    assert len(ranks) == len(network.loras) > 100
+    assert max(ranks.values()) < MAX_RANK and len(set(ranks.values())) > 1
+
+    # the file holds those ranks, and its metadata explains them
+    down_rows, up_columns, meta = file_contents(path)
+    assert down_rows == up_columns == ranks
+    assert json.loads(meta["aclora_ranks"]) == ranks
+    assert meta["ss_network_dim"] == "Dynamic" and meta["aclora_mode"] == mode
+    history = json.loads(meta["aclora_history"])
+    assert meta["aclora_restarts"] == str(len(history)) == str(EPOCHS // EVERY - 1)
+    assert [(h["epoch"], h["step"], h["p"]) for h in history] == [(h["epoch"], h["step"], h["p"]) for h in network.history]
+    modules = json.loads(meta["aclora_modules"])
+    assert dict(zip(modules, history[-1]["ranks"])) == ranks
