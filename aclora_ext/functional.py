@@ -124,7 +124,7 @@ def gaussian_refill(truncated: Tensor, sigma: Tensor, generator: Optional[torch.
     entire matrix "to accelerate the calculation"; we follow the practical form.
     """
     noise = torch.randn(truncated.shape, generator=generator, device=truncated.device, dtype=truncated.dtype)
-    return torch.addcmul(truncated, noise, sigma.view(-1, *([1] * (truncated.ndim - 1))))
+    return noise.mul_(sigma.view(-1, *([1] * (truncated.ndim - 1)))).add_(truncated)
 
 
 def restart_paper(down: Tensor, up: Tensor, p: float, energy: str, min_rank: int,
@@ -199,7 +199,7 @@ def restart_product(down: Tensor, up: Tensor, p: float, energy: str, min_rank: i
     new_up = new_up / c[:, None, None]
     free = 1.0 - keep_mask(k, r).to(down.dtype)
     noise = torch.randn(down.shape, generator=generator, device=down.device, dtype=down.dtype)
-    new_down = torch.addcmul(new_down, noise, (row_std(down)[:, None] * free)[:, :, None])
+    new_down = noise.mul_(row_std(down)[:, None, None]).mul_(free[:, :, None]).add_(new_down)
     return new_down, new_up, k
 
 

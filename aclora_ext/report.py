@@ -265,11 +265,13 @@ def _size(n: float) -> str:
     return f"{n:.2f} GiB"
 
 
-def _table(header: list[str], rows: list[list[str]], left: int) -> list[str]:
-    """Columns padded to width; the first ``left`` columns left-aligned, the others right-aligned."""
+def _table(header: list[str], rows: list[list[str]], left: tuple[int, ...]) -> list[str]:
+    """Columns padded to width; those in ``left`` left-aligned, the others right-aligned."""
     widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
+
     def line(r):
-        return "  ".join(c.ljust(w) if i < left else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip()
+        return "  ".join(c.ljust(w) if i in left else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip()
+
     return [line(header)] + [line(r) for r in rows]
 
 
@@ -295,7 +297,7 @@ def format_report(report: RankReport) -> str:
              f"{b.params:,}", f"{b.params_at_max_rank:,}"] for b in report.blocks]
     rows.append(["total", "", str(len(report.modules)), str(lo), f"{mid:g}", str(hi), f"{report.params:,}",
                  f"{report.params_at_max_rank:,}"])
-    lines += ["", *_table(["part", "block", "modules", "rank min", "median", "max", "params", "at max rank"], rows, 2)]
+    lines += ["", *_table(["part", "block", "modules", "rank min", "median", "max", "params", "at max rank"], rows, (0, 1))]
     lines.append("")
     if not report.history:
         plain = " (a plain LoRA file)" if report.source != "AC-LoRA" else ""
@@ -304,7 +306,7 @@ def format_report(report: RankReport) -> str:
         lines.append(f"RESTART history ({len(report.history)})")
         history = [[str(h.index), _opt(h.epoch), _opt(h.step), _opt(h.p, "{:.4f}"), _opt(h.loss, "{:.4f}"),
                     f"{h.rank_min}/{h.rank_median:g}/{h.rank_max}"] for h in report.history]
-        lines += ["  " + line for line in _table(["#", "epoch", "step", "p", "L", "ranks min/median/max"], history, 0)]
+        lines += ["  " + line for line in _table(["#", "epoch", "step", "p", "L", "ranks min/median/max"], history, (5,))]
     return "\n".join(lines)
 
 

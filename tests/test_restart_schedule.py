@@ -11,6 +11,7 @@ or through ``record_loss``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import logging
 import math
@@ -54,7 +55,8 @@ def sd_args(epochs: Optional[int], batches: int, accumulation: int = 1, steps: O
 
 @dataclass
 class Trace:
-    """What the loop saw: every loss fed (epoch, micro-batch, value) and the RESTARTs (epoch, micro-batch, report)."""
+    """What the loop saw: every loss fed (epoch, micro-batch, value), where RESTARTs ran (epoch, micro-batch)
+    and the gradient held by the LoRA parameters at that moment."""
 
     losses: list = field(default_factory=list)
     restarts: list = field(default_factory=list)
@@ -79,32 +81,31 @@ def target(x: torch.Tensor) -> torch.Tensor:
 
 def sd_scripts_loop(model, network, args, batches: int, trace: Trace, *, epochs: Optional[range] = None,
                     skip: int = 0, stop_after: Optional[tuple[int, int]] = None,
-                    accelerator: Optional[Accelerator] = None, optimizer=None, lr: float = 0.05,
+                    accelerator: Optional[Accelerator] = None, lr: float = 0.05,
                     loss_value=None) -> Trace:
     """train_network.py's loop. ``skip``: micro-batches of the first epoch already done (a resume
     with --skip_until_initial_step; skipped *before* on_step_start). ``stop_after=(epoch, batch)``:
     return after that micro-batch (where --save_state would write the state). ``loss_value(epoch,
     step)``, when given, is the loss fed instead of the task's (gradients still flow)."""
     total = math.ceil(args.max_train_steps / math.ceil(batches / args.gradient_accumulation_steps))
-    if optimizer is None:
-        optimizer = torch.optim.SGD(network.parameters(), lr=lr)
-        if accelerator is not None:
-            model, optimizer = accelerator.prepare(model, optimizer)
+    optimizer = torch.optim.SGD(network.parameters(), lr=lr)  # no state: a resume needs only the network's
+    if accelerator is not None:
+        model, optimizer = accelerator.prepare(model, optimizer)
     for epoch in epochs if epochs is not None else range(total):
         restarts = network.clock.restarts
         network.on_epoch_start(None, None)
         if network.clock.restarts != restarts:
-            trace.restarts.append((epoch, 0, network.history[-1] if network.history else None))
+            trace.restarts.append((epoch, 0))
         for step in range(batches):
             if skip:
                 skip -= 1
                 continue
-            context = accelerator.accumulate(model) if accelerator is not None else _nothing()
+            context = accelerator.accumulate(model) if accelerator is not None else contextlib.nullcontext()
             with context:
                 restarts = network.clock.restarts
                 network.on_step_start(None, None)
                 if network.clock.restarts != restarts:
-                    trace.restarts.append((epoch, step, network.history[-1] if network.history else None))
+                    trace.restarts.append((epoch, step))
                     trace.grads_at_restart.append(sum(float(p.grad.abs().sum()) for p in network.parameters()
                                                       if p.grad is not None))
                 x = batch(epoch, step)
@@ -122,14 +123,6 @@ def sd_scripts_loop(model, network, args, batches: int, trace: Trace, *, epochs:
             if stop_after == (epoch, step):
                 return trace
     return trace
-
-
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def restart_points(network) -> list[tuple[int, int]]:
@@ -220,9 +213,12 @@ def test_restart_every_steps_counts_optimizer_steps_not_micro_batches():
     trace = sd_scripts_loop(model, network, args, 6, Trace(), accelerator=accelerator)
     assert network.clock.optimizer_steps == 12
     assert restart_points(network) == [(1, 5), (3, 10)]
-    assert [(epoch, micro) for epoch, micro, _ in trace.restarts] == [(1, 4), (3, 2)]
-    assert all(micro % 2 == 0 for _, micro, _ in trace.restarts)
+    assert trace.restarts == [(1, 4), (3, 2)]
+    assert all(micro % 2 == 0 for _, micro in trace.restarts)
     assert trace.grads_at_restart == [0.0, 0.0]
+    # L is the mean of the (undivided) losses handed to backward since the previous RESTART
+    first_window = [v for e, s, v in trace.losses if (e, s) < (1, 4)]
+    assert network.history[0]["loss"] == pytest.approx(sum(first_window) / len(first_window), rel=1e-6)
 
 
 def test_restart_every_steps_with_plain_record_loss():
@@ -442,10 +438,10 @@ def test_restarts_go_to_accelerate_trackers():
 
 # --- faults ----------------------------------------------------------------------------------------------------
 
-def planted_network():
+def planted_network(**options):
     """Three same-shaped modules (one batch) with learned-looking factors: a rank-2 signal plus noise."""
     torch.manual_seed(0)
-    network = attach(nn.Sequential(*(nn.Linear(WIDTH, WIDTH) for _ in range(3))), max_rank=MAX_RANK)
+    network = attach(nn.Sequential(*(nn.Linear(WIDTH, WIDTH) for _ in range(3))), max_rank=MAX_RANK, **options)
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for m in network.loras:
@@ -475,33 +471,41 @@ def test_a_module_with_non_finite_weights_is_skipped_and_nothing_spreads(bad, ca
             assert torch.isfinite(p).all() and not torch.equal(p, before[name])
 
 
-def failing_eigh(fail_in: tuple[torch.dtype, ...]):
-    original = torch.linalg.eigh
+def failing(name: str, fail_in: tuple[torch.dtype, ...]):
+    """torch.linalg.<name> that fails to converge on inputs of the given dtypes."""
+    original = getattr(torch.linalg, name)
 
-    def eigh(matrix, *args, **kwargs):
+    def decomposition(matrix, *args, **kwargs):
         if matrix.dtype in fail_in:
-            raise torch.linalg.LinAlgError("linalg.eigh: The algorithm failed to converge (simulated)")
+            raise torch.linalg.LinAlgError(f"linalg.{name}: The algorithm failed to converge (simulated)")
         return original(matrix, *args, **kwargs)
 
-    return eigh
+    return decomposition
 
 
-def test_a_decomposition_failing_in_float32_is_retried_in_float64(monkeypatch, caplog):
-    network = planted_network()
+DECOMPOSITION = {"paper": "eigh", "product": "svd"}  # what each mode decomposes
+
+
+@pytest.mark.parametrize("mode", ["paper", "product"])
+def test_a_decomposition_failing_in_float32_is_retried_in_float64(mode, monkeypatch, caplog):
+    expected = planted_network(restart_mode=mode).restart(p=0.9).ranks  # what float32 decides when it works
+    network = planted_network(restart_mode=mode)
     before = [p.detach().clone() for p in network.parameters()]
-    monkeypatch.setattr(torch.linalg, "eigh", failing_eigh((torch.float32,)))
+    monkeypatch.setattr(torch.linalg, DECOMPOSITION[mode], failing(DECOMPOSITION[mode], (torch.float32,)))
     with caplog.at_level(logging.WARNING, logger="aclora_ext"):
         report = network.restart(p=0.9)
-    assert report.skipped == [] and set(report.ranks.values()) == {2}
+    assert report.skipped == [] and report.ranks == expected and max(expected.values()) < MAX_RANK
     assert any("float64" in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
     for p, old in zip(network.parameters(), before):
         assert p.dtype == torch.float32 and torch.isfinite(p).all() and not torch.equal(p, old)
 
 
-def test_a_decomposition_failing_in_float64_too_leaves_the_module_unchanged(monkeypatch, caplog):
-    network = planted_network()
+@pytest.mark.parametrize("mode", ["paper", "product"])
+def test_a_decomposition_failing_in_float64_too_leaves_the_module_unchanged(mode, monkeypatch, caplog):
+    network = planted_network(restart_mode=mode)
     before = [p.detach().clone() for p in network.parameters()]
-    monkeypatch.setattr(torch.linalg, "eigh", failing_eigh((torch.float32, torch.float64)))
+    monkeypatch.setattr(torch.linalg, DECOMPOSITION[mode],
+                        failing(DECOMPOSITION[mode], (torch.float32, torch.float64)))
     with caplog.at_level(logging.WARNING, logger="aclora_ext"):
         report = network.restart(p=0.9)
     assert report.skipped == [m.lora_name for m in network.loras]
