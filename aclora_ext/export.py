@@ -22,13 +22,13 @@ from __future__ import annotations
 import math
 from collections import Counter
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
 from . import functional as F
 from .module import ACLoRAModule
-from .restart import CHUNK_BYTES, chunks, shape_groups
+from .restart import chunk_budget, chunks, shape_groups
 
 
 @dataclass
@@ -40,7 +40,7 @@ class ExportResult:
 
 
 def export_modules(modules: Sequence[ACLoRAModule], ranks: Sequence[int], dtype: torch.dtype | None = None,
-                   budget_bytes: int = CHUNK_BYTES) -> ExportResult:
+                   budget_bytes: Optional[int] = None) -> ExportResult:
     """Truncated factors of every module (float32 math, stored in ``dtype``)."""
     tensors: dict[str, torch.Tensor] = {}
     out_ranks: dict[str, int] = {}
@@ -48,8 +48,8 @@ def export_modules(modules: Sequence[ACLoRAModule], ranks: Sequence[int], dtype:
     non_finite: list[str] = []
     alpha = file_alpha(modules, dtype)
     with torch.no_grad():
-        for (rank, cols, rows, _device), indices in shape_groups(modules).items():
-            for part in chunks(indices, F.chunk_size(rows, cols, rank, budget_bytes)):
+        for (rank, cols, rows, device), indices in shape_groups(modules).items():
+            for part in chunks(indices, F.chunk_size(rows, cols, rank, chunk_budget(device, budget_bytes))):
                 batch = [modules[i] for i in part]
                 down = torch.stack([m.down_matrix().detach().float() for m in batch])
                 up = torch.stack([m.up_matrix().detach().float() for m in batch])

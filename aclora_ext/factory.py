@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from typing import Any, Optional, Sequence
 
 from torch import nn
 
-from .files import LoRAFileError, load_state_dict, read_metadata
+from .files import LoRAFileError, load_state_dict, metadata_ranks, read_metadata
 from .network import ACLoRANetwork
 from .options import OptionError, parse_network_args, parse_positive
 from .targets import (as_list, check_patterns, find_by_patterns, find_text_encoder_targets, find_unet_targets,
@@ -93,25 +92,12 @@ def create_network_from_weights(multiplier: float, file: Optional[str], vae: Any
     targets = [candidates[name] for name in present]
     ranks = {n: module_rank(modules[n]) for n in present}
     alphas = {n: module_alpha(modules[n]) for n in present}
-    signal = _signal_ranks(meta, source)
+    signal = metadata_ranks(meta, source)
     network = ACLoRANetwork(targets, ranks, alphas, multiplier, config,
                             is_sdxl=is_sdxl_unet(unet) or len(text_encoders) == 2, signal_ranks=signal)
     check_shapes({n: modules[n] for n in present}, {m.lora_name: m for m in network.loras}, source,
                  allow_smaller_rank=False)
     return network, weights_sd
-
-
-def _signal_ranks(meta: dict, source: str) -> dict[str, int]:
-    raw = meta.get("aclora_ranks")
-    if not raw:
-        return {}
-    try:
-        ranks = json.loads(raw)
-    except json.JSONDecodeError:
-        raise LoRAFileError(f"{source}: metadata field aclora_ranks is not valid JSON") from None
-    if not isinstance(ranks, dict) or not all(isinstance(v, int) for v in ranks.values()):
-        raise LoRAFileError(f"{source}: metadata field aclora_ranks should map module names to integer ranks")
-    return ranks
 
 
 def attach(model: nn.Module, max_rank: int = DEFAULT_MAX_RANK, alpha: Optional[float] = None,

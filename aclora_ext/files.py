@@ -8,7 +8,7 @@ import json
 import os
 import struct
 import tempfile
-from typing import Mapping, Optional
+from typing import Any, Mapping, Optional
 
 import torch
 
@@ -50,6 +50,29 @@ def read_metadata(path: str) -> dict[str, str]:
     if not path.endswith(".safetensors"):
         return {}
     return dict(_safetensors_header(path).get("__metadata__", {}) or {})
+
+
+def metadata_json(meta: Mapping[str, str], key: str, source: str, kind: type) -> Any:
+    """A JSON metadata field parsed and type-checked (None when absent or empty)."""
+    raw = meta.get(key)
+    if raw is None or raw == "":
+        return None
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        raise LoRAFileError(f"{source}: metadata field {key} is not valid JSON ({raw[:40]!r}...)") from None
+    if not isinstance(value, kind):
+        raise LoRAFileError(f"{source}: metadata field {key} should be a JSON {kind.__name__}, "
+                            f"found {type(value).__name__}")
+    return value
+
+
+def metadata_ranks(meta: Mapping[str, str], source: str) -> dict[str, int]:
+    """The ``aclora_ranks`` field (module name -> signal rank), {} when absent."""
+    ranks = metadata_json(meta, "aclora_ranks", source, dict) or {}
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in ranks.values()):
+        raise LoRAFileError(f"{source}: metadata field aclora_ranks should map module names to positive integer ranks")
+    return ranks
 
 
 def check_path(path: str) -> None:

@@ -24,7 +24,7 @@ from torch import nn
 from . import functional as F
 from . import schedule
 from .export import export_modules, raw_modules
-from .files import LoRAFileError, load_state_dict, read_metadata, save_state_dict
+from .files import LoRAFileError, load_state_dict, metadata_ranks, read_metadata, save_state_dict
 from .module import ACLoRAModule
 from .options import ACLoRAConfig, OptionError
 from .restart import RestartReport, restart_modules, shape_groups
@@ -562,7 +562,7 @@ class ACLoRANetwork(nn.Module):
             raise LoRAFileError(f"{source}: none of its {len(modules)} LoRA modules exists in this model "
                                 f"(e.g. {next(iter(modules), '?')}); is it for another model (SD1.x vs SDXL)?")
         check_shapes({n: modules[n] for n in modules if n in by_name}, by_name, source, allow_smaller_rank=True)
-        saved_ranks = _json_dict(meta or {}, "aclora_ranks")
+        saved_ranks = metadata_ranks(meta or {}, source)
         with torch.no_grad():
             for name, parts in modules.items():
                 m = by_name.get(name)
@@ -637,19 +637,6 @@ class ACLoRANetwork(nn.Module):
         all_norms = torch.cat([n.to("cpu") for n in norms])
         keys_scaled = int(sum(int(s) for s in scaled))
         return keys_scaled, float(all_norms.mean()), float(all_norms.max())
-
-
-def _json_dict(meta: dict, key: str) -> dict:
-    raw = meta.get(key)
-    if not raw:
-        return {}
-    try:
-        value = json.loads(raw)
-    except json.JSONDecodeError:
-        raise LoRAFileError(f"metadata field {key} is not valid JSON: {raw[:60]!r}") from None
-    if not isinstance(value, dict):
-        raise LoRAFileError(f"metadata field {key} should be a JSON object of module name -> rank")
-    return value
 
 
 __all__ = ["ACLoRANetwork", "LoadInfo"]

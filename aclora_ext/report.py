@@ -17,7 +17,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
-from .files import LoRAFileError, load_state_dict, read_metadata
+from .files import LoRAFileError, load_state_dict, metadata_json, metadata_ranks, read_metadata
 from .functional import median
 from .weights import group_modules, model_family
 
@@ -131,20 +131,6 @@ def _block_order(part: str, block: str) -> tuple:
     return PARTS.index(part), int(number[1]) if number else -1, block
 
 
-def _json_field(meta: dict, key: str, path: str, kind: type) -> Any:
-    raw = meta.get(key)
-    if raw is None or raw == "":
-        return None
-    try:
-        value = json.loads(raw)
-    except json.JSONDecodeError:
-        raise LoRAFileError(f"{path}: metadata field {key} is not valid JSON ({raw[:40]!r}...)") from None
-    if not isinstance(value, kind):
-        raise LoRAFileError(f"{path}: metadata field {key} should be a JSON {kind.__name__}, "
-                            f"found {type(value).__name__}")
-    return value
-
-
 def _int_field(meta: dict, key: str, path: str) -> Optional[int]:
     """A positive integer field; our own (aclora_*) must be one when present, others (ss_*) are only hints."""
     raw = meta.get(key)
@@ -166,7 +152,7 @@ def _number(value: Any) -> bool:
 
 
 def _history(meta: dict, path: str) -> list[RestartRow]:
-    entries = _json_field(meta, "aclora_history", path, list) or []
+    entries = metadata_json(meta, "aclora_history", path, list) or []
     rows = []
     for i, entry in enumerate(entries):
         ranks = entry.get("ranks") if isinstance(entry, dict) else None
@@ -204,7 +190,7 @@ def read_report(path: str) -> RankReport:
     tensors = load_state_dict(path)
     meta = read_metadata(path)
     modules = group_modules(tensors, path)
-    _json_field(meta, "aclora_ranks", path, dict)  # a damaged field is an error, even where the tensors suffice
+    metadata_ranks(meta, path)  # a damaged field is an error, even where the tensors suffice
     history = _history(meta, path)
 
     shapes = {}

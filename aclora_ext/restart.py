@@ -9,7 +9,6 @@ written back into the existing parameters (the optimizer keeps holding them).
 from __future__ import annotations
 
 import logging
-import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Optional, Sequence
@@ -23,6 +22,9 @@ logger = logging.getLogger(__name__)
 
 #: transient memory a RESTART may use per chunk (the factors themselves are small)
 CHUNK_BYTES = 256 * 1024 * 1024
+#: on a CPU, chunks this small stay in the allocator's cache and the CPU caches
+#: (large fresh tensors page-fault on every allocation): ~20-40% faster than CHUNK_BYTES
+CPU_CHUNK_BYTES = 32 * 1024 * 1024
 
 
 @dataclass
@@ -84,6 +86,13 @@ def shape_groups(modules: Sequence[ACLoRAModule]) -> dict[tuple, list[int]]:
     return groups
 
 
+def chunk_budget(device: torch.device, budget_bytes: Optional[int] = None) -> int:
+    """``budget_bytes`` when given, else the default for the device (smaller on a CPU)."""
+    if budget_bytes is not None:
+        return budget_bytes
+    return CPU_CHUNK_BYTES if device.type == "cpu" else CHUNK_BYTES
+
+
 def chunks(indices: list[int], size: int) -> Iterable[list[int]]:
     for start in range(0, len(indices), size):
         yield indices[start:start + size]
@@ -111,7 +120,7 @@ MathFn = Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
 
 def restart_modules(modules: Sequence[ACLoRAModule], *, mode: str, p: float, energy: str, min_rank: int,
-                    seed: int, budget_bytes: int = CHUNK_BYTES) -> tuple[list[int], list[str]]:
+                    seed: int, budget_bytes: Optional[int] = None) -> tuple[list[int], list[str]]:
     """RESTART every module in place; returns (new rank per module, names of skipped modules).
 
     Skipped modules (non-finite weights, or a decomposition that fails even in
@@ -123,7 +132,7 @@ def restart_modules(modules: Sequence[ACLoRAModule], *, mode: str, p: float, ene
     chunk_no = 0
     with torch.no_grad():
         for (rank, cols, rows, device), indices in shape_groups(modules).items():
-            size = F.chunk_size(rows, cols, rank, budget_bytes)
+            size = F.chunk_size(rows, cols, rank, chunk_budget(device, budget_bytes))
             for part in chunks(indices, size):
                 chunk_no += 1
                 batch = [modules[i] for i in part]

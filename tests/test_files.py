@@ -19,7 +19,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save, save_file
 from torch import nn
 
-from aclora_ext import LoRAFileError, attach, create_network, create_network_from_weights, replay, tiny
+from aclora_ext import LoRAFileError, attach, create_network_from_weights, replay, tiny
+from helpers import lora_network, pretend_trained
 
 LORA_PARTS = ("lora_down.weight", "lora_up.weight", "alpha")
 SS_METADATA = {
@@ -30,23 +31,6 @@ SS_METADATA = {
     "ss_num_epochs": "3",
     "ss_max_train_steps": "120",
 }
-
-
-def lora_network(models, rank=4, alpha=2.0, **kwargs):
-    """create_network + apply_to on an SD1.x-like or SDXL-like model set, as sd-scripts does."""
-    text_encoder = models.get("text_encoders") or models["text_encoder"]
-    network = create_network(1.0, rank, alpha, None, text_encoder, models["unet"], **kwargs)
-    network.apply_to(text_encoder, models["unet"], True, True)
-    return network
-
-
-def pretend_trained(network, seed=0, scale=0.05):
-    """Give every lora_up seeded non-zero weights, so the network changes the model as a trained one would."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in network.loras:
-            m.lora_up.weight.copy_(torch.randn(m.lora_up.weight.shape, generator=generator) * scale)
-    return network
 
 
 def expected_keys(network):
