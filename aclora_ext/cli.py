@@ -3,6 +3,7 @@
 ``aclora inspect FILE [--json] [--plot OUT.png]``: the rank report of a LoRA
 file (AC-LoRA or plain kohya). ``aclora demo [...]``: a tiny end-to-end run on
 synthetic data that ends with that report (see ``aclora demo --help``).
+``aclora options``: every ``--network_args`` option with its default and range.
 A file that cannot be read gives one line on stderr and exit status 1.
 """
 
@@ -15,6 +16,7 @@ import sys
 from typing import Optional, Sequence
 
 from .files import LoRAFileError
+from .options import markdown_table
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--json", action="store_true", help="print the report as JSON (for scripts)")
     inspect.add_argument("--plot", metavar="OUT.png",
                          help="also draw ranks per module and over RESTARTs to this image (needs matplotlib)")
+    commands.add_parser("options", help="list every --network_args option (a Markdown table, as in the README)")
     commands.add_parser("demo", add_help=False,
                         help="train a tiny AC-LoRA on synthetic data and show its rank report (aclora demo --help)")
     return parser
@@ -40,7 +43,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         return demo.main(argv[1:])
     args = build_parser().parse_args(argv)
-    return inspect(args.file, as_json=args.json, plot_to=args.plot)
+    try:
+        if args.command == "options":
+            print(markdown_table())
+            return 0
+        return inspect(args.file, as_json=args.json, plot_to=args.plot)
+    except BrokenPipeError:  # `aclora inspect FILE | head`: the reader left; say nothing more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 def inspect(path: str, as_json: bool = False, plot_to: Optional[str] = None) -> int:
@@ -59,9 +69,6 @@ def inspect(path: str, as_json: bool = False, plot_to: Optional[str] = None) -> 
     except (LoRAFileError, ReportError) as err:
         message = " ".join(str(err).split())
         print(f"aclora inspect: error: {message}", file=sys.stderr)
-        return 1
-    except BrokenPipeError:  # `aclora inspect FILE | head`: the reader left; say nothing more
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
     return 0
 

@@ -5,7 +5,7 @@ sd-scripts hands ``--network_args key=value`` pairs to ``create_network`` as
 turns them into a typed :class:`ACLoRAConfig`; anything unknown or malformed
 raises :class:`OptionError` naming the key, the value and what is allowed.
 The README's options table is generated from :data:`OPTIONS`
-(``python -m aclora_ext.options``) and a test keeps the two in step.
+(``aclora options``) and a test keeps the two in step.
 """
 
 from __future__ import annotations
@@ -221,6 +221,3 @@ def markdown_table() -> str:
         rows.append(f"| `{o.name}` | {default} | {o.allowed(separator=', ')} | {o.help} |")
     return "\n".join(rows)
 
-
-if __name__ == "__main__":
-    print(markdown_table())

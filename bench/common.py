@@ -44,6 +44,11 @@ def parser(description: str) -> argparse.ArgumentParser:
                       help="the sizes quoted in the README")
     p.set_defaults(mode="quick")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's choice). On a machine shared with other jobs, "
+                        "--threads 1 gives stable CPU-time ratios")
+    p.add_argument("--smoke", action="store_true",
+                   help="tiny sizes, one repeat: checks that the script runs (used by the test suite)")
     p.add_argument("--out", default=None,
                    help="JSON file to write (default bench/results/<name>.json; 'none' to skip)")
     return p
@@ -57,6 +62,13 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def setup(args: argparse.Namespace) -> torch.device:
+    """Apply ``--threads`` and return the device of ``--device``."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return resolve_device(args.device)
+
+
 # --- timing ---------------------------------------------------------------------------------------
 def synchronize(device: torch.device | str | None) -> None:
     """Wait for queued kernels so that wall-clock times mean something on an accelerator."""
@@ -66,9 +78,14 @@ def synchronize(device: torch.device | str | None) -> None:
 
 @dataclass
 class Timing:
-    """Wall-clock seconds of repeated calls (warm-up calls excluded)."""
+    """Wall-clock and process CPU seconds of repeated calls (warm-up calls excluded).
+
+    With one torch thread, CPU time is what the call costs on an idle core,
+    whatever else the machine runs; wall time is what a user waits.
+    """
 
     seconds: list[float] = field(default_factory=list)
+    cpu_seconds: list[float] = field(default_factory=list)
     extrapolated: bool = False  # True when the figure is scaled up from a sample
 
     @property
@@ -79,9 +96,22 @@ class Timing:
     def best(self) -> float:
         return min(self.seconds)
 
+    @property
+    def cpu_median(self) -> float:
+        return statistics.median(self.cpu_seconds) if self.cpu_seconds else float("nan")
+
+    def stat(self, basis: str) -> float:
+        """The figure ratios are computed from: ``"cpu"`` (median CPU time) or ``"wall"`` (median wall time)."""
+        return self.cpu_median if basis == "cpu" else self.median
+
+    def add(self, wall: float, cpu: float) -> None:
+        self.seconds.append(wall)
+        self.cpu_seconds.append(cpu)
+
     def as_dict(self) -> dict:
         return {"median_s": self.median, "min_s": self.best, "max_s": max(self.seconds),
-                "repeats": len(self.seconds), "all_s": self.seconds, "extrapolated": self.extrapolated}
+                "cpu_median_s": self.cpu_median, "repeats": len(self.seconds), "all_s": self.seconds,
+                "all_cpu_s": self.cpu_seconds, "extrapolated": self.extrapolated}
 
 
 def time_call(fn: Callable[[], Any], *, repeats: int = 3, warmup: int = 1, device: Any = None,
@@ -93,16 +123,40 @@ def time_call(fn: Callable[[], Any], *, repeats: int = 3, warmup: int = 1, devic
     """
     timing = Timing()
     for i in range(warmup + repeats):
-        if setup is not None:
-            setup()
-        synchronize(device)
-        start = time.perf_counter()
-        fn()
-        synchronize(device)
-        elapsed = time.perf_counter() - start
+        wall, cpu = _timed(fn, setup, device)
         if i >= warmup:
-            timing.seconds.append(elapsed)
+            timing.add(wall, cpu)
     return timing
+
+
+def _timed(fn: Callable[[], Any], setup: Optional[Callable[[], Any]], device: Any) -> tuple[float, float]:
+    if setup is not None:
+        setup()
+    synchronize(device)
+    start, start_cpu = time.perf_counter(), time.process_time()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - start, time.process_time() - start_cpu
+
+
+@dataclass
+class Case:
+    """One timed variant of an interleaved comparison: the call, and an untimed set-up before it."""
+
+    fn: Callable[[], Any]
+    setup: Optional[Callable[[], Any]] = None
+
+
+def interleaved(cases: dict[str, Case], *, rounds: int = 3, warmup: int = 1, device: Any = None) -> dict[str, Timing]:
+    """Time several variants round-robin (A B C A B C ...), so that a burst of load
+    elsewhere on the machine hits every variant alike. ``warmup`` untimed rounds first."""
+    timings = {name: Timing() for name in cases}
+    for r in range(warmup + rounds):
+        for name, case in cases.items():
+            wall, cpu = _timed(case.fn, case.setup, device)
+            if r >= warmup:
+                timings[name].add(wall, cpu)
+    return timings
 
 
 # --- memory -------------------------------------------------------------------------------------------
@@ -113,6 +167,18 @@ def rss_bytes() -> int:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
         return 0
+
+
+def release_memory() -> None:
+    """Collect garbage and hand freed heap memory back to the OS (glibc), so RSS growth is measurable."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def max_rss_bytes() -> int:
@@ -194,6 +260,7 @@ def machine_info(device: Any = "cpu") -> dict:
         "torch": torch.__version__,
         "platform": platform.platform(),
         "device": str(device),
+        "load_average": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,
     }
     for package in ("diffusers", "transformers", "peft", "accelerate"):
         try:
@@ -201,7 +268,8 @@ def machine_info(device: Any = "cpu") -> dict:
         except ImportError:
             pass
     if torch.cuda.is_available():
-        index = torch.device(device).index or 0 if torch.device(device).type == "cuda" else 0
+        dev = torch.device(device)
+        index = (dev.index or 0) if dev.type == "cuda" else 0
         props = torch.cuda.get_device_properties(index)
         info["cuda_device"] = props.name
         info["cuda_memory_gb"] = round(props.total_memory / 2**30, 1)

@@ -50,7 +50,6 @@ import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
-from types import SimpleNamespace
 from typing import Any, Optional, Sequence
 
 import torch
@@ -185,6 +184,7 @@ class Method:
     kind: str  # "lora" (fixed rank, restarts off), "aclora", "adalora"
     rank: int
     options: tuple[tuple[str, Any], ...] = ()
+    ablation: bool = False  # a diagnostic variant (e.g. a fixed p): shown, but not a candidate for the goal
 
     @property
     def is_sweep(self) -> bool:
@@ -291,17 +291,20 @@ def oracle_truncation(task: Task, base: BaseModel, network) -> Optional[float]:
     return relative_error(task, weights)
 
 
-class _WithLoss(nn.Module):
-    """peft adds AdaLoRA's orthogonality penalty to ``outputs.loss``: give it one."""
+def orthogonality_penalty(model: nn.Module) -> torch.Tensor:
+    """AdaLoRA's regulariser: the mean over its factors of ||P P^T - I||_F.
 
-    def __init__(self, base: BaseModel) -> None:
-        super().__init__()
-        self.base = base
-
-    def forward(self, x: torch.Tensor, target: Optional[torch.Tensor] = None, scale: float = 1.0):
-        pred = self.base(x)
-        loss = None if target is None else (pred - target).pow(2).mean() / scale
-        return SimpleNamespace(pred=pred, loss=loss)
+    peft adds it only to an ``outputs.loss`` returned by the wrapped model's
+    forward (a transformers convention that neither our base model nor a
+    diffusers U-Net follows), so the training loops add it themselves.
+    """
+    total, count = 0.0, 0
+    for name, p in model.named_parameters():
+        if ("lora_A" in name or "lora_B" in name) and p.requires_grad:
+            gram = p @ p.T if "lora_A" in name else p.T @ p
+            total = total + torch.linalg.matrix_norm(gram - torch.eye(gram.shape[0]))
+            count += 1
+    return total / max(count, 1)
 
 
 def train_adalora(task: Task, method: Method, seed: int, train: TrainConfig, workdir: str) -> dict:
@@ -314,8 +317,10 @@ def train_adalora(task: Task, method: Method, seed: int, train: TrainConfig, wor
     config = AdaLoraConfig(
         init_r=method.rank, target_r=options["target_r"], lora_alpha=method.rank,
         tinit=int(options["tinit"] * steps), tfinal=int(options["tfinal"] * steps), deltaT=options["deltaT"],
-        total_step=steps, target_modules=[f"layers.{i}" for i in range(len(task.base))], lora_dropout=0.0)
-    model = get_peft_model(_WithLoss(BaseModel(task.base)), config)
+        total_step=steps, target_modules=[f"layers.{i}" for i in range(len(task.base))], lora_dropout=0.0,
+        orth_reg_weight=options["orth_reg_weight"])
+    model = get_peft_model(BaseModel(task.base), config)
+    inner = model.base_model.model
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=train.lr, weight_decay=0.0)
     g = torch.Generator().manual_seed(seed + 104729)
     losses = []
@@ -323,26 +328,18 @@ def train_adalora(task: Task, method: Method, seed: int, train: TrainConfig, wor
     start = time.perf_counter()
     for _ in range(train.epochs):
         for idx in batches(g, task.config.samples, train.samples_per_step):
-            x = task.train_x[idx].reshape(-1, task.config.width)
-            y = task.train_y[idx].reshape(-1, task.config.width)
-            if task.config.loss_floor > 0:
-                y = y + torch.randn(y.shape, generator=g) * math.sqrt(task.config.loss_floor * task.scale)
-            out = model(x, target=y, scale=task.scale)
-            out.loss.backward()
+            loss = step_loss(inner, task, idx, g)
+            (loss + options["orth_reg_weight"] * orthogonality_penalty(model)).backward()
             optimizer.step()
             model.base_model.update_and_allocate(step)
             optimizer.zero_grad(set_to_none=True)
-            losses.append(out.loss.detach())
+            losses.append(loss.detach())
             step += 1
     seconds = time.perf_counter() - start
     model.eval()
     with torch.no_grad():
-        pred = model(task.test_x).pred
-        heldout = float((pred - task.test_y).pow(2).mean()) / task.scale
-        ranks = []
-        for i in range(len(task.base)):
-            layer = model.base_model.model.base.layers[i]
-            ranks.append(int((layer.lora_E["default"] != 0).sum()))
+        heldout = float((inner(task.test_x) - task.test_y).pow(2).mean()) / task.scale
+        ranks = [int((layer.lora_E["default"] != 0).sum()) for layer in inner.layers]
     tenth = max(1, len(losses) // 10)
     return {"heldout": heldout, "heldout_raw": heldout, "ranks": ranks, "seconds": seconds,
             "loss_first_tenth": float(torch.stack(losses[:tenth]).mean()),
@@ -350,12 +347,17 @@ def train_adalora(task: Task, method: Method, seed: int, train: TrainConfig, wor
 
 
 # --- the benchmark -------------------------------------------------------------------------------------
-def methods(sweep: Sequence[int], max_rank: int, adalora: dict) -> list[Method]:
+def methods(sweep: Sequence[int], max_rank: int, adalora: dict,
+            ablation: Sequence[tuple[str, float]] = ()) -> list[Method]:
+    """The sweep, AC-LoRA (defaults) in both modes, AdaLoRA, then AC-LoRA at fixed thresholds (mode, p)."""
     rows = [Method(f"LoRA rank {r}", "lora", r) for r in sweep]
     rows.append(Method(f"AC-LoRA paper R={max_rank}", "aclora", max_rank, (("restart_mode", "paper"),)))
     rows.append(Method(f"AC-LoRA product R={max_rank}", "aclora", max_rank, (("restart_mode", "product"),)))
     rows.append(Method(f"AdaLoRA init_r={adalora['init_r']} target_r={adalora['target_r']}", "adalora",
                        adalora["init_r"], tuple((k, v) for k, v in adalora.items() if k != "init_r")))
+    for mode, p in ablation:
+        rows.append(Method(f"AC-LoRA {mode} R={max_rank} fixed_p={p:g}", "aclora", max_rank,
+                           (("restart_mode", mode), ("fixed_p", p)), ablation=True))
     return rows
 
 
@@ -395,8 +397,8 @@ def summarise(runs: list[dict], rows: Sequence[Method], sweep: Sequence[int]) ->
         err_m, err_s = mean_std([r["heldout"] for r in rs])
         raw_m, raw_s = mean_std([r["heldout_raw"] for r in rs])
         ranks = [statistics.fmean(r["ranks"][i] for r in rs) for i in range(len(rs[0]["ranks"]))]
-        table.append({"method": m.label, "kind": m.kind, "heldout_mean": err_m, "heldout_std": err_s,
-                      "heldout_raw_mean": raw_m, "heldout_raw_std": raw_s, "ranks_mean": ranks,
+        table.append({"method": m.label, "kind": m.kind, "ablation": m.ablation,
+                      "heldout_mean": err_m, "heldout_std": err_s, "heldout_raw_mean": raw_m, "heldout_raw_std": raw_s, "ranks_mean": ranks,
                       "runs": 1, "seconds_mean": statistics.fmean(r["seconds"] for r in rs),
                       "loss_last_tenth": statistics.fmean(r["loss_last_tenth"] for r in rs),
                       "oracle_truncated_mean": mean_std([r.get("oracle_truncated") for r in rs])[0]})
@@ -415,10 +417,10 @@ def summarise(runs: list[dict], rows: Sequence[Method], sweep: Sequence[int]) ->
                  "heldout_raw_mean": float("nan"), "heldout_raw_std": float("nan"),
                  "ranks_mean": None, "picked_ranks": picks, "runs": len(sweep),
                  "seconds_mean": statistics.fmean(per_seed_time), "loss_last_tenth": float("nan")}
-    table.append(sweep_row)
+    table.insert(max(i for i, t in enumerate(table) if t["kind"] == "lora") + 1, sweep_row)
     goals = {}
     for t in table:
-        if t["kind"] not in ("aclora", "adalora"):
+        if t["kind"] not in ("aclora", "adalora") or t.get("ablation"):
             continue
         goals[t["method"]] = {
             "heldout": t["heldout_mean"], "best_fixed_rank": best["method"], "best_fixed": best["heldout_mean"],
@@ -436,7 +438,7 @@ def print_tables(summary: dict, runs: list[dict], planted: Sequence[int], info: 
         ranks = ("picked: " + ", ".join(str(p) for p in t["picked_ranks"])) if t["kind"] == "sweep" else \
             "/".join(f"{x:.0f}" for x in t["ranks_mean"])
         rows.append({
-            "method": t["method"],
+            "method": t["method"] + (" (ablation)" if t.get("ablation") else ""),
             "heldout": f"{t['heldout_mean']:.4f} ± {t['heldout_std']:.4f}",
             "raw": "" if t["kind"] in ("sweep", "adalora", "lora") else f"{t['heldout_raw_mean']:.4f} ± {t['heldout_raw_std']:.4f}",
             "ranks": ranks,
@@ -466,23 +468,25 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     p.add_argument("--seeds", type=int, default=None, help="seeds per method (quick 2, full 5)")
     p.add_argument("--loss-floor", type=float, default=TaskConfig.loss_floor,
                    help="irreducible target noise, relative to the clean outputs (0 = none)")
-    p.add_argument("--fixed-p", type=float, default=None, help="run AC-LoRA with this fixed_p instead of the loss rule")
-    p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest for these small models)")
     args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    if args.threads is None:
+        args.threads = 1  # fastest for these small models, and steadier on a shared machine
+    common.setup(args)
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("aclora_ext").setLevel(logging.ERROR)
-    quick = args.mode == "quick"
-    seeds = list(range(args.seeds if args.seeds else (2 if quick else 5)))
-    sweep = [2, 8, 32, 128] if quick else [2, 4, 8, 16, 32, 64, 128]
-    max_rank = 128
-    adalora = {"init_r": 32, "target_r": 8, "tinit": 0.1, "tfinal": 0.3, "deltaT": 5}
+    quick = args.mode == "quick" or args.smoke
+    seeds = list(range(args.seeds if args.seeds else 1 if args.smoke else 2 if quick else 5))
+    sweep = [2, 32] if args.smoke else [2, 8, 32, 128] if quick else [2, 4, 8, 16, 32, 64, 128]
+    max_rank = 32 if args.smoke else 128
+    adalora = {"init_r": 32, "target_r": 8, "tinit": 0.1, "tfinal": 0.3, "deltaT": 5, "orth_reg_weight": 0.5}
     task_config = replace(TaskConfig(), loss_floor=args.loss_floor)
-    train = TrainConfig(epochs=60 if quick else 100)
-    rows = methods(sweep, max_rank, adalora)
-    if args.fixed_p is not None:
-        rows = [replace(m, options=m.options + (("fixed_p", args.fixed_p),), label=m.label + f" fixed_p={args.fixed_p}")
-                if m.kind == "aclora" else m for m in rows]
+    if args.smoke:
+        task_config = replace(task_config, width=64, vectors_per_sample=8, heldout_samples=8)
+    train = TrainConfig(epochs=3 if args.smoke else 60 if quick else 100)
+    default_task = args.loss_floor == TaskConfig.loss_floor
+    ablation = [(mode, p) for mode in ("paper", "product") for p in (0.5, 0.8, 0.9, 0.99)] \
+        if args.mode == "full" and not args.smoke and default_task else []
+    rows = methods(sweep, max_rank, adalora, ablation)
     info = common.machine_info("cpu")
     runs = []
     start = time.perf_counter()
@@ -504,9 +508,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     result = common.payload(NAME, args, "cpu", task=asdict(task_config), training=asdict(train), sweep=sweep,
                             max_rank=max_rank, adalora=adalora, base_heldout=base_mean, summary=summary, runs=runs,
                             markdown=text)
-    common.write_json(NAME if args.fixed_p is None and args.loss_floor == TaskConfig.loss_floor
-                      else f"{NAME}-floor{args.loss_floor:g}" + (f"-p{args.fixed_p:g}" if args.fixed_p else ""),
-                      result, args.out)
+    common.write_json(NAME if default_task else f"{NAME}-floor{args.loss_floor:g}", result, args.out)
     return result
 
 

@@ -206,7 +206,7 @@ def test_readme_options_table_matches_the_declarations():
     generated = markdown_table().splitlines()
     missing = [row for row in generated if row not in text.splitlines()]
     assert not missing, ("README.md's options table is out of date; regenerate it with "
-                         "`python -m aclora_ext.options`. Rows missing or different:\n" + "\n".join(missing))
+                         "`aclora options`. Rows missing or different:\n" + "\n".join(missing))
     documented = set(re.findall(r"^\|\s*`([a-z_0-9]+)`\s*\|", options_table(text), flags=re.MULTILINE))
     stale = documented - {o.name for o in OPTIONS}
     assert not stale, f"README.md's options table lists options that do not exist: {sorted(stale)}"
@@ -223,3 +223,12 @@ def options_table(text: str) -> str:
             break
         table.append(line)
     return "\n".join(table)
+
+
+def test_aclora_options_prints_the_table_generated_from_the_declarations(capsys):
+    from aclora_ext.cli import main
+
+    assert main(["options"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.strip() == markdown_table().strip()
+    assert all(f"| `{option.name}` |" in printed for option in OPTIONS)

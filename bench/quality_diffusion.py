@@ -1,0 +1,455 @@
+"""Quality 3b: does one AC-LoRA run replace a rank sweep? A small diffusion personalisation on a CPU.
+
+Everything is made by the benchmark itself (no download):
+
+* **data**: 4x8x8 "latents" of synthetic styles (``aclora_ext.tiny.style_dataset``):
+  every image of a style is a random mix of the style's 3 low-frequency
+  patterns (what the style *is*) plus white noise exclusive to that image (what
+  a personalisation should not learn);
+* **base model**: ``aclora_ext.tiny.tiny_sd1_unet`` (SD1.x layout, 32/64
+  channels) pre-trained here as an epsilon-prediction DDPM (scaled-linear
+  betas, 1000 steps) on 6 styles, each conditioned on its own fixed random
+  "prompt" embedding (a 1-token ``encoder_hidden_states``);
+* **personalisation**: 15 images of a new style (a new style per seed), under a
+  new trigger embedding; the adapters go on the 36 Linear layers of the U-Net's
+  transformer blocks (attention q/k/v/out and feed-forward, named as kohya names
+  them), 100 epochs of batch 5, AdamW, the same learning rate for every method;
+* **feature network**: a small CNN trained here to tell the styles apart (the 6
+  base styles and every new style, on images that are neither the 15 training
+  images nor the held-out ones); its 32-dim penultimate layer is the feature space.
+
+**Score** (lower is better): the Fréchet distance, in that feature space, between
+128 images sampled from the personalised model with the trigger (DDIM, 20 steps,
+the same starting noise for every method of a seed) and 256 held-out images of
+the new style. It measures how far the distribution of generated images is
+from the style's (mean and covariance of the style features): underfitting (the
+style's patterns not learned) and overfitting (copies of the 15 training images,
+too little variety, or noise artefacts) both raise it. Also reported: the
+fraction of samples the CNN labels as the new style, the held-out denoising
+loss (epsilon-MSE on the 256 held-out images at fixed timesteps and noise), and
+a copy ratio (mean distance of each sample to its nearest training image over
+the same to 15 held-out images: below 1 means samples sit closer to the
+training images than to fresh images of the style).
+
+Rows: fixed-rank LoRA (``restart_mode=off``) over a rank sweep, AC-LoRA in
+paper and product mode at the largest rank, peft's AdaLoRA. The layers are 32
+wide (64 in the mid block), so the sweep stops at 32 = full rank of most layers
+and AC-LoRA runs at R=32. AC-LoRA and fixed-rank LoRA are scored from the file
+``save_weights`` writes, loaded by ``create_network_from_weights`` and merged
+into a fresh copy of the base U-Net (what a user's inference does), and also as
+the raw training network.
+
+    .venv/bin/python bench/quality_diffusion.py --quick   # ~2 minutes
+    .venv/bin/python bench/quality_diffusion.py --full    # ~12 minutes, the README numbers
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import os
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from aclora_ext import tiny  # noqa: E402
+from aclora_ext.factory import attach, create_network_from_weights  # noqa: E402
+from bench import common  # noqa: E402
+from bench.quality_lowrank import Method, factor_rank_diagnostic, methods, orthogonality_penalty, summarise  # noqa: E402
+
+NAME = "quality_diffusion"
+TARGETS = ("*.transformer_blocks.*",)  # the Linear layers inside the transformer blocks
+BASE_STYLES = tuple(range(100, 106))
+NEW_STYLE_SEED = 200  # new style of benchmark seed s: style_dataset(seed=NEW_STYLE_SEED + s)
+EMBED_DIM = tiny.TINY_TE1_HIDDEN
+N_TRAIN, N_HELDOUT, N_FEATURE_TRAIN = 15, 256, 300
+
+
+@dataclass(frozen=True)
+class Settings:
+    pretrain_steps: int = 1500
+    pretrain_batch: int = 16
+    pretrain_lr: float = 1e-3
+    epochs: int = 100
+    batch: int = 5
+    lr: float = 3e-3
+    samples: int = 128
+    sampling_steps: int = 20
+    classifier_steps: int = 600
+
+
+# --- noise schedule (sd-scripts' DDPM: scaled-linear betas, 1000 steps) ------------------------------------
+def alphas_cumprod() -> torch.Tensor:
+    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
+    return torch.cumprod(1.0 - betas, dim=0).float()
+
+
+ALPHAS = alphas_cumprod()
+
+
+def add_noise(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    a = ALPHAS[t].view(-1, 1, 1, 1)
+    return a.sqrt() * x0 + (1 - a).sqrt() * noise
+
+
+def denoising_loss(unet: nn.Module, x0: torch.Tensor, cond: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    noise = torch.randn(x0.shape, generator=g)
+    t = torch.randint(0, 1000, (x0.shape[0],), generator=g)
+    pred = unet(add_noise(x0, noise, t), t, encoder_hidden_states=cond).sample
+    return (pred - noise).pow(2).mean()
+
+
+@torch.no_grad()
+def sample(unet: nn.Module, cond: torch.Tensor, n: int, steps: int, seed: int) -> torch.Tensor:
+    """Deterministic DDIM (eta = 0) from seeded Gaussian noise."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 4, 8, 8, generator=g)
+    timesteps = torch.linspace(999, 0, steps).round().long()
+    c = cond.expand(n, -1, -1)
+    for i, t in enumerate(timesteps):
+        a = ALPHAS[t]
+        a_prev = ALPHAS[timesteps[i + 1]] if i + 1 < len(timesteps) else torch.tensor(1.0)
+        eps = unet(x, t.expand(n), encoder_hidden_states=c).sample
+        x0 = (x - (1 - a).sqrt() * eps) / a.sqrt()
+        x = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
+    return x
+
+
+@torch.no_grad()
+def heldout_denoising_loss(unet: nn.Module, x0: torch.Tensor, cond: torch.Tensor) -> float:
+    """Epsilon-MSE on held-out images at 4 fixed timesteps with fixed noise (the same for every method)."""
+    g = torch.Generator().manual_seed(1234)
+    total = 0.0
+    for t_value in (100, 300, 500, 700):
+        noise = torch.randn(x0.shape, generator=g)
+        t = torch.full((x0.shape[0],), t_value)
+        pred = unet(add_noise(x0, noise, t), t, encoder_hidden_states=cond.expand(x0.shape[0], -1, -1)).sample
+        total += float((pred - noise).pow(2).mean())
+    return total / 4
+
+
+# --- data, base model, feature network ---------------------------------------------------------------------
+def latents(samples: list) -> torch.Tensor:
+    return torch.stack([s["latents"] for s in samples])
+
+
+def style_images(seed: int, start: int, count: int) -> torch.Tensor:
+    """Images ``start .. start+count`` of one style (``style_dataset`` draws them in a fixed order)."""
+    return latents(tiny.style_dataset(n=start + count, seed=seed)[start:])
+
+
+def embeddings(count: int) -> torch.Tensor:
+    """Fixed random 1-token prompt embeddings: base styles first, then the new styles' triggers."""
+    g = torch.Generator().manual_seed(4242)
+    return torch.randn(count, 1, EMBED_DIM, generator=g)
+
+
+def pretrain(settings: Settings, prompts: torch.Tensor) -> tuple[nn.Module, list[float]]:
+    unet = tiny.tiny_sd1_unet(seed=0)
+    unet.requires_grad_(True)
+    unet.train()
+    data = torch.cat([style_images(s, 0, 256) for s in BASE_STYLES])
+    labels = torch.arange(len(BASE_STYLES)).repeat_interleave(256)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=settings.pretrain_lr)
+    g = torch.Generator().manual_seed(0)
+    losses = []
+    for _ in range(settings.pretrain_steps):
+        idx = torch.randint(0, len(data), (settings.pretrain_batch,), generator=g)
+        loss = denoising_loss(unet, data[idx], prompts[labels[idx]], g)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss))
+    unet.requires_grad_(False)
+    unet.eval()
+    return unet, losses
+
+
+class StyleNet(nn.Module):
+    """The feature network: tells styles apart; ``features`` is its 32-dim penultimate layer."""
+
+    def __init__(self, classes: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(4, 32, 3, padding=1), nn.SiLU(), nn.Conv2d(32, 64, 3, padding=1, stride=2), nn.SiLU(),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 32), nn.SiLU())
+        self.head = nn.Linear(32, classes)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x))
+
+
+def train_feature_net(style_seeds: Sequence[int], steps: int) -> tuple[StyleNet, float]:
+    """Train on images of each style that are neither training nor held-out images; return (net, accuracy)."""
+    first = N_TRAIN + N_HELDOUT
+    data = torch.cat([style_images(s, first, N_FEATURE_TRAIN) for s in style_seeds])
+    labels = torch.arange(len(style_seeds)).repeat_interleave(N_FEATURE_TRAIN)
+    check = torch.cat([style_images(s, first + N_FEATURE_TRAIN, 100) for s in style_seeds])
+    check_labels = torch.arange(len(style_seeds)).repeat_interleave(100)
+    torch.manual_seed(0)
+    net = StyleNet(len(style_seeds))
+    optimizer = torch.optim.AdamW(net.parameters(), lr=2e-3)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        idx = torch.randint(0, len(data), (64,), generator=g)
+        loss = nn.functional.cross_entropy(net(data[idx]), labels[idx])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    net.eval()
+    net.requires_grad_(False)
+    with torch.no_grad():
+        accuracy = float((net(check).argmax(dim=1) == check_labels).float().mean())
+    return net, accuracy
+
+
+def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||mu_a - mu_b||^2 + tr(C_a + C_b - 2 (C_a^1/2 C_b C_a^1/2)^1/2), in float64."""
+    a, b = a.double(), b.double()
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    c_a, c_b = torch.cov(a.T), torch.cov(b.T)
+    evals, evecs = torch.linalg.eigh(c_a)
+    root_a = evecs @ torch.diag(evals.clamp(min=0).sqrt()) @ evecs.T
+    middle = torch.linalg.eigvalsh(root_a @ c_b @ root_a).clamp(min=0).sqrt().sum()
+    return float((mu_a - mu_b).pow(2).sum() + torch.trace(c_a) + torch.trace(c_b) - 2 * middle)
+
+
+@dataclass
+class Scene:
+    """Everything a personalisation run of one seed is scored against."""
+
+    seed: int
+    base: nn.Module
+    trigger: torch.Tensor
+    train: torch.Tensor
+    heldout: torch.Tensor
+    heldout_features: torch.Tensor
+    style_class: int
+    feature_net: StyleNet
+
+
+def score(scene: Scene, unet: nn.Module, settings: Settings) -> dict:
+    images = sample(unet, scene.trigger, settings.samples, settings.sampling_steps, seed=10_000 + scene.seed)
+    with torch.no_grad():
+        feats = scene.feature_net.features(images)
+        accuracy = float((scene.feature_net.head(feats).argmax(dim=1) == scene.style_class).float().mean())
+        flat = images.flatten(1)
+        to_train = torch.cdist(flat, scene.train.flatten(1)).min(dim=1).values.mean()
+        to_heldout = torch.cdist(flat, scene.heldout[:N_TRAIN].flatten(1)).min(dim=1).values.mean()
+    return {"fd": frechet_distance(feats, scene.heldout_features), "style_accuracy": accuracy,
+            "copy_ratio": float(to_train / to_heldout),
+            "denoise": heldout_denoising_loss(unet, scene.heldout, scene.trigger)}
+
+
+# --- personalisation runs --------------------------------------------------------------------------------
+def train_ours(scene: Scene, method: Method, settings: Settings, workdir: str) -> dict:
+    unet = copy.deepcopy(scene.base)
+    torch.manual_seed(scene.seed + 7919)
+    options = dict(method.options)
+    if method.kind == "lora":
+        options["restart_mode"] = "off"
+    network = attach(unet, max_rank=method.rank, alpha=float(method.rank), include=TARGETS, prefix="lora_unet",
+                     **options)
+    network.set_training_length(total_epochs=settings.epochs)
+    optimizer = torch.optim.AdamW(network.parameters(), lr=settings.lr, weight_decay=0.0)
+    g = torch.Generator().manual_seed(scene.seed + 104729)
+    losses = []
+    start = time.perf_counter()
+    for _ in range(settings.epochs):
+        network.on_epoch_start()
+        for idx in torch.randperm(N_TRAIN, generator=g).split(settings.batch):
+            loss = denoising_loss(unet, scene.train[idx], scene.trigger.expand(len(idx), -1, -1), g)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            network.record_loss(loss.detach())
+            losses.append(loss.detach())
+    seconds = time.perf_counter() - start
+    network.eval()
+    raw = score(scene, unet, settings)
+    path = os.path.join(workdir, f"run-{scene.seed}.safetensors")
+    if not network.save_weights(path):
+        raise RuntimeError(f"{method.label}: save_weights refused to write (non-finite weights)")
+    fresh = copy.deepcopy(scene.base)
+    loaded, weights = create_network_from_weights(1.0, path, None, None, fresh)
+    loaded.merge_to(None, fresh, weights)
+    ranks = [loaded.ranks()[m.lora_name] for m in loaded.loras]
+    exported = score(scene, fresh, settings)
+    os.remove(path)
+    result = {"heldout": exported["fd"], "heldout_raw": raw["fd"], "ranks": ranks, "seconds": seconds,
+              "exported": exported, "raw": raw, "module_names": [m.lora_name for m in loaded.loras]}
+    tenth = max(1, len(losses) // 10)
+    result["loss_first_tenth"] = float(torch.stack(losses[:tenth]).mean())
+    result["loss_last_tenth"] = float(torch.stack(losses[-tenth:]).mean())
+    if method.kind == "aclora":
+        result["restarts"] = [{"p": round(h["p"], 4), "loss": None if h["loss"] is None else round(h["loss"], 4),
+                               "rank_min": min(h["ranks"]), "rank_median": statistics.median(h["ranks"]),
+                               "rank_max": max(h["ranks"])} for h in network.history]
+        result["factor_ranks"] = factor_rank_diagnostic(network)
+    network.remove_from()
+    return result
+
+
+def train_adalora(scene: Scene, method: Method, settings: Settings, workdir: str) -> dict:
+    from peft import AdaLoraConfig, get_peft_model
+
+    options = dict(method.options)
+    unet = copy.deepcopy(scene.base)
+    names = [n for n, m in unet.named_modules() if isinstance(m, nn.Linear) and ".transformer_blocks." in n]
+    steps = settings.epochs * math.ceil(N_TRAIN / settings.batch)
+    torch.manual_seed(scene.seed + 7919)
+    config = AdaLoraConfig(init_r=method.rank, target_r=options["target_r"], lora_alpha=method.rank,
+                           tinit=int(options["tinit"] * steps), tfinal=int(options["tfinal"] * steps),
+                           deltaT=options["deltaT"], total_step=steps, target_modules=names, lora_dropout=0.0,
+                           orth_reg_weight=0.0)
+    model = get_peft_model(unet, config)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=settings.lr, weight_decay=0.0)
+    g = torch.Generator().manual_seed(scene.seed + 104729)
+    inner = model.base_model.model
+    losses = []
+    step = 0
+    start = time.perf_counter()
+    for _ in range(settings.epochs):
+        for idx in torch.randperm(N_TRAIN, generator=g).split(settings.batch):
+            loss = denoising_loss(inner, scene.train[idx], scene.trigger.expand(len(idx), -1, -1), g)
+            loss = loss + orthogonality_penalty(model) * options["orth_reg_weight"]
+            loss.backward()
+            optimizer.step()
+            model.base_model.update_and_allocate(step)
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.detach())
+            step += 1
+    seconds = time.perf_counter() - start
+    model.eval()
+    result = score(scene, inner, settings)
+    ranks = [int((m.lora_E["default"] != 0).sum()) for _, m in inner.named_modules() if hasattr(m, "lora_E")]
+    tenth = max(1, len(losses) // 10)
+    return {"heldout": result["fd"], "heldout_raw": result["fd"], "ranks": ranks, "seconds": seconds,
+            "exported": result, "raw": result,
+            "loss_first_tenth": float(torch.stack(losses[:tenth]).mean()),
+            "loss_last_tenth": float(torch.stack(losses[-tenth:]).mean())}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict:
+    p = common.parser(__doc__.split("\n\n")[0])
+    p.add_argument("--seeds", type=int, default=None, help="seeds (new styles) per method (quick 2, full 5)")
+    args = p.parse_args(argv)
+    if args.threads is None:
+        args.threads = 1  # fastest for these small models, and steadier on a shared machine
+    common.setup(args)
+    logging.basicConfig(level=logging.WARNING)
+    logging.getLogger("aclora_ext").setLevel(logging.ERROR)
+    quick = args.mode == "quick" or args.smoke
+    seeds = list(range(args.seeds if args.seeds else 1 if args.smoke else 2 if quick else 5))
+    if args.smoke:
+        settings = Settings(pretrain_steps=5, epochs=2, samples=16, sampling_steps=2, classifier_steps=5)
+    elif quick:
+        settings = Settings(pretrain_steps=500, epochs=50, samples=96, sampling_steps=10, classifier_steps=300)
+    else:
+        settings = Settings()
+    sweep = [2, 32] if args.smoke else [2, 8, 32] if quick else [1, 2, 4, 8, 16, 32]
+    max_rank = 32
+    adalora = {"init_r": 32, "target_r": 8, "tinit": 0.1, "tfinal": 0.3, "deltaT": 5, "orth_reg_weight": 0.5}
+    ablation = [("product", 0.999)] if args.mode == "full" and not args.smoke else []
+    rows = methods(sweep, max_rank, adalora, ablation)
+    info = common.machine_info("cpu")
+    start = time.perf_counter()
+    prompts = embeddings(len(BASE_STYLES) + len(seeds))
+    base, pretrain_losses = pretrain(settings, prompts[:len(BASE_STYLES)])
+    pretrain_seconds = time.perf_counter() - start
+    style_seeds = list(BASE_STYLES) + [NEW_STYLE_SEED + s for s in seeds]
+    feature_net, feature_accuracy = train_feature_net(style_seeds, settings.classifier_steps)
+    print(f"pre-trained the U-Net in {pretrain_seconds:.0f}s (loss of the last 100 steps "
+          f"{statistics.fmean(pretrain_losses[-100:]):.4f}); style CNN accuracy on unseen images "
+          f"{feature_accuracy:.3f}", flush=True)
+    runs, references = [], []
+    with tempfile.TemporaryDirectory() as workdir:
+        for seed in seeds:
+            style = NEW_STYLE_SEED + seed
+            heldout = style_images(style, N_TRAIN, N_HELDOUT)
+            with torch.no_grad():
+                heldout_features = feature_net.features(heldout)
+            scene = Scene(seed, base, prompts[len(BASE_STYLES) + seed][None], style_images(style, 0, N_TRAIN),
+                          heldout, heldout_features, len(BASE_STYLES) + seed, feature_net)
+            reference = {"seed": seed, "base_model": score(scene, base, settings),
+                         "fd_heldout_vs_fresh": frechet_distance(
+                             feature_net.features(style_images(style, N_TRAIN + N_HELDOUT + N_FEATURE_TRAIN + 100,
+                                                               settings.samples)), heldout_features)}
+            references.append(reference)
+            print(f"seed {seed}: base model FD {reference['base_model']['fd']:.3f}, fresh real images FD "
+                  f"{reference['fd_heldout_vs_fresh']:.3f}", flush=True)
+            for m in rows:
+                trainer = train_adalora if m.kind == "adalora" else train_ours
+                result = trainer(scene, m, settings, workdir)
+                result.update(method=m.label, kind=m.kind, rank=m.rank, seed=seed)
+                runs.append(result)
+                print(f"seed {seed} {m.label:<34} FD {result['heldout']:.3f} (raw {result['heldout_raw']:.3f}) "
+                      f"style {result['exported']['style_accuracy']:.2f} copy {result['exported']['copy_ratio']:.2f} "
+                      f"denoise {result['exported']['denoise']:.4f} ranks {min(result['ranks'])}.."
+                      f"{max(result['ranks'])} {result['seconds']:.1f}s", flush=True)
+    summary = summarise(runs, rows, sweep)
+    text = print_tables(summary, runs, info, references)
+    total = time.perf_counter() - start
+    print(f"total benchmark time {total:.0f}s", flush=True)
+    result = common.payload(NAME, args, "cpu", settings=asdict(settings), sweep=sweep, max_rank=max_rank,
+                            adalora=adalora, pretrain_seconds=pretrain_seconds,
+                            pretrain_loss_last100=statistics.fmean(pretrain_losses[-100:]),
+                            feature_net_accuracy=feature_accuracy, references=references, summary=summary,
+                            runs=runs, markdown=text, total_seconds=total)
+    common.write_json(NAME, result, args.out)
+    return result
+
+
+def print_tables(summary: dict, runs: list[dict], info: dict, references: list[dict]) -> str:
+    rows = []
+    for t in summary["table"]:
+        rs = [r for r in runs if r["method"] == t["method"]]
+        if t["kind"] == "sweep":
+            ranks = "picked: " + ", ".join(str(p) for p in t["picked_ranks"])
+        else:
+            values = t["ranks_mean"]
+            ranks = f"{min(values):.0f} / {statistics.median(values):.0f} / {max(values):.0f}"
+
+        def metric(key: str, digits: int) -> str:
+            return "" if not rs else f"{statistics.fmean(r['exported'][key] for r in rs):.{digits}f}"
+
+        rows.append({
+            "method": t["method"] + (" (ablation)" if t.get("ablation") else ""),
+            "fd": f"{t['heldout_mean']:.3f} ± {t['heldout_std']:.3f}",
+            "raw": "" if t["kind"] != "aclora" else f"{t['heldout_raw_mean']:.3f} ± {t['heldout_raw_std']:.3f}",
+            "style": metric("style_accuracy", 2), "copy": metric("copy_ratio", 2), "denoise": metric("denoise", 4),
+            "ranks": ranks, "runs": t["runs"], "time": f"{t['seconds_mean']:.1f}",
+        })
+    base_fd = statistics.fmean(r["base_model"]["fd"] for r in references)
+    real_fd = statistics.fmean(r["fd_heldout_vs_fresh"] for r in references)
+    text = common.print_table(
+        f"3b: tiny diffusion personalisation (base model FD {base_fd:.3f}, fresh real images FD {real_fd:.3f}; "
+        f"{common.describe_machine(info)})", rows,
+        ["method", "fd", "raw", "style", "copy", "denoise", "ranks", "runs", "time"],
+        ["method", "FD to held-out (exported file)", "FD raw training network", "samples in style",
+         "copy ratio", "held-out denoising loss", "ranks min / median / max", "runs", "seconds to get there"])
+    goal_rows = [{"method": k, "fd": f"{v['heldout']:.3f}", "best": f"{v['best_fixed']:.3f} ({v['best_fixed_rank']})",
+                  "ratio": f"{v['ratio_to_best']:.3f}", "median": f"{v['median_fixed']:.3f}",
+                  "within": common.verdict(v["within_5pct_of_best"]), "better": common.verdict(v["better_than_median"])}
+                 for k, v in summary["goals"].items()]
+    text += common.print_table(
+        "Goal: one run within 5% of the best fixed rank, and better than the median rank", goal_rows,
+        ["method", "fd", "best", "ratio", "median", "within", "better"],
+        ["method", "FD", "best fixed rank", "ratio to best", "median of sweep", "within 5%", "better than median"])
+    return text
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,87 @@
+"""The benchmark scripts keep running: each one's --smoke path, in-process, on tiny sizes.
+
+No timing is asserted (CI machines differ); what is pinned is that every
+script measures every row it promises, compares like with like, and writes
+its JSON with the machine it ran on.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+pytest.importorskip("diffusers")
+
+
+def run_smoke(module, tmp_path: Path) -> dict:
+    out = tmp_path / f"{module.NAME}.json"
+    module.main(["--smoke", "--threads", "1", "--out", str(out)])
+    written = json.loads(out.read_text())
+    assert written["machine"]["cpu_cores"] >= 1 and written["machine"]["torch"]
+    return written
+
+
+def test_restart_cost_times_our_restart_export_and_every_baseline(tmp_path):
+    from bench import restart_cost
+
+    result = run_smoke(restart_cost, tmp_path)
+    timed = {row["what"]: row for row in result["rows"]}
+    assert set(timed) == {"RESTART, paper mode (ours)", "RESTART, product mode (ours)", "export to signal ranks (ours)",
+                          "per-factor SVD loop", "naive per-module RESTART loop", "full update SVD (resize_lora)"}
+    assert all(row["seconds"] > 0 for row in timed.values())
+    assert timed["per-factor SVD loop"]["loop_x"] == pytest.approx(1.0)
+    restart = timed["RESTART, paper mode (ours)"]
+    basis = "cpu_seconds" if result["ratio_basis"] == "cpu" else "seconds"
+    assert restart["loop_x"] == pytest.approx(timed["per-factor SVD loop"][basis] / restart[basis], rel=1e-6)
+    info = result["ranks"][0]
+    assert info["modules"] == len(restart_cost.SMOKE_SHAPES)
+    assert 1 <= info["product_mode_signal_ranks"]["min"] <= info["product_mode_signal_ranks"]["max"] <= info["rank"]
+
+
+def test_trained_looking_factors_have_a_planted_low_rank_update():
+    import torch
+
+    from bench import restart_cost
+
+    rank = 16
+    module = restart_cost.build_modules(restart_cost.SMOKE_SHAPES[2:3], rank, torch.device("cpu"))[0]
+    s = torch.linalg.svdvals(module.up_matrix().detach() @ module.down_matrix().detach())
+    energy = s.square().cumsum(0) / s.square().sum()
+    # a planted rank of at most R/4 carries nearly all of the update's energy
+    assert energy[rank // 4 - 1] > 0.95
+    assert energy[0] < 0.999  # and it is not a single direction
+
+
+def test_step_overhead_trains_the_same_layers_at_the_same_size_in_every_variant(tmp_path):
+    from bench import step_overhead
+
+    result = run_smoke(step_overhead, tmp_path)
+    rows = {row["variant"]: row for row in result["rows"]}
+    assert set(rows) == set(step_overhead.VARIANTS)
+    assert len({row["trainable_params"] for row in rows.values()}) == 1
+    assert len({row["adapted_layers"] for row in rows.values()}) == 1
+    assert rows["aclora"]["restarts"] >= 1 and rows["aclora"]["restart_ms"] > 0
+    assert rows["aclora-off"]["restarts"] == 0
+    assert all(row["step_ms"] > 0 for row in rows.values())
+    assert rows["peft"]["step_x_peft"] == pytest.approx(1.0)
+    assert result["capture_us"]["LossMeter.add"] > 0
+
+
+def test_sdxl_24gb_without_cuda_runs_the_smoke_path_and_says_vram_was_not_measured(tmp_path, capsys):
+    from bench import sdxl_24gb
+
+    result = run_smoke(sdxl_24gb, tmp_path)
+    assert sdxl_24gb.NO_VRAM in capsys.readouterr().out
+    assert result["vram_measured"] is False
+    rows = {row["variant"]: row for row in result["rows"]}
+    assert set(rows) == set(sdxl_24gb.VARIANTS)
+    assert len({row["trainable_params"] for row in rows.values()}) == 1
+    assert all(row["peak_reserved_gb"] is None for row in rows.values())
+    assert rows["aclora"]["restart_ms"] > 0 and rows["aclora"]["export_ms"] > 0
