@@ -123,13 +123,15 @@ def time_call(fn: Callable[[], Any], *, repeats: int = 3, warmup: int = 1, devic
     """
     timing = Timing()
     for i in range(warmup + repeats):
-        wall, cpu = _timed(fn, setup, device)
+        wall, cpu = timed_once(fn, setup, device)
         if i >= warmup:
             timing.add(wall, cpu)
     return timing
 
 
-def _timed(fn: Callable[[], Any], setup: Optional[Callable[[], Any]], device: Any) -> tuple[float, float]:
+def timed_once(fn: Callable[[], Any], setup: Optional[Callable[[], Any]] = None,
+               device: Any = None) -> tuple[float, float]:
+    """(wall seconds, process CPU seconds) of one ``fn()``; ``setup()`` runs first, untimed."""
     if setup is not None:
         setup()
     synchronize(device)
@@ -153,7 +155,7 @@ def interleaved(cases: dict[str, Case], *, rounds: int = 3, warmup: int = 1, dev
     timings = {name: Timing() for name in cases}
     for r in range(warmup + rounds):
         for name, case in cases.items():
-            wall, cpu = _timed(case.fn, case.setup, device)
+            wall, cpu = timed_once(case.fn, case.setup, device)
             if r >= warmup:
                 timings[name].add(wall, cpu)
     return timings
@@ -343,13 +345,20 @@ def payload(name: str, args: argparse.Namespace, device: Any, **results: Any) ->
 
 
 # --- subprocesses -------------------------------------------------------------------------------------------
-def run_module_json(module: str, arguments: Iterable[str], timeout: Optional[float] = None) -> dict:
+#: glibc settings under which RSS follows the live tensors: every allocation of 64 KiB or
+#: more gets its own mapping, returned to the OS when freed (slower: for memory passes only)
+EXACT_RSS_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0", "MALLOC_ARENA_MAX": "1"}
+
+
+def run_module_json(module: str, arguments: Iterable[str], timeout: Optional[float] = None,
+                    env_overrides: Optional[dict[str, str]] = None) -> dict:
     """Run ``python -m <module> <arguments>`` from the repo root and parse the JSON on its last stdout line.
 
     Used to measure each variant in a fresh process (peak RSS is per process,
     and class-level patches such as the backward capture stay out of the others).
     """
     env = dict(os.environ)
+    env.update(env_overrides or {})
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
     proc = subprocess.run([sys.executable, "-m", module, *arguments], cwd=REPO_ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)

@@ -168,7 +168,7 @@ def full_update_svd_extrapolated(modules: Sequence[ACLoRAModule], samples: int, 
         picks = members[:samples]
         timing = common.Timing()
         for m in picks:
-            timing.add(*common._timed(lambda: full_update_svd(m), None, device))
+            timing.add(*common.timed_once(lambda: full_update_svd(m), None, device))
         sampled += len(picks)
         total_wall += timing.median * len(members)
         total_cpu += timing.cpu_median * len(members)

@@ -51,6 +51,7 @@ SETUPS = ("unet", "unet+te")
 TARGET_PEAK_GB = 22.5
 TARGET_STEP_RATIO = 1.02
 NO_VRAM = "VRAM not measured (no CUDA device)"
+NON_REENTRANT = {"use_reentrant": False}
 
 
 @dataclass(frozen=True)
@@ -104,9 +105,12 @@ def enable_checkpointing(models: dict, train_te: bool) -> None:
     models["unet"].train()
     if train_te:
         for te in models["text_encoders"]:
-            # transformers 5 renamed it; 4.x only has the old name
-            enable = getattr(te, "activation_checkpointing_enable", None) or te.gradient_checkpointing_enable
-            enable()
+            # non-reentrant, so that the LoRA inside gets gradients although the embeddings need none
+            # (transformers 5 renamed the method; 4.x only has the old name, reentrant by default)
+            if hasattr(te, "activation_checkpointing_enable"):
+                te.activation_checkpointing_enable(activation_checkpointing_kwargs=NON_REENTRANT)
+            else:
+                te.gradient_checkpointing_enable(gradient_checkpointing_kwargs=NON_REENTRANT)
             te.train()
 
 
@@ -121,18 +125,21 @@ def token_ids(models: dict, profile: Profile, device: torch.device) -> torch.Ten
 
 # --- adapters -----------------------------------------------------------------------------------------------------------
 def attach_aclora(models: dict, profile: Profile, mode: str, train_te: bool):
+    """(network, {"unet": params, "te": params}); LoRA weights fp32 (no --full_bf16), built on the GPU directly."""
     from aclora_ext.factory import create_network
 
     te = models["text_encoders"] if train_te else None
-    network = create_network(1.0, profile.rank, profile.alpha, None, te, models["unet"], restart_mode=mode)
+    with torch.device(next(models["unet"].parameters()).device):
+        network = create_network(1.0, profile.rank, profile.alpha, None, te, models["unet"], restart_mode=mode)
     network.apply_to(te, models["unet"], apply_text_encoder=train_te, apply_unet=True)
     network.prepare_grad_etc(te, models["unet"])
-    network.to(next(models["unet"].parameters()).device)  # LoRA weights stay fp32 (no --full_bf16)
     network.train()
-    return network, list(network.get_trainable_params())
+    parts = {"unet": [p for m in network.unet_loras for p in m.parameters()],
+             "te": [p for m in network.text_encoder_loras for p in m.parameters()]}
+    return network, parts
 
 
-def attach_peft(models: dict, profile: Profile, train_te: bool) -> list[nn.Parameter]:
+def attach_peft(models: dict, profile: Profile, train_te: bool) -> dict[str, list[nn.Parameter]]:
     from peft import LoraConfig, inject_adapter_in_model
 
     from aclora_ext.targets import find_text_encoder_targets, find_unet_targets
@@ -142,7 +149,7 @@ def attach_peft(models: dict, profile: Profile, train_te: bool) -> list[nn.Param
         tes = models["text_encoders"]
         targets = find_text_encoder_targets(tes)
         parts += [(te, [t for t in targets if t.part == f"te{i + 1}"]) for i, te in enumerate(tes)]
-    params = []
+    params: dict[str, list[nn.Parameter]] = {"unet": [], "te": []}
     for model, targets in parts:
         path_of = {id(module): path for path, module in model.named_modules()}
         config = LoraConfig(r=profile.rank, lora_alpha=profile.alpha, lora_dropout=0.0,
@@ -152,8 +159,13 @@ def attach_peft(models: dict, profile: Profile, train_te: bool) -> list[nn.Param
             if "lora_" in name:
                 p.data = p.data.float()  # fp32 LoRA weights, as the AC-LoRA variants have
                 p.requires_grad_(True)
-                params.append(p)
+                params["unet" if model is models["unet"] else "te"].append(p)
     return params
+
+
+def with_gradient(params: list[nn.Parameter]) -> int:
+    """How many of ``params`` received a non-zero gradient in the last backward."""
+    return sum(1 for p in params if p.grad is not None and bool(p.grad.abs().sum() > 0))
 
 
 # --- one variant ---------------------------------------------------------------------------------------------------------
@@ -175,16 +187,19 @@ def run_variant(variant: str, setup: str, profile: Profile, device: torch.device
     latents = torch.randn(1, 4, profile.latent, profile.latent, generator=torch.Generator().manual_seed(0)).to(device)
     network = None
     if variant == "peft":
-        params = attach_peft(models, profile, train_te)
+        parts = attach_peft(models, profile, train_te)
     else:
-        network, params = attach_aclora(models, profile, "off" if variant == "aclora-off" else "paper", train_te)
+        network, parts = attach_aclora(models, profile, "off" if variant == "aclora-off" else "paper", train_te)
+    params = parts["unet"] + parts["te"]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     if cuda:
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
     walls = []
     loss = torch.zeros(())
-    for step in range(profile.warmup + profile.steps):
+    total = profile.warmup + profile.steps
+    grads: dict[str, int] = {}
+    for step in range(total):
         common.synchronize(device)
         start = time.perf_counter()
         if network is not None:
@@ -193,18 +208,26 @@ def run_variant(variant: str, setup: str, profile: Profile, device: torch.device
             conds = encode_text(models["text_encoders"], ids, sdxl=True)
         noise = torch.randn_like(latents)
         timesteps = torch.randint(0, NUM_TRAIN_TIMESTEPS, (1,), device=device)
+        noisy = add_noise(latents, noise, timesteps).requires_grad_(True)  # as sd-scripts does under checkpointing
         with autocast():
-            prediction = call_unet(models["unet"], add_noise(latents, noise, timesteps), timesteps, conds, sdxl=True)
+            prediction = call_unet(models["unet"], noisy, timesteps, conds, sdxl=True)
         loss = nn.functional.mse_loss(prediction.float(), noise.float())
         accelerator.backward(loss)
+        check = 0.0
+        if step == total - 1:  # which parameters learn; a host sync per parameter, kept out of the step time
+            common.synchronize(device)
+            check_start = time.perf_counter()
+            grads = {part: with_gradient(ps) for part, ps in parts.items()}
+            check = time.perf_counter() - check_start
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         common.synchronize(device)
         if step >= profile.warmup:
-            walls.append(time.perf_counter() - start)
+            walls.append(time.perf_counter() - start - check)
     result: dict[str, Any] = {
         "variant": variant, "setup": setup, "step_s": walls, "step_median_s": statistics.median(walls),
         "trainable_params": sum(p.numel() for p in params), "final_loss": float(loss.detach()),
+        "params_with_gradient": grads, "params": {part: len(ps) for part, ps in parts.items()},
     }
     if cuda:
         result["peak_allocated_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
@@ -256,7 +279,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
           f"{profile.latent * 8}^2), batch 1, bf16, gradient checkpointing, rank {profile.rank}, alpha "
           f"{profile.alpha:g}; {profile.steps} timed steps after {profile.warmup}; device {device}", flush=True)
     if not cuda:
-        print(NO_VRAM + ": CPU smoke run on the tiny SDXL-like models; step times say nothing about SDXL.")
+        models = "the tiny SDXL-like models" if profile.models == "tiny" else "the SDXL architecture"
+        print(f"{NO_VRAM}: a CPU run of {models} at {profile.latent}x{profile.latent} latents, which checks the "
+              "code path; its step times say nothing about SDXL on a GPU.")
     setups = SETUPS if (args.mode == "full" or cuda) and not args.smoke else ("unet+te",)
     rows = []
     for setup in setups:

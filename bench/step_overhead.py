@@ -18,10 +18,14 @@ Variants, each in its own process (peak RSS is per process, and our class-level
   reported on its own line).
 
 Rounds alternate the variants (peft, off, aclora, peft, ...) and the step
-times of all rounds are pooled. Memory: the growth of the process RSS (sampled
-every few ms) over the training phase, i.e. adapter, optimizer state,
-gradients and activations on top of the frozen model; on CUDA,
-``torch.cuda.max_memory_allocated`` over the same phase. The per-step cost of
+times of all rounds are pooled. Memory comes from separate, shorter runs (long
+enough for one RESTART) in processes whose glibc maps every allocation of 64 KiB
+or more on its own and unmaps it when freed, so that the peak RSS follows the
+live tensors: the growth of the peak RSS over the RSS before the adapter is
+attached (adapter, optimizer state, gradients, activations, the RESTART's
+transients). On CUDA, ``torch.cuda.max_memory_allocated`` over the same phase.
+An in-process run (``--smoke``, ``--in-process``) has no such memory figures
+worth comparing. The per-step cost of
 the loss capture is measured apart: ``Accelerator.backward`` on a tiny graph
 through our wrapper and through the original method, and ``LossMeter.add``.
 
@@ -79,7 +83,7 @@ SIZES = {
     # ~0.1 s per step on one core
     "quick": Size((32, 64, 128), (1, 1, 2), 16, 2, 16, 64, 16, 8.0, 12, 2, 1, 5),
     # ~0.5 s per step on one core
-    "full": Size((64, 128, 256), (1, 2, 2), 32, 2, 16, 128, 32, 16.0, 25, 3, 2, 8),
+    "full": Size((64, 128, 256), (1, 2, 2), 32, 2, 16, 128, 32, 16.0, 30, 3, 3, 8),
 }
 
 
@@ -149,8 +153,14 @@ def make_batch(size: Size, device: torch.device, seed: int = 0) -> dict[str, tor
 
 
 # --- one variant ------------------------------------------------------------------------------------------------
-def run_variant(variant: str, size: Size, device: torch.device) -> dict:
-    """Train ``size.warmup + size.steps`` steps with one adapter; step times and memory of the training phase."""
+def run_variant(variant: str, size: Size, device: torch.device, memory_pass: bool = False) -> dict:
+    """Train ``size.warmup + size.steps`` steps with one adapter; step times and memory of the training phase.
+
+    ``memory_pass``: just long enough for one RESTART (``restart_every + 2``
+    steps), for a process started under :data:`common.EXACT_RSS_ENV`, where the
+    growth of the peak RSS over the RSS before the adapter is attached is the
+    peak of the live tensors the training adds, to a few pages.
+    """
     from accelerate import Accelerator
 
     from aclora_ext.replay import NUM_TRAIN_TIMESTEPS, add_noise
@@ -160,7 +170,9 @@ def run_variant(variant: str, size: Size, device: torch.device) -> dict:
     batch = make_batch(size, device)
     accelerator = Accelerator(cpu=device.type == "cpu")
     common.release_memory()
-    total = size.warmup + size.steps
+    rss_before, max_rss_before = common.rss_bytes(), common.max_rss_bytes()
+    total = size.restart_every + 2 if memory_pass else size.warmup + size.steps
+    warmup = 0 if memory_pass else size.warmup
     with common.PeakMemory(device, interval=0.002) as mem:
         network = None
         if variant == "peft":
@@ -189,7 +201,7 @@ def run_variant(variant: str, size: Size, device: torch.device) -> dict:
             restarted = network is not None and network.clock.restarts != restarts_before
             if restarted:
                 restart_seconds.append(network.history[-1]["seconds"])
-            elif step >= size.warmup:
+            elif step >= warmup:
                 walls.append(wall)
                 cpus.append(cpu)
     return {
@@ -200,9 +212,11 @@ def run_variant(variant: str, size: Size, device: torch.device) -> dict:
         "restart_s": restart_seconds,
         "trainable_params": sum(p.numel() for p in params),
         "adapted_layers": adapted_layers,
-        "peak_growth_mb": mem.peak_mb,
-        "max_rss_mb": common.max_rss_bytes() / 2**20,
-        "final_loss": float(loss),
+        "sampled_peak_growth_mb": mem.peak_mb,
+        "max_rss_growth_mb": (common.max_rss_bytes() - rss_before) / 2**20,
+        "max_rss_before_over_rss_mb": (max_rss_before - rss_before) / 2**20,
+        "cuda_peak_growth_mb": mem.peak_mb if device.type == "cuda" else None,
+        "final_loss": float(loss.detach()),
     }
 
 
@@ -251,16 +265,26 @@ def capture_cost(calls: int = 2000, rounds: int = 5) -> dict:
 
 
 # --- orchestration --------------------------------------------------------------------------------------------------
-def variant_in_subprocess(variant: str, args) -> dict:
+def variant_in_subprocess(variant: str, args, memory_pass: bool = False) -> dict:
     arguments = ["--variant", variant, "--size", args.size, "--device", args.device]
     if args.threads:
         arguments += ["--threads", str(args.threads)]
-    return common.run_module_json("bench.step_overhead", arguments, timeout=1800)
+    env = None
+    if memory_pass:
+        arguments.append("--memory-pass")
+        env = common.EXACT_RSS_ENV if torch.device(args.device).type == "cpu" else None
+    return common.run_module_json("bench.step_overhead", arguments, timeout=1800, env_overrides=env)
 
 
-def summarize(runs: dict[str, list[dict]], basis: str) -> list[dict]:
+def peak_growth_mb(result: dict) -> float:
+    """The memory figure of one run: CUDA allocator peak, or the exact peak-RSS growth."""
+    return result["cuda_peak_growth_mb"] if result["cuda_peak_growth_mb"] is not None else result["max_rss_growth_mb"]
+
+
+def summarize(runs: dict[str, list[dict]], memory_runs: dict[str, list[dict]], basis: str) -> list[dict]:
     rows = []
     for variant, results in runs.items():
+        memory = [peak_growth_mb(r) for r in memory_runs[variant]]
         walls = [t for r in results for t in r["step_wall_s"]]
         cpus = [t for r in results for t in r["step_cpu_s"]]
         restarts = [t for r in results for t in r["restart_s"]]
@@ -271,8 +295,8 @@ def summarize(runs: dict[str, list[dict]], basis: str) -> list[dict]:
             "steps": len(walls),
             "trainable_params": results[0]["trainable_params"],
             "adapted_layers": results[0]["adapted_layers"],
-            "peak_growth_mb": statistics.median(r["peak_growth_mb"] for r in results),
-            "max_rss_mb": statistics.median(r["max_rss_mb"] for r in results),
+            "peak_growth_mb": statistics.median(memory),
+            "memory_runs_mb": memory,
             "restarts": sum(r["restarts"] for r in results),
             "restart_ms": statistics.median(restarts) * 1e3 if restarts else None,
         })
@@ -289,6 +313,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     parser.add_argument("--variant", choices=VARIANTS, default=None,
                         help="run one variant in this process and print its JSON (used by the orchestrator)")
     parser.add_argument("--size", choices=tuple(SIZES), default=None, help=argparse_size_help())
+    parser.add_argument("--memory-pass", action="store_true",
+                        help="with --variant: the short memory run (start it under common.EXACT_RSS_ENV)")
     parser.add_argument("--in-process", action="store_true",
                         help="run the variants in this process (fast, but memory figures are then not comparable)")
     args = parser.parse_args(argv)
@@ -297,7 +323,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     size = SIZES[args.size]
 
     if args.variant:
-        print(json.dumps(run_variant(args.variant, size, device)), flush=True)
+        print(json.dumps(run_variant(args.variant, size, device, args.memory_pass)), flush=True)
         return {}
 
     machine_before = common.machine_info(device)
@@ -313,13 +339,20 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
             result = run_variant(variant, size, device) if in_process else variant_in_subprocess(variant, args)
             runs[variant].append(result)
             print(f"  {variant}: median step {statistics.median(result['step_wall_s']) * 1e3:.1f} ms", flush=True)
-    rows = summarize(runs, basis)
+    memory_runs: dict[str, list[dict]] = {v: [] for v in VARIANTS}
+    for _ in range(1 if args.smoke or args.mode == "quick" else 2):
+        for variant in VARIANTS:
+            result = (run_variant(variant, size, device, memory_pass=True) if in_process
+                      else variant_in_subprocess(variant, args, memory_pass=True))
+            memory_runs[variant].append(result)
+            print(f"  {variant}: peak memory growth {peak_growth_mb(result):.1f} MiB", flush=True)
+    rows = summarize(runs, memory_runs, basis)
     capture = capture_cost(calls=200 if args.smoke else 2000, rounds=1 if args.smoke else 5)
     aclora = next(r for r in rows if r["variant"] == "aclora")
     capture_share = capture["capture overhead per step"] / (aclora["step_ms"] * 1e3)
 
     machine = common.machine_info(device)
-    memory_label = "CUDA max allocated growth MiB" if device.type == "cuda" else "peak RSS growth MiB"
+    memory_label = "CUDA max allocated growth MiB" if device.type == "cuda" else "peak RSS growth MiB (exact pass)"
     common.print_table(
         f"Step time and memory, U-Net LoRA at rank {size.rank} — {common.describe_machine(machine)}", rows,
         ["variant", "step_ms", "step_cpu_ms", "step_x_peft", "steps", "peak_growth_mb", "memory_minus_peft_mb",
@@ -343,7 +376,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     common.print_table("Targets", targets, ["variant", "step time", "memory"])
     if in_process:
         print("In-process run (smoke or --in-process): memory figures are not comparable between variants.")
-    result = common.payload(NAME, args, device, size=size.__dict__, rows=rows, runs=runs, capture_us=capture,
+    result = common.payload(NAME, args, device, size=size.__dict__, rows=rows, runs=runs, memory_runs=memory_runs,
+                            capture_us=capture,
                             capture_share_of_step=capture_share, ratio_basis=basis, targets=targets,
                             in_process=in_process, machine_before=machine_before)
     common.write_json(NAME, result, args.out)

@@ -85,3 +85,9 @@ def test_sdxl_24gb_without_cuda_runs_the_smoke_path_and_says_vram_was_not_measur
     assert len({row["trainable_params"] for row in rows.values()}) == 1
     assert all(row["peak_reserved_gb"] is None for row in rows.values())
     assert rows["aclora"]["restart_ms"] > 0 and rows["aclora"]["export_ms"] > 0
+    # under gradient checkpointing every variant trains the same parameters: all of the U-Net's
+    # LoRA, and the text encoders' except te1's last layer (SDXL reads its penultimate output)
+    learning = [row["params_with_gradient"] for row in rows.values()]
+    assert all(g == learning[0] for g in learning)
+    assert learning[0]["unet"] == rows["aclora"]["params"]["unet"]
+    assert 0 < learning[0]["te"] < rows["aclora"]["params"]["te"]
