@@ -91,3 +91,32 @@ def test_sdxl_24gb_without_cuda_runs_the_smoke_path_and_says_vram_was_not_measur
     assert all(g == learning[0] for g in learning)
     assert learning[0]["unet"] == rows["aclora"]["params"]["unet"]
     assert 0 < learning[0]["te"] < rows["aclora"]["params"]["te"]
+
+
+QUALITY_ROWS = {"LoRA rank 2", "LoRA rank 32", "AC-LoRA paper R=32", "AC-LoRA product R=32", "AdaLoRA init_r=32 target_r=8"}
+
+
+def _goal_is_judged_against_the_sweep(summary: dict) -> None:
+    fixed = {row["method"]: row["heldout_mean"] for row in summary["table"] if row["kind"] == "lora"}
+    best = min(fixed.values())
+    for method, goal in summary["goals"].items():
+        assert goal["best_fixed"] == pytest.approx(best)
+        assert goal["ratio_to_best"] == pytest.approx(goal["heldout"] / best)
+        assert goal["within_5pct_of_best"] == (goal["heldout"] <= 1.05 * best)
+
+
+def test_quality_lowrank_scores_every_row_and_judges_the_goal_against_the_sweep(tmp_path):
+    from bench import quality_lowrank
+
+    summary = run_smoke(quality_lowrank, tmp_path)["summary"]
+    assert QUALITY_ROWS <= {row["method"] for row in summary["table"]}
+    _goal_is_judged_against_the_sweep(summary)
+
+
+def test_quality_diffusion_scores_every_row_by_feature_distance_and_denoising_loss(tmp_path):
+    from bench import quality_diffusion
+
+    summary = run_smoke(quality_diffusion, tmp_path)["summary"]
+    for metric in ("fd", "denoise"):
+        assert QUALITY_ROWS <= {row["method"] for row in summary[metric]["table"]}
+        _goal_is_judged_against_the_sweep(summary[metric])
