@@ -51,7 +51,6 @@ the raw training network.
 from __future__ import annotations
 
 import copy
-import logging
 import math
 import os
 import statistics
@@ -69,7 +68,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from aclora_ext import tiny  # noqa: E402
 from aclora_ext.factory import attach, create_network_from_weights  # noqa: E402
 from bench import common  # noqa: E402
-from bench.quality_lowrank import (Method, factor_rank_diagnostic, methods, orthogonality_penalty,  # noqa: E402
+from bench.quality_lowrank import (Method, factor_rank_diagnostic, methods, orthogonality_penalty, parse_quality_args,  # noqa: E402
                                    summarise)
 
 NAME = "quality_diffusion"
@@ -351,14 +350,7 @@ def train_adalora(scene: Scene, method: Method, settings: Settings, workdir: str
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     p = common.parser(__doc__.split("\n\n")[0])
     p.add_argument("--seeds", type=int, default=None, help="seeds (new styles) per method (quick 2, full 5)")
-    args = p.parse_args(argv)
-    if args.threads is None:
-        args.threads = 1  # fastest for these small models, and steadier on a shared machine
-    common.setup(args)
-    logging.basicConfig(level=logging.WARNING)
-    logging.getLogger("aclora_ext").setLevel(logging.ERROR)
-    quick = args.mode == "quick" or args.smoke
-    seeds = list(range(args.seeds if args.seeds else 1 if args.smoke else 2 if quick else 5))
+    args, quick, seeds = parse_quality_args(p, argv)
     if args.smoke:
         settings = Settings(pretrain_steps=5, epochs=2, samples=16, sampling_steps=2, classifier_steps=5,
                             heldout=16)

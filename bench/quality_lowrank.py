@@ -473,11 +473,8 @@ def print_tables(summary: dict, runs: list[dict], planted: Sequence[int], info: 
     return text
 
 
-def main(argv: Optional[Sequence[str]] = None) -> dict:
-    p = common.parser(__doc__.split("\n\n")[0])
-    p.add_argument("--seeds", type=int, default=None, help="seeds per method (quick 2, full 5)")
-    p.add_argument("--loss-floor", type=float, default=TaskConfig.loss_floor,
-                   help="irreducible target noise, relative to the clean outputs (0 = none)")
+def parse_quality_args(p, argv: Optional[Sequence[str]]):
+    """Parse a quality benchmark's arguments, one torch thread unless told, quiet logs: (args, quick, seeds)."""
     args = p.parse_args(argv)
     if args.threads is None:
         args.threads = 1  # fastest for these small models, and steadier on a shared machine
@@ -486,6 +483,15 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     logging.getLogger("aclora_ext").setLevel(logging.ERROR)
     quick = args.mode == "quick" or args.smoke
     seeds = list(range(args.seeds if args.seeds else 1 if args.smoke else 2 if quick else 5))
+    return args, quick, seeds
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict:
+    p = common.parser(__doc__.split("\n\n")[0])
+    p.add_argument("--seeds", type=int, default=None, help="seeds per method (quick 2, full 5)")
+    p.add_argument("--loss-floor", type=float, default=TaskConfig.loss_floor,
+                   help="irreducible target noise, relative to the clean outputs (0 = none)")
+    args, quick, seeds = parse_quality_args(p, argv)
     sweep = [2, 32] if args.smoke else [2, 8, 32, 128] if quick else [2, 4, 8, 16, 32, 64, 128]
     max_rank = 32 if args.smoke else 128
     adalora = {"init_r": 32, "target_r": 8, "tinit": 0.1, "tfinal": 0.3, "deltaT": 5, "orth_reg_weight": 0.5}
