@@ -123,6 +123,7 @@ def attach(model: nn.Module, max_rank: int = DEFAULT_MAX_RANK, alpha: Optional[f
     ranks = {t.lora_name: rank for t in targets}
     alphas = {t.lora_name: alpha_value for t in targets}
     network = ACLoRANetwork(targets, ranks, alphas, multiplier, config)
+    network.to(targets[0].layer.weight.device)  # the factors live beside the layers (they stay float32)
     network.apply_to(None, None, True, True)
     return network
 
