@@ -105,7 +105,8 @@ class ACLoRANetwork(nn.Module):
         n = len(self.loras)
         self.register_buffer("aclora_clock", torch.zeros(schedule.Clock.size(), dtype=torch.int64))
         self.register_buffer("aclora_ranks", torch.zeros(n, dtype=torch.int64))
-        self.register_buffer("aclora_history_ranks", torch.zeros(HISTORY_CAPACITY, n, dtype=torch.int16))
+        # int32, not int16: NCCL (DDP broadcasts buffers at start-up) has no 16-bit integer type
+        self.register_buffer("aclora_history_ranks", torch.zeros(HISTORY_CAPACITY, n, dtype=torch.int32))
         self.register_buffer("aclora_history_stats", torch.zeros(HISTORY_CAPACITY, 8, dtype=torch.int64))
         # the loss sums since the last RESTART (float64 bit patterns), so a resumed run's next L is the same
         self.register_buffer("aclora_loss", torch.zeros(3, dtype=torch.int64))
@@ -116,7 +117,7 @@ class ACLoRANetwork(nn.Module):
         self.aclora_history_ranks.zero_()
         self.aclora_history_stats.zero_()
         for row, entry in enumerate(self.history[-HISTORY_CAPACITY:]):
-            self.aclora_history_ranks[row] = torch.tensor(entry["ranks"], dtype=torch.int16)
+            self.aclora_history_ranks[row] = torch.tensor(entry["ranks"], dtype=torch.int32)
             self.aclora_history_stats[row] = torch.tensor([
                 entry["index"], entry["epoch"], entry["step"], round(entry["p"] * FIXED_POINT),
                 -1 if entry["loss"] is None else round(entry["loss"] * FIXED_POINT),

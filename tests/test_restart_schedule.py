@@ -524,3 +524,11 @@ def test_contradictory_options_are_refused_by_name(options, names):
     with pytest.raises(OptionError) as error:
         make_network(**options)
     assert all(n in str(error.value) for n in names)
+
+
+def test_the_resumable_state_uses_only_dtypes_nccl_can_broadcast():
+    """DDP broadcasts every buffer at start-up; NCCL has no int16 (or other exotic) type."""
+    nccl_types = {torch.int8, torch.uint8, torch.int32, torch.int64, torch.float16, torch.float32, torch.float64,
+                  torch.bfloat16, torch.bool}
+    _, network = make_network()
+    assert {buffer.dtype for buffer in network.buffers()} <= nccl_types
