@@ -526,7 +526,9 @@ class ACLoRANetwork(nn.Module):
         meta = dict(metadata or {})
         meta.update(ours)
         ranks = json.loads(ours["aclora_ranks"])
-        if len(set(ranks.values())) > 1:
+        # sd-scripts wrote the training dim/alpha; they no longer describe a file whose ranks vary or
+        # were all cut below the maximum (e.g. every module at min_rank after a p = 0 RESTART)
+        if len(set(ranks.values())) > 1 or any(ranks[m.lora_name] != m.rank for m in self.loras):
             meta["ss_network_dim"] = "Dynamic"
             meta["ss_network_alpha"] = "Dynamic"
         save_state_dict(file, tensors, meta)

@@ -110,6 +110,24 @@ def test_metadata_explains_the_file(saved):
     assert (meta["aclora_max_rank"], meta["aclora_conv_max_rank"]) == (str(MAX_RANK), str(CONV_RANK))
 
 
+def test_a_file_cut_to_one_rank_below_the_maximum_is_dynamic_not_the_training_dim(tmp_path, sd1_models,
+                                                                                   planted_network):
+    """A p ~ 0 RESTART (a clamped high-loss p) leaves every module at min_rank: one rank, but not
+    sd-scripts' --network_dim, so its ss_network_dim/alpha must not survive; an untruncated file keeps them."""
+    trained_dims = {"ss_network_dim": str(MAX_RANK), "ss_network_alpha": "4.0"}
+    cut, _ = planted_network(sd1_models, max_rank=MAX_RANK, ps=(1e-9,))
+    cut_path = tmp_path / "cut.safetensors"
+    assert cut.save_weights(str(cut_path), None, trained_dims)
+    assert set(json.loads(safe_open(str(cut_path), "pt").metadata()["aclora_ranks"]).values()) == {1}
+    plain, _ = planted_network(sd1_models, max_rank=MAX_RANK, ps=(), restart_mode="off")
+    plain_path = tmp_path / "plain.safetensors"
+    assert plain.save_weights(str(plain_path), None, trained_dims)
+    for path, (dim, alpha) in [(cut_path, ("Dynamic", "Dynamic")), (plain_path, (str(MAX_RANK), "4.0"))]:
+        with safe_open(str(path), "pt") as fh:
+            meta = fh.metadata()
+        assert (meta["ss_network_dim"], meta["ss_network_alpha"]) == (dim, alpha), path.name
+
+
 def test_truncation_error_in_metadata_matches_an_independent_svd(saved):
     network, _, path = saved
     with safe_open(str(path), "pt") as fh:
