@@ -69,7 +69,7 @@ from aclora_ext import tiny  # noqa: E402
 from aclora_ext.factory import attach, create_network_from_weights  # noqa: E402
 from bench import common  # noqa: E402
 from bench.quality_lowrank import (Method, factor_rank_diagnostic, methods, orthogonality_penalty, parse_quality_args,  # noqa: E402
-                                   summarise)
+                                   summarise, train_with_restarts)
 
 NAME = "quality_diffusion"
 TARGETS = ("*.transformer_blocks.*",)  # the Linear layers inside the transformer blocks
@@ -268,21 +268,10 @@ def train_ours(scene: Scene, method: Method, settings: Settings, workdir: str) -
         options["restart_mode"] = "off"
     network = attach(unet, max_rank=method.rank, alpha=float(method.rank), include=TARGETS, prefix="lora_unet",
                      **options)
-    network.set_training_length(total_epochs=settings.epochs)
-    optimizer = torch.optim.AdamW(network.parameters(), lr=settings.lr, weight_decay=0.0)
-    g = torch.Generator().manual_seed(scene.seed + 104729)
-    losses = []
-    start = time.perf_counter()
-    for _ in range(settings.epochs):
-        network.on_epoch_start()
-        for idx in torch.randperm(N_TRAIN, generator=g).split(settings.batch):
-            loss = denoising_loss(unet, scene.train[idx], scene.trigger.expand(len(idx), -1, -1), g)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            network.record_loss(loss.detach())
-            losses.append(loss.detach())
-    seconds = time.perf_counter() - start
+    losses, seconds = train_with_restarts(
+        network, settings.epochs, settings.lr, scene.seed,
+        lambda g: torch.randperm(N_TRAIN, generator=g).split(settings.batch),
+        lambda idx, g: denoising_loss(unet, scene.train[idx], scene.trigger.expand(len(idx), -1, -1), g))
     network.eval()
     raw = score(scene, unet, settings)
     path = os.path.join(workdir, f"run-{scene.seed}.safetensors")

@@ -211,6 +211,26 @@ def step_loss(model: nn.Module, task: Task, idx: torch.Tensor, g: torch.Generato
     return (model(x) - y).pow(2).mean() / task.scale
 
 
+def train_with_restarts(network, epochs: int, lr: float, seed: int, batches_of, loss_of) -> tuple[list, float]:
+    """The loop both quality benchmarks train our network with: AdamW, one ``record_loss`` per
+    optimizer step, ``on_epoch_start`` per epoch (RESTARTs run there). Returns (losses, seconds)."""
+    network.set_training_length(total_epochs=epochs)
+    optimizer = torch.optim.AdamW(network.parameters(), lr=lr, weight_decay=0.0)
+    g = torch.Generator().manual_seed(seed + 104729)
+    losses = []
+    start = time.perf_counter()
+    for _ in range(epochs):
+        network.on_epoch_start()
+        for idx in batches_of(g):
+            loss = loss_of(idx, g)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            network.record_loss(loss.detach())
+            losses.append(loss.detach())
+    return losses, time.perf_counter() - start
+
+
 def train_aclora(task: Task, method: Method, seed: int, train: TrainConfig, workdir: str) -> dict:
     """Fixed-rank LoRA (restart_mode=off) or AC-LoRA, through ``aclora_ext.attach``; evaluated from the saved file."""
     base = BaseModel(task.base)
@@ -219,21 +239,9 @@ def train_aclora(task: Task, method: Method, seed: int, train: TrainConfig, work
     if method.kind == "lora":
         options["restart_mode"] = "off"
     network = attach(base, max_rank=method.rank, alpha=float(method.rank), **options)
-    network.set_training_length(total_epochs=train.epochs)
-    optimizer = torch.optim.AdamW(network.parameters(), lr=train.lr, weight_decay=0.0)
-    g = torch.Generator().manual_seed(seed + 104729)
-    losses = []
-    start = time.perf_counter()
-    for _ in range(train.epochs):
-        network.on_epoch_start()
-        for idx in batches(g, task.config.samples, train.samples_per_step):
-            loss = step_loss(base, task, idx, g)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            network.record_loss(loss.detach())
-            losses.append(loss.detach())
-    seconds = time.perf_counter() - start
+    losses, seconds = train_with_restarts(network, train.epochs, train.lr, seed,
+                                          lambda g: batches(g, task.config.samples, train.samples_per_step),
+                                          lambda idx, g: step_loss(base, task, idx, g))
     network.eval()
     with torch.no_grad():
         raw = float((base(task.test_x) - task.test_y).pow(2).mean()) / task.scale
