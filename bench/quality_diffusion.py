@@ -68,8 +68,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from aclora_ext import tiny  # noqa: E402
 from aclora_ext.factory import attach, create_network_from_weights  # noqa: E402
 from bench import common  # noqa: E402
-from bench.quality_lowrank import (Method, factor_rank_diagnostic, methods, orthogonality_penalty, parse_quality_args,  # noqa: E402
-                                   summarise, train_with_restarts)
+from bench.quality_lowrank import (Method, factor_rank_diagnostic, methods, parse_quality_args,  # noqa: E402
+                                   summarise, train_adalora_loop, train_with_restarts)
 
 NAME = "quality_diffusion"
 TARGETS = ("*.transformer_blocks.*",)  # the Linear layers inside the transformer blocks
@@ -310,22 +310,11 @@ def train_adalora(scene: Scene, method: Method, settings: Settings, workdir: str
                            deltaT=options["deltaT"], total_step=steps, target_modules=names, lora_dropout=0.0,
                            orth_reg_weight=options["orth_reg_weight"])
     model = get_peft_model(unet, config)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=settings.lr, weight_decay=0.0)
-    g = torch.Generator().manual_seed(scene.seed + 104729)
     inner = model.base_model.model
-    losses = []
-    step = 0
-    start = time.perf_counter()
-    for _ in range(settings.epochs):
-        for idx in torch.randperm(N_TRAIN, generator=g).split(settings.batch):
-            loss = denoising_loss(inner, scene.train[idx], scene.trigger.expand(len(idx), -1, -1), g)
-            (loss + orthogonality_penalty(model) * options["orth_reg_weight"]).backward()
-            optimizer.step()
-            model.base_model.update_and_allocate(step)
-            optimizer.zero_grad(set_to_none=True)
-            losses.append(loss.detach())
-            step += 1
-    seconds = time.perf_counter() - start
+    losses, seconds = train_adalora_loop(
+        model, settings.epochs, settings.lr, scene.seed, options["orth_reg_weight"],
+        lambda g: torch.randperm(N_TRAIN, generator=g).split(settings.batch),
+        lambda idx, g: denoising_loss(inner, scene.train[idx], scene.trigger.expand(len(idx), -1, -1), g))
     model.eval()
     result = score(scene, inner, settings)
     ranks = [int((m.lora_E["default"] != 0).sum()) for _, m in inner.named_modules() if hasattr(m, "lora_E")]

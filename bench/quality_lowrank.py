@@ -231,6 +231,27 @@ def train_with_restarts(network, epochs: int, lr: float, seed: int, batches_of, 
     return losses, time.perf_counter() - start
 
 
+def train_adalora_loop(model, epochs: int, lr: float, seed: int, orth_reg_weight: float, batches_of,
+                       loss_of) -> tuple[list, float]:
+    """The same loop for a peft AdaLoRA model: its orthogonality penalty added to the loss (peft adds it
+    only to a transformers-style ``outputs.loss``) and its rank allocator stepped after each update."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+    g = torch.Generator().manual_seed(seed + 104729)
+    losses = []
+    start = time.perf_counter()
+    step = 0
+    for _ in range(epochs):
+        for idx in batches_of(g):
+            loss = loss_of(idx, g)
+            (loss + orth_reg_weight * orthogonality_penalty(model)).backward()
+            optimizer.step()
+            model.base_model.update_and_allocate(step)
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.detach())
+            step += 1
+    return losses, time.perf_counter() - start
+
+
 def train_aclora(task: Task, method: Method, seed: int, train: TrainConfig, workdir: str) -> dict:
     """Fixed-rank LoRA (restart_mode=off) or AC-LoRA, through ``aclora_ext.attach``; evaluated from the saved file."""
     base = BaseModel(task.base)
@@ -335,21 +356,9 @@ def train_adalora(task: Task, method: Method, seed: int, train: TrainConfig, wor
         orth_reg_weight=options["orth_reg_weight"])
     model = get_peft_model(BaseModel(task.base), config)
     inner = model.base_model.model
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=train.lr, weight_decay=0.0)
-    g = torch.Generator().manual_seed(seed + 104729)
-    losses = []
-    step = 0
-    start = time.perf_counter()
-    for _ in range(train.epochs):
-        for idx in batches(g, task.config.samples, train.samples_per_step):
-            loss = step_loss(inner, task, idx, g)
-            (loss + options["orth_reg_weight"] * orthogonality_penalty(model)).backward()
-            optimizer.step()
-            model.base_model.update_and_allocate(step)
-            optimizer.zero_grad(set_to_none=True)
-            losses.append(loss.detach())
-            step += 1
-    seconds = time.perf_counter() - start
+    losses, seconds = train_adalora_loop(model, train.epochs, train.lr, seed, options["orth_reg_weight"],
+                                         lambda g: batches(g, task.config.samples, train.samples_per_step),
+                                         lambda idx, g: step_loss(inner, task, idx, g))
     model.eval()
     with torch.no_grad():
         heldout = float((inner(task.test_x) - task.test_y).pow(2).mean()) / task.scale
