@@ -48,7 +48,7 @@ class LossMeter:
         self._bad += (~finite).double()
 
     def state(self) -> torch.Tensor:
-        """(sum, count, non-finite count) as a float64 tensor, for the resumable state (a host sync)."""
+        """(sum, count, non-finite count) as a float64 tensor (on the loss's device; CPU zeros before any loss)."""
         if self._sum is None:
             return torch.zeros(3, dtype=torch.float64)
         return torch.stack([self._sum, self._count, self._bad])
@@ -64,11 +64,7 @@ class LossMeter:
 
         This is the one host sync of a RESTART's loss bookkeeping.
         """
-        device = self._sum.device if self._sum is not None else torch.device("cpu")
-        totals = torch.zeros(3, dtype=torch.float64, device=device)
-        if self._sum is not None:
-            totals = torch.stack([self._sum, self._count, self._bad])
-        totals = all_reduce_sum(totals)
+        totals = all_reduce_sum(self.state())
         total, count, bad = totals.tolist()
         return (total / count if count > 0 else None), int(count), int(bad)
 
