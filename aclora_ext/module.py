@@ -4,6 +4,12 @@ Same parameters, buffer and forward as kohya's networks.lora ``LoRAModule``
 (``lora_down``, ``lora_up``, ``alpha``; y = W0 x + multiplier * alpha/r *
 up(down(x))), so state dicts are interchangeable. The original module stays in
 the model; only its ``forward`` is replaced.
+
+The forward reads no tensor back to the host: on a GPU every such read
+(``.item()``, ``float(t)``, ``bool(t)``) waits for the device, and a U-Net
+forward runs it once per module. So the scale is a Python float kept beside the
+``alpha`` buffer (which files and ``--save_state`` carry), and the module
+dropout is drawn on the CPU.
 """
 
 from __future__ import annotations
@@ -20,6 +26,11 @@ def is_targetable(layer: nn.Module) -> bool:
     if isinstance(layer, nn.Linear):
         return True
     return isinstance(layer, nn.Conv2d) and layer.groups == 1
+
+
+def effective_alpha(alpha: Optional[float], rank: int) -> float:
+    """alpha as networks.lora reads it: None or 0 means the rank (scale 1)."""
+    return float(rank) if alpha is None or float(alpha) == 0 else float(alpha)
 
 
 class ACLoRAModule(nn.Module):
@@ -53,8 +64,9 @@ class ACLoRAModule(nn.Module):
             self.lora_down = nn.Linear(in_dim, rank, bias=False)
             self.lora_up = nn.Linear(rank, out_dim, bias=False)
         self.in_dim, self.out_dim = in_dim, out_dim
-        alpha = float(rank) if alpha is None or float(alpha) == 0 else float(alpha)
+        alpha = effective_alpha(alpha, self.rank)
         self.register_buffer("alpha", torch.tensor(alpha))
+        self._alpha = alpha  # the buffer's value as a Python number (set_alpha and loading keep them equal)
         nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_up.weight)
         self.multiplier = multiplier
@@ -72,7 +84,29 @@ class ACLoRAModule(nn.Module):
 
     @property
     def scale(self) -> float:
-        return float(self.alpha) / self.rank
+        """alpha / rank, from Python numbers: follows ``rank`` and ``set_alpha`` without touching a tensor."""
+        return self._alpha / self.rank
+
+    @property
+    def alpha_value(self) -> float:
+        """The alpha the scale uses (the buffer's value, read when it was set or loaded)."""
+        return self._alpha
+
+    def set_alpha(self, alpha: Optional[float]) -> None:
+        """Change alpha: the buffer (what files and states carry) and the scale together (None or 0: the rank)."""
+        value = effective_alpha(alpha, self.rank)
+        with torch.no_grad():
+            self.alpha.fill_(value)
+        self._alpha = value
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):  # noqa: D401 - torch hook
+        """load_state_dict (--resume, accelerate's load_state) sets the buffer: the scale follows it here."""
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        value = state_dict.get(prefix + "alpha")
+        if isinstance(value, torch.Tensor) and value.numel() == 1 and value.device.type != "meta":
+            self._alpha = effective_alpha(float(value), self.rank)  # once per load, never per step
 
     def apply_to(self) -> None:
         """Route the original layer's forward through this module (idempotent)."""
@@ -90,7 +124,8 @@ class ACLoRAModule(nn.Module):
         base = self._org_forward(x)
         if not self.enabled or self.multiplier == 0:
             return base
-        if self.module_dropout and self.training and torch.rand(1).item() < self.module_dropout:
+        # drawn on the CPU (reading a CPU tensor does not wait for the device), like networks.lora
+        if self.module_dropout and self.training and torch.rand((), device="cpu").item() < self.module_dropout:
             return base
         hidden = self.lora_down(x.to(self.lora_down.weight.dtype))
         if self.dropout and self.training:
