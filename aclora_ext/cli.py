@@ -3,6 +3,8 @@
 ``aclora inspect FILE [--json] [--plot OUT.png]``: the rank report of a LoRA
 file (AC-LoRA or plain kohya). ``aclora demo [...]``: a tiny end-to-end run on
 synthetic data that ends with that report (see ``aclora demo --help``).
+``aclora vram [...]``: the peak GPU memory of a training set-up, estimated on
+the meta device from an sd-scripts config or its arguments (``aclora vram --help``).
 ``aclora options``: every ``--network_args`` option with its default and range.
 A file that cannot be read gives one line on stderr and exit status 1.
 """
@@ -33,6 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("options", help="list every --network_args option (a Markdown table, as in the README)")
     commands.add_parser("demo", add_help=False,
                         help="train a tiny AC-LoRA on synthetic data and show its rank report (aclora demo --help)")
+    commands.add_parser("vram", add_help=False,
+                        help="estimate the peak GPU memory of a training set-up, without a GPU (aclora vram --help)")
     return parser
 
 
@@ -42,6 +46,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from . import demo  # heavy (diffusers, transformers): only when asked for
 
         return demo.main(argv[1:])
+    if argv[:1] == ["vram"]:
+        from . import vram  # builds the models with diffusers and transformers: only when asked for
+
+        return vram.main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         if args.command == "options":

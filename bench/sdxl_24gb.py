@@ -19,6 +19,11 @@ over the training steps (weights, LoRA, optimizer state, activations; the
 CUDA context, ~0.3-0.5 GB more on nvidia-smi, is not included). Targets: peak
 under 22.5 GB (the paper's RTX 3090 figure) and a step within 2% of plain LoRA.
 
+On CUDA with the real architecture the script also runs ``aclora vram``'s
+estimate of each set-up (on the meta device, in this process: about half a
+minute each on a CPU) and records its error against the measured
+``max_memory_allocated`` (and, with its margin, against ``max_memory_reserved``).
+
 Without a CUDA device the script runs the same code on the tiny SDXL-like
 models at a small latent size (a smoke test) and says that it measured no VRAM.
 
@@ -249,6 +254,35 @@ def run_variant(variant: str, setup: str, profile: Profile, device: torch.device
     return result
 
 
+def estimated(setup: str, profile: Profile) -> dict:
+    """``aclora vram``'s estimate of one set-up of this benchmark: the same architecture, image size, rank, dtypes
+    (bf16 weights and autocast, fp32 LoRA), checkpointing and AdamW; text encoders run every step (frozen for
+    "unet"); no gradient clipping, as in ``run_variant``."""
+    from aclora_ext import vram
+
+    size = profile.latent * 8
+    result = vram.estimate(vram.Setup(
+        family="sdxl", width=size, height=size, batch_size=1, rank=profile.rank, alpha=profile.alpha,
+        mixed_precision="bf16", gradient_checkpointing=True, train_text_encoder=setup == "unet+te",
+        optimizer="AdamW", max_grad_norm=0.0, cache_latents=True, attention="sdpa"))
+    return result.as_dict() | {"peak_gb": result.peak_bytes / 1e9, "with_margin_gb": result.with_margin_bytes / 1e9}
+
+
+def estimate_errors(rows: list[dict], estimates: dict[str, dict]) -> list[dict]:
+    """One row per set-up: the estimate against the measured peaks of the AC-LoRA variants (relative errors)."""
+    table = []
+    for row in rows:
+        estimate = estimates.get(row["setup"])
+        if estimate is None or row["variant"] == "peft" or row.get("peak_allocated_gb") is None:
+            continue
+        row["estimate_gb"] = estimate["peak_gb"]
+        row["estimate_error"] = (estimate["peak_gb"] - row["peak_allocated_gb"]) / row["peak_allocated_gb"]
+        row["estimate_with_margin_error"] = (estimate["with_margin_gb"] - row["peak_reserved_gb"]) / row["peak_reserved_gb"]
+        table.append({k: row[k] for k in ("setup", "variant", "estimate_gb", "peak_allocated_gb", "estimate_error",
+                                          "peak_reserved_gb", "estimate_with_margin_error")})
+    return table
+
+
 # --- orchestration -------------------------------------------------------------------------------------------------------
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     parser = common.parser(__doc__.splitlines()[0])
@@ -283,6 +317,12 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         print(f"{NO_VRAM}: a CPU run of {models} at {profile.latent}x{profile.latent} latents, which checks the "
               "code path; its step times say nothing about SDXL on a GPU.")
     setups = SETUPS if (args.mode == "full" or cuda) and not args.smoke else ("unet+te",)
+    estimates = {}
+    if cuda and profile.models == "sdxl":
+        for setup in setups:
+            estimates[setup] = estimated(setup, profile)
+            print(f"  {setup}: aclora vram estimates a peak of {estimates[setup]['peak_gb']:.2f} GB allocated",
+                  flush=True)
     rows = []
     for setup in setups:
         for variant in VARIANTS:
@@ -317,6 +357,13 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
          "trainable_params", "restart_ms", "export_ms"],
         ["LoRA on", "variant", "step ms (median)", "x plain LoRA (restart off)", "x peft", "peak allocated GB",
          "peak reserved GB", "trainable params", "RESTART ms", "export ms"])
+    errors = estimate_errors(rows, estimates)
+    if errors:
+        common.print_table("aclora vram's estimate against the measured peak", errors,
+                           ["setup", "variant", "estimate_gb", "peak_allocated_gb", "estimate_error", "peak_reserved_gb",
+                            "estimate_with_margin_error"],
+                           ["LoRA on", "variant", "estimate GB", "measured allocated GB", "error",
+                            "measured reserved GB", "error of the estimate with its margin"])
     sdxl_step = None
     targets = []
     if cuda and profile.models == "sdxl":
@@ -334,7 +381,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     else:
         print(NO_VRAM + "." if not cuda else "Targets apply to --profile sdxl only.")
     result = common.payload(NAME, args, device, profile=profile.__dict__, rows=rows, targets=targets,
-                            vram_measured=cuda, sdxl_step_seconds=sdxl_step, machine_before=machine_before)
+                            vram_measured=cuda, sdxl_step_seconds=sdxl_step, machine_before=machine_before,
+                            estimates=estimates, estimate_errors=errors)
     common.write_json(NAME, result, args.out)
     return result
 

@@ -1,7 +1,9 @@
-"""On a CUDA device: the training hot path never synchronises, and RESTART decides as on the CPU.
+"""On a CUDA device: the training hot path never synchronises, RESTART decides as on the CPU, and
+``aclora vram``'s count matches the memory a step takes.
 
 These tests skip cleanly on machines without CUDA (CI has none); run them
-where a GPU is available.
+where a GPU is available. Without one, tests/test_meta_step.py checks the same
+step for host reads on the meta device.
 """
 
 from __future__ import annotations
@@ -74,3 +76,56 @@ def test_a_paper_mode_restart_runs_on_the_gpu_without_leaving_it():
     report = network.restart(p=0.9)
     assert all(1 <= k <= 16 for k in report.ranks.values())
     assert all(p.device.type == "cuda" and bool(torch.isfinite(p).all()) for p in network.parameters())
+
+
+# --- the training step: no synchronisation, and the memory aclora vram predicts -------------------------------------------
+def tiny_sdxl_step_on_cuda(**setup_changes):
+    from aclora_ext import tiny, vram
+
+    models = tiny.sdxl_models(seed=0)
+    cuda = vram.Models("sdxl", models["unet"].to("cuda"), [te.to("cuda") for te in models["text_encoders"]])
+    setup = vram.Setup(family="sdxl", width=64, height=64, rank=8, alpha=4, train_text_encoder=True, **setup_changes)
+    vram.prepare_models(cuda, setup)
+    return vram.TrainingStep(cuda, setup, "cuda")
+
+
+@pytest.mark.parametrize("mode", ["paper", "product"])
+def test_training_steps_on_the_gpu_never_synchronise(mode):
+    """sd-scripts' step (bf16 autocast, checkpointing, both text encoders trained, accelerate's backward, clipping,
+    AdamW as --optimizer_type AdamW builds it), with dropouts on, under CUDA's sync debug mode."""
+    run = tiny_sdxl_step_on_cuda(network_args=(("restart_mode", mode), ("dropout", "0.1"), ("rank_dropout", "0.1"),
+                                               ("module_dropout", "0.1")))
+    try:
+        run.step()  # the first step's one-time set-up (cuBLAS handles, lazy module loading) is not checked
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for _ in range(3):
+                run.step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    finally:
+        run.close()
+    assert run.network.clock.optimizer_steps == 4
+
+
+def test_the_estimate_is_within_ten_percent_of_the_measured_peak_on_sd1_at_512():
+    """The real SD1.x architecture (random weights) on the GPU: aclora vram's count against
+    torch.cuda.max_memory_allocated over one step (the difference: cuDNN/cuBLAS workspaces, allocator rounding)."""
+    from aclora_ext import vram
+
+    setup = vram.Setup(family="sd1", width=512, height=512, batch_size=1, rank=32, alpha=16, mixed_precision="bf16",
+                       gradient_checkpointing=False, train_text_encoder=False, optimizer="AdamW", cache_latents=True)
+    estimate = vram.estimate(setup, measure_restart=False)
+    run = vram.TrainingStep(vram.build_models(setup, device="cuda"), setup, "cuda")
+    try:
+        run.warm_optimizer()
+        run.step()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        run.step()
+        torch.cuda.synchronize()
+        measured = torch.cuda.max_memory_allocated()
+    finally:
+        run.close()
+    assert abs(estimate.peak_bytes - measured) <= 0.10 * measured, (estimate.peak_bytes, measured)

@@ -1,0 +1,232 @@
+"""A whole SDXL training step runs on PyTorch's meta device without reading a device tensor back to the host.
+
+On a GPU every host read in the step (``.item()``, ``float(t)``, ``bool(t)``,
+``.tolist()``, a copy to or from the CPU, an operator whose output shape
+depends on the data) makes the CPU wait for the device. The meta device has
+shapes and no data, so the step runs in seconds on a CPU, and
+:class:`HostReadGuard` (a dispatch mode under every operator of the step,
+forward, checkpointed recomputation, backward and optimizer included) records
+each host read and raises on it, so a read that some code catches and ignores
+is still reported.
+
+The step is ``aclora_ext.vram.TrainingStep``: sd-scripts' order of calls
+(``create_network`` → ``apply_to`` → optimizer groups; per step the network's
+``on_step_start``, the text encoders, the U-Net, ``accelerate``'s
+``Accelerator.backward`` where the network captures the loss, gradient
+clipping on ``get_trainable_params()``, the optional ``update_grad_norms`` /
+``update_norms`` hooks, the optimizer step). A per-step hook added to the
+network later runs inside it, and so inside the guard.
+
+The optimizer is ``torch.optim.AdamW`` as sd-scripts builds it for
+``--optimizer_type AdamW`` on a CUDA device: torch then picks the multi-tensor
+(``foreach``) implementation, not capturable, not fused. Its step counters
+stay on the CPU, so the bias corrections it computes from them read host
+memory only, never the device (what the guard checks); the meta device would
+get the per-tensor loop by default, so the test asks for ``foreach`` as CUDA
+gets it. ``fused=True`` and ``capturable=True`` keep the counters on the
+device and read nothing either, but they are not what users run by default.
+"""
+
+from __future__ import annotations
+
+import traceback
+from dataclasses import dataclass
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from aclora_ext import tiny, vram
+from aclora_ext.module import ACLoRAModule
+from aclora_ext.schedule import LossMeter
+
+aten = torch.ops.aten
+# operators that hand a device tensor's value to the host, or whose output size depends on the data
+READS = {aten._local_scalar_dense, aten.is_nonzero, aten.equal, aten.nonzero, aten.masked_select, aten._unique2,
+         aten.unique_dim, aten.unique_consecutive, aten.repeat_interleave}
+COPIES = {aten._to_copy, aten.copy_, aten._copy_from}
+
+
+class HostReadError(RuntimeError):
+    """A host read in the guarded code."""
+
+
+@dataclass
+class HostRead:
+    op: str
+    where: str
+
+
+def _where() -> str:
+    """The innermost frame of the project (or, failing that, outside torch) that led to the read."""
+    machinery = ("__torch_function__", "__torch_dispatch__", "_where", "<listcomp>", "<genexpr>", "<dictcomp>")
+    frames = [f for f in traceback.extract_stack() if f.name not in machinery]
+    ours = [f for f in frames if "/aclora_ext/" in f.filename or "/networks/" in f.filename or "/tests/" in f.filename]
+    others = [f for f in frames if "/torch/" not in f.filename]
+    frame = (ours or others or frames)[-1]
+    return f"{frame.filename.rsplit('/', 2)[-2]}/{frame.filename.rsplit('/', 1)[-1]}:{frame.lineno} in {frame.name}"
+
+
+class HostReadGuard(TorchDispatchMode):
+    """Record every host read of a tensor that is not on the CPU, and raise HostReadError on it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads: list[HostRead] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if self._reads(func, args, kwargs):
+            read = HostRead(str(func), _where())
+            self.reads.append(read)
+            raise HostReadError(f"host read in the training step: {read.op} at {read.where}")
+        return func(*args, **kwargs)
+
+    @staticmethod
+    def _reads(func, args, kwargs) -> bool:
+        packet = func.overloadpacket
+        if packet in READS:
+            return any(isinstance(t, torch.Tensor) and t.device.type != "cpu" for t in tree_leaves((args, kwargs)))
+        if packet in COPIES:
+            if packet is aten._to_copy:
+                source, target = args[0].device, torch.device(kwargs.get("device") or args[0].device)
+            else:  # copy_(destination, source)
+                target, source = args[0].device, args[1].device
+            # device -> host, and host -> device without non_blocking (a stream synchronisation on CUDA)
+            return (source.type != "cpu") != (target.type != "cpu") and not kwargs.get("non_blocking", False)
+        return False
+
+
+# --- the real SDXL step ------------------------------------------------------------------------------------------------------
+def test_an_sdxl_training_step_at_rank_128_with_both_text_encoders_reads_nothing_back_to_the_host():
+    setup = vram.Setup(family="sdxl", width=1024, height=1024, rank=128, alpha=64, mixed_precision="bf16",
+                       gradient_checkpointing=True, train_text_encoder=True, optimizer="AdamW")
+    models = vram.build_models(setup)
+    run = vram.TrainingStep(models, setup, "meta")
+    network = run.network
+    assert len(network.unet_loras) == tiny.SDXL_UNET_MODULES
+    assert len(network.text_encoder_loras) == tiny.SDXL_TE1_MODULES + tiny.SDXL_TE2_MODULES
+    assert max(m.rank for m in network.loras) == 128
+    assert isinstance(run.optimizer, torch.optim.AdamW) and run.optimizer.defaults["foreach"]
+    assert not run.optimizer.defaults["capturable"] and not run.optimizer.defaults["fused"]
+
+    with HostReadGuard() as guard:
+        run.step()
+
+    assert guard.reads == []
+    # the step went through every part: the loss was captured (the clock counts it there) and AdamW stepped
+    assert network.clock.optimizer_steps == 1
+    # every module got a gradient and an AdamW update, except te1's last layer: SDXL reads te1's penultimate state
+    unused = "lora_te1_text_model_encoder_layers_11_"
+    for m in network.loras:
+        states = [run.optimizer.state.get(p, {}) for p in m.parameters()]
+        if m.lora_name.startswith(unused):
+            assert states == [{}, {}], m.lora_name
+        else:
+            assert all(set(s) == {"exp_avg", "exp_avg_sq", "step"} for s in states), m.lora_name
+            assert all(s["step"].device.type == "cpu" for s in states)  # why AdamW's bias correction reads no device
+
+
+# --- the guard sees a host read wherever it is ---------------------------------------------------------------------------------
+@pytest.fixture
+def tiny_sdxl_step():
+    """The same step on the tiny SDXL-like models (also on meta): seconds, for the checks below."""
+
+    def build(**setup_changes) -> vram.TrainingStep:
+        models = tiny.sdxl_models(seed=0)
+        meta = vram.Models("sdxl", models["unet"].to("meta"), [te.to("meta") for te in models["text_encoders"]])
+        setup = vram.Setup(family="sdxl", width=64, height=64, rank=8, alpha=4, train_text_encoder=True,
+                           **setup_changes)
+        vram.prepare_models(meta, setup)
+        return vram.TrainingStep(meta, setup, "meta")
+
+    return build
+
+
+def guarded_step(run: vram.TrainingStep) -> HostReadGuard:
+    guard = HostReadGuard()
+    with guard:
+        try:
+            run.step()
+        except (HostReadError, RuntimeError, NotImplementedError):
+            pass  # the guard's list says what happened
+    return guard
+
+
+def test_the_tiny_step_alone_reads_nothing_so_the_checks_below_see_only_what_they_inject(tiny_sdxl_step):
+    assert guarded_step(tiny_sdxl_step()).reads == []
+
+
+def test_the_old_scale_read_from_the_alpha_buffer_in_every_forward_is_caught(tiny_sdxl_step, monkeypatch):
+    monkeypatch.setattr(ACLoRAModule, "scale", property(lambda self: float(self.alpha) / self.rank))
+    reads = guarded_step(tiny_sdxl_step()).reads
+    assert reads and reads[0].op.startswith("aten._local_scalar_dense")
+    assert "test_meta_step.py" in reads[0].where  # the lambda above, called from the module's forward
+
+
+def test_a_read_in_on_step_start_is_caught(tiny_sdxl_step):
+    run = tiny_sdxl_step()
+    network = run.network
+    original = network.on_step_start
+
+    def on_step_start(*args):
+        float(sum(p.detach().float().norm() for p in network.parameters()))  # e.g. a statistic logged per step
+        original(*args)
+
+    network.on_step_start = on_step_start
+    reads = guarded_step(run).reads
+    assert [r.op.split(".")[1] for r in reads] == ["_local_scalar_dense"]
+    assert "on_step_start" in reads[0].where
+
+
+def test_a_read_in_the_loss_capture_of_accelerator_backward_is_caught(tiny_sdxl_step, monkeypatch):
+    original = LossMeter.add
+
+    def add(self, loss):
+        if bool(torch.as_tensor(loss).isfinite().all()):
+            original(self, loss)
+
+    monkeypatch.setattr(LossMeter, "add", add)
+    reads = guarded_step(tiny_sdxl_step()).reads
+    assert [r.op.split(".")[1] for r in reads] == ["_local_scalar_dense"]
+    assert "in add" in reads[0].where
+
+
+def test_a_read_in_a_per_step_hook_added_later_is_caught_even_when_the_hook_swallows_the_error(tiny_sdxl_step):
+    run = tiny_sdxl_step()
+
+    def update_grad_norms():  # sd-scripts calls it after clipping when a network has it
+        try:
+            run.network.grad_norm_log = [p.grad.norm().tolist() for p in run.network.parameters()]
+        except Exception:
+            run.network.grad_norm_log = None
+
+    run.network.update_grad_norms = update_grad_norms
+    reads = guarded_step(run).reads
+    assert reads and "update_grad_norms" in reads[0].where
+    assert run.optimizer.state  # the step went on to the optimizer: the read was swallowed, and still reported
+
+
+@pytest.mark.parametrize("copy", ["cpu", "h2d"])
+def test_copies_between_host_and_device_count_as_host_reads(tiny_sdxl_step, copy):
+    run = tiny_sdxl_step()
+    original = run.network.on_step_start
+
+    def on_step_start(*args):
+        p = next(run.network.parameters())
+        if copy == "cpu":
+            p.detach().cpu()
+        else:
+            p.detach().copy_(torch.zeros(p.shape))
+        original(*args)
+
+    run.network.on_step_start = on_step_start
+    reads = guarded_step(run).reads
+    assert len(reads) == 1 and "on_step_start" in reads[0].where
+
+
+def test_dropouts_draw_without_reading_the_device(tiny_sdxl_step):
+    run = tiny_sdxl_step(network_args=(("dropout", "0.1"), ("rank_dropout", "0.2"), ("module_dropout", "0.3")))
+    assert run.network.loras[0].module_dropout == 0.3 and run.network.loras[0].rank_dropout == 0.2
+    assert guarded_step(run).reads == []
