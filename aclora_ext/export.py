@@ -39,9 +39,14 @@ class ExportResult:
     non_finite: list[str]
 
 
-def export_modules(modules: Sequence[ACLoRAModule], ranks: Sequence[int], dtype: torch.dtype | None = None,
-                   budget_bytes: Optional[int] = None) -> ExportResult:
-    """Truncated factors of every module (float32 math, stored in ``dtype``)."""
+def export_modules(modules: Sequence[ACLoRAModule], keeps: Sequence[int | torch.Tensor],
+                   dtype: torch.dtype | None = None, budget_bytes: Optional[int] = None) -> ExportResult:
+    """Truncated factors of every module (float32 math, stored in ``dtype``).
+
+    ``keeps[i]``: module i's rank (its leading components), or a (R,) bool mask
+    over the components of its update in descending order of singular value
+    (the product mode's choice, which need not be a prefix).
+    """
     tensors: dict[str, torch.Tensor] = {}
     out_ranks: dict[str, int] = {}
     errors: dict[str, float] = {}
@@ -57,18 +62,28 @@ def export_modules(modules: Sequence[ACLoRAModule], ranks: Sequence[int], dtype:
                 non_finite += [m.lora_name for m, ok in zip(batch, finite.tolist()) if not ok]
                 if not bool(finite.all()):
                     continue
-                k = torch.tensor([min(max(int(ranks[i]), 1), rank) for i in part], device=down.device)
+                keep = torch.stack([_keep_mask(keeps[i], rank) for i in part]).to(down.device)
+                counts = keep.sum(dim=1).tolist()
                 left, s, right = F.product_svd(down, up)
-                slots = int(k.max())
-                new_down, new_up = F.balanced_factors(left, s, right, k, slots)
-                err = F.truncation_error(s, k)
+                new_down, new_up = F.balanced_factors(left, s, right, keep, int(max(counts)))
+                err = F.truncation_error(s, keep)
                 for j, m in enumerate(batch):
-                    kj = int(k[j])
+                    kj = int(counts[j])
                     gain = math.sqrt(kj * m.scale / alpha)  # alpha/k * up @ down == scale * (rank-k part)
                     _store(tensors, m, new_down[j, :kj] * gain, new_up[j, :, :kj] * gain, kj, alpha, dtype)
                     out_ranks[m.lora_name] = kj
                     errors[m.lora_name] = float(err[j])
     return ExportResult(tensors, out_ranks, errors, non_finite)
+
+
+def _keep_mask(keep: int | torch.Tensor, rank: int) -> torch.Tensor:
+    """A (rank,) bool mask: a given mask (at least one component), or the first k components (1 <= k <= rank)."""
+    if isinstance(keep, torch.Tensor) and keep.dtype == torch.bool:
+        mask = keep.clone()
+        if not bool(mask.any()):
+            mask[0] = True
+        return mask
+    return torch.arange(rank) < min(max(int(keep), 1), rank)
 
 
 def file_alpha(modules: Sequence[ACLoRAModule], dtype: torch.dtype | None = None) -> float:

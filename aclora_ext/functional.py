@@ -11,6 +11,7 @@ happens on that small R side, so the large side is never decomposed.
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -152,62 +153,143 @@ def product_svd(down: Tensor, up: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     up = Q_u R_u and down^T = Q_d R_d (thin QR, R columns each), so
     up @ down = Q_u (R_u R_d^T) Q_d^T and only the R x R core is decomposed:
     core = A S B^T. Returns (left, S, right) with left = Q_u A (B, out, R),
-    right = Q_d B (B, in, R): up @ down = left diag(S) right^T.
+    right = Q_d B (B, in, R): up @ down = left diag(S) right^T. When R exceeds
+    a side of the layer, the components beyond min(out, in) are zero.
     """
     q_up, r_up = torch.linalg.qr(up)
     q_down, r_down = torch.linalg.qr(down.transpose(1, 2))
-    a, s, bh = torch.linalg.svd(r_up @ r_down.transpose(1, 2))
-    return q_up @ a, s, q_down @ bh.transpose(1, 2)
+    a, s, bh = torch.linalg.svd(r_up @ r_down.transpose(1, 2), full_matrices=False)
+    left, right = q_up @ a, q_down @ bh.transpose(1, 2)
+    rank = down.shape[1]
+    # R above a layer's width: the update has at most min(out, in) components; the rest are zeros
+    return nn_pad(left, rank - left.shape[-1]), nn_pad(s, rank - s.shape[-1]), nn_pad(right, rank - right.shape[-1])
 
 
-def balanced_factors(left: Tensor, s: Tensor, right: Tensor, k: Tensor, slots: int) -> tuple[Tensor, Tensor]:
-    """Factors (down (B, slots, in), up (B, out, slots)) of the best rank-k approximation.
+def nn_pad(x: Tensor, extra: int) -> Tensor:
+    """``x`` with ``extra`` zero entries appended to its last dimension."""
+    return x if extra <= 0 else torch.cat([x, x.new_zeros(*x.shape[:-1], extra)], dim=-1)
 
-    The k kept singular values are split evenly (sqrt on each side); slots
-    beyond k[b] are zero in both factors. slots >= max(k).
+
+def balanced_factors(left: Tensor, s: Tensor, right: Tensor, keep: Tensor, slots: int) -> tuple[Tensor, Tensor]:
+    """Factors (down (B, slots, in), up (B, out, slots)) of the update restricted to the kept components.
+
+    ``keep``: (B, R) bool, or (B,) int64 counts meaning the first k[b]
+    components. The kept components are packed into the first slots, in their
+    order (descending singular value), each singular value split evenly (sqrt on
+    each side); the remaining slots are zero in both factors. slots >= the
+    largest number of kept components.
     """
-    mask = keep_mask(k, s.shape[-1]).to(s.dtype)
-    root = s.clamp(min=0).sqrt() * mask
-    up = left[:, :, :slots] * root[:, None, :slots]
-    down = (right[:, :, :slots] * root[:, None, :slots]).transpose(1, 2)
+    keep = as_keep(keep, s.shape[-1])
+    order = packing_order(keep)
+    kept = torch.gather(keep, 1, order)
+    root = torch.gather(s.clamp(min=0).sqrt(), 1, order) * kept.to(s.dtype)
+    index = order[:, None, :slots]
+    up = torch.gather(left, 2, index.expand(-1, left.shape[1], -1)) * root[:, None, :slots]
+    down = (torch.gather(right, 2, index.expand(-1, right.shape[1], -1)) * root[:, None, :slots]).transpose(1, 2)
     return down, up
 
 
-def restart_product(down: Tensor, up: Tensor, p: float, energy: str, min_rank: int,
-                    generator: Optional[torch.Generator]) -> tuple[Tensor, Tensor, Tensor]:
-    """RESTART decided on, and applied to, the module's update up @ down (our product mode).
+def as_keep(keep: Tensor, size: int) -> Tensor:
+    """A (B, size) bool keep mask from a mask or from (B,) counts of leading components."""
+    if keep.dtype == torch.bool:
+        return keep
+    return torch.arange(size, device=keep.device)[None, :] < keep[:, None]
 
-    The signal count comes from the spectrum of the product (what the layer
-    actually adds), not from each factor: a fresh lora_down is a random kaiming
-    matrix whose flat spectrum says nothing about what was learned. The kept
-    part is re-factored exactly (the module's output keeps its signal part and
-    loses only the discarded part). The freed slots restart like a fresh LoRA:
-    lora_up columns zero, lora_down rows Gaussian with the std of the old
-    lora_down, so the model output carries no refill noise and the freed
-    directions can learn again. The kept part is re-balanced so that the kept
-    lora_down rows have the old rows' mean norm, keeping the optimiser's
-    per-parameter scale close to what it was.
+
+def packing_order(keep: Tensor) -> Tensor:
+    """Per row, the indices of the kept components first (in order), then the others: (B, R) int64."""
+    size = keep.shape[-1]
+    position = torch.arange(size, device=keep.device)[None, :].expand_as(keep)
+    return torch.argsort(torch.where(keep, position, position + size), dim=-1)
+
+
+# --- the product mode's rank choice ------------------------------------------------------------------
+#
+# What a component adds to the model is its share of the layer's *output*, not its singular value:
+# two layers with the same spectrum matter differently when one sees inputs ten times larger along
+# the component's input direction. A component's importance is the RMS of what it adds to its
+# layer's output over the inputs seen in training, s_j * sqrt(E[(v_j . x)^2]); one threshold on it
+# compares every component of every module on the same footing. The threshold itself is chosen on
+# held-out loss when the training loop provides one (network.set_validation, sd-scripts'
+# --validation_split), else by the rule in ``prior_keep``.
+
+
+def input_energy(down: Tensor, right: Tensor, gram: Tensor, count: Tensor) -> Tensor:
+    """Mean square of the layer input along each right singular vector of the update, (B, R).
+
+    The forward pass accumulates ``gram`` = sum over inputs of h h^T with h = down x
+    (the R-dim LoRA activation, cheap to collect) and ``count`` inputs. A right
+    singular vector v lies in the row space of ``down``: v = down^T c, so
+    v . x = c . h and E[(v . x)^2] = c^T (gram / count) c, with
+    c = (down down^T)^-1 down v (a ridge of 1e-6 of the mean diagonal keeps the
+    R x R solve defined when rows are nearly dependent).
+    down: (B, R, in), right: (B, in, R), gram: (B, R, R), count: (B,).
     """
-    r = down.shape[1]
-    left, s, right = product_svd(down, up)
-    k = signal_rank(s, p, energy, min_rank)
-    new_down, new_up = balanced_factors(left, s, right, k, r)
-    old_row_sq = down.pow(2).sum(dim=(1, 2)) / r
-    kept_row_sq = new_down.pow(2).sum(dim=(1, 2)) / k.to(down.dtype)
-    c = torch.where(kept_row_sq > 0, (old_row_sq / kept_row_sq.clamp(min=1e-30)).sqrt(), torch.ones_like(old_row_sq))
-    new_down = new_down * c[:, None, None]
-    new_up = new_up / c[:, None, None]
-    free = 1.0 - keep_mask(k, r).to(down.dtype)
+    gram_down = down @ down.transpose(1, 2)
+    ridge = gram_down.diagonal(dim1=1, dim2=2).mean(dim=1).clamp(min=1e-30) * 1e-6
+    eye = torch.eye(gram_down.shape[-1], dtype=down.dtype, device=down.device)
+    coef = torch.linalg.solve(gram_down + ridge[:, None, None] * eye, down @ right)
+    energy = ((gram @ coef) * coef).sum(dim=1)
+    return energy.clamp(min=0) / count.clamp(min=1).to(energy.dtype)[:, None]
+
+
+def component_importance(s: Tensor, energy: Tensor) -> Tensor:
+    """RMS of each component's contribution to its layer's output: s_j * sqrt(E[(v_j . x)^2]), (B, R)."""
+    return s.clamp(min=0) * energy.sqrt()
+
+
+def keep_above(importance: Tensor, threshold: float | Tensor, min_rank: int = 1) -> Tensor:
+    """(B, R) bool: components whose importance exceeds ``threshold``, at least ``min_rank`` of them
+    (the most important ones) per module, and never a component of importance 0 beyond those."""
+    size = importance.shape[-1]
+    floor = min(max(1, int(min_rank)), size)
+    keep = importance > threshold
+    top = torch.topk(importance, floor, dim=-1).indices
+    return keep.scatter(1, top, True)
+
+
+#: candidate thresholds, in decades below the largest importance: everything kept (inf), then 10^-4 .. 10^-0.25
+LEVELS: tuple[float, ...] = (math.inf,) + tuple(4.0 - 0.25 * i for i in range(16))
+
+
+def relative_level(threshold: float, top: float) -> float:
+    """A threshold as decades below the largest importance (how it is logged and frozen): log10(top / t);
+    infinity for 0 (keep everything)."""
+    if not threshold > 0 or not top > 0:
+        return math.inf
+    return math.log10(top / threshold)
+
+
+def restart_slots(down: Tensor, up: Tensor, keep: Tensor, row_sq: Tensor, std: Tensor,
+                  generator: Optional[torch.Generator]) -> tuple[Tensor, Tensor]:
+    """The product mode's RESTART of a batch of modules whose factors are in their update's SVD basis.
+
+    ``down`` (B, R, in) / ``up`` (B, out, R) hold one component of the update per
+    slot (``balanced_factors`` with every component kept), ``keep`` (B, R) says
+    which stay. Kept slots are left as they are, so the module's output loses
+    only the discarded components and no refill noise reaches it. Freed slots
+    restart like a fresh LoRA: lora_up columns zero, lora_down rows Gaussian with
+    ``std`` (the old lora_down's), so they can learn again and a layer that needs
+    capacity gets it back at the next RESTART. The kept lora_down rows are scaled
+    to the old rows' mean square norm ``row_sq`` (lora_up by the inverse), keeping
+    the optimiser's per-parameter scale close to what it was.
+    """
+    keep_f = keep.to(down.dtype)
+    kept_sq = (down.pow(2).sum(dim=2) * keep_f).sum(dim=1) / keep_f.sum(dim=1).clamp(min=1)
+    c = torch.where(kept_sq > 0, (row_sq / kept_sq.clamp(min=1e-30)).sqrt(), torch.ones_like(row_sq))
     noise = torch.randn(down.shape, generator=generator, device=down.device, dtype=down.dtype)
-    new_down = noise.mul_(row_std(down)[:, None, None]).mul_(free[:, :, None]).add_(new_down)
-    return new_down, new_up, k
+    new_down = down * (keep_f * c[:, None])[:, :, None] + noise * (std[:, None, None] * (1 - keep_f)[:, :, None])
+    new_up = up * (keep_f / c[:, None])[:, None, :]
+    return new_down, new_up
 
 
-def truncation_error(s: Tensor, k: Tensor) -> Tensor:
-    """Relative Frobenius error ||W - W_k|| / ||W|| of keeping k of the singular values s (B, R) -> (B,)."""
+def truncation_error(s: Tensor, keep: Tensor) -> Tensor:
+    """Relative Frobenius error ||W - W_kept|| / ||W|| of keeping some of the singular values s (B, R) -> (B,).
+
+    ``keep``: (B, R) bool, or (B,) counts of leading components."""
     energy = s * s
     total = energy.sum(dim=-1)
-    kept = (energy * keep_mask(k, s.shape[-1]).to(energy.dtype)).sum(dim=-1)
+    kept = (energy * as_keep(keep, s.shape[-1]).to(energy.dtype)).sum(dim=-1)
     return torch.where(total > 0, ((total - kept).clamp(min=0) / total.clamp(min=1e-30)).sqrt(), torch.zeros_like(total))
 
 
@@ -247,8 +329,128 @@ def median(values: list[int]) -> float:
     return float(ordered[mid]) if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2.0
 
 
+# --- resizing an existing LoRA file (aclora resize) ----------------------------------------------------
+#
+# A LoRA file has no layer inputs and no held-out data: its modules are resized from the spectra of
+# their updates alone. ``product_core`` gives those spectra and, for any kept component, its factors
+# straight from the stored lora_up / lora_down (no Q of a QR and no out x in matrix is ever formed).
+# The index_sv_* functions are kohya's resize_lora.py rank rules (sd-scripts networks/resize_lora.py:
+# index_sv_cumulative / index_sv_fro / index_sv_ratio and rank_resize), batched: resize_lora applies them
+# to the full min(out, in) spectrum of the update, whose entries beyond the R computed here are zero.
+
+#: resize_lora's MIN_SV: an update whose largest singular value is at most this gets rank 1
+RESIZE_LORA_MIN_SV = 1e-6
+
+
+def product_core(down: Tensor, up: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Singular values of the updates up @ down (B, out, in) and the maps to their components' factors.
+
+    With up = Q_u R_u, down^T = Q_d R_d and the core R_u R_d^T = A diag(s) B^T,
+    up @ down = (Q_u A) diag(s) (Q_d B)^T, and the j-th component's vectors,
+    scaled by s_j, are up @ (R_d^T B)[:, j] and down^T @ (R_u^T A)[:, j]. Only the
+    R factors of the two QR decompositions are computed (``mode="r"``: about half
+    the cost of ``product_svd``, whose Q factors are formed). Returns
+    ``(s, to_up, to_down)``: s (B, R) descending, to_up = R_d^T B and
+    to_down = R_u^T A (B, R, R); see ``component_factors``. When R exceeds a side
+    of the layer the components beyond min(out, in) are zero.
+    """
+    rank = down.shape[1]
+    _, r_up = torch.linalg.qr(up, mode="r")
+    _, r_down = torch.linalg.qr(down.transpose(1, 2), mode="r")
+    a, s, bh = torch.linalg.svd(r_up @ r_down.transpose(1, 2), full_matrices=False)
+    to_up, to_down = r_down.transpose(1, 2) @ bh.transpose(1, 2), r_up.transpose(1, 2) @ a
+    if s.shape[-1] < rank:  # the missing components are zero
+        pad = (0, rank - s.shape[-1])
+        s, to_up, to_down = (torch.nn.functional.pad(t, pad) for t in (s, to_up, to_down))
+    return s, to_up, to_down
+
+
+def component_factors(down: Tensor, up: Tensor, s: Tensor, to_up: Tensor, to_down: Tensor, keep: Tensor,
+                      slots: int) -> tuple[Tensor, Tensor]:
+    """Factors (down (B, slots, in), up (B, out, slots)) of the kept components of up @ down (``product_core``).
+
+    The same factors as ``balanced_factors`` (kept components packed into the
+    first slots in order, each singular value split evenly), built from the
+    stored factors: component j's lora_up column is up @ to_up[:, j] / sqrt(s_j),
+    its lora_down row to_down[:, j]^T @ down / sqrt(s_j). A component whose
+    singular value is below rounding (R * eps * the largest) gets zero factors:
+    dividing by its root would only amplify rounding errors.
+    """
+    keep = as_keep(keep, s.shape[-1])
+    order = packing_order(keep)[:, :slots]
+    kept = torch.gather(keep, 1, order)
+    s_kept = torch.gather(s, 1, order)
+    floor = s[:, :1] * (torch.finfo(s.dtype).eps * s.shape[-1])
+    usable = kept & (s_kept > floor)
+    inv_root = torch.where(usable, s_kept.clamp(min=torch.finfo(s.dtype).tiny).rsqrt(), torch.zeros_like(s_kept))
+    index = order[:, None, :].expand(-1, to_up.shape[1], -1)
+    to_up = torch.gather(to_up, 2, index) * inv_root[:, None, :]
+    to_down = torch.gather(to_down, 2, index) * inv_root[:, None, :]
+    return to_down.transpose(1, 2) @ down, up @ to_up
+
+
+def _full_spectrum_size(size: int | Tensor, like: Tensor) -> Tensor:
+    return torch.as_tensor(size, dtype=torch.int64, device=like.device).expand(like.shape[0])
+
+
+def _index_of_share(shares: Tensor, target: float, size: int | Tensor) -> Tensor:
+    """resize_lora's ``searchsorted(cumulative shares, target) + 1`` clamped to [1, size - 1], (B,).
+
+    searchsorted (left) is the number of cumulative shares below ``target``; past
+    the R computed entries the full spectrum only repeats the last share, so when
+    even that is below ``target`` the answer is the full length ``size``.
+    """
+    n = _full_spectrum_size(size, shares)
+    below = (shares < target).sum(dim=-1)
+    index = torch.where(shares[:, -1] < target, n, below) + 1
+    return torch.maximum(torch.minimum(index, n - 1), torch.ones_like(index))
+
+
+def index_sv_cumulative(s: Tensor, target: float, size: int | Tensor) -> Tensor:
+    """resize_lora's ``index_sv_cumulative`` per module: the share ``target`` of the sum of singular values.
+
+    ``s`` (B, R) descending (the nonzero part of the spectrum), ``size`` the full
+    spectrum's length min(out, in) (an int or (B,)). Returns int64 (B,).
+    """
+    total = s.sum(dim=-1, keepdim=True)
+    return _index_of_share(torch.cumsum(s, dim=-1) / total, target, size)
+
+
+def index_sv_fro(s: Tensor, target: float, size: int | Tensor) -> Tensor:
+    """resize_lora's ``index_sv_fro`` per module: the share ``target`` of the Frobenius norm (target^2 of the energy)."""
+    energy = s * s
+    return _index_of_share(torch.cumsum(energy, dim=-1) / energy.sum(dim=-1, keepdim=True), target ** 2, size)
+
+
+def index_sv_ratio(s: Tensor, target: float, size: int | Tensor) -> Tensor:
+    """resize_lora's ``index_sv_ratio`` per module: singular values above the largest / ``target``, in [1, size - 1]."""
+    n = _full_spectrum_size(size, s)
+    index = (s > s[:, :1] / target).sum(dim=-1)
+    return torch.maximum(torch.minimum(index, n - 1), torch.ones_like(index))
+
+
+RESIZE_LORA_INDEX = {"sv_cumulative": index_sv_cumulative, "sv_fro": index_sv_fro, "sv_ratio": index_sv_ratio}
+
+
+def resize_lora_rank(s: Tensor, method: str, target: float, size: int | Tensor, max_rank: int | Tensor) -> Tensor:
+    """The rank kohya's resize_lora.py gives each module (its ``rank_resize``), (B,) int64.
+
+    ``s``: (B, R) singular values of the *unscaled* update up @ down (MIN_SV is an
+    absolute floor on them), descending; ``size``: min(out, in) per module;
+    ``max_rank``: its --new_rank (--new_conv_rank for conv modules). The rank is
+    the method's index + 1 (one component more than the index functions count),
+    at most ``max_rank``, and 1 when the largest singular value is at most MIN_SV.
+    """
+    rank = RESIZE_LORA_INDEX[method](s, target, size) + 1
+    cap = torch.as_tensor(max_rank, dtype=torch.int64, device=s.device).expand_as(rank)
+    return torch.where(s[:, 0] <= RESIZE_LORA_MIN_SV, torch.ones_like(rank), torch.minimum(rank, cap))
+
+
 __all__ = [
     "threshold_p", "signal_rank", "rank_side_svd", "keep_mask", "truncate_factor", "residual_std",
-    "row_std", "gaussian_refill", "restart_paper", "product_svd", "balanced_factors", "restart_product",
+    "row_std", "gaussian_refill", "restart_paper", "product_svd", "balanced_factors", "as_keep", "packing_order",
+    "input_energy", "component_importance", "keep_above", "LEVELS", "relative_level", "restart_slots",
     "truncation_error", "chunk_size", "is_finite", "median",
+    "RESIZE_LORA_MIN_SV", "product_core", "component_factors", "index_sv_cumulative", "index_sv_fro",
+    "index_sv_ratio", "RESIZE_LORA_INDEX", "resize_lora_rank",
 ]

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 import weakref
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 import torch
 from torch import nn
@@ -27,7 +28,8 @@ from .export import export_modules, raw_modules
 from .files import LoRAFileError, load_state_dict, metadata_ranks, read_metadata, save_state_dict
 from .module import ACLoRAModule
 from .options import ACLoRAConfig, OptionError
-from .restart import RestartReport, restart_modules, shape_groups
+from .restart import (InputStats, RestartReport, Spectrum, analyse_modules, keeps_at_level, restart_modules,
+                      restart_product, shape_groups)
 from .targets import Target
 from .weights import check_model_family, check_shapes, group_modules
 
@@ -36,6 +38,8 @@ logger = logging.getLogger(__name__)
 __version__ = "0.1.0"
 HISTORY_CAPACITY = 128  # restarts kept in the resumable state (the oldest are dropped beyond it)
 FIXED_POINT = 1_000_000_000  # p and L are stored in integer buffers (float buffers would follow .to(dtype))
+#: how a product-mode threshold was decided, as stored in the resumable history
+SOURCES = ("loss", "fixed_p", "given", "validation", "prior", "frozen")
 
 
 @dataclass
@@ -86,6 +90,21 @@ class ACLoRANetwork(nn.Module):
         if signal_ranks:
             self._signal.update({k: min(v, self._module(k).rank) for k, v in signal_ranks.items() if k in self._signal})
         self.history: list[dict] = []
+        # product mode: inputs seen by each module (for component importance), the held-out loss, the
+        # masks that candidate thresholds are evaluated with
+        self._stats: dict[str, InputStats] = {}
+        self._eval_masks: dict[str, torch.Tensor] = {}
+        self._recording = True
+        self._validation: Optional[Callable[[], Any]] = None
+        self._validation_until: Optional[float] = None
+        self._frozen_level: Optional[float] = None
+        self._level_scores: dict[float, float] = {}
+        self._explicit_p: Optional[float] = None  # the energy share of the last RESTART, when one was given
+        self._save_decision: Optional[dict] = None
+        self._hooks = {}
+        for m in self.loras:
+            self._hooks[m.lora_name] = (m.lora_down.register_forward_hook(self._lora_down_hook(m.lora_name)),
+                                        m.org_module.register_forward_hook(self._layer_output_hook(m.lora_name)))
         self._register_state()
 
     # --- bookkeeping --------------------------------------------------------------
@@ -107,9 +126,12 @@ class ACLoRANetwork(nn.Module):
         self.register_buffer("aclora_ranks", torch.zeros(n, dtype=torch.int64))
         # int32, not int16: NCCL (DDP broadcasts buffers at start-up) has no 16-bit integer type
         self.register_buffer("aclora_history_ranks", torch.zeros(HISTORY_CAPACITY, n, dtype=torch.int32))
-        self.register_buffer("aclora_history_stats", torch.zeros(HISTORY_CAPACITY, 8, dtype=torch.int64))
+        self.register_buffer("aclora_history_stats", torch.zeros(HISTORY_CAPACITY, 11, dtype=torch.int64))
         # the loss sums since the last RESTART (float64 bit patterns), so a resumed run's next L is the same
         self.register_buffer("aclora_loss", torch.zeros(3, dtype=torch.int64))
+        # product mode: the running held-out score of every candidate level, then the level last chosen
+        # (float64 bit patterns; NaN: none yet)
+        self.register_buffer("aclora_levels", torch.zeros(len(F.LEVELS) + 1, dtype=torch.int64))
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):  # noqa: D401 - torch hook
         self.aclora_clock.copy_(torch.tensor(self.clock.as_list()))
@@ -118,15 +140,24 @@ class ACLoRANetwork(nn.Module):
         self.aclora_history_stats.zero_()
         for row, entry in enumerate(self.history[-HISTORY_CAPACITY:]):
             self.aclora_history_ranks[row] = torch.tensor(entry["ranks"], dtype=torch.int32)
+            level, val = entry.get("level"), entry.get("validation_loss")
             self.aclora_history_stats[row] = torch.tensor([
-                entry["index"], entry["epoch"], entry["step"], round(entry["p"] * FIXED_POINT),
-                -1 if entry["loss"] is None else round(entry["loss"] * FIXED_POINT),
-                round(entry["alpha"] * FIXED_POINT), round(entry["seconds"] * 1e6), 1])
+                entry["index"], entry["epoch"], entry["step"], _fixed(entry["p"]), _fixed(entry["loss"]),
+                round(entry["alpha"] * FIXED_POINT), round(entry["seconds"] * 1e6), 1,
+                _fixed(None if level is None else min(level, 1e6)), SOURCES.index(entry.get("source", "loss")),
+                _fixed(val)])
         self.aclora_loss.copy_(self.loss_meter.state().to(self.aclora_loss.device).view(torch.int64))
+        levels = [self._level_scores.get(level, math.nan) for level in F.LEVELS]
+        levels.append(math.nan if self._frozen_level is None else self._frozen_level)
+        self.aclora_levels.copy_(torch.tensor(levels, dtype=torch.float64).view(torch.int64))
         super()._save_to_state_dict(destination, prefix, keep_vars)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):  # noqa: D401 - torch hook
+        old = state_dict.get(prefix + "aclora_history_stats")
+        if isinstance(old, torch.Tensor) and old.dim() == 2 and old.shape[1] == 8:  # saved by version 0.1
+            pad = torch.tensor([-1, 0, -1], dtype=old.dtype).expand(old.shape[0], 3)
+            state_dict[prefix + "aclora_history_stats"] = torch.cat([old, pad], dim=1)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
         if prefix + "aclora_clock" not in state_dict:
@@ -139,13 +170,24 @@ class ACLoRANetwork(nn.Module):
             self.loss_meter.load(self.aclora_loss.view(torch.float64))
         for m, k in zip(self.loras, self.aclora_ranks.tolist()):
             self._signal[m.lora_name] = int(k) if k > 0 else m.rank
+        if prefix + "aclora_levels" in state_dict:
+            *scores, frozen = self.aclora_levels.cpu().view(torch.float64).tolist()
+            self._level_scores = {level: s for level, s in zip(F.LEVELS, scores) if s == s}
+            self._frozen_level = None if frozen != frozen else frozen
         self.history = []
-        for ranks, stats in zip(self.aclora_history_ranks.tolist(), self.aclora_history_stats.tolist()):
+        stats_rows = self.aclora_history_stats.tolist()
+        for ranks, stats in zip(self.aclora_history_ranks.tolist(), stats_rows):
             if stats[7] != 1:
                 continue
-            self.history.append({"index": stats[0], "epoch": stats[1], "step": stats[2], "p": stats[3] / FIXED_POINT,
-                                 "loss": None if stats[4] < 0 else stats[4] / FIXED_POINT,
-                                 "alpha": stats[5] / FIXED_POINT, "seconds": stats[6] / 1e6, "ranks": ranks})
+            stats = stats + [-1, 0, -1][len(stats) - 8:]  # a state saved before the product-mode columns
+            entry = {"index": stats[0], "epoch": stats[1], "step": stats[2], "p": _unfixed(stats[3]),
+                     "loss": _unfixed(stats[4]), "alpha": stats[5] / FIXED_POINT, "seconds": stats[6] / 1e6,
+                     "ranks": ranks, "source": SOURCES[stats[9]]}
+            level = _unfixed(stats[8])
+            if level is not None:
+                entry["level"] = math.inf if level >= 1e6 else level
+                entry["validation_loss"] = _unfixed(stats[10])
+            self.history.append(entry)
 
     # --- kohya contract: set-up ---------------------------------------------------------
     def prepare_network(self, args: Any) -> None:
@@ -174,11 +216,16 @@ class ACLoRANetwork(nn.Module):
             m.remove()
             delattr(self, m.lora_name)
             self._signal.pop(m.lora_name, None)
+            self._stats.pop(m.lora_name, None)
+            for handle in self._hooks.pop(m.lora_name, ()):
+                handle.remove()
 
     def remove_from(self) -> None:
         """Give every adapted layer its own forward back (undo ``apply_to``)."""
         for m in self.loras:
             m.remove()
+            for handle in self._hooks.pop(m.lora_name, ()):
+                handle.remove()
         schedule.forget(self)
 
     def enable_gradient_checkpointing(self) -> None:
@@ -244,6 +291,172 @@ class ACLoRANetwork(nn.Module):
                 group["lr"] = float(lr) * factor
             groups.append(group)
             descriptions.append(label + suffix)
+
+    # --- what the product mode decides from ------------------------------------------------
+    def _lora_down_hook(self, name: str):
+        """Forward hook on a module's lora_down: records h h^T of its activations while training (the
+        inputs' energy along each component, for the component importance) and applies the mask of a
+        candidate threshold while one is evaluated on held-out data. No host read: device ops only."""
+        def hook(layer: nn.Module, inputs: Any, output: torch.Tensor):
+            mask = self._eval_masks.get(name)
+            if mask is not None:
+                return output * mask.to(output.dtype)
+            if not (self._recording and layer.training and torch.is_grad_enabled()) or \
+                    self.config.restart_mode != "product":
+                return None
+            hidden = output.detach()
+            if hidden.dim() == 4:  # conv: (batch, rank, height, width)
+                hidden = hidden.movedim(1, -1)
+            hidden = hidden.reshape(-1, hidden.shape[-1]).float()
+            # under gradient checkpointing the forward runs twice: both sums double, their ratio does not
+            stats = self._stats_of(name, hidden.shape[1], hidden.device)
+            stats.gram.addmm_(hidden.T, hidden)
+            stats.count += hidden.shape[0]
+            return None
+        return hook
+
+    def _layer_output_hook(self, name: str):
+        """Forward hook on the adapted layer: the sum of squares of its outputs while training (the
+        scale a component's importance is measured against)."""
+        def hook(layer: nn.Module, inputs: Any, output: Any):
+            if not isinstance(output, torch.Tensor) or not (self._recording and self.training and
+                                                           torch.is_grad_enabled()) or \
+                    self.config.restart_mode != "product" or name not in self._stats:
+                return None
+            stats = self._stats[name]
+            if stats.out_sq is None or stats.out_sq.device != output.device:
+                stats.out_sq = torch.zeros((), device=output.device)
+            stats.out_sq.add_(output.detach().float().pow(2).sum())
+            stats.out_numel += output.numel()
+            return None
+        return hook
+
+    def _stats_of(self, name: str, rank: int, device: torch.device) -> InputStats:
+        stats = self._stats.get(name)
+        if stats is None or stats.gram.device != device:
+            stats = self._stats[name] = InputStats(torch.zeros(rank, rank, device=device))
+        return stats
+
+    def set_validation(self, loss_fn: Optional[Callable[[], Any]], until: Optional[float] = None) -> None:
+        """Give the product mode a held-out loss to choose ranks with (``None`` removes it).
+
+        ``loss_fn()`` returns the loss of the current model on data the training
+        does not see (a float or a 0-dim tensor; lower is better), e.g. the same
+        loss as training on a held-out share of the training images with fixed
+        noise. It is called under ``torch.no_grad()`` with this network in eval
+        mode, several times per RESTART and per save (once per candidate
+        threshold). ``until``: a fraction of training after which the held-out
+        loss is no longer used and the last threshold it chose is kept, so that a
+        loop may then train on the held-out share too (see ``validation_active``).
+        """
+        if loss_fn is not None and not callable(loss_fn):
+            raise OptionError(f"set_validation: loss_fn={loss_fn!r} is not valid; allowed: a callable returning "
+                              "the held-out loss, or None")
+        if until is not None and not (isinstance(until, (int, float)) and 0 < until <= 1):
+            raise OptionError(f"set_validation: until={until!r} is not valid; allowed: a fraction of training "
+                              "> 0 and <= 1, or None")
+        if loss_fn is not None and self.config.restart_mode == "paper":
+            self._warn_once("validation-paper", "AC-LoRA: restart_mode=paper chooses ranks from the training loss "
+                            "(p = 1 - L^alpha); the held-out loss is not used. Use restart_mode=product.")
+        self._validation = loss_fn
+        self._validation_until = None if until is None else float(until)
+
+    @property
+    def validation_active(self) -> bool:
+        """True while the held-out loss decides the ranks: until then the loop must keep its held-out
+        share out of training; afterwards it may train on it."""
+        if self._validation is None or self.config.fixed_p is not None:
+            return False
+        return self._validation_until is None or self._progress() < self._validation_until
+
+    def _held_out_loss(self) -> float:
+        was_training = self.training
+        self.eval()
+        self._recording = False
+        try:
+            with torch.no_grad():
+                value = self._validation()
+            value = float(value.detach().float().mean()) if isinstance(value, torch.Tensor) else float(value)
+        finally:
+            self._recording = True
+            self.train(was_training)
+        return value
+
+    def _set_masks(self, spectra: dict[int, Spectrum], keeps: Optional[dict[int, torch.Tensor]]) -> None:
+        """Route module forwards through the kept slots only (None: every slot again)."""
+        self._eval_masks.clear()
+        if keeps is None:
+            return
+        for i, keep in keeps.items():
+            m = self.loras[i]
+            mask = keep.to(m.lora_down.weight.device, torch.float32)
+            self._eval_masks[m.lora_name] = mask.view(-1, 1, 1) if m.is_conv else mask
+
+    def _decide(self, spectra: dict[int, Spectrum], p: Optional[float]) -> tuple[dict[int, torch.Tensor], dict]:
+        """Which components each module keeps: (keep masks, how it was decided).
+
+        An explicit energy share ``p`` (``restart(p=...)``, ``fixed_p``) keeps, per
+        module, the leading components carrying that share of the update's energy.
+        Otherwise one threshold on the component importance applies to every
+        module: chosen on the held-out loss when there is one (the modules must be
+        in their SVD basis, see ``analyse_modules(rebase=True)``), else the level it
+        last chose when it was frozen, else ``min_importance`` of the largest.
+        """
+        min_rank = self.config.min_rank
+        if p is not None:
+            keeps = {i: F.as_keep(F.signal_rank(sp.s[None], p, self.config.energy, min_rank), sp.s.shape[0])[0]
+                     for i, sp in spectra.items()}
+            return keeps, {"level": None}
+        unmeasured = sum(not sp.measured for sp in spectra.values())
+        if unmeasured:
+            logger.info("AC-LoRA: %d module(s) saw no training step since the last RESTART or resume; they keep "
+                        "their components until the next decision", unmeasured)
+        if self.validation_active:
+            choice = self._validated_level(spectra)
+            if choice is not None:
+                return choice
+            self._warn_once("validation-nan", "AC-LoRA: the held-out loss was never finite; ranks use the default level")
+        if self._validation is not None and self._frozen_level is not None:
+            level, source = self._frozen_level, "frozen"
+        else:
+            level, source = -math.log10(self.config.min_importance) if self.config.min_importance > 0 else math.inf, \
+                "prior"
+        return keeps_at_level(spectra, level, min_rank), {"level": level, "source": source}
+
+    def _validated_level(self, spectra: dict[int, Spectrum]) -> Optional[tuple[dict, dict]]:
+        """Evaluate the held-out loss at every candidate level and choose one (None if no loss was finite).
+
+        A held-out share of 15 images is small: the loss of one evaluation carries
+        the idiosyncrasies of those few images and of the current weights, and a
+        choice that swings between RESTARTs trains the model at one rank and
+        saves it at another. So each candidate's excess over the best loss of the
+        evaluation is added to a running score that halves at every evaluation,
+        and the level with the lowest score wins (ties: the fewer components).
+        """
+        values: dict[float, float] = {}
+        seen: dict[tuple, float] = {}
+        try:
+            for level in F.LEVELS:
+                keeps = keeps_at_level(spectra, level, self.config.min_rank)
+                signature = tuple(int(k.sum()) for k in keeps.values())
+                if signature not in seen:
+                    self._set_masks(spectra, keeps)
+                    seen[signature] = self._held_out_loss()
+                values[level] = seen[signature]
+        finally:
+            self._set_masks(spectra, None)
+        finite = [v for v in values.values() if v == v and math.isfinite(v)]
+        if not finite:
+            return None
+        best = min(finite)
+        scale = abs(best) if best != 0 else 1.0
+        for level, value in values.items():
+            excess = (value - best) / scale if value == value and math.isfinite(value) else math.inf
+            self._level_scores[level] = 0.5 * self._level_scores.get(level, 0.0) + excess
+        level = min(F.LEVELS, key=lambda lv: (self._level_scores.get(lv, math.inf), -lv))
+        self._frozen_level = level
+        return keeps_at_level(spectra, level, self.config.min_rank), {
+            "level": level, "source": "validation", "validation_loss": values[level], "candidates": len(seen)}
 
     # --- training hooks --------------------------------------------------------------------
     def on_epoch_start(self, text_encoder=None, unet=None) -> None:
@@ -358,9 +571,13 @@ class ACLoRANetwork(nn.Module):
                 progress: Optional[float] = None) -> RestartReport:
         """Run one RESTART now on every module and return its report.
 
-        p: use this threshold. Otherwise p = 1 - L^alpha (Eq. 5-6) from ``loss``,
-        or from the mean training loss seen since the previous RESTART, with
-        alpha = 1 + progress. ``fixed_p`` (option) replaces the loss rule.
+        Paper mode (and an explicit call with ``restart_mode=off``): p is the
+        energy share; given, or ``fixed_p``, or p = 1 - L^alpha (Eq. 5-6) from
+        ``loss`` or the mean training loss since the previous RESTART, with
+        alpha = 1 + progress. Product mode: ``p`` or ``fixed_p`` keep that energy
+        share of each module's update; otherwise one importance threshold over
+        every module, chosen on the held-out loss (``set_validation``) or the
+        default level (see ``_decide``).
         """
         start = time.perf_counter()
         clock = self.clock
@@ -368,25 +585,48 @@ class ACLoRANetwork(nn.Module):
         if bad:
             logger.warning("AC-LoRA: %d non-finite loss value(s) since the last RESTART were left out of L", bad)
         prog = self._progress() if progress is None else progress
-        p_used, alpha, clamped = self._threshold(p, mean_loss, prog)
-        p_source = "given" if p is not None else "fixed_p" if self.config.fixed_p is not None else "loss"
+        mode = "paper" if self.config.restart_mode == "off" else self.config.restart_mode
         index = clock.restarts + 1
+        seed = self.config.seed * 100_003 + index
+        if mode == "paper":
+            p_used, alpha, clamped = self._threshold(p, mean_loss, prog)
+            p_source = "given" if p is not None else "fixed_p" if self.config.fixed_p is not None else "loss"
+        else:
+            explicit = p if p is not None else self.config.fixed_p
+            if explicit is not None and not 0.0 <= float(explicit) <= 1.0:
+                raise OptionError(f"restart: p={explicit!r} is not valid; allowed: a number in [0, 1]")
+            p_used, alpha, clamped = (float("nan") if explicit is None else float(explicit)), 1.0 + min(max(prog, 0.0), 1.0), False
+            p_source = "given" if p is not None else "fixed_p" if self.config.fixed_p is not None else "prior"
         report = RestartReport(index=index, epoch=clock.epochs_completed, step=clock.optimizer_steps,
                                p=p_used if p_used is not None else float("nan"), loss=mean_loss, alpha=alpha,
-                               mode=self.config.restart_mode, ranks=self.ranks(), max_rank=self.max_rank,
+                               mode=mode, ranks=self.ranks(), max_rank=self.max_rank,
                                p_clamped=clamped, p_source=p_source)
         if p_used is None:
             report.applied = False
             report.reason = ("no training loss was seen since the last RESTART (is the loop calling accelerator.backward or network.record_loss?); set fixed_p to restart without a loss")
             self._warn_once("no-loss", "AC-LoRA: %s", report.reason)
+        elif mode == "paper":
+            new_ranks, report.skipped = restart_modules(self.loras, p=p_used, energy=self.config.energy,
+                                                        min_rank=self.config.min_rank, seed=seed)
+            self._signal.update({m.lora_name: k for m, k in zip(self.loras, new_ranks)})
         else:
-            mode = "paper" if self.config.restart_mode == "off" else self.config.restart_mode
-            report.mode = mode
-            new_ranks, report.skipped = restart_modules(self.loras, mode=mode, p=p_used, energy=self.config.energy,
-                                                        min_rank=self.config.min_rank,
-                                                        seed=self.config.seed * 100_003 + index)
-            for m, k in zip(self.loras, new_ranks):
-                self._signal[m.lora_name] = k
+            decision: dict = {}
+
+            def choose(spectra: dict[int, Spectrum]) -> dict[int, torch.Tensor]:
+                keeps, made = self._decide(spectra, None if explicit is None else float(explicit))
+                decision.update(made)
+                return keeps
+
+            new_ranks, report.skipped = restart_product(self.loras, self._stats, choose, seed)
+            self._explicit_p = None if explicit is None else float(explicit)
+            self._signal.update({self.loras[i].lora_name: k for i, k in new_ranks.items()})
+            for stats in self._stats.values():
+                stats.reset()  # the factors changed basis: the next importances come from what follows
+            report.level = decision["level"]
+            report.p_source = decision.get("source", p_source)
+            report.validation_loss = decision.get("validation_loss")
+            report.candidates = decision.get("candidates", 0)
+        if report.applied:
             self._broadcast_from_rank0()
             report.ranks = self.ranks()
         clock.restarts = index
@@ -397,7 +637,9 @@ class ACLoRANetwork(nn.Module):
         if report.applied:
             self.history.append({"index": index, "epoch": report.epoch, "step": report.step, "p": report.p,
                                  "loss": report.loss, "alpha": report.alpha, "seconds": report.seconds,
-                                 "ranks": [self._signal[m.lora_name] for m in self.loras]})
+                                 "ranks": [self._signal[m.lora_name] for m in self.loras], "source": report.p_source,
+                                 **({"level": report.level, "validation_loss": report.validation_loss}
+                                    if report.level is not None else {})})
         logger.info(report.line())
         self._log_to_trackers(report)
         return report
@@ -483,13 +725,17 @@ class ACLoRANetwork(nn.Module):
             "aclora_max_rank": str(max(others) if others else self.max_rank),
             "aclora_restarts": str(len(self.history)),
             "aclora_ranks": json.dumps(ranks, separators=(",", ":")),
-            "aclora_history": json.dumps([{k: v for k, v in h.items()} for h in self.history], separators=(",", ":")),
+            "aclora_history": json.dumps([{k: _json_number(v) for k, v in h.items()} for h in self.history],
+                                         separators=(",", ":")),
             "aclora_modules": json.dumps([m.lora_name for m in self.loras], separators=(",", ":")),
         }
+        if self._save_decision is not None:  # product mode: how the file's own ranks were decided
+            meta["aclora_file_decision"] = json.dumps({k: _json_number(v) for k, v in self._save_decision.items()},
+                                                      separators=(",", ":"))
         if conv3x3:
             meta["aclora_conv_max_rank"] = str(max(conv3x3))  # conv_dim: the 3x3 modules' own maximum rank
         if last is not None:
-            meta["aclora_last_p"] = f"{last['p']:.6f}"
+            meta["aclora_last_p"] = "" if last["p"] is None or last["p"] != last["p"] else f"{last['p']:.6f}"
             meta["aclora_last_loss"] = "" if last["loss"] is None else f"{last['loss']:.6f}"
         if errors:
             values = list(errors.values())
@@ -503,8 +749,11 @@ class ACLoRANetwork(nn.Module):
         Raises ValueError naming the modules whose weights are NaN/Inf, checked
         after the cast to ``dtype`` so that an fp16 overflow counts too.
         """
-        signal = [self._signal[m.lora_name] for m in self.loras]
-        if all(k == m.rank for k, m in zip(signal, self.loras)):
+        signal: list = [self._signal[m.lora_name] for m in self.loras]
+        self._save_decision = None
+        if self.config.restart_mode == "product":
+            signal = self._save_time_keeps(signal)
+        if all(isinstance(k, int) and k == m.rank for k, m in zip(signal, self.loras)):
             # nothing truncated yet (or restarts off): the training factors are the file, exactly
             ranks = {m.lora_name: m.rank for m in self.loras}
             tensors, errors, bad = raw_modules(self.loras, dtype), {}, []
@@ -515,6 +764,27 @@ class ACLoRANetwork(nn.Module):
         if bad:
             raise ValueError(f"non-finite weights in {len(bad)} module(s): {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}")
         return tensors, self.metadata(ranks, errors), errors
+
+    def _save_time_keeps(self, ranks: list) -> list:
+        """The product mode decides the file's ranks on the final update, with the same rule as a RESTART
+        (so nothing learned since the last one is dropped), without changing the training state:
+        modules whose analysis fails keep their current rank."""
+        validating = self.validation_active and self._explicit_p is None
+        saved = [(m.lora_down.weight.detach().clone(), m.lora_up.weight.detach().clone()) for m in self.loras] \
+            if validating else None
+        try:
+            spectra, _ = analyse_modules(self.loras, self._stats, rebase=validating)
+            keeps, decision = self._decide(spectra, self._explicit_p)
+        finally:
+            if saved is not None:
+                with torch.no_grad():
+                    for m, (down, up) in zip(self.loras, saved):
+                        m.lora_down.weight.copy_(down)
+                        m.lora_up.weight.copy_(up)
+        self._save_decision = decision
+        # a module that keeps every component is written as it is (exactly the training factors)
+        return [k if i not in keeps else (m.rank if bool(keeps[i].all()) else keeps[i])
+                for i, (m, k) in enumerate(zip(self.loras, ranks))]
 
     def save_weights(self, file: str, dtype: Optional[torch.dtype] = None, metadata: Optional[dict] = None) -> bool:
         """Write the variable-rank LoRA file (atomically). Returns False, keeping any old file, on NaN/Inf weights."""
@@ -587,9 +857,10 @@ class ACLoRANetwork(nn.Module):
         return info
 
     def merge_to(self, text_encoder=None, unet=None, weights_sd: Optional[dict] = None, dtype=None, device=None) -> None:
-        """Add multiplier * alpha/rank * up @ down of ``weights_sd`` (default: this network) into the base layers."""
+        """Add multiplier * alpha/rank * up @ down of ``weights_sd`` into the base layers; without
+        ``weights_sd``, exactly what this network adds now (its training factors, nothing truncated)."""
         if weights_sd is None:
-            weights_sd, _, _ = self.state_for_export(torch.float32)
+            weights_sd = raw_modules(self.loras, torch.float32)
         modules = group_modules(weights_sd, "weights_sd")
         unknown = sorted(set(modules) - {m.lora_name for m in self.loras})
         if unknown:
@@ -640,6 +911,21 @@ class ACLoRANetwork(nn.Module):
         all_norms = torch.cat([n.to("cpu") for n in norms])
         keys_scaled = int(sum(int(s) for s in scaled))
         return keys_scaled, float(all_norms.mean()), float(all_norms.max())
+
+
+def _json_number(value: Any) -> Any:
+    """NaN and infinity as null (what JSON readers other than Python's accept): p is NaN in product mode,
+    a level is infinite when every component is kept."""
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+def _fixed(value: Optional[float]) -> int:
+    """A float (None: -1) as the integer the history buffers store (p, L, levels and losses are >= 0)."""
+    return -1 if value is None or value != value else round(value * FIXED_POINT)
+
+
+def _unfixed(value: int) -> Optional[float]:
+    return None if value < 0 else value / FIXED_POINT
 
 
 __all__ = ["ACLoRANetwork", "LoadInfo"]

@@ -117,12 +117,13 @@ OPTIONS: tuple[Option, ...] = (
     Option("loraplus_unet_lr_ratio", "float", None, "LoRA+ ratio for the U-Net only (overrides loraplus_lr_ratio).", minimum=0, min_inclusive=False),
     Option("loraplus_text_encoder_lr_ratio", "float", None, "LoRA+ ratio for the text encoder(s) only (overrides loraplus_lr_ratio).", minimum=0, min_inclusive=False),
     # --- RESTART ------------------------------------------------------------
-    Option("restart_mode", "choice", "paper", "paper: SVD of each factor (lora_down, lora_up) as in the paper. product: decide and truncate the module's update up*down (our mode). off: never restart (a plain LoRA at the maximum rank).", choices=RESTART_MODES, optional=False),
+    Option("restart_mode", "choice", "product", "product: decide on each module's update up*down: keep the components whose importance (the RMS they add to the layer's output) clears one threshold shared by every module, chosen on a held-out loss when the training loop gives one (sd-scripts' --validation_split), else min_importance; truncate exactly and let freed slots learn again. paper: the paper's algorithm exactly (SVD of each factor, p = 1 - L^alpha from the training loss, Gaussian refill). off: never restart (a plain LoRA at the maximum rank).", choices=RESTART_MODES, optional=False),
     Option("restart_every", "int", None, "Epochs between RESTARTs. Unset: a tenth of the run (at least 1), as in the paper (every 10 of 100 epochs).", minimum=1),
     Option("restart_every_steps", "int", None, "Optimizer steps between RESTARTs, for runs counted in steps or with few epochs. Replaces restart_every.", minimum=1),
     Option("energy", "choice", "squared", "What the threshold p is a fraction of: squared = cumulative energy of squared singular values; linear = cumulative sum of singular values.", choices=ENERGY_RULES, optional=False),
     Option("min_rank", "int", 1, "Fewest components a module keeps at a RESTART.", minimum=1, optional=False),
-    Option("fixed_p", "float", None, "Use this threshold p at every RESTART instead of p = 1 - L^alpha from the training loss (also what makes a RESTART run when no loss was captured).", minimum=0, maximum=1, min_inclusive=False),
+    Option("fixed_p", "float", None, "Keep, in every module, the leading components carrying this share p of the energy at every RESTART (paper mode: instead of p = 1 - L^alpha, also what makes a RESTART run when no loss was captured; product mode: of the update's spectrum, instead of the importance threshold).", minimum=0, maximum=1, min_inclusive=False),
+    Option("min_importance", "float", 0.01, "Product mode without a held-out loss: keep the components whose importance is at least this fraction of the largest component's in the whole network (0 keeps every component).", minimum=0, maximum=1, max_inclusive=False, optional=False),
     Option("seed", "int", 0, "Seed of the RESTART noise (shared by all processes, so every GPU draws the same noise).", minimum=0, optional=False),
     Option("save_full_rank", "bool", False, "Also write '<name>-fullrank.safetensors' beside every saved file: the raw training factors at the maximum rank, for continuing a run. The normal file is always the variable-rank export.", optional=False),
 )
@@ -142,12 +143,13 @@ class ACLoRAConfig:
     loraplus_lr_ratio: Optional[float] = None
     loraplus_unet_lr_ratio: Optional[float] = None
     loraplus_text_encoder_lr_ratio: Optional[float] = None
-    restart_mode: str = "paper"
+    restart_mode: str = "product"
     restart_every: Optional[int] = None
     restart_every_steps: Optional[int] = None
     energy: str = "squared"
     min_rank: int = 1
     fixed_p: Optional[float] = None
+    min_importance: float = 0.01
     seed: int = 0
     save_full_rank: bool = False
 

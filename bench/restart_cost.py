@@ -46,7 +46,8 @@ from torch import nn
 from aclora_ext import functional as F
 from aclora_ext.export import export_modules
 from aclora_ext.module import ACLoRAModule
-from aclora_ext.restart import restart_modules
+from aclora_ext.options import ACLoRAConfig
+from aclora_ext.restart import keeps_at_level, restart_modules, restart_product
 from aclora_ext.tiny import ModuleShape
 from bench import common
 
@@ -124,8 +125,14 @@ def factor_bytes(modules: Sequence[ACLoRAModule]) -> int:
 
 # --- what is timed -----------------------------------------------------------------------------------------
 def our_restart(modules: Sequence[ACLoRAModule], mode: str) -> list[int]:
-    ranks, _ = restart_modules(modules, mode=mode, p=P, energy="squared", min_rank=1, seed=0)
-    return ranks
+    """A RESTART as training runs it: paper mode at p = P, product mode at the default importance level
+    (no held-out loss; the modules carry no recorded inputs, so importances are singular values)."""
+    if mode == "paper":
+        ranks, _ = restart_modules(modules, p=P, energy="squared", min_rank=1, seed=0)
+        return ranks
+    level = -math.log10(ACLoRAConfig().min_importance)
+    new, _ = restart_product(modules, {}, lambda spectra: keeps_at_level(spectra, level, 1), seed=0)
+    return [new.get(i, m.rank) for i, m in enumerate(modules)]
 
 
 @torch.no_grad()

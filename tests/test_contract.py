@@ -151,7 +151,7 @@ def test_create_network_returns_a_module_with_every_method_sd_scripts_calls(sd_n
 def test_create_network_from_weights_returns_the_network_and_the_weights(sd_network_module, sd1_models, tmp_path,
                                                                          pass_weights):
     path = str(tmp_path / "lora.safetensors")
-    source = lora_network(tiny.sd1_models(seed=0), rank=3, alpha=1.5)
+    source = lora_network(tiny.sd1_models(seed=0), rank=3, alpha=1.5, restart_mode="off")
     source.save_weights(path, torch.float32, None)
     file_weights = load_file(path)
     given = dict(file_weights) if pass_weights else None
@@ -775,7 +775,7 @@ class Runs:
         data = tiny.style_dataset(n=4, seed=0)
         base_outputs = unet_outputs(models, data, sdxl)
         loss_before = replay.fixed_batch_loss(None, models, data, sdxl, repeats=2)
-        network_args = {"restart_mode": "off"} if mode == "off" else None  # paper: nothing set, the default
+        network_args = {"restart_mode": mode}
         path = str(self.directory / f"{name}.safetensors")
         result = replay.replay_training(module, models, data, sdxl=sdxl, network_dim=RUN_DIM, network_alpha=RUN_ALPHA,
                                         network_args=network_args, epochs=RUN_EPOCHS, lr=RUN_LR, batch_size=2,

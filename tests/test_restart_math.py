@@ -69,7 +69,7 @@ def test_a_factor_with_a_planted_rank_k_signal_keeps_k_components(k, shape):
 
 @pytest.mark.parametrize("k", [2, 5, 9])
 def test_a_module_with_planted_rank_k_in_both_factors_keeps_k_through_restart_paper(k):
-    network = attach(nn.Sequential(nn.Linear(N, 48)), max_rank=R)
+    network = attach(nn.Sequential(nn.Linear(N, 48)), max_rank=R, restart_mode="paper")
     m = network.loras[0]
     with torch.no_grad():
         m.lora_down.weight.copy_(planted(R, N, k, seed=1))
@@ -259,7 +259,7 @@ def test_alpha_stays_between_one_and_two(progress, alpha):
 
 
 def test_a_huge_loss_gives_p_zero_flagged_clamped_in_the_report_and_logged(caplog):
-    network = attach(mlp(), max_rank=8)
+    network = attach(mlp(), max_rank=8, restart_mode="paper")
     with caplog.at_level(logging.INFO, logger="aclora_ext"):
         report = network.restart(loss=1.5, progress=0.3)
     assert report.p == 0.0 and report.p_clamped and report.loss == 1.5
@@ -279,30 +279,68 @@ def planted_module(k: int, out_dim: int = 48, in_dim: int = N, noise: float = 1e
     return down, up
 
 
+def product_restart(down: torch.Tensor, up: torch.Tensor, keep_of, seed: int = 0):
+    """One module's product-mode RESTART composed from the pure functions, as restart.restart_product runs
+    them: the factors rebased on their update's SVD (every component in its own slot), then the keep mask."""
+    left, s, right = F.product_svd(down[None], up[None])
+    keep = keep_of(s)
+    every = torch.ones_like(s, dtype=torch.bool)
+    rebased_down, rebased_up = F.balanced_factors(left, s, right, every, down.shape[0])
+    row_sq = down.pow(2).sum(dim=1).mean()[None]
+    new_down, new_up = F.restart_slots(rebased_down, rebased_up, keep, row_sq, F.row_std(down[None]), gen(seed))
+    return new_down[0], new_up[0], keep[0]
+
+
+def energy_keep(p: float):
+    return lambda s: F.as_keep(F.signal_rank(s, p), s.shape[-1])
+
+
 @pytest.mark.parametrize("k", [1, 4, 9])
 def test_product_mode_keeps_the_planted_rank_of_the_update_and_truncates_it_exactly(k):
     down, up = planted_module(k, seed=k)
-    new_down, new_up, ks = F.restart_product(down[None], up[None], SURE_P, "squared", 1, gen(0))
-    assert ks.tolist() == [k]
+    new_down, new_up, keep = product_restart(down, up, energy_keep(SURE_P))
+    assert int(keep.sum()) == k
     # the module's update is the best rank-k approximation of the old one: no noise reaches the product
-    assert torch.allclose((new_up[0] @ new_down[0]).double(), best_rank_k(up @ down, k), atol=1e-5)
+    assert torch.allclose((new_up @ new_down).double(), best_rank_k(up @ down, k), atol=1e-5)
+
+
+def test_rebasing_on_the_update_svd_leaves_the_update_unchanged():
+    down, up = planted_module(6, noise=0.1, seed=3)
+    left, s, right = F.product_svd(down[None], up[None])
+    every = torch.ones_like(s, dtype=torch.bool)
+    rebased_down, rebased_up = F.balanced_factors(left, s, right, every, R)
+    assert torch.allclose(rebased_up[0] @ rebased_down[0], up @ down, atol=1e-5)
+    # one component per slot: slot j alone is s_j u_j v_j^T
+    j = 2
+    component = rebased_up[0, :, j:j + 1] @ rebased_down[0, j:j + 1]
+    assert torch.allclose(component, s[0, j] * left[0, :, j:j + 1] @ right[0, :, j:j + 1].T, atol=1e-6)
 
 
 def test_product_mode_restarts_freed_slots_like_a_fresh_lora():
     """Freed lora_up columns are zero; freed lora_down rows are Gaussian with the old lora_down's std."""
     k, wide = 3, 16384
     down, up = planted_module(k, in_dim=wide, seed=12)
-    new_down, new_up, ks = F.restart_product(down[None], up[None], SURE_P, "squared", 1, gen(0))
-    assert ks.tolist() == [k]
-    assert torch.count_nonzero(new_up[0, :, k:]) == 0
-    assert_gaussian_with_std(new_down[0, k:], float(down.std()))
+    new_down, new_up, keep = product_restart(down, up, energy_keep(SURE_P))
+    assert keep.tolist() == [True] * k + [False] * (R - k)
+    assert torch.count_nonzero(new_up[:, k:]) == 0
+    assert_gaussian_with_std(new_down[k:], float(down.std()))
 
 
 def test_product_mode_gives_the_kept_lora_down_rows_the_old_rows_mean_norm():
     down, up = planted_module(5, seed=13)
-    new_down, _, ks = F.restart_product(down[None], up[None], SURE_P, "squared", 1, gen(0))
-    kept = new_down[0, : int(ks[0])]
+    new_down, _, keep = product_restart(down, up, energy_keep(SURE_P))
+    kept = new_down[keep]
     assert torch.allclose(kept.pow(2).sum(1).mean(), down.pow(2).sum(1).mean(), rtol=1e-5)
+
+
+def test_a_keep_mask_need_not_be_a_prefix_and_freed_slots_are_the_unkept_ones():
+    down, up = planted_module(6, noise=0.0, seed=14)
+    keep_second_and_fourth = lambda s: torch.tensor([[False, True, False, True] + [False] * (R - 4)])
+    new_down, new_up, _ = product_restart(down, up, keep_second_and_fourth)
+    left, s, right = F.product_svd(down[None], up[None])
+    expected = sum(s[0, j] * left[0, :, j:j + 1] @ right[0, :, j:j + 1].T for j in (1, 3))
+    assert torch.allclose(new_up @ new_down, expected, atol=1e-5)
+    assert torch.count_nonzero(new_up[:, [0, 2] + list(range(4, R))]) == 0
 
 
 def test_product_svd_is_the_svd_of_the_explicit_product():
@@ -315,6 +353,61 @@ def test_product_svd_is_the_svd_of_the_explicit_product():
     eye = torch.eye(R, dtype=torch.float64).expand(4, R, R)
     assert torch.allclose(left.transpose(1, 2) @ left, eye, atol=1e-10)
     assert torch.allclose(right.transpose(1, 2) @ right, eye, atol=1e-10)
+
+
+def test_product_svd_of_a_rank_above_the_layer_width_pads_with_zero_components():
+    g = gen(15)
+    down, up = torch.randn(2, R, 8, generator=g), torch.randn(2, 5, R, generator=g)  # R = 16 > in 8 > out 5
+    left, s, right = F.product_svd(down, up)
+    assert left.shape == (2, 5, R) and s.shape == (2, R) and right.shape == (2, 8, R)
+    assert torch.count_nonzero(s[:, 5:]) == 0
+    assert torch.allclose((left * s[:, None, :]) @ right.transpose(1, 2), up @ down, atol=1e-4)
+
+
+# --- importance: what a component adds to its layer's output -----------------------------------------
+
+def test_input_energy_is_the_mean_square_of_the_inputs_along_each_right_singular_vector():
+    g = gen(16)
+    down, up = planted_module(7, noise=0.05, seed=16)
+    x = torch.randn(500, N, generator=g) * torch.linspace(0.1, 3.0, N)  # anisotropic inputs
+    hidden = x @ down.T
+    gram, count = (hidden.T @ hidden)[None], torch.tensor([x.shape[0]])
+    _, s, right = F.product_svd(down[None], up[None])
+    energy = F.input_energy(down[None], right, gram, count)[0]
+    direct = (x @ right[0]).pow(2).mean(dim=0)
+    assert torch.allclose(energy[:7], direct[:7], rtol=1e-3)
+
+
+def test_importance_prefers_a_weaker_component_that_the_inputs_excite_over_a_stronger_one_they_do_not():
+    """Two components: s = 2 along an input direction of energy 1e-4, s = 1 along one of energy 1."""
+    in_dim, out_dim = 12, 10
+    basis_in = torch.linalg.qr(torch.randn(in_dim, in_dim, generator=gen(17)))[0]
+    basis_out = torch.linalg.qr(torch.randn(out_dim, out_dim, generator=gen(18)))[0]
+    update = 2.0 * basis_out[:, :1] @ basis_in[:, :1].T + 1.0 * basis_out[:, 1:2] @ basis_in[:, 1:2].T
+    x = 1e-2 * torch.randn(4000, 1, generator=gen(19)) @ basis_in[:, :1].T + \
+        torch.randn(4000, 1, generator=gen(20)) @ basis_in[:, 1:2].T
+    down = torch.cat([basis_in[:, :2].T, 1e-3 * torch.randn(2, in_dim, generator=gen(21))])[None]
+    up = torch.cat([update @ basis_in[:, :2], torch.zeros(out_dim, 2)], dim=1)[None]
+    hidden = x @ down[0].T
+    _, s, right = F.product_svd(down, up)
+    importance = F.component_importance(s, F.input_energy(down, right, (hidden.T @ hidden)[None], torch.tensor([4000])))
+    assert s[0, 0] > s[0, 1] and importance[0, 1] > 10 * importance[0, 0]
+    assert F.keep_above(importance, 0.1 * float(importance.max())).tolist() == [[False, True, False, False]]
+
+
+@pytest.mark.parametrize("min_rank, expected", [(1, [[True, False, False, False]]), (2, [[True, False, True, False]])])
+def test_keep_above_keeps_what_clears_the_threshold_and_at_least_min_rank_of_the_most_important(min_rank, expected):
+    importance = torch.tensor([[5.0, 0.1, 0.3, 0.0]])
+    assert F.keep_above(importance, 1.0, min_rank).tolist() == expected
+
+
+def test_keep_above_a_zero_threshold_keeps_every_nonzero_component_only():
+    assert F.keep_above(torch.tensor([[3.0, 1.0, 0.0, 0.0]]), 0.0).tolist() == [[True, True, False, False]]
+
+
+def test_the_candidate_levels_span_four_decades_below_the_largest_component_and_keeping_everything():
+    assert F.LEVELS[0] == math.inf and F.LEVELS[1] == 4.0 and F.LEVELS[-1] == 0.25
+    assert list(F.LEVELS[1:]) == sorted(F.LEVELS[1:], reverse=True)
 
 
 # --- batched over a network vs one module at a time -------------------------------------------------
@@ -332,7 +425,7 @@ def planted_network(seed: int = 0):
 @pytest.mark.parametrize("chunked", [False, True], ids=["one batch per shape", "chunks of two"])
 @pytest.mark.parametrize("mode", ["paper", "product"])
 def test_the_batched_restart_equals_restarting_each_module_on_its_own(mode, chunked, monkeypatch):
-    """restart_modules vs calling the math on one module at a time with the same p.
+    """restart_modules / restart_product vs the math on one module at a time with the same p.
 
     The noise cannot match (one generator per chunk), so it is taken out where
     it lands: paper mode refills with sigma = 0; product mode puts noise only in
@@ -344,14 +437,22 @@ def test_the_batched_restart_equals_restarting_each_module_on_its_own(mode, chun
         monkeypatch.setattr(F, "chunk_size", lambda *args, **kwargs: 2)
     network = planted_network()
     before = [(m.down_matrix().detach().clone(), m.up_matrix().detach().clone()) for m in network.loras]
-    math_fn = F.restart_paper if mode == "paper" else F.restart_product
-    ranks, skipped = restart_lib.restart_modules(network.loras, mode=mode, p=0.95, energy="squared", min_rank=1,
-                                                 seed=0)
+    if mode == "paper":
+        ranks, skipped = restart_lib.restart_modules(network.loras, p=0.95, energy="squared", min_rank=1, seed=0)
+    else:
+        by_energy = lambda spectra: {i: energy_keep(0.95)(sp.s[None])[0] for i, sp in spectra.items()}
+        new, skipped = restart_lib.restart_product(network.loras, {}, by_energy, seed=0)
+        ranks = [new[i] for i in range(len(network.loras))]
     assert skipped == []
     for m, (down, up), k in zip(network.loras, before, ranks):
-        one_down, one_up, one_k = math_fn(down[None], up[None], 0.95, "squared", 1, gen(99))
-        assert int(one_k) == k
+        if mode == "paper":
+            one_down, one_up, one_k = F.restart_paper(down[None], up[None], 0.95, "squared", 1, gen(99))
+            one_down, one_up, one_k = one_down[0], one_up[0], int(one_k)
+        else:  # the energy rule sees the update's singular values with alpha/R applied: scale-free, the same keep
+            one_down, one_up, keep = product_restart(down, up, energy_keep(0.95), seed=99)
+            one_k = int(keep.sum())
+        assert one_k == k
         rows = k if mode == "product" else m.rank
-        assert torch.allclose(m.down_matrix()[:rows], one_down[0, :rows], atol=1e-5)
-        assert torch.allclose(m.up_matrix(), one_up[0], atol=1e-5)
+        assert torch.allclose(m.down_matrix()[:rows], one_down[:rows], atol=1e-5)
+        assert torch.allclose(m.up_matrix(), one_up, atol=1e-5)
     assert len(set(ranks)) > 1  # the modules really differ

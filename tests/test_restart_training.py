@@ -1,9 +1,9 @@
 """A full replayed sd-scripts run (train_network.py's call sequence) on the tiny SDXL-like model.
 
 The base U-Net is the pretrained tiny one (a random U-Net's loss is above 1,
-which would clamp p to 0 and keep one component everywhere). Nothing but the
-maximum rank is set: the default schedule (a tenth of the run) and the loss rule
-p = 1 - L^alpha decide every module's rank.
+which would clamp the paper's p to 0 and keep one component everywhere).
+Nothing but the maximum rank (and, for the paper, the mode) is set: the default
+schedule (a tenth of the run) and the mode's rule decide every module's rank.
 """
 
 from __future__ import annotations
@@ -37,31 +37,40 @@ def test_a_replayed_sdxl_run_restarts_on_schedule_and_saves_per_module_ranks_bel
     path = str(tmp_path / "style.safetensors")
     result = replay.replay_training(sd_network_module, sdxl_pretrained_models, style_data[:SAMPLES], sdxl=True,
                                     network_dim=MAX_RANK, network_alpha=4.0, epochs=EPOCHS, batch_size=BATCH, lr=1e-3,
-                                    network_args={} if mode == "paper" else {"restart_mode": mode}, save_path=path)
+                                    network_args={} if mode == "product" else {"restart_mode": mode}, save_path=path)
     network = result.network
     per_epoch = SAMPLES // BATCH
     assert result.global_step == EPOCHS * per_epoch
 
-    # on schedule, and p from the loss rule (the losses of a pretrained base are below 1)
+    # on schedule, with the mean training loss of each interval recorded
     assert [(h["epoch"], h["step"]) for h in network.history] == [(e, e * per_epoch) for e in range(EVERY, EPOCHS, EVERY)]
     for h in network.history:
         window = result.losses[(h["epoch"] - EVERY) * per_epoch: h["epoch"] * per_epoch]
         assert h["loss"] == pytest.approx(sum(window) / len(window), rel=1e-5)
         assert h["alpha"] == pytest.approx(1 + h["epoch"] / EPOCHS)
-        assert 0 < h["loss"] < 1 and h["p"] == pytest.approx(1 - h["loss"] ** h["alpha"])
+        if mode == "paper":  # p from the loss rule (the losses of a pretrained base are below 1)
+            assert 0 < h["loss"] < 1 and h["p"] == pytest.approx(1 - h["loss"] ** h["alpha"])
+        else:  # the default (product mode, no held-out loss): the importance threshold min_importance
+            assert h["source"] == "prior" and h["level"] == pytest.approx(2.0) and h["p"] != h["p"]
 
     # the data chose the ranks: below R, not all the same
     ranks = network.ranks()
     assert len(ranks) == len(network.loras) > 100
     assert max(ranks.values()) < MAX_RANK and len(set(ranks.values())) > 1
 
-    # the file holds those ranks, and its metadata explains them
+    # the file holds its ranks (paper mode: those of the last RESTART; product mode: decided again on the
+    # final update), and its metadata explains them
     down_rows, up_columns, meta = file_contents(path)
-    assert down_rows == up_columns == ranks
-    assert json.loads(meta["aclora_ranks"]) == ranks
+    file_ranks = json.loads(meta["aclora_ranks"])
+    assert down_rows == up_columns == file_ranks
+    assert max(file_ranks.values()) < MAX_RANK and len(set(file_ranks.values())) > 1
+    if mode == "paper":
+        assert file_ranks == ranks
+    else:
+        assert json.loads(meta["aclora_file_decision"]) == {"level": 2.0, "source": "prior"}
     assert meta["ss_network_dim"] == "Dynamic" and meta["aclora_mode"] == mode
     history = json.loads(meta["aclora_history"])
     assert meta["aclora_restarts"] == str(len(history)) == str(EPOCHS // EVERY - 1)
-    assert [(h["epoch"], h["step"], h["p"]) for h in history] == [(h["epoch"], h["step"], h["p"]) for h in network.history]
+    assert [(h["epoch"], h["step"]) for h in history] == [(h["epoch"], h["step"]) for h in network.history]
     modules = json.loads(meta["aclora_modules"])
     assert dict(zip(modules, history[-1]["ranks"])) == ranks
