@@ -248,8 +248,33 @@ def keep_above(importance: Tensor, threshold: float | Tensor, min_rank: int = 1)
     return keep.scatter(1, top, True)
 
 
-#: candidate thresholds, in decades below the largest importance: everything kept (inf), then 10^-4 .. 10^-0.25
-LEVELS: tuple[float, ...] = (math.inf,) + tuple(4.0 - 0.25 * i for i in range(16))
+#: coarse candidate thresholds, in decades below the largest importance: everything kept (inf), then
+#: 10^-4 up to 10^0 = the largest itself (only min_rank components stay), a quarter of a decade apart
+LEVELS: tuple[float, ...] = (math.inf,) + tuple(4.0 - 0.25 * i for i in range(17))
+LEVEL_STEP = 0.25
+
+
+def refine_levels(importances: list[Tensor], level: float, most: int = 8) -> list[float]:
+    """Levels strictly between ``level``'s coarse neighbours at which the kept set changes.
+
+    Every threshold between two consecutive importances keeps the same
+    components, so the candidates are the geometric midpoints of consecutive
+    distinct importances in that window, as levels below the largest; when there
+    are more than ``most``, ``most`` of them evenly spread. Empty for ``inf``
+    (keep everything has no neighbour below it) or when nothing is in between.
+    """
+    values = torch.cat([i.flatten() for i in importances]) if importances else torch.zeros(0)
+    values = values[values > 0]
+    if level == math.inf or values.numel() < 2:
+        return []
+    top = float(values.max())
+    levels = torch.log10(top / values).unique()  # ascending: the largest first
+    cuts = ((levels[1:] + levels[:-1]) / 2).tolist()
+    low, high = level - LEVEL_STEP, level + LEVEL_STEP
+    inside = [c for c in cuts if low < c < high and abs(c - level) > 1e-9]
+    if len(inside) > most:
+        inside = [inside[round(i * (len(inside) - 1) / (most - 1))] for i in range(most)]
+    return inside
 
 
 def relative_level(threshold: float, top: float) -> float:
@@ -449,7 +474,7 @@ def resize_lora_rank(s: Tensor, method: str, target: float, size: int | Tensor, 
 __all__ = [
     "threshold_p", "signal_rank", "rank_side_svd", "keep_mask", "truncate_factor", "residual_std",
     "row_std", "gaussian_refill", "restart_paper", "product_svd", "balanced_factors", "as_keep", "packing_order",
-    "input_energy", "component_importance", "keep_above", "LEVELS", "relative_level", "restart_slots",
+    "input_energy", "component_importance", "keep_above", "LEVELS", "LEVEL_STEP", "refine_levels", "relative_level", "restart_slots",
     "truncation_error", "chunk_size", "is_finite", "median",
     "RESIZE_LORA_MIN_SV", "product_core", "component_factors", "index_sv_cumulative", "index_sv_fro",
     "index_sv_ratio", "RESIZE_LORA_INDEX", "resize_lora_rank",

@@ -355,9 +355,13 @@ class ACLoRANetwork(nn.Module):
         if until is not None and not (isinstance(until, (int, float)) and 0 < until <= 1):
             raise OptionError(f"set_validation: until={until!r} is not valid; allowed: a fraction of training "
                               "> 0 and <= 1, or None")
-        if loss_fn is not None and self.config.restart_mode == "paper":
-            self._warn_once("validation-paper", "AC-LoRA: restart_mode=paper chooses ranks from the training loss "
-                            "(p = 1 - L^alpha); the held-out loss is not used. Use restart_mode=product.")
+        if loss_fn is not None and self.config.restart_mode != "product":
+            raise OptionError(f"set_validation: restart_mode={self.config.restart_mode} does not use a held-out "
+                              "loss (paper mode chooses from the training loss, off never restarts); "
+                              "use restart_mode=product")
+        if loss_fn is not None and self.config.fixed_p is not None:
+            raise OptionError(f"set_validation: fixed_p={self.config.fixed_p} fixes every module's energy share, so "
+                              "a held-out loss would choose nothing; remove fixed_p to let it choose")
         self._validation = loss_fn
         self._validation_until = None if until is None else float(until)
 
@@ -424,39 +428,51 @@ class ACLoRANetwork(nn.Module):
         return keeps_at_level(spectra, level, min_rank), {"level": level, "source": source}
 
     def _validated_level(self, spectra: dict[int, Spectrum]) -> Optional[tuple[dict, dict]]:
-        """Evaluate the held-out loss at every candidate level and choose one (None if no loss was finite).
+        """Choose the threshold on the held-out loss (None if no loss was finite).
 
-        A held-out share of 15 images is small: the loss of one evaluation carries
-        the idiosyncrasies of those few images and of the current weights, and a
-        choice that swings between RESTARTs trains the model at one rank and
-        saves it at another. So each candidate's excess over the best loss of the
-        evaluation is added to a running score that halves at every evaluation,
-        and the level with the lowest score wins (ties: the fewer components).
+        Coarse, then fine. The coarse candidates are ``F.LEVELS`` (a quarter of a
+        decade apart). A held-out share of 15 images is small: one evaluation
+        carries the idiosyncrasies of those few images and of the current
+        weights, and a choice that swings between RESTARTs trains the model at one
+        rank and saves it at another. So each coarse candidate's excess over the
+        evaluation's best loss goes into a running score that halves at every
+        evaluation, and the coarse level with the lowest score wins (ties: the
+        fewer components). The fine step then tries the cuts between that level's
+        neighbours where the kept set really changes (``F.refine_levels``) and
+        keeps the best of them and the coarse choice.
         """
-        values: dict[float, float] = {}
         seen: dict[tuple, float] = {}
+
+        def evaluate(level: float) -> float:
+            keeps = keeps_at_level(spectra, level, self.config.min_rank)
+            signature = tuple(int(k.sum()) for k in keeps.values())
+            if signature not in seen:
+                self._set_masks(spectra, keeps)
+                seen[signature] = self._held_out_loss()
+            return seen[signature]
+
         try:
-            for level in F.LEVELS:
-                keeps = keeps_at_level(spectra, level, self.config.min_rank)
-                signature = tuple(int(k.sum()) for k in keeps.values())
-                if signature not in seen:
-                    self._set_masks(spectra, keeps)
-                    seen[signature] = self._held_out_loss()
-                values[level] = seen[signature]
+            values = {level: evaluate(level) for level in F.LEVELS}
+            finite = [v for v in values.values() if math.isfinite(v)]
+            if not finite:
+                return None
+            best = min(finite)
+            scale = abs(best) if best != 0 else 1.0
+            for level, value in values.items():
+                excess = (value - best) / scale if math.isfinite(value) else math.inf
+                self._level_scores[level] = 0.5 * self._level_scores.get(level, 0.0) + excess
+            coarse = min(F.LEVELS, key=lambda lv: (self._level_scores.get(lv, math.inf), -lv))
+            importances = [sp.importance for sp in spectra.values() if sp.measured]
+            level, value = coarse, values[coarse]
+            for fine in F.refine_levels(importances, coarse):
+                candidate = evaluate(fine)
+                if math.isfinite(candidate) and candidate < value:
+                    level, value = fine, candidate
         finally:
             self._set_masks(spectra, None)
-        finite = [v for v in values.values() if v == v and math.isfinite(v)]
-        if not finite:
-            return None
-        best = min(finite)
-        scale = abs(best) if best != 0 else 1.0
-        for level, value in values.items():
-            excess = (value - best) / scale if value == value and math.isfinite(value) else math.inf
-            self._level_scores[level] = 0.5 * self._level_scores.get(level, 0.0) + excess
-        level = min(F.LEVELS, key=lambda lv: (self._level_scores.get(lv, math.inf), -lv))
         self._frozen_level = level
         return keeps_at_level(spectra, level, self.config.min_rank), {
-            "level": level, "source": "validation", "validation_loss": values[level], "candidates": len(seen)}
+            "level": level, "source": "validation", "validation_loss": value, "candidates": len(seen)}
 
     # --- training hooks --------------------------------------------------------------------
     def on_epoch_start(self, text_encoder=None, unet=None) -> None:

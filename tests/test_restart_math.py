@@ -405,9 +405,28 @@ def test_keep_above_a_zero_threshold_keeps_every_nonzero_component_only():
     assert F.keep_above(torch.tensor([[3.0, 1.0, 0.0, 0.0]]), 0.0).tolist() == [[True, True, False, False]]
 
 
-def test_the_candidate_levels_span_four_decades_below_the_largest_component_and_keeping_everything():
-    assert F.LEVELS[0] == math.inf and F.LEVELS[1] == 4.0 and F.LEVELS[-1] == 0.25
+def test_the_candidate_levels_span_keeping_everything_to_keeping_only_the_largest():
+    assert F.LEVELS[0] == math.inf and F.LEVELS[1] == 4.0 and F.LEVELS[-1] == 0.0 and len(F.LEVELS) == 18
     assert list(F.LEVELS[1:]) == sorted(F.LEVELS[1:], reverse=True)
+    importance = torch.tensor([[1.0, 0.9, 0.5]])
+    top = float(importance.max())
+    assert F.keep_above(importance, top * 10.0 ** -F.LEVELS[-1]).tolist() == [[True, False, False]]
+
+
+def test_the_fine_levels_are_the_cuts_between_distinct_importances_near_the_coarse_choice():
+    importances = [torch.tensor([100.0, 80.0, 10.0]), torch.tensor([60.0, 0.0])]
+    # levels below the top (100): 80 -> 0.097, 60 -> 0.222, 10 -> 1.0; cuts at 0.048, 0.159, 0.611
+    assert F.refine_levels(importances, 0.0) == pytest.approx([0.0485, 0.1594], abs=1e-3)
+    assert F.refine_levels(importances, 0.75) == pytest.approx([0.6109], abs=1e-3)
+    assert F.refine_levels(importances, math.inf) == []
+    keep = F.keep_above(torch.tensor([[100.0, 80.0, 60.0, 10.0]]), 100.0 * 10 ** -F.refine_levels(importances, 0.0)[1])
+    assert keep.tolist() == [[True, True, False, False]]
+
+
+def test_at_most_the_given_number_of_fine_levels_spread_over_the_window():
+    importances = [torch.logspace(0, -0.5, 40)]
+    fine = F.refine_levels(importances, 0.25, most=5)
+    assert len(fine) == 5 and fine == sorted(fine) and 0.0 < fine[0] and fine[-1] < 0.5
 
 
 # --- batched over a network vs one module at a time -------------------------------------------------

@@ -1,0 +1,359 @@
+"""The product mode's rank search: what it keeps, what decides it, and what reaches the file.
+
+Every expectation is computed here independently: updates from the explicit
+matrices with ``torch.linalg.svd``, input energies from the inputs the test fed,
+held-out losses from a planted truth the adapter is compared with.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from aclora_ext import OptionError, attach
+from aclora_ext.files import read_metadata
+
+IN, OUT, R = 32, 24, 12
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def orthonormal(rows: int, cols: int, seed: int) -> torch.Tensor:
+    return torch.linalg.qr(torch.randn(rows, cols, generator=gen(seed)))[0]
+
+
+def layer_model(layers: int = 1, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(*(nn.Linear(IN, OUT if i == layers - 1 else IN, bias=False) for i in range(layers)))
+
+
+class Planted:
+    """One layer's truth (a planted update) and an adapter holding it plus noise components of its own."""
+
+    def __init__(self, singular_values: torch.Tensor, noise: float, seed: int, out_dim: int = OUT,
+                 in_dim: int = IN) -> None:
+        k = len(singular_values)
+        basis_out, basis_in = orthonormal(out_dim, R, seed), orthonormal(in_dim, R, seed + 1)
+        self.truth = basis_out[:, :k] @ torch.diag(singular_values) @ basis_in[:, :k].T
+        noise_values = noise * torch.linspace(1.0, 0.6, R - k)
+        self.adapter = self.truth + basis_out[:, k:] @ torch.diag(noise_values) @ basis_in[:, k:].T
+        self.rank = k
+
+    def load_into(self, module) -> None:
+        """Factors whose update (with the module's alpha/R) is the adapter's matrix."""
+        u, s, vh = torch.linalg.svd(self.adapter / module.scale, full_matrices=False)
+        with torch.no_grad():
+            module.lora_up.weight.copy_(u[:, :R] * s[:R].sqrt())
+            module.lora_down.weight.copy_(s[:R].sqrt()[:, None] * vh[:R])
+
+
+def inputs(n: int, seed: int) -> torch.Tensor:
+    return torch.randn(n, IN, generator=gen(seed))
+
+
+def record_inputs(network, model: nn.Module, x: torch.Tensor) -> None:
+    """Training-mode forwards with gradients on (what a training step does), without changing the weights."""
+    network.train()
+    with torch.enable_grad():
+        model(x)
+
+
+def held_out_loss(model: nn.Module, truths: list, seed: int = 99):
+    """The held-out loss: the adapted model against base + truth on fresh inputs."""
+    x = inputs(512, seed)
+    with torch.no_grad():
+        target = x
+        for layer, truth in zip(model, truths):
+            target = target @ (layer.weight + truth).T
+    return lambda: (model(x) - target).pow(2).mean()
+
+
+def planted_setup(spectra: list, noise: float, seed: int = 0, **options):
+    model = layer_model(len(spectra), seed)
+    network = attach(model, max_rank=R, alpha=float(R), **options)
+    plants = [Planted(torch.as_tensor(s, dtype=torch.float32), noise, seed + 10 * i,
+                      in_dim=IN, out_dim=m.out_dim) for i, (s, m) in enumerate(zip(spectra, network.loras))]
+    for plant, m in zip(plants, network.loras):
+        plant.load_into(m)
+    record_inputs(network, model, inputs(256, seed + 1))
+    return model, network, plants
+
+
+# --- with a held-out loss ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("ranks", [(2, 5), (1, 7)])
+def test_planted_cliff_ranks_are_found_with_a_held_out_loss(ranks):
+    spectra = [torch.linspace(2.0, 1.0, k) for k in ranks]
+    model, network, plants = planted_setup(spectra, noise=0.5)
+    network.set_validation(held_out_loss(model, [p.truth for p in plants]))
+    report = network.restart()
+    assert [report.ranks[m.lora_name] for m in network.loras] == list(ranks)
+    assert report.p_source == "validation" and report.candidates > 1
+
+
+def test_a_planted_smooth_spectrum_keeps_what_the_held_out_loss_can_tell_from_the_noise():
+    """Power-law signal s_j = 2 j^-1 over every slot, noise components of 0.3: the components above the
+    noise help the held-out loss, the tail below it cannot be told apart; the rank lands between."""
+    singular_values = 2.0 * torch.arange(1, 9, dtype=torch.float32).pow(-1.0)  # 2, 1, 0.67, ..., 0.25
+    model, network, plants = planted_setup([singular_values], noise=0.3)
+    network.set_validation(held_out_loss(model, [plants[0].truth]))
+    report = network.restart()
+    kept = report.ranks[network.loras[0].lora_name]
+    above_noise = int((singular_values > 0.3).sum())  # 6
+    assert above_noise - 1 <= kept <= len(singular_values)
+    # and it is the best of the prefixes the held-out loss could judge, within the grid's resolution
+    best = min(prefix_loss(model, network.loras[0], plants[0], k) for k in range(1, R + 1))
+    assert prefix_loss(model, network.loras[0], plants[0], kept) <= best * 1.02
+
+
+def prefix_loss(model, module, plant: Planted, k: int) -> float:
+    """Held-out loss with the module's update cut to its k largest components (computed with torch.linalg.svd)."""
+    delta = (module.up_matrix() @ module.down_matrix()).detach() * module.scale
+    u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+    x = inputs(512, 99)
+    with torch.no_grad():
+        cut = (u[:, :k] * s[:k]) @ vh[:k]
+        return float((x @ (model[0].weight + cut).T - x @ (model[0].weight + plant.truth).T).pow(2).mean())
+
+
+@pytest.mark.parametrize("min_rank", [1, 2])
+def test_noise_only_updates_keep_min_rank(min_rank):
+    model, network, plants = planted_setup([torch.zeros(0), torch.zeros(0)], noise=0.4, min_rank=str(min_rank))
+    network.set_validation(held_out_loss(model, [torch.zeros(OUT if i else IN, IN) for i in range(2)]))
+    report = network.restart()
+    assert set(report.ranks.values()) == {min_rank}
+
+
+def test_the_held_out_choice_reaches_the_file_and_its_metadata(tmp_path):
+    model, network, plants = planted_setup([torch.linspace(2.0, 1.0, 3)], noise=0.5)
+    network.set_validation(held_out_loss(model, [plants[0].truth]))
+    path = tmp_path / "held-out.safetensors"
+    assert network.save_weights(str(path))
+    assert load_file(path)[f"{network.loras[0].lora_name}.lora_down.weight"].shape[0] == 3
+    decision = json.loads(read_metadata(str(path))["aclora_file_decision"])
+    assert decision["source"] == "validation" and decision["candidates"] > 1
+    # deciding at save time changes nothing in training: the factors are the same as before
+    assert network.ranks()[network.loras[0].lora_name] == R
+
+
+def test_the_held_out_loss_never_sees_the_training_statistics_or_the_training_mode():
+    model, network, plants = planted_setup([torch.linspace(2.0, 1.0, 3)], noise=0.5)
+    seen = []
+
+    def loss_fn():
+        seen.append((network.training, torch.is_grad_enabled()))
+        return held_out_loss(model, [plants[0].truth])()
+
+    network.set_validation(loss_fn)
+    stats = network._stats[network.loras[0].lora_name]
+    count = stats.count
+    network.restart()
+    assert seen and set(seen) == {(False, False)}
+    assert stats.count == 0 and count > 0  # reset by the RESTART, and nothing recorded while evaluating
+    assert network.training
+
+
+def test_a_module_cut_at_one_restart_grows_back_when_it_earns_capacity():
+    """RESTART 1: the truth has rank 2, so 2 of 12 slots stay. The freed slots then learn three more truth
+    components (written in as training would); the held-out truth now has rank 5: RESTART 2 keeps 5."""
+    full = torch.tensor([2.0, 1.8, 1.6, 1.4, 1.2])
+    model, network, _ = planted_setup([full], noise=0.5, seed=3)
+    module = network.loras[0]
+    first = Planted(full[:2], 0.5, seed=3)
+    second = Planted(full, 0.0, seed=3)
+    truth = [first.truth]
+    network.set_validation(lambda: held_out_loss(model, truth)())
+    assert network.restart().ranks[module.lora_name] == 2
+    learned = second.truth - first.truth  # the components 3-5, in the freed slots
+    u, s, vh = torch.linalg.svd(learned / module.scale, full_matrices=False)
+    free = [j for j in range(R) if torch.count_nonzero(module.lora_up.weight[:, j]) == 0][:3]
+    with torch.no_grad():
+        for col, j in enumerate(free):
+            module.lora_up.weight[:, j] = u[:, col] * s[col].sqrt()
+            module.lora_down.weight[j] = s[col].sqrt() * vh[col]
+    record_inputs(network, model, inputs(256, 5))
+    truth[0] = second.truth
+    assert network.restart().ranks[module.lora_name] == 5
+
+
+def test_until_hands_the_held_out_share_back_and_freezes_the_chosen_level():
+    model, network, plants = planted_setup([torch.linspace(2.0, 1.0, 3)], noise=0.5)
+    network.set_training_length(total_steps=10)
+    network.set_validation(held_out_loss(model, [plants[0].truth]), until=0.5)
+    network.clock.optimizer_steps = 4
+    assert network.validation_active
+    chosen = network.restart()
+    assert chosen.p_source == "validation"
+    network.clock.optimizer_steps = 6
+    assert not network.validation_active
+    record_inputs(network, model, inputs(256, 7))
+    frozen = network.restart()
+    assert frozen.p_source == "frozen" and frozen.level == chosen.level
+
+
+def test_the_level_scores_survive_save_state_and_resume():
+    model, network, plants = planted_setup([torch.linspace(2.0, 1.0, 3), torch.linspace(1.0, 0.5, 6)], noise=0.5)
+    network.set_validation(held_out_loss(model, [p.truth for p in plants]))
+    network.restart()
+    state = network.state_dict()
+    _, fresh, _ = planted_setup([torch.linspace(2.0, 1.0, 3), torch.linspace(1.0, 0.5, 6)], noise=0.5)
+    fresh.load_state_dict(state)
+    assert fresh._level_scores == pytest.approx(network._level_scores)
+    assert fresh._frozen_level == network._frozen_level
+    assert [h["level"] for h in fresh.history] == pytest.approx([h["level"] for h in network.history], abs=1e-8)
+
+
+# --- without a held-out loss ----------------------------------------------------------------------------------------
+def test_without_a_held_out_loss_components_below_min_importance_of_the_largest_go():
+    """Importance = s_j x rms(x . v_j) / rms(layer output), computed here from the inputs the test fed."""
+    model, network, plants = planted_setup([torch.tensor([3.0, 1.0, 0.02, 0.01])], noise=0.002)
+    module = network.loras[0]
+    x = inputs(256, 1)  # what planted_setup recorded
+    delta = (module.up_matrix() @ module.down_matrix()).detach() * module.scale
+    u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+    with torch.no_grad():
+        out_rms = model(x).pow(2).mean().sqrt()
+    importance = s * (x @ vh.T).pow(2).mean(dim=0).sqrt() / out_rms
+    expected = int((importance > 0.01 * importance.max()).sum())
+    assert network.restart().ranks[module.lora_name] == expected == 2
+
+
+def test_min_importance_zero_keeps_every_nonzero_component():
+    model, network, plants = planted_setup([torch.tensor([3.0, 1.0, 0.05, 0.01])], noise=0.002,
+                                           min_importance="0")
+    assert network.restart().ranks[network.loras[0].lora_name] == R
+
+
+def test_the_file_ranks_are_the_rule_applied_to_the_final_update(tmp_path):
+    """Decided again at save time: what the adapter learned after the last RESTART is judged too."""
+    model, network, plants = planted_setup([torch.tensor([3.0, 1.0, 0.02])], noise=0.001)
+    module = network.loras[0]
+    assert network.restart().ranks[module.lora_name] == 2
+    # after the RESTART a freed slot learns a component as strong as the second one
+    j = [j for j in range(R) if torch.count_nonzero(module.lora_up.weight[:, j]) == 0][0]
+    direction_out, direction_in = orthonormal(OUT, 1, 40), orthonormal(IN, 1, 41)
+    with torch.no_grad():
+        module.lora_up.weight[:, j] = direction_out[:, 0] / module.scale
+        module.lora_down.weight[j] = direction_in[:, 0]
+    record_inputs(network, model, inputs(256, 1))
+    path = tmp_path / "final.safetensors"
+    network.save_weights(str(path))
+    tensors = load_file(path)
+    assert tensors[f"{module.lora_name}.lora_down.weight"].shape[0] == 3
+    file_delta = float(tensors[f"{module.lora_name}.alpha"]) / 3 * \
+        tensors[f"{module.lora_name}.lora_up.weight"] @ tensors[f"{module.lora_name}.lora_down.weight"]
+    delta = (module.up_matrix() @ module.down_matrix()).detach() * module.scale
+    u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+    assert torch.allclose(file_delta, (u[:, :3] * s[:3]) @ vh[:3], atol=1e-5)
+
+
+# --- scale invariance: the loss's units do not choose the ranks -------------------------------------------------------
+def train_run(loss_scale: float, validate: bool, steps: int = 60) -> tuple[list, dict]:
+    """A small noisy regression trained with restarts every 20 steps (AdamW): ranks of every RESTART and of the
+    file. Without a held-out loss, min_importance 0.1 makes the default rule cut something here."""
+    torch.manual_seed(0)
+    model = layer_model(2, seed=0)
+    network = attach(model, max_rank=R, alpha=float(R), restart_every_steps="20",
+                     **({} if validate else {"min_importance": "0.1"}))
+    network.set_training_length(total_steps=steps)
+    teacher = [Planted(torch.linspace(2.0, 1.0, k), 0.0, seed=20 + k, out_dim=m.out_dim).truth
+               for k, m in zip((2, 4), network.loras)]
+    x_train, g = inputs(64, 30), gen(31)
+    with torch.no_grad():
+        y_train = x_train
+        for layer, truth in zip(model, teacher):
+            y_train = y_train @ (layer.weight + truth).T
+    if validate:
+        check = held_out_loss(model, teacher)
+        network.set_validation(lambda: loss_scale * check())
+    # Adam is invariant to the loss's scale but for its eps: a negligible one keeps the runs the same up to
+    # rounding, so what is pinned is the rank rule's own invariance
+    optimizer = torch.optim.AdamW(network.parameters(), lr=3e-2, weight_decay=0.0, eps=1e-16)
+    history = []
+    for _ in range(steps):
+        network.on_step_start()
+        idx = torch.randint(0, 64, (16,), generator=g)
+        loss = loss_scale * (model(x_train[idx]) - y_train[idx] - 0.3 * torch.randn(16, OUT, generator=g)).pow(2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        network.record_loss(loss.detach())
+    history = [h["ranks"] for h in network.history]
+    _, metadata, _ = network.state_for_export()
+    return history, json.loads(metadata["aclora_ranks"])
+
+
+@pytest.mark.parametrize("validate", [False, True], ids=["no held-out loss", "held-out loss"])
+def test_scaling_the_loss_changes_no_rank(validate):
+    """x8 and x1/8 scale every loss exactly (powers of two), so the runs differ only if the rule reads the
+    loss's units: the ranks must be identical. x10 and x0.1 also round differently, which moves the
+    weights by rounding noise: a component at the threshold may flip, no more."""
+    reference = train_run(1.0, validate)
+    assert len(reference[0]) == 2 and any(r < R for ranks in reference[0] for r in ranks)
+    for scale in (0.125, 8.0):
+        assert train_run(scale, validate) == reference
+    for scale in (0.1, 10.0):
+        history, file_ranks = train_run(scale, validate)
+        assert all(abs(a - b) <= 1 for h, ref in zip(history, reference[0]) for a, b in zip(h, ref))
+        assert all(abs(file_ranks[k] - reference[1][k]) <= 1 for k in file_ranks)
+
+
+def test_the_paper_rule_is_the_one_that_reads_the_loss_units():
+    """The contrast that makes the test above meaningful: p = 1 - L^alpha moves with the loss's scale."""
+    network = attach(layer_model(), max_rank=R, restart_mode="paper")
+    assert network.restart(loss=0.1, progress=0.5).p != network.restart(loss=0.8, progress=0.5).p
+
+
+# --- bad input -------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("value", ["1", "-0.1", "lots", "nan"])
+def test_a_bad_min_importance_is_refused_naming_the_key_and_the_range(value):
+    with pytest.raises(OptionError) as caught:
+        attach(layer_model(), max_rank=4, min_importance=value)
+    assert "min_importance" in str(caught.value) and repr(value) in str(caught.value) and ">= 0" in str(caught.value)
+
+
+@pytest.mark.parametrize("until", [0, 1.5, "half"])
+def test_set_validation_refuses_a_bad_until(until):
+    network = attach(layer_model(), max_rank=4)
+    with pytest.raises(OptionError, match="until"):
+        network.set_validation(lambda: 0.0, until=until)
+
+
+def test_set_validation_refuses_something_that_is_not_a_function():
+    with pytest.raises(OptionError, match="loss_fn"):
+        attach(layer_model(), max_rank=4).set_validation(0.5)
+
+
+@pytest.mark.parametrize("options, named", [({"restart_mode": "paper"}, "restart_mode=paper"),
+                                            ({"restart_mode": "off"}, "restart_mode=off"),
+                                            ({"fixed_p": "0.9"}, "fixed_p=0.9")])
+def test_a_held_out_loss_that_could_choose_nothing_is_refused(options, named):
+    with pytest.raises(OptionError, match=named):
+        attach(layer_model(), max_rank=4, **options).set_validation(lambda: 0.0)
+
+
+def test_a_held_out_loss_that_is_never_finite_falls_back_to_the_default_level_with_a_warning(caplog):
+    model, network, plants = planted_setup([torch.linspace(2.0, 1.0, 3)], noise=0.5)
+    network.set_validation(lambda: float("nan"))
+    with caplog.at_level(logging.WARNING, logger="aclora_ext"):
+        report = network.restart()
+    assert report.p_source == "prior" and report.level == pytest.approx(2.0)
+    assert any("never finite" in r.getMessage() for r in caplog.records)
+
+
+def test_each_product_restart_logs_one_line_with_the_threshold_and_how_it_was_chosen(caplog):
+    model, network, plants = planted_setup([torch.linspace(2.0, 1.0, 3)], noise=0.5)
+    network.set_validation(held_out_loss(model, [plants[0].truth]))
+    with caplog.at_level(logging.INFO, logger="aclora_ext"):
+        report = network.restart()
+    lines = [r.getMessage() for r in caplog.records if "RESTART #" in r.getMessage()]
+    assert lines == [report.line()]
+    assert "chosen on held-out loss" in lines[0] and "ranks min/median/max 3/3/3" in lines[0]
+    assert math.isfinite(report.level)
