@@ -26,6 +26,7 @@ from . import functional as F
 from . import schedule
 from .export import export_modules, raw_modules
 from .files import LoRAFileError, load_state_dict, metadata_ranks, read_metadata, save_state_dict
+from .heldout import SdScriptsValidation
 from .module import ACLoRAModule
 from .options import ACLoRAConfig, OptionError
 from .restart import (InputStats, RestartReport, Spectrum, analyse_modules, keeps_at_level, restart_modules,
@@ -191,9 +192,12 @@ class ACLoRANetwork(nn.Module):
 
     # --- kohya contract: set-up ---------------------------------------------------------
     def prepare_network(self, args: Any) -> None:
-        """Keep sd-scripts' args (the run length is final only before the loop, so read later)."""
+        """Keep sd-scripts' args (the run length is final only before the loop, so read later); with
+        --validation_split, the product mode will choose ranks on sd-scripts' validation pass."""
         self._args = args
         schedule.listen(self)
+        split = getattr(args, "validation_split", None)
+        self._sd_validation_wanted = isinstance(split, (int, float)) and split > 0
 
     def apply_to(self, text_encoder=None, unet=None, apply_text_encoder: bool = True, apply_unet: bool = True) -> None:
         if not apply_text_encoder:
@@ -208,6 +212,11 @@ class ACLoRANetwork(nn.Module):
             m.apply_to()
         self._register_state()
         schedule.listen(self)
+        if getattr(self, "_sd_validation_wanted", False) and self._validation is None and \
+                self.config.restart_mode == "product" and self.config.fixed_p is None:
+            recorder = SdScriptsValidation.attach(self, unet)
+            if recorder is not None:
+                self.set_validation(recorder)
         logger.info("AC-LoRA: %d text-encoder and %d U-Net modules, maximum rank %d, restart_mode=%s",
                     len(self.text_encoder_loras), len(self.unet_loras), self.max_rank, self.config.restart_mode)
 
@@ -226,7 +235,16 @@ class ACLoRANetwork(nn.Module):
             m.remove()
             for handle in self._hooks.pop(m.lora_name, ()):
                 handle.remove()
+        if isinstance(self._validation, SdScriptsValidation):
+            self._validation.remove()
         schedule.forget(self)
+
+    def train(self, mode: bool = True) -> "ACLoRANetwork":
+        """nn.Module.train; back to training after sd-scripts' validation pass also ends its recording."""
+        super().train(mode)
+        if mode and isinstance(getattr(self, "_validation", None), SdScriptsValidation) and self._recording:
+            self._validation.end_pass()
+        return self
 
     def enable_gradient_checkpointing(self) -> None:
         """Nothing to do: the LoRA modules run inside the checkpointed blocks."""
@@ -369,7 +387,7 @@ class ACLoRANetwork(nn.Module):
     def validation_active(self) -> bool:
         """True while the held-out loss decides the ranks: until then the loop must keep its held-out
         share out of training; afterwards it may train on it."""
-        if self._validation is None or self.config.fixed_p is not None:
+        if self._validation is None or self.config.fixed_p is not None or not getattr(self._validation, "ready", True):
             return False
         return self._validation_until is None or self._progress() < self._validation_until
 

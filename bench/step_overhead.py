@@ -13,9 +13,11 @@ Variants, each in its own process (peak RSS is per process, and our class-level
 
 - ``peft``: ``peft.inject_adapter_in_model(LoraConfig(r, lora_alpha, target_modules=...))``,
 - ``aclora-off``: AC-LoRA with ``restart_mode=off`` (plain LoRA, loss capture on),
-- ``aclora``: AC-LoRA in paper mode with a RESTART every ``--restart-every``
-  steps; steps that ran a RESTART are left out of the step time (their cost is
-  reported on its own line).
+- ``aclora``: AC-LoRA with its defaults (product mode: forward hooks record
+  each module's LoRA activations h h^T and its output's mean square for the
+  component importance) and a RESTART every ``--restart-every`` steps; steps
+  that ran a RESTART are left out of the step time (their cost is reported on
+  its own line).
 
 Rounds alternate the variants (peft, off, aclora, peft, ...) and the step
 times of all rounds are pooled. Memory comes from separate, shorter runs (long
@@ -178,7 +180,7 @@ def run_variant(variant: str, size: Size, device: torch.device, memory_pass: boo
         if variant == "peft":
             params = attach_peft(unet, size)
         else:
-            network, params = attach_aclora(unet, size, "off" if variant == "aclora-off" else "paper", total)
+            network, params = attach_aclora(unet, size, "off" if variant == "aclora-off" else "product", total)
         unet.train()
         optimizer = torch.optim.AdamW(params, lr=1e-4)
         gen = torch.Generator(device=device).manual_seed(1)

@@ -1,0 +1,131 @@
+"""sd-scripts' validation pass as the product mode's held-out loss (--validation_split).
+
+sd-scripts computes its validation loss itself; the network records the pass's
+U-Net calls and the targets of ``library.train_util.conditional_loss`` and
+replays them. These tests play sd-scripts' part with its call order: a stand-in
+``library.train_util`` module, ``network.eval()``, the U-Net call,
+``conditional_loss(pred, target, loss_type, "none", huber_c)``, ``network.train()``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import types
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from aclora_ext import create_network, heldout
+from aclora_ext.replay import add_noise
+
+from helpers import text_encoder_of
+
+
+def sd_scripts_loss(model_pred, target, loss_type, reduction, huber_c=None):
+    """sd-scripts' conditional_loss for l2 and huber (the two this file needs)."""
+    if loss_type == "l2":
+        return F.mse_loss(model_pred, target, reduction=reduction)
+    huber_c = huber_c.view(-1, *([1] * (model_pred.ndim - 1)))
+    return 2 * huber_c * (torch.sqrt((model_pred - target) ** 2 + huber_c ** 2) - huber_c)
+
+
+@pytest.fixture
+def train_util(monkeypatch):
+    """A stand-in for sd-scripts' library.train_util, as train_network.py has it imported."""
+    module = types.ModuleType("library.train_util")
+    module.conditional_loss = sd_scripts_loss
+    monkeypatch.setitem(sys.modules, "library.train_util", module)
+    return module
+
+
+def sd_network(models, validation_split: float, **network_args):
+    text_encoder = text_encoder_of(models)
+    network = create_network(1.0, 8, 8.0, None, text_encoder, models["unet"], **network_args)
+    network.prepare_network(argparse.Namespace(validation_split=validation_split, max_train_steps=100))
+    network.apply_to(text_encoder, models["unet"], True, True)
+    return network
+
+
+def unet_call(models, latents, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randn(latents.shape, generator=g)
+    t = torch.randint(0, 1000, (latents.shape[0],), generator=g)
+    cond = torch.randn(latents.shape[0], 4, models["unet"].config.cross_attention_dim, generator=g)
+    return (add_noise(latents, noise, t), t, cond), noise
+
+
+def training_step(network, models, latents, optimizer, seed: int):
+    network.train()
+    (x, t, cond), noise = unet_call(models, latents, seed)
+    loss = F.mse_loss(models["unet"](x, t, cond).sample, noise)
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    network.record_loss(loss.detach())
+
+
+def validation_pass(network, models, train_util, latents, loss_type="l2", huber_c=None):
+    """What sd-scripts does for --validation_split: eval(), the U-Net call, conditional_loss, train()."""
+    network.eval()
+    losses = []
+    with torch.no_grad():
+        for seed, batch in enumerate(latents.split(2)):
+            (x, t, cond), noise = unet_call(models, batch, 1000 + seed)
+            prediction = models["unet"](x, t, cond).sample
+            losses.append(train_util.conditional_loss(prediction.float(), noise.float(), loss_type, "none",
+                                                      huber_c).mean())
+    network.train()
+    return torch.stack(losses).mean()
+
+
+def test_a_validation_split_makes_the_restart_choose_on_sd_scripts_validation_pass(sd1_pretrained_models, style_data,
+                                                                                     train_util):
+    network = sd_network(sd1_pretrained_models, 0.25)
+    recorder = network._validation
+    assert isinstance(recorder, heldout.SdScriptsValidation) and not network.validation_active
+    latents = torch.stack([s["latents"] for s in style_data])
+    optimizer = torch.optim.AdamW(network.parameters(), lr=1e-3)
+    for step in range(3):
+        training_step(network, sd1_pretrained_models, latents[:4], optimizer, step)
+    sd_loss = validation_pass(network, sd1_pretrained_models, train_util, latents[4:8])
+    assert len(recorder.calls) == 2 and network.validation_active
+    # the replay is sd-scripts' own validation loss of the network as it is
+    assert float(recorder()) == pytest.approx(float(sd_loss), rel=1e-5)
+    training_step(network, sd1_pretrained_models, latents[:4], optimizer, 9)
+    report = network.restart()
+    assert report.p_source == "validation" and report.candidates > 1
+    # training calls were never recorded, and a second pass adds nothing (it replays the same calls)
+    validation_pass(network, sd1_pretrained_models, train_util, latents[4:8])
+    assert len(recorder.calls) == 2
+
+
+def test_the_replay_uses_the_loss_type_and_huber_c_sd_scripts_passed(sd1_pretrained_models, style_data, train_util):
+    network = sd_network(sd1_pretrained_models, 0.25)
+    latents = torch.stack([s["latents"] for s in style_data])
+    huber_c = torch.full((2,), 0.1)
+    sd_loss = validation_pass(network, sd1_pretrained_models, train_util, latents[4:8], "huber", huber_c)
+    assert float(network._validation()) == pytest.approx(float(sd_loss), rel=1e-5)
+
+
+@pytest.mark.parametrize("network_args, split", [({}, 0.0), ({"restart_mode": "paper"}, 0.25),
+                                                  ({"fixed_p": "0.9"}, 0.25)])
+def test_no_recording_without_a_split_or_where_a_held_out_loss_would_choose_nothing(sd1_models, train_util,
+                                                                                    network_args, split):
+    network = sd_network(sd1_models, split, **network_args)
+    assert network._validation is None
+    assert not getattr(train_util.conditional_loss, "_aclora_wrapped", False)
+
+
+def test_without_sd_scripts_library_the_run_goes_on_without_a_held_out_loss(sd1_models, monkeypatch, caplog):
+    monkeypatch.delitem(sys.modules, "library.train_util", raising=False)
+    with caplog.at_level("INFO", logger="aclora_ext"):
+        network = sd_network(sd1_models, 0.25)
+    assert network._validation is None and "conditional_loss" in caplog.text
+
+
+def test_remove_from_takes_the_recorder_off_the_unet(sd1_models, train_util):
+    network = sd_network(sd1_models, 0.25)
+    network.remove_from()
+    assert not sd1_models["unet"]._forward_pre_hooks
