@@ -268,9 +268,12 @@ def train_ours(scene: Scene, method: Method, settings: Settings, workdir: str) -
         options["restart_mode"] = "off"
     network = attach(unet, max_rank=method.rank, alpha=float(method.rank), include=TARGETS, prefix="lora_unet",
                      **options)
+    trained = N_TRAIN - method.held_out
+    if method.held_out:  # the last training images, with fixed timesteps and noise
+        network.set_validation(lambda: heldout_denoising_loss(unet, scene.train[trained:], scene.trigger))
     losses, seconds = train_with_restarts(
         network, settings.epochs, settings.lr, scene.seed,
-        lambda g: torch.randperm(N_TRAIN, generator=g).split(settings.batch),
+        lambda g: torch.randperm(trained, generator=g).split(settings.batch),
         lambda idx, g: denoising_loss(unet, scene.train[idx], scene.trigger.expand(len(idx), -1, -1), g))
     network.eval()
     raw = score(scene, unet, settings)

@@ -191,6 +191,7 @@ class Method:
     rank: int
     options: tuple[tuple[str, Any], ...] = ()
     ablation: bool = False  # a diagnostic variant (e.g. a fixed p): shown, but not a candidate for the goal
+    held_out: int = 0  # training samples kept out of training for network.set_validation (the last ones)
 
     @property
     def is_sweep(self) -> bool:
@@ -260,8 +261,13 @@ def train_aclora(task: Task, method: Method, seed: int, train: TrainConfig, work
     if method.kind == "lora":
         options["restart_mode"] = "off"
     network = attach(base, max_rank=method.rank, alpha=float(method.rank), **options)
+    trained = task.config.samples - method.held_out
+    if method.held_out:
+        held = list(range(trained, task.config.samples))
+        x, y = task.train_x[held].reshape(-1, task.config.width), task.train_y[held].reshape(-1, task.config.width)
+        network.set_validation(lambda: (base(x) - y).pow(2).mean() / task.scale)
     losses, seconds = train_with_restarts(network, train.epochs, train.lr, seed,
-                                          lambda g: batches(g, task.config.samples, train.samples_per_step),
+                                          lambda g: batches(g, trained, train.samples_per_step),
                                           lambda idx, g: step_loss(base, task, idx, g))
     network.eval()
     with torch.no_grad():
@@ -372,10 +378,13 @@ def train_adalora(task: Task, method: Method, seed: int, train: TrainConfig, wor
 # --- the benchmark -------------------------------------------------------------------------------------
 def methods(sweep: Sequence[int], max_rank: int, adalora: dict,
             ablation: Sequence[tuple[str, float]] = ()) -> list[Method]:
-    """The sweep, AC-LoRA (defaults) in both modes, AdaLoRA, then AC-LoRA at fixed thresholds (mode, p)."""
+    """The sweep, AC-LoRA in both modes (product mode, the default, also with 3 of the 15 training samples
+    held out for its held-out loss), AdaLoRA, then AC-LoRA at fixed thresholds (mode, p)."""
     rows = [Method(f"LoRA rank {r}", "lora", r) for r in sweep]
     rows.append(Method(f"AC-LoRA paper R={max_rank}", "aclora", max_rank, (("restart_mode", "paper"),)))
     rows.append(Method(f"AC-LoRA product R={max_rank}", "aclora", max_rank, (("restart_mode", "product"),)))
+    rows.append(Method(f"AC-LoRA product R={max_rank}, 3 of 15 held out", "aclora", max_rank,
+                       (("restart_mode", "product"),), held_out=3))
     rows.append(Method(f"AdaLoRA init_r={adalora['init_r']} target_r={adalora['target_r']}", "adalora",
                        adalora["init_r"], tuple((k, v) for k, v in adalora.items() if k != "init_r")))
     for mode, p in ablation:

@@ -93,7 +93,8 @@ def test_sdxl_24gb_without_cuda_runs_the_smoke_path_and_says_vram_was_not_measur
     assert 0 < learning[0]["te"] < rows["aclora"]["params"]["te"]
 
 
-QUALITY_ROWS = {"LoRA rank 2", "LoRA rank 32", "AC-LoRA paper R=32", "AC-LoRA product R=32", "AdaLoRA init_r=32 target_r=8"}
+QUALITY_ROWS = {"LoRA rank 2", "LoRA rank 32", "AC-LoRA paper R=32", "AC-LoRA product R=32",
+                "AC-LoRA product R=32, 3 of 15 held out", "AdaLoRA init_r=32 target_r=8"}
 
 
 def _goal_is_judged_against_the_sweep(summary: dict) -> None:
@@ -120,3 +121,22 @@ def test_quality_diffusion_scores_every_row_by_feature_distance_and_denoising_lo
     for metric in ("fd", "denoise"):
         assert QUALITY_ROWS <= {row["method"] for row in summary[metric]["table"]}
         _goal_is_judged_against_the_sweep(summary[metric])
+
+
+def test_quality_suite_judges_every_peer_against_the_sweep_of_every_task(tmp_path):
+    from bench import quality_suite
+
+    result = run_smoke(quality_suite, tmp_path)
+    assert set(result["summary"]) == {"mlp-small/mse", "textures/mse"}
+    for entry in result["summary"].values():
+        fixed = {k: v["heldout"] for k, v in entry["methods"].items() if k.startswith("LoRA rank")}
+        assert entry["best_fixed_error"] == min(fixed.values())
+        for label, row in entry["methods"].items():
+            assert row["ratio"] == pytest.approx(row["heldout"] / entry["best_fixed_error"])
+        held = entry["methods"]["AC-LoRA (defaults, 3 of 15 held out)"]
+        assert held["size_ratio"] > 0 and held["time_ratio"] > 0
+    labels = {label for entry in result["summary"].values() for label in entry["methods"]}
+    assert {"AdaLoRA", "AC-LoRA paper", "resize sv_fro 0.9", "resize sv_cumulative 0.9", "resize sv_ratio 20"} <= labels
+    sources = {h["source"] for r in result["runs"] if r["method"] == "AC-LoRA (defaults, 3 of 15 held out)"
+               for h in r["restarts"]}
+    assert sources <= {"validation"} and set(result["goals"]) >= {"AC-LoRA (defaults, 3 of 15 held out)"}
