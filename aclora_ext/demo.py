@@ -27,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--sdxl", action="store_true", help="use the SDXL-like tiny model (two text encoders)")
     parser.add_argument("--epochs", type=int, default=20, help="training epochs (default 20: RESTART every 2)")
     parser.add_argument("--rank", type=int, default=32, help="maximum rank R (network_dim, default 32)")
-    parser.add_argument("--mode", choices=("paper", "product", "off"), default="paper", help="restart_mode")
+    parser.add_argument("--mode", choices=("product", "paper", "off"), default="product", help="restart_mode (default: product, the default of the network)")
     parser.add_argument("--seed", type=int, default=0)
     return parser
 
@@ -44,7 +44,7 @@ def _require_demo_dependencies() -> None:
                          "install them with: pip install 'aclora[demo]'")
 
 
-def run(out: str, sdxl: bool = False, epochs: int = 20, rank: int = 32, mode: str = "paper", seed: int = 0) -> str:
+def run(out: str, sdxl: bool = False, epochs: int = 20, rank: int = 32, mode: str = "product", seed: int = 0) -> str:
     """Train the tiny model and return the path of the saved LoRA file."""
     _require_demo_dependencies()
     import networks.aclora as network_module

@@ -1,6 +1,7 @@
 """The held-out loss of sd-scripts' validation passes, for the product mode's rank search.
 
-With ``--validation_split``, sd-scripts keeps a share of the training images
+With a validation split (``--validation_split``, or ``validation_split`` in
+the dataset config), sd-scripts keeps a share of the training images
 out of training and, every epoch (or every ``--validate_every_n_steps``), runs
 them through the model between ``network.eval()`` and ``network.train()``, with
 a fixed seed: the same images, timesteps and noise every time. It computes that
@@ -105,14 +106,17 @@ class SdScriptsValidation:
         _listeners.add(self)
 
     @classmethod
-    def attach(cls, network: nn.Module, unet: Optional[nn.Module]) -> Optional["SdScriptsValidation"]:
-        """A recorder for this network's U-Net, or None when sd-scripts' loss function is not there."""
+    def attach(cls, network: nn.Module, unet: Optional[nn.Module], expected: bool = False
+               ) -> Optional["SdScriptsValidation"]:
+        """A recorder for this network's U-Net, or None outside sd-scripts (its loss function is not
+        loaded; said in the log when ``expected``, i.e. sd-scripts' args asked for a validation split)."""
         if unet is None:
             return None
         original = _install_loss_wrapper()
         if original is None:
-            logger.info("AC-LoRA: --validation_split is set but sd-scripts' library.train_util.conditional_loss is "
-                        "not loaded; the rank search runs without a held-out loss")
+            if expected:
+                logger.info("AC-LoRA: validation_split is set but sd-scripts' library.train_util.conditional_loss "
+                            "is not loaded; the rank search runs without a held-out loss")
             return None
         return cls(network, unet, original)
 

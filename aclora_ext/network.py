@@ -192,12 +192,9 @@ class ACLoRANetwork(nn.Module):
 
     # --- kohya contract: set-up ---------------------------------------------------------
     def prepare_network(self, args: Any) -> None:
-        """Keep sd-scripts' args (the run length is final only before the loop, so read later); with
-        --validation_split, the product mode will choose ranks on sd-scripts' validation pass."""
+        """Keep sd-scripts' args (the run length is final only before the loop, so read later)."""
         self._args = args
         schedule.listen(self)
-        split = getattr(args, "validation_split", None)
-        self._sd_validation_wanted = isinstance(split, (int, float)) and split > 0
 
     def apply_to(self, text_encoder=None, unet=None, apply_text_encoder: bool = True, apply_unet: bool = True) -> None:
         if not apply_text_encoder:
@@ -212,9 +209,11 @@ class ACLoRANetwork(nn.Module):
             m.apply_to()
         self._register_state()
         schedule.listen(self)
-        if getattr(self, "_sd_validation_wanted", False) and self._validation is None and \
-                self.config.restart_mode == "product" and self.config.fixed_p is None:
-            recorder = SdScriptsValidation.attach(self, unet)
+        if self._validation is None and self.config.restart_mode == "product" and self.config.fixed_p is None:
+            # sd-scripts runs a validation pass when a split is set (--validation_split or the dataset
+            # config's): the product mode then chooses its ranks on it (nothing is recorded otherwise)
+            split = getattr(self._args, "validation_split", None)
+            recorder = SdScriptsValidation.attach(self, unet, expected=isinstance(split, (int, float)) and split > 0)
             if recorder is not None:
                 self.set_validation(recorder)
         logger.info("AC-LoRA: %d text-encoder and %d U-Net modules, maximum rank %d, restart_mode=%s",
