@@ -732,10 +732,11 @@ class ACLoRANetwork(nn.Module):
         if accelerator is None or not getattr(accelerator, "trackers", None) or not report.applied:
             return
         lo, mid, hi = report.rank_stats()
-        values = {"aclora/p": report.p, "aclora/rank_min": lo, "aclora/rank_median": mid, "aclora/rank_max": hi,
+        values = {"aclora/rank_min": lo, "aclora/rank_median": mid, "aclora/rank_max": hi,
                   "aclora/rank_mean": sum(report.ranks.values()) / len(report.ranks), "aclora/restart_seconds": report.seconds}
-        if report.loss is not None:
-            values["aclora/loss"] = report.loss
+        optional = {"aclora/p": report.p, "aclora/loss": report.loss, "aclora/level": report.level,
+                    "aclora/validation_loss": report.validation_loss}
+        values.update({k: v for k, v in optional.items() if v is not None and math.isfinite(v)})
         try:
             accelerator.log(values, step=report.step)
         except Exception as err:  # a tracker failing must not stop training
