@@ -122,8 +122,8 @@ class SdScriptsValidation:
 
     def _recording(self) -> bool:
         network = self._network()
-        return (network is not None and not network.training and network._recording and not self.complete
-                and len(self.calls) < MAX_CALLS)
+        return (network is not None and not network.training and network.rank_search.recording
+                and not self.complete and len(self.calls) < MAX_CALLS)
 
     def _pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         self._pending = (_detached(args), _detached(kwargs), _autocast_state(args)) if self._recording() else None

@@ -17,7 +17,7 @@ import os
 import time
 import weakref
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import nn
@@ -26,11 +26,10 @@ from . import functional as F
 from . import schedule
 from .export import export_modules, raw_modules
 from .files import LoRAFileError, load_state_dict, metadata_ranks, read_metadata, save_state_dict
-from .heldout import SdScriptsValidation
 from .module import ACLoRAModule
 from .options import ACLoRAConfig, OptionError
-from .restart import (InputStats, RestartReport, Spectrum, analyse_modules, keeps_at_level, restart_modules,
-                      restart_product, shape_groups)
+from .ranksearch import RankSearch
+from .restart import RestartReport, restart_modules, shape_groups
 from .targets import Target
 from .weights import check_model_family, check_shapes, group_modules
 
@@ -91,21 +90,8 @@ class ACLoRANetwork(nn.Module):
         if signal_ranks:
             self._signal.update({k: min(v, self._module(k).rank) for k, v in signal_ranks.items() if k in self._signal})
         self.history: list[dict] = []
-        # product mode: inputs seen by each module (for component importance), the held-out loss, the
-        # masks that candidate thresholds are evaluated with
-        self._stats: dict[str, InputStats] = {}
-        self._eval_masks: dict[str, torch.Tensor] = {}
-        self._recording = True
-        self._validation: Optional[Callable[[], Any]] = None
-        self._validation_until: Optional[float] = None
-        self._frozen_level: Optional[float] = None
-        self._level_scores: dict[float, float] = {}
-        self._explicit_p: Optional[float] = None  # the energy share of the last RESTART, when one was given
-        self._save_decision: Optional[dict] = None
-        self._hooks = {}
-        for m in self.loras:
-            self._hooks[m.lora_name] = (m.lora_down.register_forward_hook(self._lora_down_hook(m.lora_name)),
-                                        m.org_module.register_forward_hook(self._layer_output_hook(m.lora_name)))
+        self.rank_search = RankSearch(self)
+        self.rank_search.watch(self.loras)
         self._register_state()
 
     # --- bookkeeping --------------------------------------------------------------
@@ -148,9 +134,7 @@ class ACLoRANetwork(nn.Module):
                 _fixed(None if level is None else min(level, 1e6)), SOURCES.index(entry.get("source", "loss")),
                 _fixed(val)])
         self.aclora_loss.copy_(self.loss_meter.state().to(self.aclora_loss.device).view(torch.int64))
-        levels = [self._level_scores.get(level, math.nan) for level in F.LEVELS]
-        levels.append(math.nan if self._frozen_level is None else self._frozen_level)
-        self.aclora_levels.copy_(torch.tensor(levels, dtype=torch.float64).view(torch.int64))
+        self.aclora_levels.copy_(self.rank_search.state().view(torch.int64))
         super()._save_to_state_dict(destination, prefix, keep_vars)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
@@ -172,9 +156,7 @@ class ACLoRANetwork(nn.Module):
         for m, k in zip(self.loras, self.aclora_ranks.tolist()):
             self._signal[m.lora_name] = int(k) if k > 0 else m.rank
         if prefix + "aclora_levels" in state_dict:
-            *scores, frozen = self.aclora_levels.cpu().view(torch.float64).tolist()
-            self._level_scores = {level: s for level, s in zip(F.LEVELS, scores) if s == s}
-            self._frozen_level = None if frozen != frozen else frozen
+            self.rank_search.load_state(self.aclora_levels.cpu().view(torch.float64))
         self.history = []
         stats_rows = self.aclora_history_stats.tolist()
         for ranks, stats in zip(self.aclora_history_ranks.tolist(), stats_rows):
@@ -209,40 +191,30 @@ class ACLoRANetwork(nn.Module):
             m.apply_to()
         self._register_state()
         schedule.listen(self)
-        if self._validation is None and self.config.restart_mode == "product" and self.config.fixed_p is None:
-            # sd-scripts runs a validation pass when a split is set (--validation_split or the dataset
-            # config's): the product mode then chooses its ranks on it (nothing is recorded otherwise)
-            split = getattr(self._args, "validation_split", None)
-            recorder = SdScriptsValidation.attach(self, unet, expected=isinstance(split, (int, float)) and split > 0)
-            if recorder is not None:
-                self.set_validation(recorder)
+        split = getattr(self._args, "validation_split", None)
+        self.rank_search.record_sd_scripts_validation(unet, expected=isinstance(split, (int, float)) and split > 0)
         logger.info("AC-LoRA: %d text-encoder and %d U-Net modules, maximum rank %d, restart_mode=%s",
                     len(self.text_encoder_loras), len(self.unet_loras), self.max_rank, self.config.restart_mode)
 
-    def _drop(self, modules: Iterable[ACLoRAModule]) -> None:
+    def _drop(self, modules: Sequence[ACLoRAModule]) -> None:
         for m in modules:
             m.remove()
             delattr(self, m.lora_name)
             self._signal.pop(m.lora_name, None)
-            self._stats.pop(m.lora_name, None)
-            for handle in self._hooks.pop(m.lora_name, ()):
-                handle.remove()
+        self.rank_search.forget(modules)
 
     def remove_from(self) -> None:
         """Give every adapted layer its own forward back (undo ``apply_to``)."""
         for m in self.loras:
             m.remove()
-            for handle in self._hooks.pop(m.lora_name, ()):
-                handle.remove()
-        if isinstance(self._validation, SdScriptsValidation):
-            self._validation.remove()
+        self.rank_search.forget(self.loras, validation=True)
         schedule.forget(self)
 
     def train(self, mode: bool = True) -> "ACLoRANetwork":
         """nn.Module.train; back to training after sd-scripts' validation pass also ends its recording."""
         super().train(mode)
-        if mode and isinstance(getattr(self, "_validation", None), SdScriptsValidation) and self._recording:
-            self._validation.end_pass()
+        if mode and hasattr(self, "rank_search"):
+            self.rank_search.training_resumed()
         return self
 
     def enable_gradient_checkpointing(self) -> None:
@@ -309,51 +281,7 @@ class ACLoRANetwork(nn.Module):
             groups.append(group)
             descriptions.append(label + suffix)
 
-    # --- what the product mode decides from ------------------------------------------------
-    def _lora_down_hook(self, name: str):
-        """Forward hook on a module's lora_down: records h h^T of its activations while training (the
-        inputs' energy along each component, for the component importance) and applies the mask of a
-        candidate threshold while one is evaluated on held-out data. No host read: device ops only."""
-        def hook(layer: nn.Module, inputs: Any, output: torch.Tensor):
-            mask = self._eval_masks.get(name)
-            if mask is not None:
-                return output * mask.to(output.dtype)
-            if not (self._recording and layer.training and torch.is_grad_enabled()) or \
-                    self.config.restart_mode != "product":
-                return None
-            hidden = output.detach()
-            if hidden.dim() == 4:  # conv: (batch, rank, height, width)
-                hidden = hidden.movedim(1, -1)
-            hidden = hidden.reshape(-1, hidden.shape[-1]).float()
-            # under gradient checkpointing the forward runs twice: both sums double, their ratio does not
-            stats = self._stats_of(name, hidden.shape[1], hidden.device)
-            stats.gram.addmm_(hidden.T, hidden)
-            stats.count += hidden.shape[0]
-            return None
-        return hook
-
-    def _layer_output_hook(self, name: str):
-        """Forward hook on the adapted layer: the sum of squares of its outputs while training (the
-        scale a component's importance is measured against)."""
-        def hook(layer: nn.Module, inputs: Any, output: Any):
-            if not isinstance(output, torch.Tensor) or not (self._recording and self.training and
-                                                           torch.is_grad_enabled()) or \
-                    self.config.restart_mode != "product" or name not in self._stats:
-                return None
-            stats = self._stats[name]
-            if stats.out_sq is None or stats.out_sq.device != output.device:
-                stats.out_sq = torch.zeros((), device=output.device)
-            stats.out_sq.add_(output.detach().float().pow(2).sum())
-            stats.out_numel += output.numel()
-            return None
-        return hook
-
-    def _stats_of(self, name: str, rank: int, device: torch.device) -> InputStats:
-        stats = self._stats.get(name)
-        if stats is None or stats.gram.device != device:
-            stats = self._stats[name] = InputStats(torch.zeros(rank, rank, device=device))
-        return stats
-
+    # --- the product mode's held-out loss ----------------------------------------------------
     def set_validation(self, loss_fn: Optional[Callable[[], Any]], until: Optional[float] = None) -> None:
         """Give the product mode a held-out loss to choose ranks with (``None`` removes it).
 
@@ -361,135 +289,18 @@ class ACLoRANetwork(nn.Module):
         does not see (a float or a 0-dim tensor; lower is better), e.g. the same
         loss as training on a held-out share of the training images with fixed
         noise. It is called under ``torch.no_grad()`` with this network in eval
-        mode, several times per RESTART and per save (once per candidate
+        mode, about twenty times per RESTART and per save (once per candidate
         threshold). ``until``: a fraction of training after which the held-out
         loss is no longer used and the last threshold it chose is kept, so that a
         loop may then train on the held-out share too (see ``validation_active``).
         """
-        if loss_fn is not None and not callable(loss_fn):
-            raise OptionError(f"set_validation: loss_fn={loss_fn!r} is not valid; allowed: a callable returning "
-                              "the held-out loss, or None")
-        if until is not None and not (isinstance(until, (int, float)) and 0 < until <= 1):
-            raise OptionError(f"set_validation: until={until!r} is not valid; allowed: a fraction of training "
-                              "> 0 and <= 1, or None")
-        if loss_fn is not None and self.config.restart_mode != "product":
-            raise OptionError(f"set_validation: restart_mode={self.config.restart_mode} does not use a held-out "
-                              "loss (paper mode chooses from the training loss, off never restarts); "
-                              "use restart_mode=product")
-        if loss_fn is not None and self.config.fixed_p is not None:
-            raise OptionError(f"set_validation: fixed_p={self.config.fixed_p} fixes every module's energy share, so "
-                              "a held-out loss would choose nothing; remove fixed_p to let it choose")
-        self._validation = loss_fn
-        self._validation_until = None if until is None else float(until)
+        self.rank_search.set_validation(loss_fn, until)
 
     @property
     def validation_active(self) -> bool:
         """True while the held-out loss decides the ranks: until then the loop must keep its held-out
         share out of training; afterwards it may train on it."""
-        if self._validation is None or self.config.fixed_p is not None or not getattr(self._validation, "ready", True):
-            return False
-        return self._validation_until is None or self._progress() < self._validation_until
-
-    def _held_out_loss(self) -> float:
-        was_training = self.training
-        self.eval()
-        self._recording = False
-        try:
-            with torch.no_grad():
-                value = self._validation()
-            value = float(value.detach().float().mean()) if isinstance(value, torch.Tensor) else float(value)
-        finally:
-            self._recording = True
-            self.train(was_training)
-        return value
-
-    def _set_masks(self, spectra: dict[int, Spectrum], keeps: Optional[dict[int, torch.Tensor]]) -> None:
-        """Route module forwards through the kept slots only (None: every slot again)."""
-        self._eval_masks.clear()
-        if keeps is None:
-            return
-        for i, keep in keeps.items():
-            m = self.loras[i]
-            mask = keep.to(m.lora_down.weight.device, torch.float32)
-            self._eval_masks[m.lora_name] = mask.view(-1, 1, 1) if m.is_conv else mask
-
-    def _decide(self, spectra: dict[int, Spectrum], p: Optional[float]) -> tuple[dict[int, torch.Tensor], dict]:
-        """Which components each module keeps: (keep masks, how it was decided).
-
-        An explicit energy share ``p`` (``restart(p=...)``, ``fixed_p``) keeps, per
-        module, the leading components carrying that share of the update's energy.
-        Otherwise one threshold on the component importance applies to every
-        module: chosen on the held-out loss when there is one (the modules must be
-        in their SVD basis, see ``analyse_modules(rebase=True)``), else the level it
-        last chose when it was frozen, else ``min_importance`` of the largest.
-        """
-        min_rank = self.config.min_rank
-        if p is not None:
-            keeps = {i: F.as_keep(F.signal_rank(sp.s[None], p, self.config.energy, min_rank), sp.s.shape[0])[0]
-                     for i, sp in spectra.items()}
-            return keeps, {"level": None}
-        unmeasured = sum(not sp.measured for sp in spectra.values())
-        if unmeasured:
-            logger.info("AC-LoRA: %d module(s) saw no training step since the last RESTART or resume; they keep "
-                        "their components until the next decision", unmeasured)
-        if self.validation_active:
-            choice = self._validated_level(spectra)
-            if choice is not None:
-                return choice
-            self._warn_once("validation-nan", "AC-LoRA: the held-out loss was never finite; ranks use the default level")
-        if self._validation is not None and self._frozen_level is not None:
-            level, source = self._frozen_level, "frozen"
-        else:
-            level, source = -math.log10(self.config.min_importance) if self.config.min_importance > 0 else math.inf, \
-                "prior"
-        return keeps_at_level(spectra, level, min_rank), {"level": level, "source": source}
-
-    def _validated_level(self, spectra: dict[int, Spectrum]) -> Optional[tuple[dict, dict]]:
-        """Choose the threshold on the held-out loss (None if no loss was finite).
-
-        Coarse, then fine. The coarse candidates are ``F.LEVELS`` (a quarter of a
-        decade apart). A held-out share of 15 images is small: one evaluation
-        carries the idiosyncrasies of those few images and of the current
-        weights, and a choice that swings between RESTARTs trains the model at one
-        rank and saves it at another. So each coarse candidate's excess over the
-        evaluation's best loss goes into a running score that halves at every
-        evaluation, and the coarse level with the lowest score wins (ties: the
-        fewer components). The fine step then tries the cuts between that level's
-        neighbours where the kept set really changes (``F.refine_levels``) and
-        keeps the best of them and the coarse choice.
-        """
-        seen: dict[tuple, float] = {}
-
-        def evaluate(level: float) -> float:
-            keeps = keeps_at_level(spectra, level, self.config.min_rank)
-            signature = tuple(int(k.sum()) for k in keeps.values())
-            if signature not in seen:
-                self._set_masks(spectra, keeps)
-                seen[signature] = self._held_out_loss()
-            return seen[signature]
-
-        try:
-            values = {level: evaluate(level) for level in F.LEVELS}
-            finite = [v for v in values.values() if math.isfinite(v)]
-            if not finite:
-                return None
-            best = min(finite)
-            scale = abs(best) if best != 0 else 1.0
-            for level, value in values.items():
-                excess = (value - best) / scale if math.isfinite(value) else math.inf
-                self._level_scores[level] = 0.5 * self._level_scores.get(level, 0.0) + excess
-            coarse = min(F.LEVELS, key=lambda lv: (self._level_scores.get(lv, math.inf), -lv))
-            importances = [sp.importance for sp in spectra.values() if sp.measured]
-            level, value = coarse, values[coarse]
-            for fine in F.refine_levels(importances, coarse):
-                candidate = evaluate(fine)
-                if math.isfinite(candidate) and candidate < value:
-                    level, value = fine, candidate
-        finally:
-            self._set_masks(spectra, None)
-        self._frozen_level = level
-        return keeps_at_level(spectra, level, self.config.min_rank), {
-            "level": level, "source": "validation", "validation_loss": value, "candidates": len(seen)}
+        return self.rank_search.validation_active()
 
     # --- training hooks --------------------------------------------------------------------
     def on_epoch_start(self, text_encoder=None, unet=None) -> None:
@@ -610,7 +421,7 @@ class ACLoRANetwork(nn.Module):
         alpha = 1 + progress. Product mode: ``p`` or ``fixed_p`` keep that energy
         share of each module's update; otherwise one importance threshold over
         every module, chosen on the held-out loss (``set_validation``) or the
-        default level (see ``_decide``).
+        default level (see ``RankSearch.decide``).
         """
         start = time.perf_counter()
         clock = self.clock
@@ -643,18 +454,9 @@ class ACLoRANetwork(nn.Module):
                                                         min_rank=self.config.min_rank, seed=seed)
             self._signal.update({m.lora_name: k for m, k in zip(self.loras, new_ranks)})
         else:
-            decision: dict = {}
-
-            def choose(spectra: dict[int, Spectrum]) -> dict[int, torch.Tensor]:
-                keeps, made = self._decide(spectra, None if explicit is None else float(explicit))
-                decision.update(made)
-                return keeps
-
-            new_ranks, report.skipped = restart_product(self.loras, self._stats, choose, seed)
-            self._explicit_p = None if explicit is None else float(explicit)
+            new_ranks, report.skipped, decision = self.rank_search.restart(
+                self.loras, None if explicit is None else float(explicit), seed)
             self._signal.update({self.loras[i].lora_name: k for i, k in new_ranks.items()})
-            for stats in self._stats.values():
-                stats.reset()  # the factors changed basis: the next importances come from what follows
             report.level = decision["level"]
             report.p_source = decision.get("source", p_source)
             report.validation_loss = decision.get("validation_loss")
@@ -763,9 +565,9 @@ class ACLoRANetwork(nn.Module):
                                          separators=(",", ":")),
             "aclora_modules": json.dumps([m.lora_name for m in self.loras], separators=(",", ":")),
         }
-        if self._save_decision is not None:  # product mode: how the file's own ranks were decided
-            meta["aclora_file_decision"] = json.dumps({k: _json_number(v) for k, v in self._save_decision.items()},
-                                                      separators=(",", ":"))
+        if self.rank_search.file_decision is not None:  # product mode: how the file's own ranks were decided
+            meta["aclora_file_decision"] = json.dumps(
+                {k: _json_number(v) for k, v in self.rank_search.file_decision.items()}, separators=(",", ":"))
         if conv3x3:
             meta["aclora_conv_max_rank"] = str(max(conv3x3))  # conv_dim: the 3x3 modules' own maximum rank
         if last is not None:
@@ -784,9 +586,9 @@ class ACLoRANetwork(nn.Module):
         after the cast to ``dtype`` so that an fp16 overflow counts too.
         """
         signal: list = [self._signal[m.lora_name] for m in self.loras]
-        self._save_decision = None
+        self.rank_search.file_decision = None
         if self.config.restart_mode == "product":
-            signal = self._save_time_keeps(signal)
+            signal = self.rank_search.file_keeps(self.loras, signal)
         if all(isinstance(k, int) and k == m.rank for k, m in zip(signal, self.loras)):
             # nothing truncated yet (or restarts off): the training factors are the file, exactly
             ranks = {m.lora_name: m.rank for m in self.loras}
@@ -798,27 +600,6 @@ class ACLoRANetwork(nn.Module):
         if bad:
             raise ValueError(f"non-finite weights in {len(bad)} module(s): {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}")
         return tensors, self.metadata(ranks, errors), errors
-
-    def _save_time_keeps(self, ranks: list) -> list:
-        """The product mode decides the file's ranks on the final update, with the same rule as a RESTART
-        (so nothing learned since the last one is dropped), without changing the training state:
-        modules whose analysis fails keep their current rank."""
-        validating = self.validation_active and self._explicit_p is None
-        saved = [(m.lora_down.weight.detach().clone(), m.lora_up.weight.detach().clone()) for m in self.loras] \
-            if validating else None
-        try:
-            spectra, _ = analyse_modules(self.loras, self._stats, rebase=validating)
-            keeps, decision = self._decide(spectra, self._explicit_p)
-        finally:
-            if saved is not None:
-                with torch.no_grad():
-                    for m, (down, up) in zip(self.loras, saved):
-                        m.lora_down.weight.copy_(down)
-                        m.lora_up.weight.copy_(up)
-        self._save_decision = decision
-        # a module that keeps every component is written as it is (exactly the training factors)
-        return [k if i not in keeps else (m.rank if bool(keeps[i].all()) else keeps[i])
-                for i, (m, k) in enumerate(zip(self.loras, ranks))]
 
     def save_weights(self, file: str, dtype: Optional[torch.dtype] = None, metadata: Optional[dict] = None) -> bool:
         """Write the variable-rank LoRA file (atomically). Returns False, keeping any old file, on NaN/Inf weights."""

@@ -85,7 +85,7 @@ def validation_pass(network, models, train_util, latents, loss_type="l2", huber_
 def test_a_validation_split_makes_the_restart_choose_on_sd_scripts_validation_pass(sd1_pretrained_models, style_data,
                                                                                      train_util):
     network = sd_network(sd1_pretrained_models, 0.25)
-    recorder = network._validation
+    recorder = network.rank_search.loss_fn
     assert isinstance(recorder, heldout.SdScriptsValidation) and not network.validation_active
     latents = torch.stack([s["latents"] for s in style_data])
     optimizer = torch.optim.AdamW(network.parameters(), lr=1e-3)
@@ -110,13 +110,13 @@ def test_the_replay_uses_the_loss_type_and_huber_c_sd_scripts_passed(sd1_pretrai
     huber_c = torch.full((2,), 0.1)
     sd_loss = validation_pass(network, sd1_pretrained_models, train_util, latents[4:8], "huber", huber_c)
     with torch.no_grad():
-        assert float(network._validation()) == pytest.approx(float(sd_loss), rel=1e-5)
+        assert float(network.rank_search.loss_fn()) == pytest.approx(float(sd_loss), rel=1e-5)
 
 
 @pytest.mark.parametrize("network_args", [{"restart_mode": "paper"}, {"fixed_p": "0.9"}, {"restart_mode": "off"}])
 def test_no_recording_where_a_held_out_loss_would_choose_nothing(sd1_models, train_util, network_args):
     network = sd_network(sd1_models, 0.25, **network_args)
-    assert network._validation is None
+    assert network.rank_search.loss_fn is None
     assert not getattr(train_util.conditional_loss, "_aclora_wrapped", False)
 
 
@@ -127,7 +127,7 @@ def test_a_run_without_a_validation_pass_records_nothing_and_uses_the_default_le
     optimizer = torch.optim.AdamW(network.parameters(), lr=1e-3)
     for step in range(3):
         training_step(network, sd1_pretrained_models, latents[:4], optimizer, step)
-    assert network._validation.calls == [] and not network.validation_active
+    assert network.rank_search.loss_fn.calls == [] and not network.validation_active
     assert network.restart().p_source == "prior"
 
 
@@ -135,7 +135,7 @@ def test_without_sd_scripts_library_the_run_goes_on_without_a_held_out_loss(sd1_
     monkeypatch.delitem(sys.modules, "library.train_util", raising=False)
     with caplog.at_level("INFO", logger="aclora_ext"):
         network = sd_network(sd1_models, 0.25)
-    assert network._validation is None and "conditional_loss" in caplog.text
+    assert network.rank_search.loss_fn is None and "conditional_loss" in caplog.text
 
 
 def test_remove_from_takes_the_recorder_off_the_unet(sd1_models, train_util):

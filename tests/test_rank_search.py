@@ -152,7 +152,7 @@ def test_the_held_out_loss_never_sees_the_training_statistics_or_the_training_mo
         return held_out_loss(model, [plants[0].truth])()
 
     network.set_validation(loss_fn)
-    stats = network._stats[network.loras[0].lora_name]
+    stats = network.rank_search.stats[network.loras[0].lora_name]
     count = stats.count
     network.restart()
     assert seen and set(seen) == {(False, False)}
@@ -205,8 +205,8 @@ def test_the_level_scores_survive_save_state_and_resume():
     state = network.state_dict()
     _, fresh, _ = planted_setup([torch.linspace(2.0, 1.0, 3), torch.linspace(1.0, 0.5, 6)], noise=0.5)
     fresh.load_state_dict(state)
-    assert fresh._level_scores == pytest.approx(network._level_scores)
-    assert fresh._frozen_level == network._frozen_level
+    assert fresh.rank_search.scores == pytest.approx(network.rank_search.scores)
+    assert fresh.rank_search.frozen_level == network.rank_search.frozen_level
     assert [h["level"] for h in fresh.history] == pytest.approx([h["level"] for h in network.history], abs=1e-8)
 
 
