@@ -10,9 +10,11 @@ from .factory import attach, create_network, create_network_from_weights
 from .files import LoRAFileError
 from .network import ACLoRANetwork, __version__
 from .options import OPTIONS, ACLoRAConfig, OptionError, parse_network_args
+from .resize import resize_file, resize_state_dict
 from .restart import RestartReport
 
 __all__ = [
     "attach", "create_network", "create_network_from_weights", "ACLoRANetwork", "ACLoRAConfig", "OPTIONS",
-    "OptionError", "LoRAFileError", "RestartReport", "parse_network_args", "__version__",
+    "OptionError", "LoRAFileError", "RestartReport", "parse_network_args", "__version__", "resize_file",
+    "resize_state_dict",
 ]

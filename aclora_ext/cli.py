@@ -5,6 +5,8 @@ file (AC-LoRA or plain kohya). ``aclora demo [...]``: a tiny end-to-end run on
 synthetic data that ends with that report (see ``aclora demo --help``).
 ``aclora vram [...]``: the peak GPU memory of a training set-up, estimated on
 the meta device from an sd-scripts config or its arguments (``aclora vram --help``).
+``aclora resize IN OUT [...]``: pick the ranks of an existing LoRA file
+(``aclora resize --help``).
 ``aclora options``: every ``--network_args`` option with its default and range.
 A file that cannot be read gives one line on stderr and exit status 1.
 """
@@ -35,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("options", help="list every --network_args option (a Markdown table, as in the README)")
     commands.add_parser("demo", add_help=False,
                         help="train a tiny AC-LoRA on synthetic data and show its rank report (aclora demo --help)")
+    commands.add_parser("resize", add_help=False,
+                        help="pick the ranks of an existing LoRA file and write the resized file (aclora resize --help)")
     commands.add_parser("vram", add_help=False,
                         help="estimate the peak GPU memory of a training set-up, without a GPU (aclora vram --help)")
     return parser
@@ -46,6 +50,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from . import demo  # heavy (diffusers, transformers): only when asked for
 
         return demo.main(argv[1:])
+    if argv[:1] == ["resize"]:
+        from . import resize
+
+        return resize.main(argv[1:])
     if argv[:1] == ["vram"]:
         from . import vram  # builds the models with diffusers and transformers: only when asked for
 
