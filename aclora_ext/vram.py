@@ -5,15 +5,15 @@ the VAE, from literal configs) are built on the ``meta`` device, where tensors
 have shapes and dtypes but no data: nothing is allocated, nothing is
 downloaded, and an SDXL step takes seconds on a CPU. The network is attached
 the way sd-scripts attaches it (``create_network`` → ``apply_to`` → optimizer
-groups) and two training steps run the way ``train_network.py`` runs them:
-the network's ``on_step_start``, the VAE (unless latents are cached), the text
-encoders (unless their outputs are cached), the U-Net under autocast,
-``accelerator.backward``, gradient clipping on ``get_trainable_params()``, the
-optimizer step, ``zero_grad(set_to_none=True)``.
+groups) and a training step runs the way ``train_network.py`` runs it, with
+the optimizer state a first step leaves: the network's ``on_step_start``, the
+VAE (unless latents are cached), the text encoders (unless their outputs are
+cached), the U-Net under autocast, ``accelerator.backward``, gradient clipping
+on ``get_trainable_params()``, the optimizer step, ``zero_grad(set_to_none=True)``.
 
 :class:`StorageCounter` (a ``TorchDispatchMode``) sees every storage an
 operator creates on the device and when it dies; the largest sum of live
-storages during the steps, each rounded up to the CUDA caching allocator's
+storages during the step, each rounded up to the CUDA caching allocator's
 512-byte blocks, estimates ``torch.cuda.max_memory_allocated``. Two things a
 CUDA device does that the meta device does not are reproduced by
 :class:`CudaPolicy` (a ``TorchFunctionMode``): autocast's cast policy (which
@@ -30,11 +30,10 @@ import ast
 import contextlib
 import difflib
 import json
-import logging
 import sys
 import time
 import weakref
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence
 
@@ -44,8 +43,6 @@ from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves, tree_map
-
-logger = logging.getLogger(__name__)
 
 GiB = 1024**3
 #: the CUDA caching allocator hands out blocks in multiples of 512 bytes (what max_memory_allocated counts)
@@ -279,7 +276,7 @@ class StorageCounter(TorchDispatchMode):
     A storage is recognised by its Python object, which PyTorch keeps for as
     long as the storage lives (so views and in-place results count once), and
     a weak reference tells when it dies. ``events`` is the allocation log
-    ((block, +1) made, (block, -1) freed) from which :meth:`peak` replays the
+    ((block, +1) made, (block, -1) freed) from which :meth:`replay` finds the
     largest live total; blocks can be re-labelled afterwards (what became a
     gradient, what the optimizer keeps), so the peak's breakdown is exact.
     """
@@ -627,7 +624,7 @@ class TrainingStep:
 
     def __init__(self, models: Models, setup: Setup, device: str = "meta", policy: Optional[CudaPolicy] = None,
                  phase: Callable[[str], None] = lambda name: None) -> None:
-        from . import factory, replay
+        from . import factory, replay, schedule
 
         self.models, self.setup, self.device = models, setup, torch.device(device)
         self.policy = policy or CudaPolicy("meta")
@@ -647,8 +644,21 @@ class TrainingStep:
         with torch.device(self.device):
             network = factory.create_network(1.0, setup.rank, setup.alpha, None, te_argument, models.unet,
                                              **dict(setup.network_args))
-        network.prepare_network(self.args)
-        network.apply_to(te_argument, models.unet, setup.train_text_encoder, setup.train_unet)
+        try:
+            network.prepare_network(self.args)
+            network.apply_to(te_argument, models.unet, setup.train_text_encoder, setup.train_unet)
+            self._prepare(network)
+        except BaseException:
+            network.remove_from()  # it already listens to accelerator.backward: a later loop's losses are not its own
+            raise
+        schedule.forget(network)  # it hears accelerator.backward during its own steps only (see _only_listener)
+        self.network = network
+        self.accelerator = _accelerator()
+        self._constants()
+
+    def _prepare(self, network: Any) -> None:
+        """The rest of train_network.py's set-up, from moving the network to the device to the first epoch."""
+        models, setup, te_argument = self.models, self.setup, self.models.text_encoder_argument
         network.to(self.device)  # its state buffers too, as accelerator.prepare(network) does
         if setup.gradient_checkpointing:
             models.unet.enable_gradient_checkpointing()
@@ -672,9 +682,6 @@ class TrainingStep:
                 te.eval()
         network.prepare_grad_etc(te_argument, models.unet)
         network.on_epoch_start(te_argument, models.unet)
-        self.network = network
-        self.accelerator = _accelerator()
-        self._constants()
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """``accelerator.autocast()``: real autocast on a real device, the policy's on the meta device."""
@@ -710,6 +717,7 @@ class TrainingStep:
     def step(self) -> torch.Tensor:
         """One micro-batch that is also an optimizer step; returns the loss (on the meta device under the policy)."""
         with contextlib.ExitStack() as stack:
+            stack.enter_context(_only_listener(self.network))
             if self.device.type == self.policy.device_type:
                 m = self.models
                 stack.enter_context(self.policy)
@@ -760,7 +768,7 @@ class TrainingStep:
         return loss
 
     def close(self) -> None:
-        """Detach the network (its forwards and its loss capture): a later training loop's losses are not its own."""
+        """Give the models their own forwards back."""
         self.network.remove_from()
 
     def warm_optimizer(self) -> None:
@@ -814,6 +822,25 @@ class TrainingStep:
         hidden1, hidden2, pooled = conds
         added = {"text_embeds": pooled, "time_ids": self.time_ids}
         return unet(noisy, timesteps, torch.cat([hidden1, hidden2], dim=2), added_cond_kwargs=added).sample
+
+
+@contextlib.contextmanager
+def _only_listener(network: Any) -> Iterator[None]:
+    """Let ``network``, and only it, see the losses of ``accelerator.backward`` meanwhile: the capture is
+    process-wide, and neither is a simulated step's loss (on the meta device, say) another network's training
+    loss, nor another training loop's loss this network's."""
+    from . import schedule
+
+    others = [n for n in list(schedule._listeners) if n is not network]
+    for other in others:
+        schedule.forget(other)
+    schedule.listen(network)
+    try:
+        yield
+    finally:
+        schedule.forget(network)
+        for other in others:
+            schedule.listen(other)
 
 
 def _accelerator():
@@ -934,6 +961,7 @@ class CountedStep(TrainingStep):
 
     def __init__(self, counter: StorageCounter, *args: Any, **kwargs: Any) -> None:
         self.counter = counter
+        self.with_gradient: set[int] = set()  # ids of the parameters the step gave a gradient
         super().__init__(*args, phase=self._phase, **kwargs)
 
     def _phase(self, name: str) -> None:
@@ -942,6 +970,17 @@ class CountedStep(TrainingStep):
     def after_backward(self) -> None:
         params = list(self.network.parameters()) + [p for m, _ in self.device_models() for p in m.parameters()]
         self.counter.label((p.grad for p in params), GRADIENTS)
+        self.with_gradient = {id(p) for p in params if p.grad is not None}
+
+    def drop_unused_state(self) -> None:
+        """Take out of the count the state :meth:`warm_optimizer` made for parameters the step gave no gradient
+        (e.g. the LoRA of SDXL te1's last layer, whose output is not used): a real first step makes none."""
+        for p, state in self.optimizer.state.items():
+            if id(p) not in self.with_gradient:
+                for t in tree_leaves(state):
+                    block = self.counter.see(t) if isinstance(t, torch.Tensor) else None
+                    if block is not None:
+                        block.nbytes = 0
 
     def after_optimizer(self) -> None:
         self.counter.label((t for state in self.optimizer.state.values() for t in tree_leaves(state)), OPTIMIZER_STATE)
@@ -969,8 +1008,8 @@ def estimate(setup: Setup, measure_restart: bool = True, models: Optional[Models
     try:
         with counter:
             run.step()
-            counter.phase = "after the step"
-            persistent = counter.live_bytes()
+        run.drop_unused_state()
+        persistent = counter.live_bytes()
     finally:
         run.close()
     summary = counter.replay()
@@ -982,8 +1021,8 @@ def estimate(setup: Setup, measure_restart: bool = True, models: Optional[Models
         notes.append("fp16: the GradScaler's own tensors (a few bytes per step) are not simulated")
     if setup.attention == "none":
         notes.append("attention=none: the U-Net's eager attention stands in for sd-scripts' own (same L x L scores)")
-    notes.append("the diffusers U-Net stands in for sd-scripts' own (same layers; checkpointing per ResNet and "
-                 "transformer block in both)")
+    notes.append("the diffusers U-Net stands in for sd-scripts' own (same layers; both checkpoint every ResNet and "
+                 "transformer block, sd-scripts also its down- and upsamplers)")
     lora_params = sum(p.numel() for p in run.network.parameters())
     return Estimate(setup, summary.peak, summary.at_peak, summary.phase, summary.by_phase, summary.largest,
                     summary.before, persistent_bytes, transient, len(run.network.loras), lora_params,

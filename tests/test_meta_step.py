@@ -111,8 +111,11 @@ def test_an_sdxl_training_step_at_rank_128_with_both_text_encoders_reads_nothing
     assert isinstance(run.optimizer, torch.optim.AdamW) and run.optimizer.defaults["foreach"]
     assert not run.optimizer.defaults["capturable"] and not run.optimizer.defaults["fused"]
 
-    with HostReadGuard() as guard:
-        run.step()
+    try:
+        with HostReadGuard() as guard:
+            run.step()
+    finally:
+        run.close()
 
     assert guard.reads == []
     # the step went through every part: the loss was captured (the clock counts it there) and AdamW stepped
@@ -132,6 +135,7 @@ def test_an_sdxl_training_step_at_rank_128_with_both_text_encoders_reads_nothing
 @pytest.fixture
 def tiny_sdxl_step():
     """The same step on the tiny SDXL-like models (also on meta): seconds, for the checks below."""
+    runs = []
 
     def build(**setup_changes) -> vram.TrainingStep:
         models = tiny.sdxl_models(seed=0)
@@ -139,9 +143,12 @@ def tiny_sdxl_step():
         setup = vram.Setup(family="sdxl", width=64, height=64, rank=8, alpha=4, train_text_encoder=True,
                            **setup_changes)
         vram.prepare_models(meta, setup)
-        return vram.TrainingStep(meta, setup, "meta")
+        runs.append(vram.TrainingStep(meta, setup, "meta"))
+        return runs[-1]
 
-    return build
+    yield build
+    for run in runs:
+        run.close()
 
 
 def guarded_step(run: vram.TrainingStep) -> HostReadGuard:
@@ -154,8 +161,11 @@ def guarded_step(run: vram.TrainingStep) -> HostReadGuard:
     return guard
 
 
-def test_the_tiny_step_alone_reads_nothing_so_the_checks_below_see_only_what_they_inject(tiny_sdxl_step):
-    assert guarded_step(tiny_sdxl_step()).reads == []
+@pytest.mark.parametrize("mode", ["paper", "product"])
+def test_the_tiny_step_alone_reads_nothing_so_the_checks_below_see_only_what_they_inject(tiny_sdxl_step, mode):
+    run = tiny_sdxl_step(network_args=(("restart_mode", mode),))
+    assert guarded_step(run).reads == []
+    assert run.network.clock.optimizer_steps == 1
 
 
 def test_the_old_scale_read_from_the_alpha_buffer_in_every_forward_is_caught(tiny_sdxl_step, monkeypatch):
@@ -230,3 +240,18 @@ def test_dropouts_draw_without_reading_the_device(tiny_sdxl_step):
     run = tiny_sdxl_step(network_args=(("dropout", "0.1"), ("rank_dropout", "0.2"), ("module_dropout", "0.3")))
     assert run.network.loras[0].module_dropout == 0.3 and run.network.loras[0].rank_dropout == 0.2
     assert guarded_step(run).reads == []
+
+
+def test_the_simulated_steps_loss_reaches_no_other_network_that_listens_to_accelerator_backward(tiny_sdxl_step,
+                                                                                                  sd1_models):
+    from accelerate import Accelerator
+
+    from aclora_ext import schedule
+    from helpers import lora_network
+
+    training = lora_network(sd1_models)  # e.g. a real training in the same process, listening to backward
+    guarded_step(tiny_sdxl_step())
+    assert training.clock.optimizer_steps == 0 and training.loss_meter.state().abs().sum() == 0
+    assert training in schedule._listeners  # and it still hears its own losses
+    Accelerator().backward(torch.ones((), requires_grad=True) * 0.5)
+    assert training.clock.optimizer_steps == 1 and training.loss_meter.read()[0] == 0.5
