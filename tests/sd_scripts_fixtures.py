@@ -1,0 +1,230 @@
+"""Support for the end-to-end tests that run the real sd-scripts (tests/test_sd_scripts_e2e.py).
+
+Where sd-scripts is, what it needs, how to start its scripts offline on a CPU,
+and how to read what they leave behind (logs, LoRA files). The heavy work runs in
+subprocesses (``tests/sd_scripts_tasks.py`` and sd-scripts' own scripts).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import importlib.util
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+TESTS = Path(__file__).resolve().parent
+REPO = TESTS.parent
+TASKS = TESTS / "sd_scripts_tasks.py"
+STAND_INS = TESTS / "sd_scripts_stand_ins"
+# sd-scripts beside the repository (CI lays a snapshot there), or wherever ACLORA_SD_SCRIPTS points
+SD_SCRIPTS = Path(os.environ.get("ACLORA_SD_SCRIPTS") or REPO.parent / "shared" / "sd-scripts").resolve()
+SWITCH = "ACLORA_SD_SCRIPTS_E2E"  # "0": do not run these tests (CI's venv with current releases)
+
+# What sd-scripts imports for LoRA training beyond torch (import name -> its requirements.txt line)
+SD_SCRIPTS_IMPORTS = {"diffusers": "diffusers", "transformers": "transformers", "accelerate": "accelerate",
+                      "safetensors": "safetensors", "einops": "einops", "cv2": "opencv-python-headless",
+                      "voluptuous": "voluptuous", "imagesize": "imagesize", "toml": "toml", "PIL": "Pillow"}
+# sd-scripts is written against the releases its requirements.txt pins; these must match in major.minor
+PINNED_STACK = ("transformers", "diffusers", "accelerate")
+INSTALL_HINT = ("Install them as .ci/run does for its sd-scripts venv (PINNED_STACK and SD_SCRIPTS_IMPORTS there), "
+                "then pip install -e .")
+
+SUBPROCESS_TIMEOUT = 900
+
+
+# --- is everything there? -------------------------------------------------------------------------
+def required() -> bool:
+    """In CI a missing sd-scripts or dependency fails these tests instead of skipping them."""
+    return os.environ.get("CI", "").lower() == "true"
+
+
+def switched_off() -> bool:
+    return os.environ.get(SWITCH, "") == "0"
+
+
+def _pins() -> dict[str, str]:
+    pins = {}
+    for line in (SD_SCRIPTS / "requirements.txt").read_text().splitlines():
+        match = re.match(r"^\s*([A-Za-z0-9_.-]+)(?:\[[^\]]*\])?==([0-9][^\s;#]*)", line)
+        if match:
+            pins[match.group(1).lower()] = match.group(2)
+    return pins
+
+
+def _major_minor(version: str) -> tuple[str, ...]:
+    return tuple(version.split(".")[:2])
+
+
+def missing_requirements() -> list[str]:
+    """What keeps sd-scripts from running here, in words (empty: all there)."""
+    if not (SD_SCRIPTS / "train_network.py").is_file() or not (SD_SCRIPTS / "sdxl_train_network.py").is_file():
+        return [f"sd-scripts at {SD_SCRIPTS} (a checkout with train_network.py; ACLORA_SD_SCRIPTS=path to use another)"]
+    missing = []
+    absent = [package for module, package in SD_SCRIPTS_IMPORTS.items() if importlib.util.find_spec(module) is None]
+    if absent:
+        missing.append(f"sd-scripts' Python packages: {', '.join(absent)}")
+    pins = _pins()
+    for name in PINNED_STACK:
+        if name in pins and importlib.util.find_spec(name) is not None:
+            have = importlib.metadata.version(name)
+            if _major_minor(have) != _major_minor(pins[name]):
+                missing.append(f"{name} {'.'.join(_major_minor(pins[name]))}.x as sd-scripts pins it (found {have})")
+    try:
+        importlib.metadata.version("aclora")
+    except importlib.metadata.PackageNotFoundError:
+        missing.append("this package installed (pip install -e .), as sd-scripts imports networks.aclora from site-packages")
+    return missing
+
+
+def torchvision_imports() -> bool:
+    """Does torchvision import here? (PyPI's CUDA builds do not load beside a CPU build of torch.)"""
+    if importlib.util.find_spec("torchvision") is None:
+        return False
+    done = subprocess.run([sys.executable, "-c", "import torchvision.transforms"], capture_output=True, timeout=120,
+                          env=clean_environment())
+    return done.returncode == 0
+
+
+# --- running things ------------------------------------------------------------------------------
+def clean_environment() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "PYTHONSAFEPATH")}
+
+
+def sd_scripts_environment(home: Path, with_stand_ins: bool) -> dict[str, str]:
+    """Offline, quiet, and with sd-scripts' folder importable (its networks/*.py tools import ``library``)."""
+    env = clean_environment()
+    paths = ([str(STAND_INS)] if with_stand_ins else []) + [str(SD_SCRIPTS)]
+    env.update({
+        "PYTHONPATH": os.pathsep.join(paths),
+        "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+        "HF_HOME": str(home / "hf-home"),  # no user-level accelerate or hub configuration
+        "TQDM_DISABLE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1",
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(min(2, os.cpu_count() or 1))),
+    })
+    return env
+
+
+@dataclass
+class Result:
+    """A finished subprocess: its command, exit status and everything it printed."""
+
+    command: list[str]
+    returncode: int
+    output: str
+
+    def tail(self, chars: int = 6000) -> str:
+        return f"$ {' '.join(self.command)}\n(exit {self.returncode})\n...{self.output[-chars:]}"
+
+    def check(self) -> "Result":
+        assert self.returncode == 0, f"sd-scripts failed:\n{self.tail()}"
+        return self
+
+
+def run(command: list[str], env: dict[str, str], log: Path, cwd: Path = SD_SCRIPTS) -> Result:
+    """Run ``command`` from sd-scripts' folder; its output goes to ``log`` and into the result."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w", encoding="utf-8") as fh:
+        done = subprocess.run(command, cwd=cwd, env=env, stdout=fh, stderr=subprocess.STDOUT, timeout=SUBPROCESS_TIMEOUT,
+                              stdin=subprocess.DEVNULL)
+    return Result([str(c) for c in command], done.returncode, log.read_text(encoding="utf-8", errors="replace"))
+
+
+def task(name: str, *args: object, env: dict[str, str], log: Path) -> Result:
+    return run([sys.executable, str(TASKS), name, *map(str, args)], env, log).check()
+
+
+def tasks_digest() -> str:
+    """Changes whenever the fixture builders change (names cached model folders)."""
+    return hashlib.sha256(TASKS.read_bytes()).hexdigest()[:12]
+
+
+def build_once(folder: Path, build) -> Path:
+    """``build(tmp)`` into a temporary sibling, then rename: a half-built fixture never looks finished."""
+    if folder.exists():
+        return folder
+    partial = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    build(partial)
+    partial.rename(folder)
+    return folder
+
+
+# --- reading what the scripts leave ---------------------------------------------------------------
+RESTART_LINE = re.compile(r"AC-LoRA RESTART #(\d+) at epoch (\d+), step (\d+): .*?"
+                          r"ranks min/median/max (\d+)/[\d.]+/(\d+) of (\d+) over (\d+) modules")
+
+
+def restart_lines(output: str) -> list[dict]:
+    """The applied RESTARTs as the log reports them."""
+    return [{"index": int(m[1]), "epoch": int(m[2]), "step": int(m[3]), "rank_min": int(m[4]), "rank_max": int(m[5]),
+             "max_rank": int(m[6]), "modules": int(m[7])} for m in RESTART_LINE.finditer(output)]
+
+
+@dataclass
+class LoRAFile:
+    """A saved LoRA file: tensors, metadata, and our own metadata fields decoded."""
+
+    path: Path
+    tensors: dict[str, torch.Tensor]
+    metadata: dict[str, str]
+
+    @classmethod
+    def read(cls, path: Path) -> "LoRAFile":
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        with safe_open(str(path), framework="pt") as fh:
+            metadata = dict(fh.metadata() or {})
+        return cls(Path(path), load_file(str(path)), metadata)
+
+    @property
+    def modules(self) -> list[str]:
+        return sorted({key.split(".", 1)[0] for key in self.tensors})
+
+    def rank(self, module: str) -> int:
+        return self.tensors[f"{module}.lora_down.weight"].shape[0]
+
+    def ranks(self) -> dict[str, int]:
+        return {name: self.rank(name) for name in self.modules}
+
+    def delta(self, module: str) -> torch.Tensor:
+        """alpha/rank * up @ down, what every consumer adds to the layer (as an out x in[*k*k] matrix)."""
+        down = self.tensors[f"{module}.lora_down.weight"].float()
+        up = self.tensors[f"{module}.lora_up.weight"].float()
+        rank = down.shape[0]
+        alpha = float(self.tensors[f"{module}.alpha"]) if f"{module}.alpha" in self.tensors else float(rank)
+        return (up.reshape(up.shape[0], rank) @ down.reshape(rank, -1)) * (alpha / rank)
+
+    def history(self) -> list[dict]:
+        return json.loads(self.metadata["aclora_history"])
+
+    def history_ranks(self, entry: dict) -> dict[str, int]:
+        """A history entry's ranks by module name (they are stored in the order of ``aclora_modules``)."""
+        return dict(zip(json.loads(self.metadata["aclora_modules"]), entry["ranks"]))
+
+    def saved_ranks(self) -> dict[str, int]:
+        return json.loads(self.metadata["aclora_ranks"])
+
+    def subset(self, modules: list[str], path: Path) -> "LoRAFile":
+        """The same file with only ``modules`` (metadata kept), written to ``path``."""
+        from safetensors.torch import save_file
+
+        keep = {k: v for k, v in self.tensors.items() if k.split(".", 1)[0] in modules}
+        save_file(keep, str(path), metadata=self.metadata)
+        return LoRAFile.read(path)
+
+
+def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
+    """|a - b| / |b| (Frobenius): 0 for equal tensors, about 1e-7 for float32 rounding; |a - b| when b is 0."""
+    scale = float(b.norm())
+    difference = float((a - b).norm())
+    return difference / scale if scale > 0 else difference
