@@ -15,12 +15,12 @@ same in-memory float32 state dict, in one process:
 - ours file to file (``resize_file``: read an fp16 file, resize, write with
   metadata and hashes), for the time a user waits.
 
-resize_lora.py takes ~20 minutes per file on one CPU core, so ``--quick``
+resize_lora.py takes ~25 minutes per file on one CPU core, so ``--quick``
 runs it on one module of every distinct shape (12) and extrapolates by the
 shape counts (marked as such); ``--full`` runs it on every module.
 
     .venv/bin/python bench/resize_speed.py --quick --threads 1   # R=32, the script sampled (~2 minutes)
-    .venv/bin/python bench/resize_speed.py --full --threads 1    # R=32 and 128, the whole file (~50 minutes)
+    .venv/bin/python bench/resize_speed.py --full --threads 1    # R=32 and 128, the whole file (~1 hour of CPU)
     .venv/bin/python bench/resize_speed.py --full --device cuda
 
 Target: ours >= 100x faster than resize_lora.py on the CPU.
