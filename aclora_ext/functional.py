@@ -254,7 +254,17 @@ LEVELS: tuple[float, ...] = (math.inf,) + tuple(4.0 - 0.25 * i for i in range(17
 LEVEL_STEP = 0.25
 
 
-def refine_levels(importances: list[Tensor], level: float, most: int = 8) -> list[float]:
+def window_levels(center: Optional[float], width: float = 1.0) -> list[float]:
+    """The coarse levels worth evaluating after a choice at ``center``: keeping everything, and those
+    within ``width`` decades of it (every level before any choice: ``center`` None)."""
+    if center is None:
+        return list(LEVELS)
+    if center == math.inf:  # everything was kept: look at the mildest cuts
+        center = LEVELS[1]
+    return [LEVELS[0]] + [level for level in LEVELS[1:] if abs(level - center) <= width + 1e-9]
+
+
+def refine_levels(importances: list[Tensor], level: float, most: int = 4) -> list[float]:
     """Levels strictly between ``level``'s coarse neighbours at which the kept set changes.
 
     Every threshold between two consecutive importances keeps the same
@@ -474,7 +484,7 @@ def resize_lora_rank(s: Tensor, method: str, target: float, size: int | Tensor, 
 __all__ = [
     "threshold_p", "signal_rank", "rank_side_svd", "keep_mask", "truncate_factor", "residual_std",
     "row_std", "gaussian_refill", "restart_paper", "product_svd", "balanced_factors", "as_keep", "packing_order",
-    "input_energy", "component_importance", "keep_above", "LEVELS", "LEVEL_STEP", "refine_levels", "relative_level", "restart_slots",
+    "input_energy", "component_importance", "keep_above", "LEVELS", "LEVEL_STEP", "window_levels", "refine_levels", "relative_level", "restart_slots",
     "truncation_error", "chunk_size", "is_finite", "median",
     "RESIZE_LORA_MIN_SV", "product_core", "component_factors", "index_sv_cumulative", "index_sv_fro",
     "index_sv_ratio", "RESIZE_LORA_INDEX", "resize_lora_rank",

@@ -211,7 +211,9 @@ class RankSearch:
         """Choose the threshold on the held-out loss (None if no loss was finite).
 
         Coarse, then fine. The coarse candidates are ``F.LEVELS`` (a quarter of a
-        decade apart). A held-out share of 15 images is small: one evaluation
+        decade apart): all of them the first time, then those within a decade of
+        the last choice (``F.window_levels``: each candidate costs one held-out
+        evaluation, and ranks move little between RESTARTs). A held-out share of 15 images is small: one evaluation
         carries the idiosyncrasies of those few images and of the current
         weights, and a choice that swings between RESTARTs trains the model at one
         rank and saves it at another. So each coarse candidate's excess over the
@@ -232,7 +234,7 @@ class RankSearch:
             return seen[signature]
 
         try:
-            values = {level: evaluate(level) for level in F.LEVELS}
+            values = {level: evaluate(level) for level in F.window_levels(self.frozen_level)}
             finite = [v for v in values.values() if math.isfinite(v)]
             if not finite:
                 return None
@@ -241,7 +243,7 @@ class RankSearch:
             for level, value in values.items():
                 excess = (value - best) / scale if math.isfinite(value) else math.inf
                 self.scores[level] = 0.5 * self.scores.get(level, 0.0) + excess
-            coarse = min(F.LEVELS, key=lambda lv: (self.scores.get(lv, math.inf), -lv))
+            coarse = min(values, key=lambda lv: (self.scores[lv], -lv))
             importances = [sp.importance for sp in spectra.values() if sp.measured]
             level, value = coarse, values[coarse]
             for fine in F.refine_levels(importances, coarse):
