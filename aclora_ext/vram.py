@@ -1307,7 +1307,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="aclora vram",
         description="Estimate the peak GPU memory of an AC-LoRA training run, counted on PyTorch's meta device "
-                    "(no GPU, no download; seconds on a CPU). Give sd-scripts' --config_file and/or its arguments, "
+                    "(no GPU, no download; under a minute on a CPU). Give sd-scripts' --config_file and/or its arguments, "
                     "spelled as sd-scripts spells them; arguments override the file, as in sd-scripts.")
     parser.add_argument("--config_file", metavar="FILE.toml", help="an sd-scripts training config (sample_configs/*.toml)")
     parser.add_argument("--family", choices=FAMILIES,
