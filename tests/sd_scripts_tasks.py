@@ -215,5 +215,5 @@ TASKS = {
 if __name__ == "__main__":
     if len(sys.argv) < 2 or sys.argv[1] not in TASKS:
         raise SystemExit(f"usage: {sys.argv[0]} {{{','.join(TASKS)}}} ARGS...")
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     TASKS[sys.argv[1]](*sys.argv[2:])
