@@ -29,7 +29,7 @@ from .files import LoRAFileError, load_state_dict, metadata_ranks, read_metadata
 from .module import ACLoRAModule
 from .options import ACLoRAConfig, OptionError
 from .ranksearch import RankSearch
-from .restart import InputStats, RestartReport, restart_modules, shape_groups
+from .restart import RestartReport, restart_modules, shape_groups
 from .targets import Target
 from .weights import check_model_family, check_shapes, group_modules
 
@@ -119,7 +119,7 @@ class ACLoRANetwork(nn.Module):
         # product mode: the running held-out score of every candidate level, then the level last chosen
         # (float64 bit patterns; NaN: none yet)
         self.register_buffer("aclora_levels", torch.zeros(len(F.LEVELS) + 1, dtype=torch.int64))
-        # product mode: the activation statistics since the last RESTART (see _input_stats_state); empty
+        # product mode: the activation statistics since the last RESTART (RankSearch.stats_state); empty
         # between saves, so no device memory is held for it
         self.register_buffer("aclora_input_stats", torch.zeros(0, dtype=torch.int64))
 
@@ -138,7 +138,7 @@ class ACLoRANetwork(nn.Module):
                 _fixed(val)])
         self.aclora_loss.copy_(self.loss_meter.state().to(self.aclora_loss.device).view(torch.int64))
         self.aclora_levels.copy_(self.rank_search.state().view(torch.int64))
-        self.aclora_input_stats = self._input_stats_state().view(torch.int64)
+        self.aclora_input_stats = self.rank_search.stats_state(self.loras).view(torch.int64)
         try:
             super()._save_to_state_dict(destination, prefix, keep_vars)
         finally:
@@ -168,7 +168,7 @@ class ACLoRANetwork(nn.Module):
         if prefix + "aclora_levels" in state_dict:
             self.rank_search.load_state(self.aclora_levels.cpu().view(torch.float64))
         if isinstance(input_stats, torch.Tensor):
-            self._load_input_stats(input_stats.cpu().view(torch.float64))
+            self.rank_search.load_stats_state(self.loras, input_stats.cpu().view(torch.float64))
         self.history = []
         stats_rows = self.aclora_history_stats.tolist()
         for ranks, stats in zip(self.aclora_history_ranks.tolist(), stats_rows):
@@ -183,36 +183,6 @@ class ACLoRANetwork(nn.Module):
                 entry["level"] = math.inf if level >= 1e6 else level
                 entry["validation_loss"] = _unfixed(stats[10])
             self.history.append(entry)
-
-    def _input_stats_state(self) -> torch.Tensor:
-        """The product mode's activation statistics since the last RESTART, for --save_state (float64): per
-        module, in ``loras`` order, its rank x rank Gram sum, then count, output sum of squares, output
-        count (zeros where nothing was recorded; empty when no module recorded anything). Without them the
-        first RESTART or save after --resume would decide from the resumed steps alone."""
-        recorded = {name: s for name, s in self.rank_search.stats.items() if s.measured}
-        if not recorded:
-            return torch.zeros(0, dtype=torch.float64)
-        parts = []
-        for m in self.loras:
-            stats = recorded.get(m.lora_name)
-            if stats is None or stats.gram.shape != (m.rank, m.rank):
-                parts.append(torch.zeros(m.rank * m.rank + 3, dtype=torch.float64))
-                continue
-            totals = torch.tensor([stats.count, float(stats.out_sq), stats.out_numel], dtype=torch.float64)
-            parts.append(torch.cat([stats.gram.detach().double().cpu().flatten(), totals]))
-        return torch.cat(parts)
-
-    def _load_input_stats(self, state: torch.Tensor) -> None:
-        sizes = [m.rank * m.rank + 3 for m in self.loras]
-        if state.numel() != sum(sizes):  # a state saved without them (or for other modules): nothing to restore
-            return
-        for m, part in zip(self.loras, state.double().cpu().split(sizes)):
-            count, out_sq, out_numel = part[-3:].tolist()
-            if count > 0 and out_numel > 0:
-                device = m.lora_down.weight.device
-                self.rank_search.stats[m.lora_name] = InputStats(
-                    part[:-3].view(m.rank, m.rank).float().to(device), int(count),
-                    torch.tensor(out_sq, dtype=torch.float32, device=device), int(out_numel))
 
     # --- kohya contract: set-up ---------------------------------------------------------
     def prepare_network(self, args: Any) -> None:

@@ -303,3 +303,33 @@ class RankSearch:
         *scores, frozen = values.tolist()
         self.scores = {level: s for level, s in zip(F.LEVELS, scores) if s == s}
         self.frozen_level = None if frozen != frozen else frozen
+
+    def stats_state(self, modules: Sequence[ACLoRAModule]) -> torch.Tensor:
+        """The activation statistics since the last RESTART, for --save_state (float64): per module, in
+        ``modules`` order, its rank x rank Gram sum, then count, output sum of squares, output count (zeros
+        where nothing was recorded; empty when no module recorded anything). Without them the first
+        RESTART or save after --resume would decide from the resumed steps alone."""
+        recorded = {name: s for name, s in self.stats.items() if s.measured}
+        if not recorded:
+            return torch.zeros(0, dtype=torch.float64)
+        parts = []
+        for m in modules:
+            stats = recorded.get(m.lora_name)
+            if stats is None or stats.gram.shape != (m.rank, m.rank):
+                parts.append(torch.zeros(m.rank * m.rank + 3, dtype=torch.float64))
+                continue
+            totals = torch.tensor([stats.count, float(stats.out_sq), stats.out_numel], dtype=torch.float64)
+            parts.append(torch.cat([stats.gram.detach().double().cpu().flatten(), totals]))
+        return torch.cat(parts)
+
+    def load_stats_state(self, modules: Sequence[ACLoRAModule], state: torch.Tensor) -> None:
+        sizes = [m.rank * m.rank + 3 for m in modules]
+        if state.numel() != sum(sizes):  # a state saved without them (or for other modules): nothing to restore
+            return
+        for m, part in zip(modules, state.double().cpu().split(sizes)):
+            count, out_sq, out_numel = part[-3:].tolist()
+            if count > 0 and out_numel > 0:
+                device = m.lora_down.weight.device
+                self.stats[m.lora_name] = InputStats(part[:-3].view(m.rank, m.rank).float().to(device), int(count),
+                                                     torch.tensor(out_sq, dtype=torch.float32, device=device),
+                                                     int(out_numel))
