@@ -357,3 +357,18 @@ def test_each_product_restart_logs_one_line_with_the_threshold_and_how_it_was_ch
     assert lines == [report.line()]
     assert "chosen on held-out loss" in lines[0] and "ranks min/median/max 3/3/3" in lines[0]
     assert math.isfinite(report.level)
+
+
+def test_the_activation_statistics_survive_save_state_and_resume_so_the_next_restart_decides_the_same():
+    """--save_state between RESTARTs, --resume: the resumed network decides from what the whole interval saw."""
+    spectra = [torch.tensor([3.0, 1.0, 0.02, 0.01])]
+    model, network, plants = planted_setup(spectra, noise=0.002)
+    state = {k: v.clone() for k, v in network.state_dict().items()}
+    assert state["aclora_input_stats"].numel() > 0 and network.aclora_input_stats.numel() == 0  # filled for saving only
+    _, fresh, _ = planted_setup(spectra, noise=0.002, seed=5)  # other weights and statistics
+    fresh.load_state_dict(state)
+    name = network.loras[0].lora_name
+    recorded, restored = network.rank_search.stats[name], fresh.rank_search.stats[name]
+    assert torch.equal(recorded.gram, restored.gram) and recorded.count == restored.count
+    assert float(recorded.out_sq) == float(restored.out_sq) and recorded.out_numel == restored.out_numel
+    assert fresh.restart().ranks == network.restart().ranks
