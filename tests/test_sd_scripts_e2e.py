@@ -193,6 +193,13 @@ def sd1_from_weights(workspace, sd1_model, sd1_default) -> TrainingRun:
 
 
 @pytest.fixture(scope="session")
+def sd1_validation(workspace, sd1_model) -> TrainingRun:
+    """Default options with --validation_split 0.5: one image trained, one held out; 4 epochs of 1 step."""
+    return workspace.train("train_network.py", sd1_model, "sd1-validation", "--max_train_epochs", "4",
+                           "--validation_split", "0.5")
+
+
+@pytest.fixture(scope="session")
 def sdxl_default(workspace, sdxl_model) -> TrainingRun:
     """Default options, 2 epochs of 2 steps."""
     return workspace.train("sdxl_train_network.py", sdxl_model, "sdxl-default", "--max_train_epochs", "2")
@@ -290,6 +297,21 @@ def test_sd1_network_weights_and_dim_from_weights_load_our_file(sd1_default, sd1
     assert loaded.ranks() == source.ranks()
     worst = max(e2e.relative_difference(loaded.delta(m), source.delta(m)) for m in source.modules)
     assert worst <= LOAD_BACK_TOLERANCE
+
+
+def test_sd1_validation_split_makes_the_restarts_choose_on_sd_scripts_validation_pass(sd1_validation):
+    """sd-scripts holds one image out and runs it through the model after every epoch; the network records
+    that pass and replays it for every candidate threshold: every RESTART and the file say so."""
+    output = sd1_validation.result.output
+    assert "recording sd-scripts' validation calls" in output
+    lora = sd1_validation.file()
+    history = lora.history()
+    assert [(h["index"], h["epoch"]) for h in history] == [(1, 1), (2, 2), (3, 3)]
+    assert {h["source"] for h in history} == {"validation"} and all(h["validation_loss"] > 0 for h in history)
+    assert output.count("chosen on held-out loss") == len(history)
+    decision = json.loads(lora.metadata["aclora_file_decision"])
+    assert decision["source"] == "validation" and decision["candidates"] > 1
+    assert lora.ranks() == lora.saved_ranks() and max(lora.ranks().values()) <= MAX_RANK
 
 
 def test_bad_network_args_stop_sd_scripts_at_start_up_with_our_message(workspace, sd1_model):
