@@ -691,6 +691,27 @@ def print_tables(summary: dict, info: dict) -> str:
     return text
 
 
+def run_timing(tasks: Sequence[str], seeds: Sequence[int], rows: Sequence[Method], training: Training,
+               pretrain_steps: int, smoke: bool) -> list[dict]:
+    """CPU seconds of the plain LoRA at R and of AC-LoRA with its held-out share, run alternately (plain,
+    AC-LoRA, plain, ...) on the same seeds, so that the machine's load hits both alike; medians."""
+    plain = next(m for m in rows if m.kind == "lora" and m.rank == MAX_RANK)
+    ours = next(m for m in rows if m.kind == "aclora" and m.held_out and m.fold_back is None)
+    table = []
+    with tempfile.TemporaryDirectory() as workdir:
+        for name in tasks:
+            times = {plain.label: [], ours.label: []}
+            for seed in seeds:
+                for method in (plain, ours):
+                    result = train_ours(build_task(name, seed, "mse", pretrain_steps, smoke), method, seed, training,
+                                        workdir)
+                    times[method.label].append(result["cpu_seconds"])
+            a, b = statistics.median(times[plain.label]), statistics.median(times[ours.label])
+            table.append({"task": name, "plain": round(a, 2), "aclora": round(b, 2), "ratio": round(b / a, 3)})
+            print(f"timing {name}: plain {a:.2f}s, AC-LoRA {b:.2f}s, ratio {b / a:.2f}", flush=True)
+    return table
+
+
 def goal(summary: dict, label: str) -> dict:
     ratios = [entry["methods"][label]["ratio"] for entry in summary.values() if label in entry["methods"]]
     median_ok = all(entry["methods"][label]["beats_median"] for entry in summary.values() if label in entry["methods"])
@@ -709,6 +730,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                    "contains one (the sweep and peers still run, or come from --cache)")
     p.add_argument("--cache", default=None, help="JSON file of sweep and peer runs to reuse and extend (for "
                    "iterating on the rank rule; the README numbers are made without it)")
+    p.add_argument("--timing", action="store_true", help="also time, per task (mse), the plain LoRA at R and "
+                   "AC-LoRA with its held-out share alternately on the same seeds: the run-time ratio")
     args = p.parse_args(argv)
     if args.threads is None:
         args.threads = 1
@@ -749,6 +772,12 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                     common.write_json("cache", cache, args.cache)
     summary = summarise(runs, rows, sweep)
     text = print_tables(summary, info)
+    timing = run_timing(tasks, seeds[:3], rows, training, pretrain_steps, args.smoke) if args.timing else None
+    if timing:
+        text += common.print_table("Run time of one AC-LoRA run (3 of 15 held out) / one plain LoRA at R, CPU "
+                                   "time, the two alternated on the same seeds", timing,
+                                   ["task", "plain", "aclora", "ratio"],
+                                   ["task (mse)", "plain LoRA at R, s", "AC-LoRA, s", "ratio"])
     goals = {m.label: goal(summary, m.label) for m in rows if m.kind != "lora"}
     goal_rows = [{"method": k, "mean": f"{v['mean_ratio']:.3f}", "worst": f"{v['worst_ratio']:.3f}",
                   "median": common.verdict(v["beats_median_everywhere"]), "met": common.verdict(v["met"])}
@@ -759,7 +788,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                                 "goal (<= 1.00 everywhere, worst <= 1.05)"])
     total = time.perf_counter() - start
     print(f"total benchmark time {total:.0f}s", flush=True)
-    result = common.payload(NAME, args, "cpu", sweep=sweep, max_rank=MAX_RANK, training=asdict(training),
+    result = common.payload(NAME, args, "cpu", sweep=sweep, max_rank=MAX_RANK, training=asdict(training), timing=timing,
                             tasks=tasks, losses=losses, regimes={k: asdict(v) for k, v in MLP_REGIMES.items()},
                             summary=summary, goals=goals, runs=runs, markdown=text, total_seconds=total)
     common.write_json(NAME, result, args.out)
