@@ -632,7 +632,8 @@ def _rank_text(ranks: Sequence[int]) -> str:
 
 
 def summarise(runs: list[dict], rows: Sequence[Method], sweep: Sequence[int]) -> dict:
-    """Per (task, loss): each method's mean error, ratio to the best fixed rank, size and time ratios, verdicts."""
+    """Per (task, loss): each method's mean error, ratio to the best fixed rank, size ratio, verdicts (run time:
+    ``run_timing``, measured apart because cached runs keep the seconds of another time)."""
     out = {}
     for key in sorted({(r["task"], r["loss"]) for r in runs}):
         rs = [r for r in runs if (r["task"], r["loss"]) == key]
@@ -643,8 +644,6 @@ def summarise(runs: list[dict], rows: Sequence[Method], sweep: Sequence[int]) ->
         best = min(fixed, key=fixed.get)
         median = statistics.median(fixed.values())
         best_params = statistics.fmean(r["params"] for r in by[best])
-        plain_r = f"LoRA rank {max(sweep)}"
-        plain_time = statistics.fmean(r["cpu_seconds"] for r in by[plain_r]) if plain_r in by else float("nan")
         table = {}
         for label, values in by.items():
             errors = [r["heldout"] for r in values]
@@ -652,7 +651,6 @@ def summarise(runs: list[dict], rows: Sequence[Method], sweep: Sequence[int]) ->
                 "heldout": means[label], "std": statistics.stdev(errors) if len(errors) > 1 else 0.0,
                 "ratio": means[label] / fixed[best], "beats_median": means[label] < median,
                 "size_ratio": statistics.fmean(r["params"] for r in values) / best_params,
-                "time_ratio": statistics.fmean(r["cpu_seconds"] for r in values) / plain_time,
                 "ranks": [statistics.fmean(r["ranks"][i] for r in values) for i in range(len(values[0]["ranks"]))]
                 if len({len(r["ranks"]) for r in values}) == 1 else None,
                 "raw": statistics.fmean(r["raw"] for r in values),
@@ -684,9 +682,9 @@ def print_tables(summary: dict, info: dict) -> str:
         row = {"task": key}
         for label in labels:
             m = entry["methods"].get(label)
-            row[label] = "" if m is None else f"{m['size_ratio']:.2f} / {m['time_ratio']:.2f}"
+            row[label] = "" if m is None else f"{m['size_ratio']:.2f}"
         size_rows.append(row)
-    text += common.print_table("File size / best fixed rank's file, and training CPU time / plain LoRA at R", size_rows,
+    text += common.print_table("File size (parameters) / the best fixed rank's file", size_rows,
                                ["task"] + labels, ["task / loss"] + labels)
     return text
 
@@ -728,8 +726,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     p.add_argument("--no-adalora", action="store_true", help="leave peft's AdaLoRA out (it is the slowest peer)")
     p.add_argument("--only", default=None, help="comma-separated substrings: run only the AC-LoRA rows whose label "
                    "contains one (the sweep and peers still run, or come from --cache)")
-    p.add_argument("--cache", default=None, help="JSON file of sweep and peer runs to reuse and extend (for "
-                   "iterating on the rank rule; the README numbers are made without it)")
+    p.add_argument("--cache", default=None, help="JSON file of sweep and peer runs to reuse and extend. The runs "
+                   "are deterministic on one thread: a cached row is the result a fresh run gives (checked), "
+                   "only its seconds are from another time")
     p.add_argument("--timing", action="store_true", help="also time, per task (mse), the plain LoRA at R and "
                    "AC-LoRA with its held-out share alternately on the same seeds: the run-time ratio")
     args = p.parse_args(argv)

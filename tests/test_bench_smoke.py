@@ -134,7 +134,7 @@ def test_quality_suite_judges_every_peer_against_the_sweep_of_every_task(tmp_pat
         for label, row in entry["methods"].items():
             assert row["ratio"] == pytest.approx(row["heldout"] / entry["best_fixed_error"])
         held = entry["methods"]["AC-LoRA (defaults, 3 of 15 held out)"]
-        assert held["size_ratio"] > 0 and held["time_ratio"] > 0
+        assert held["size_ratio"] > 0
     labels = {label for entry in result["summary"].values() for label in entry["methods"]}
     assert {"AdaLoRA", "AC-LoRA paper", "resize sv_fro 0.9", "resize sv_cumulative 0.9", "resize sv_ratio 20"} <= labels
     sources = {h["source"] for r in result["runs"] if r["method"] == "AC-LoRA (defaults, 3 of 15 held out)"
