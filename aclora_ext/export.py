@@ -64,8 +64,8 @@ def export_modules(modules: Sequence[ACLoRAModule], keeps: Sequence[int | torch.
                     continue
                 keep = torch.stack([_keep_mask(keeps[i], rank) for i in part]).to(down.device)
                 counts = keep.sum(dim=1).tolist()
-                left, s, right = F.product_svd(down, up)
-                new_down, new_up = F.balanced_factors(left, s, right, keep, int(max(counts)))
+                s, to_up, to_down = F.product_core(down, up)
+                new_down, new_up = F.component_factors(down, up, s, to_up, to_down, keep, int(max(counts)))
                 err = F.truncation_error(s, keep)
                 for j, m in enumerate(batch):
                     kj = int(counts[j])

@@ -147,46 +147,54 @@ def restart_paper(down: Tensor, up: Tensor, p: float, energy: str, min_rank: int
     return new_down, new_up, k
 
 
-def product_svd(down: Tensor, up: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Thin SVD of the module updates up @ down without forming them (B, out, in).
+# --- a module's update up @ down, from the R x R core -------------------------------------------------
 
-    up = Q_u R_u and down^T = Q_d R_d (thin QR, R columns each), so
-    up @ down = Q_u (R_u R_d^T) Q_d^T and only the R x R core is decomposed:
-    core = A S B^T. Returns (left, S, right) with left = Q_u A (B, out, R),
-    right = Q_d B (B, in, R): up @ down = left diag(S) right^T. When R exceeds
-    a side of the layer, the components beyond min(out, in) are zero.
+
+def product_core(down: Tensor, up: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Singular values of the updates up @ down (B, out, in) and the maps to their components' factors.
+
+    With up = Q_u R_u, down^T = Q_d R_d and the core R_u R_d^T = A diag(s) B^T,
+    up @ down = (Q_u A) diag(s) (Q_d B)^T, and the j-th component's vectors,
+    scaled by s_j, are up @ (R_d^T B)[:, j] and down^T @ (R_u^T A)[:, j]. Only the
+    R factors of the two QR decompositions are computed (``mode="r"``: about half
+    the cost of ``product_svd``, whose Q factors are formed). Returns
+    ``(s, to_up, to_down)``: s (B, R) descending, to_up = R_d^T B and
+    to_down = R_u^T A (B, R, R); see ``component_factors``. When R exceeds a side
+    of the layer the components beyond min(out, in) are zero.
     """
-    q_up, r_up = torch.linalg.qr(up)
-    q_down, r_down = torch.linalg.qr(down.transpose(1, 2))
-    a, s, bh = torch.linalg.svd(r_up @ r_down.transpose(1, 2), full_matrices=False)
-    left, right = q_up @ a, q_down @ bh.transpose(1, 2)
     rank = down.shape[1]
-    # R above a layer's width: the update has at most min(out, in) components; the rest are zeros
-    return nn_pad(left, rank - left.shape[-1]), nn_pad(s, rank - s.shape[-1]), nn_pad(right, rank - right.shape[-1])
+    _, r_up = torch.linalg.qr(up, mode="r")
+    _, r_down = torch.linalg.qr(down.transpose(1, 2), mode="r")
+    a, s, bh = torch.linalg.svd(r_up @ r_down.transpose(1, 2), full_matrices=False)
+    to_up, to_down = r_down.transpose(1, 2) @ bh.transpose(1, 2), r_up.transpose(1, 2) @ a
+    if s.shape[-1] < rank:  # the missing components are zero
+        pad = (0, rank - s.shape[-1])
+        s, to_up, to_down = (torch.nn.functional.pad(t, pad) for t in (s, to_up, to_down))
+    return s, to_up, to_down
 
 
-def nn_pad(x: Tensor, extra: int) -> Tensor:
-    """``x`` with ``extra`` zero entries appended to its last dimension."""
-    return x if extra <= 0 else torch.cat([x, x.new_zeros(*x.shape[:-1], extra)], dim=-1)
+def component_factors(down: Tensor, up: Tensor, s: Tensor, to_up: Tensor, to_down: Tensor, keep: Tensor,
+                      slots: int) -> tuple[Tensor, Tensor]:
+    """Factors (down (B, slots, in), up (B, out, slots)) of the kept components of up @ down (``product_core``).
 
-
-def balanced_factors(left: Tensor, s: Tensor, right: Tensor, keep: Tensor, slots: int) -> tuple[Tensor, Tensor]:
-    """Factors (down (B, slots, in), up (B, out, slots)) of the update restricted to the kept components.
-
-    ``keep``: (B, R) bool, or (B,) int64 counts meaning the first k[b]
-    components. The kept components are packed into the first slots, in their
-    order (descending singular value), each singular value split evenly (sqrt on
-    each side); the remaining slots are zero in both factors. slots >= the
-    largest number of kept components.
+    The kept components are packed into the first slots in order (descending
+    singular value), each singular value split evenly between the two factors;
+    the other slots are zero. Built from the stored factors: component j's lora_up column is up @ to_up[:, j] / sqrt(s_j),
+    its lora_down row to_down[:, j]^T @ down / sqrt(s_j). A component whose
+    singular value is below rounding (R * eps * the largest) gets zero factors:
+    dividing by its root would only amplify rounding errors.
     """
     keep = as_keep(keep, s.shape[-1])
-    order = packing_order(keep)
+    order = packing_order(keep)[:, :slots]
     kept = torch.gather(keep, 1, order)
-    root = torch.gather(s.clamp(min=0).sqrt(), 1, order) * kept.to(s.dtype)
-    index = order[:, None, :slots]
-    up = torch.gather(left, 2, index.expand(-1, left.shape[1], -1)) * root[:, None, :slots]
-    down = (torch.gather(right, 2, index.expand(-1, right.shape[1], -1)) * root[:, None, :slots]).transpose(1, 2)
-    return down, up
+    s_kept = torch.gather(s, 1, order)
+    floor = s[:, :1] * (torch.finfo(s.dtype).eps * s.shape[-1])
+    usable = kept & (s_kept > floor)
+    inv_root = torch.where(usable, s_kept.clamp(min=torch.finfo(s.dtype).tiny).rsqrt(), torch.zeros_like(s_kept))
+    index = order[:, None, :].expand(-1, to_up.shape[1], -1)
+    to_up = torch.gather(to_up, 2, index) * inv_root[:, None, :]
+    to_down = torch.gather(to_down, 2, index) * inv_root[:, None, :]
+    return to_down.transpose(1, 2) @ down, up @ to_up
 
 
 def as_keep(keep: Tensor, size: int) -> Tensor:
@@ -211,31 +219,21 @@ def packing_order(keep: Tensor) -> Tensor:
 # layer's output over the inputs seen in training, s_j * sqrt(E[(v_j . x)^2]); one threshold on it
 # compares every component of every module on the same footing. The threshold itself is chosen on
 # held-out loss when the training loop provides one (network.set_validation, sd-scripts'
-# --validation_split), else by the rule in ``prior_keep``.
+# --validation_split), else it is the option min_importance (ranksearch.RankSearch.decide).
 
 
-def input_energy(down: Tensor, right: Tensor, gram: Tensor, count: Tensor) -> Tensor:
-    """Mean square of the layer input along each right singular vector of the update, (B, R).
+def component_importance(to_down: Tensor, gram: Tensor, count: Tensor) -> Tensor:
+    """RMS of each component's contribution to its layer's output over the recorded inputs, (B, R).
 
     The forward pass accumulates ``gram`` = sum over inputs of h h^T with h = down x
-    (the R-dim LoRA activation, cheap to collect) and ``count`` inputs. A right
-    singular vector v lies in the row space of ``down``: v = down^T c, so
-    v . x = c . h and E[(v . x)^2] = c^T (gram / count) c, with
-    c = (down down^T)^-1 down v (a ridge of 1e-6 of the mean diagonal keeps the
-    R x R solve defined when rows are nearly dependent).
-    down: (B, R, in), right: (B, in, R), gram: (B, R, R), count: (B,).
+    (the R-dim LoRA activation, cheap to collect) and ``count`` inputs. Component
+    j of up @ down is s_j u_j v_j^T, and ``product_core``'s t_j = to_down[:, j]
+    satisfies t_j^T down = s_j v_j^T, so what it adds to the output along u_j is
+    s_j (v_j . x) = t_j . h, and its mean square is t_j^T (gram / count) t_j:
+    exact, from R x R sums. to_down: (B, R, R), gram: (B, R, R), count: (B,).
     """
-    gram_down = down @ down.transpose(1, 2)
-    ridge = gram_down.diagonal(dim1=1, dim2=2).mean(dim=1).clamp(min=1e-30) * 1e-6
-    eye = torch.eye(gram_down.shape[-1], dtype=down.dtype, device=down.device)
-    coef = torch.linalg.solve(gram_down + ridge[:, None, None] * eye, down @ right)
-    energy = ((gram @ coef) * coef).sum(dim=1)
-    return energy.clamp(min=0) / count.clamp(min=1).to(energy.dtype)[:, None]
-
-
-def component_importance(s: Tensor, energy: Tensor) -> Tensor:
-    """RMS of each component's contribution to its layer's output: s_j * sqrt(E[(v_j . x)^2]), (B, R)."""
-    return s.clamp(min=0) * energy.sqrt()
+    mean_square = ((gram @ to_down) * to_down).sum(dim=1) / count.clamp(min=1).to(gram.dtype)[:, None]
+    return mean_square.clamp(min=0).sqrt()
 
 
 def keep_above(importance: Tensor, threshold: float | Tensor, min_rank: int = 1) -> Tensor:
@@ -287,20 +285,12 @@ def refine_levels(importances: list[Tensor], level: float, most: int = 4) -> lis
     return inside
 
 
-def relative_level(threshold: float, top: float) -> float:
-    """A threshold as decades below the largest importance (how it is logged and frozen): log10(top / t);
-    infinity for 0 (keep everything)."""
-    if not threshold > 0 or not top > 0:
-        return math.inf
-    return math.log10(top / threshold)
-
-
 def restart_slots(down: Tensor, up: Tensor, keep: Tensor, row_sq: Tensor, std: Tensor,
                   generator: Optional[torch.Generator]) -> tuple[Tensor, Tensor]:
     """The product mode's RESTART of a batch of modules whose factors are in their update's SVD basis.
 
     ``down`` (B, R, in) / ``up`` (B, out, R) hold one component of the update per
-    slot (``balanced_factors`` with every component kept), ``keep`` (B, R) says
+    slot (``component_factors`` with every component kept), ``keep`` (B, R) says
     which stay. Kept slots are left as they are, so the module's output loses
     only the discarded components and no refill noise reaches it. Freed slots
     restart like a fresh LoRA: lora_up columns zero, lora_down rows Gaussian with
@@ -367,61 +357,12 @@ def median(values: list[int]) -> float:
 # --- resizing an existing LoRA file (aclora resize) ----------------------------------------------------
 #
 # A LoRA file has no layer inputs and no held-out data: its modules are resized from the spectra of
-# their updates alone. ``product_core`` gives those spectra and, for any kept component, its factors
-# straight from the stored lora_up / lora_down (no Q of a QR and no out x in matrix is ever formed).
-# The index_sv_* functions are kohya's resize_lora.py rank rules (sd-scripts networks/resize_lora.py:
+# their updates alone (``product_core``). The index_sv_* functions are kohya's resize_lora.py rank rules (sd-scripts networks/resize_lora.py:
 # index_sv_cumulative / index_sv_fro / index_sv_ratio and rank_resize), batched: resize_lora applies them
 # to the full min(out, in) spectrum of the update, whose entries beyond the R computed here are zero.
 
 #: resize_lora's MIN_SV: an update whose largest singular value is at most this gets rank 1
 RESIZE_LORA_MIN_SV = 1e-6
-
-
-def product_core(down: Tensor, up: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Singular values of the updates up @ down (B, out, in) and the maps to their components' factors.
-
-    With up = Q_u R_u, down^T = Q_d R_d and the core R_u R_d^T = A diag(s) B^T,
-    up @ down = (Q_u A) diag(s) (Q_d B)^T, and the j-th component's vectors,
-    scaled by s_j, are up @ (R_d^T B)[:, j] and down^T @ (R_u^T A)[:, j]. Only the
-    R factors of the two QR decompositions are computed (``mode="r"``: about half
-    the cost of ``product_svd``, whose Q factors are formed). Returns
-    ``(s, to_up, to_down)``: s (B, R) descending, to_up = R_d^T B and
-    to_down = R_u^T A (B, R, R); see ``component_factors``. When R exceeds a side
-    of the layer the components beyond min(out, in) are zero.
-    """
-    rank = down.shape[1]
-    _, r_up = torch.linalg.qr(up, mode="r")
-    _, r_down = torch.linalg.qr(down.transpose(1, 2), mode="r")
-    a, s, bh = torch.linalg.svd(r_up @ r_down.transpose(1, 2), full_matrices=False)
-    to_up, to_down = r_down.transpose(1, 2) @ bh.transpose(1, 2), r_up.transpose(1, 2) @ a
-    if s.shape[-1] < rank:  # the missing components are zero
-        pad = (0, rank - s.shape[-1])
-        s, to_up, to_down = (torch.nn.functional.pad(t, pad) for t in (s, to_up, to_down))
-    return s, to_up, to_down
-
-
-def component_factors(down: Tensor, up: Tensor, s: Tensor, to_up: Tensor, to_down: Tensor, keep: Tensor,
-                      slots: int) -> tuple[Tensor, Tensor]:
-    """Factors (down (B, slots, in), up (B, out, slots)) of the kept components of up @ down (``product_core``).
-
-    The same factors as ``balanced_factors`` (kept components packed into the
-    first slots in order, each singular value split evenly), built from the
-    stored factors: component j's lora_up column is up @ to_up[:, j] / sqrt(s_j),
-    its lora_down row to_down[:, j]^T @ down / sqrt(s_j). A component whose
-    singular value is below rounding (R * eps * the largest) gets zero factors:
-    dividing by its root would only amplify rounding errors.
-    """
-    keep = as_keep(keep, s.shape[-1])
-    order = packing_order(keep)[:, :slots]
-    kept = torch.gather(keep, 1, order)
-    s_kept = torch.gather(s, 1, order)
-    floor = s[:, :1] * (torch.finfo(s.dtype).eps * s.shape[-1])
-    usable = kept & (s_kept > floor)
-    inv_root = torch.where(usable, s_kept.clamp(min=torch.finfo(s.dtype).tiny).rsqrt(), torch.zeros_like(s_kept))
-    index = order[:, None, :].expand(-1, to_up.shape[1], -1)
-    to_up = torch.gather(to_up, 2, index) * inv_root[:, None, :]
-    to_down = torch.gather(to_down, 2, index) * inv_root[:, None, :]
-    return to_down.transpose(1, 2) @ down, up @ to_up
 
 
 def _full_spectrum_size(size: int | Tensor, like: Tensor) -> Tensor:
@@ -482,10 +423,15 @@ def resize_lora_rank(s: Tensor, method: str, target: float, size: int | Tensor, 
 
 
 __all__ = [
-    "threshold_p", "signal_rank", "rank_side_svd", "keep_mask", "truncate_factor", "residual_std",
-    "row_std", "gaussian_refill", "restart_paper", "product_svd", "balanced_factors", "as_keep", "packing_order",
-    "input_energy", "component_importance", "keep_above", "LEVELS", "LEVEL_STEP", "window_levels", "refine_levels", "relative_level", "restart_slots",
-    "truncation_error", "chunk_size", "is_finite", "median",
-    "RESIZE_LORA_MIN_SV", "product_core", "component_factors", "index_sv_cumulative", "index_sv_fro",
-    "index_sv_ratio", "RESIZE_LORA_INDEX", "resize_lora_rank",
+    # the paper
+    "threshold_p", "signal_rank", "rank_side_svd", "keep_mask", "truncate_factor", "residual_std", "row_std",
+    "gaussian_refill", "restart_paper",
+    # the product mode
+    "product_core", "component_factors", "as_keep", "packing_order", "component_importance", "keep_above", "LEVELS",
+    "LEVEL_STEP", "window_levels", "refine_levels", "restart_slots", "truncation_error",
+    # resize_lora's rules
+    "RESIZE_LORA_MIN_SV", "index_sv_cumulative", "index_sv_fro", "index_sv_ratio", "RESIZE_LORA_INDEX",
+    "resize_lora_rank",
+    # batching
+    "chunk_size", "is_finite", "median",
 ]

@@ -203,7 +203,7 @@ def _restart_one_float64(m: ACLoRAModule, math_fn: MathFn, p: float, energy: str
 @dataclass
 class Spectrum:
     """What the product mode decides from, per module: its update's singular values (alpha/R included),
-    each component's importance (``F.component_importance`` relative to the RMS of the layer's output,
+    each component's importance (``F.component_importance`` with alpha/R, relative to the RMS of the layer's output,
     so that layers whose activations differ in scale compare on the same footing), and the old
     lora_down's row statistics that a RESTART of its freed slots needs."""
 
@@ -298,31 +298,29 @@ def analyse_modules(modules: Sequence[ACLoRAModule], stats: Mapping[str, InputSt
 
 def _analyse(batch: Sequence[ACLoRAModule], down: torch.Tensor, up: torch.Tensor,
              stats: Mapping[str, InputStats]) -> tuple[list[Spectrum], tuple[torch.Tensor, torch.Tensor]]:
-    left, s, right = F.product_svd(down, up)
+    s, to_up, to_down = F.product_core(down, up)
     scale = torch.tensor([m.scale for m in batch], dtype=s.dtype, device=s.device)
     s_scaled = s * scale[:, None]
     measured = [m.lora_name in stats and stats[m.lora_name].measured for m in batch]
-    energy = torch.ones_like(s)
-    output_rms = torch.ones_like(scale)
+    importance = s_scaled  # unmeasured modules: unit input energy
     if any(measured):
-        gram = torch.stack([stats[m.lora_name].gram.to(down.device, down.dtype) if ok else
-                            torch.zeros(down.shape[1], down.shape[1], dtype=down.dtype, device=down.device)
+        rank = down.shape[1]
+        zeros = torch.zeros(rank, rank, dtype=down.dtype, device=down.device)
+        gram = torch.stack([stats[m.lora_name].gram.to(down.device, down.dtype) if ok else zeros
                             for m, ok in zip(batch, measured)])
         count = torch.tensor([stats[m.lora_name].count if ok else 1 for m, ok in zip(batch, measured)],
                              device=down.device)
-        measured_energy = F.input_energy(down, right, gram, count)
-        mask = torch.tensor(measured, device=down.device)[:, None]
-        energy = torch.where(mask, measured_energy, energy)
         output_rms = torch.stack([(stats[m.lora_name].out_sq.to(down.device, down.dtype) / stats[m.lora_name].out_numel)
                                   .sqrt() if ok else torch.ones((), dtype=down.dtype, device=down.device)
                                   for m, ok in zip(batch, measured)])
-    importance = F.component_importance(s_scaled, energy) / output_rms.clamp(min=1e-12)[:, None]
+        measured_importance = F.component_importance(to_down, gram, count) * (scale / output_rms.clamp(min=1e-12))[:, None]
+        importance = torch.where(torch.tensor(measured, device=down.device)[:, None], measured_importance, s_scaled)
     if not bool(F.is_finite(importance, s_scaled).all()):
         raise torch.linalg.LinAlgError("non-finite spectrum")
     row_sq = down.pow(2).sum(dim=(1, 2)) / down.shape[1]
     std = F.row_std(down)
     keep_all = torch.full(s.shape, True, device=s.device)
-    new_down, new_up = F.balanced_factors(left, s, right, keep_all, down.shape[1])
+    new_down, new_up = F.component_factors(down, up, s, to_up, to_down, keep_all, down.shape[1])
     cpu = [t.cpu() for t in (s_scaled, importance, row_sq, std)]
     spectra = [Spectrum(cpu[0][j], cpu[1][j], float(cpu[2][j]), float(cpu[3][j]), measured[j]) for j in range(len(batch))]
     return spectra, (new_down, new_up)

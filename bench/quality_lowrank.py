@@ -314,7 +314,7 @@ def factor_rank_diagnostic(network) -> dict:
             down, up = m.down_matrix().float()[None], m.up_matrix().float()[None]
             s_down, _ = F.rank_side_svd(down, rank_dim=1)
             s_up, _ = F.rank_side_svd(up, rank_dim=2)
-            _, s_prod, _ = F.product_svd(down, up)
+            s_prod, _, _ = F.product_core(down, up)
             out["down"].append(int(F.signal_rank(s_down, p)[0]))
             out["up"].append(int(F.signal_rank(s_up, p)[0]))
             out["product"].append(int(F.signal_rank(s_prod, p)[0]))

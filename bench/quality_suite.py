@@ -490,11 +490,12 @@ def resize_factors(factors: dict, method: str, param: float) -> dict:
     """
     out = {}
     for name, (down, up, scale) in factors.items():
-        left, s, right = F.product_svd(down[None].float(), up[None].float())
-        s = s[0] * scale
-        full = torch.cat([s, torch.zeros(max(min(down.shape[1], up.shape[0]) - s.shape[0], 0))])
-        k = min(_resize_lora_rank(full, method, param), s.shape[0])
-        out[name] = (left[0, :, :k] * s[:k]) @ right[0, :, :k].T
+        down, up = down[None].float(), up[None].float()
+        s, to_up, to_down = F.product_core(down, up)
+        full = torch.cat([s[0] * scale, torch.zeros(max(min(down.shape[2], up.shape[1]) - s.shape[1], 0))])
+        k = min(_resize_lora_rank(full, method, param), s.shape[1])
+        new_down, new_up = F.component_factors(down, up, s, to_up, to_down, torch.tensor([k]), k)
+        out[name] = (new_up[0] @ new_down[0]) * scale
     return out
 
 

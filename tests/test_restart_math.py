@@ -282,10 +282,10 @@ def planted_module(k: int, out_dim: int = 48, in_dim: int = N, noise: float = 1e
 def product_restart(down: torch.Tensor, up: torch.Tensor, keep_of, seed: int = 0):
     """One module's product-mode RESTART composed from the pure functions, as restart.restart_product runs
     them: the factors rebased on their update's SVD (every component in its own slot), then the keep mask."""
-    left, s, right = F.product_svd(down[None], up[None])
+    s, to_up, to_down = F.product_core(down[None], up[None])
     keep = keep_of(s)
     every = torch.ones_like(s, dtype=torch.bool)
-    rebased_down, rebased_up = F.balanced_factors(left, s, right, every, down.shape[0])
+    rebased_down, rebased_up = F.component_factors(down[None], up[None], s, to_up, to_down, every, down.shape[0])
     row_sq = down.pow(2).sum(dim=1).mean()[None]
     new_down, new_up = F.restart_slots(rebased_down, rebased_up, keep, row_sq, F.row_std(down[None]), gen(seed))
     return new_down[0], new_up[0], keep[0]
@@ -306,14 +306,15 @@ def test_product_mode_keeps_the_planted_rank_of_the_update_and_truncates_it_exac
 
 def test_rebasing_on_the_update_svd_leaves_the_update_unchanged():
     down, up = planted_module(6, noise=0.1, seed=3)
-    left, s, right = F.product_svd(down[None], up[None])
+    s, to_up, to_down = F.product_core(down[None], up[None])
     every = torch.ones_like(s, dtype=torch.bool)
-    rebased_down, rebased_up = F.balanced_factors(left, s, right, every, R)
+    rebased_down, rebased_up = F.component_factors(down[None], up[None], s, to_up, to_down, every, R)
     assert torch.allclose(rebased_up[0] @ rebased_down[0], up @ down, atol=1e-5)
-    # one component per slot: slot j alone is s_j u_j v_j^T
+    # one component per slot: slot j alone is s_j u_j v_j^T, and the slots are orthogonal
+    u, sv, vh = torch.linalg.svd((up @ down).double())
     j = 2
-    component = rebased_up[0, :, j:j + 1] @ rebased_down[0, j:j + 1]
-    assert torch.allclose(component, s[0, j] * left[0, :, j:j + 1] @ right[0, :, j:j + 1].T, atol=1e-6)
+    component = (rebased_up[0, :, j:j + 1] @ rebased_down[0, j:j + 1]).double()
+    assert torch.allclose(component, sv[j] * u[:, j:j + 1] @ vh[j:j + 1], atol=1e-5)
 
 
 def test_product_mode_restarts_freed_slots_like_a_fresh_lora():
@@ -337,45 +338,48 @@ def test_a_keep_mask_need_not_be_a_prefix_and_freed_slots_are_the_unkept_ones():
     down, up = planted_module(6, noise=0.0, seed=14)
     keep_second_and_fourth = lambda s: torch.tensor([[False, True, False, True] + [False] * (R - 4)])
     new_down, new_up, _ = product_restart(down, up, keep_second_and_fourth)
-    left, s, right = F.product_svd(down[None], up[None])
-    expected = sum(s[0, j] * left[0, :, j:j + 1] @ right[0, :, j:j + 1].T for j in (1, 3))
+    u, s, vh = torch.linalg.svd(up @ down)
+    expected = sum(s[j] * u[:, j:j + 1] @ vh[j:j + 1] for j in (1, 3))
     assert torch.allclose(new_up @ new_down, expected, atol=1e-5)
     assert torch.count_nonzero(new_up[:, [0, 2] + list(range(4, R))]) == 0
 
 
-def test_product_svd_is_the_svd_of_the_explicit_product():
+def test_product_core_gives_the_singular_values_and_the_components_of_the_explicit_product():
     g = gen(14)
     down, up = torch.randn(4, R, N, generator=g, dtype=torch.float64), torch.randn(4, 48, R, generator=g, dtype=torch.float64)
-    left, s, right = F.product_svd(down, up)
+    s, to_up, to_down = F.product_core(down, up)
     product = up @ down
     assert torch.allclose(s, torch.linalg.svdvals(product)[:, :R], atol=1e-10)
-    assert torch.allclose((left * s[:, None, :]) @ right.transpose(1, 2), product, atol=1e-10)
-    eye = torch.eye(R, dtype=torch.float64).expand(4, R, R)
-    assert torch.allclose(left.transpose(1, 2) @ left, eye, atol=1e-10)
-    assert torch.allclose(right.transpose(1, 2) @ right, eye, atol=1e-10)
+    # t_j = to_down[:, j] maps lora_down to s_j v_j^T, to_up[:, j] maps lora_up to s_j u_j
+    u, sv, vh = torch.linalg.svd(product)
+    sign = torch.sign(((up @ to_up) * u[:, :, :R]).sum(dim=1))  # singular vectors are defined up to sign
+    assert torch.allclose((up @ to_up) * sign[:, None, :], u[:, :, :R] * sv[:, None, :R], atol=1e-8)
+    assert torch.allclose((to_down.transpose(1, 2) @ down) * sign[:, :, None], vh[:, :R] * sv[:, :R, None], atol=1e-8)
 
 
-def test_product_svd_of_a_rank_above_the_layer_width_pads_with_zero_components():
+def test_product_core_of_a_rank_above_the_layer_width_pads_with_zero_components():
     g = gen(15)
     down, up = torch.randn(2, R, 8, generator=g), torch.randn(2, 5, R, generator=g)  # R = 16 > in 8 > out 5
-    left, s, right = F.product_svd(down, up)
-    assert left.shape == (2, 5, R) and s.shape == (2, R) and right.shape == (2, 8, R)
+    s, to_up, to_down = F.product_core(down, up)
+    assert s.shape == (2, R) and to_up.shape == (2, R, R) and to_down.shape == (2, R, R)
     assert torch.count_nonzero(s[:, 5:]) == 0
-    assert torch.allclose((left * s[:, None, :]) @ right.transpose(1, 2), up @ down, atol=1e-4)
+    every = torch.ones_like(s, dtype=torch.bool)
+    new_down, new_up = F.component_factors(down, up, s, to_up, to_down, every, R)
+    assert torch.allclose(new_up @ new_down, up @ down, atol=1e-4)
 
 
 # --- importance: what a component adds to its layer's output -----------------------------------------
 
-def test_input_energy_is_the_mean_square_of_the_inputs_along_each_right_singular_vector():
+def test_importance_is_the_rms_each_component_adds_to_the_output_computed_from_the_activation_sums():
     g = gen(16)
     down, up = planted_module(7, noise=0.05, seed=16)
     x = torch.randn(500, N, generator=g) * torch.linspace(0.1, 3.0, N)  # anisotropic inputs
     hidden = x @ down.T
-    gram, count = (hidden.T @ hidden)[None], torch.tensor([x.shape[0]])
-    _, s, right = F.product_svd(down[None], up[None])
-    energy = F.input_energy(down[None], right, gram, count)[0]
-    direct = (x @ right[0]).pow(2).mean(dim=0)
-    assert torch.allclose(energy[:7], direct[:7], rtol=1e-3)
+    s, _, to_down = F.product_core(down[None], up[None])
+    importance = F.component_importance(to_down, (hidden.T @ hidden)[None], torch.tensor([x.shape[0]]))[0]
+    u, sv, vh = torch.linalg.svd(up @ down)
+    direct = sv[:R] * (x @ vh[:R].T).pow(2).mean(dim=0).sqrt()
+    assert torch.allclose(importance[:7], direct[:7], rtol=1e-3)
 
 
 def test_importance_prefers_a_weaker_component_that_the_inputs_excite_over_a_stronger_one_they_do_not():
@@ -389,8 +393,8 @@ def test_importance_prefers_a_weaker_component_that_the_inputs_excite_over_a_str
     down = torch.cat([basis_in[:, :2].T, 1e-3 * torch.randn(2, in_dim, generator=gen(21))])[None]
     up = torch.cat([update @ basis_in[:, :2], torch.zeros(out_dim, 2)], dim=1)[None]
     hidden = x @ down[0].T
-    _, s, right = F.product_svd(down, up)
-    importance = F.component_importance(s, F.input_energy(down, right, (hidden.T @ hidden)[None], torch.tensor([4000])))
+    s, _, to_down = F.product_core(down, up)
+    importance = F.component_importance(to_down, (hidden.T @ hidden)[None], torch.tensor([4000]))
     assert s[0, 0] > s[0, 1] and importance[0, 1] > 10 * importance[0, 0]
     assert F.keep_above(importance, 0.1 * float(importance.max())).tolist() == [[False, True, False, False]]
 
