@@ -77,6 +77,7 @@ from aclora_ext.factory import attach  # noqa: E402
 from aclora_ext.files import load_state_dict  # noqa: E402
 from aclora_ext.weights import group_modules  # noqa: E402
 from bench import common  # noqa: E402
+from bench.quality_lowrank import BaseModel, forward as mlp_forward, orthogonality_penalty  # noqa: E402
 
 NAME = "quality_suite"
 MAX_RANK = 64
@@ -162,31 +163,6 @@ def _spectrum(config: MLPConfig, layer: int, size: int) -> torch.Tensor:
     return config.signal_scale * torch.arange(1, count + 1, dtype=torch.float32).pow(-config.beta)
 
 
-class FrozenMLP(nn.Module):
-    def __init__(self, weights: Sequence[torch.Tensor]) -> None:
-        super().__init__()
-        self.layers = nn.ModuleList(nn.Linear(w.shape[1], w.shape[0], bias=False) for w in weights)
-        with torch.no_grad():
-            for layer, w in zip(self.layers, weights):
-                layer.weight.copy_(w)
-        self.requires_grad_(False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for i, layer in enumerate(self.layers):
-            x = layer(x)
-            if i < len(self.layers) - 1:
-                x = torch.tanh(x)
-        return x
-
-
-def _mlp(weights: Sequence[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-    for i, w in enumerate(weights):
-        x = x @ w.T
-        if i < len(weights) - 1:
-            x = torch.tanh(x)
-    return x
-
-
 class MLPTask(Task):
     targets = ("layers.*",)
 
@@ -209,13 +185,13 @@ class MLPTask(Task):
         target = [w + p for w, p in zip(base, planted)]
         self.train_x = torch.stack([inputs(config.vectors) for _ in range(N_TRAIN)])
         self.test_x = torch.cat([inputs(config.vectors) for _ in range(config.heldout)])
-        self.test_y = _mlp(target, self.test_x)
+        self.test_y = mlp_forward(target, self.test_x)
         self.unit = float(self.test_y.pow(2).mean())
         offsets = torch.randn(N_TRAIN, 1, d[-1], generator=g) * math.sqrt(config.sample_offset * self.unit)
-        self.train_y = torch.stack([_mlp([t + e for t, e in zip(target, own[i])], self.train_x[i]) + offsets[i]
+        self.train_y = torch.stack([mlp_forward([t + e for t, e in zip(target, own[i])], self.train_x[i]) + offsets[i]
                                     for i in range(N_TRAIN)])
         self.config, self.loss_kind = config, loss_kind
-        self.model = FrozenMLP(base)
+        self.model = BaseModel(base)
 
     def _loss(self, idx, noise: Optional[torch.Generator]) -> torch.Tensor:
         x = self.train_x[idx].reshape(-1, self.config.dims[0])
@@ -533,8 +509,6 @@ def score_resized(task: Task, network_like: dict, updates: dict) -> dict:
 def train_adalora(task: Task, method: Method, seed: int, training: Training) -> dict:
     """peft AdaLoRA on the same layers, data, optimiser and lr (its orthogonality penalty added by the loop)."""
     from peft import AdaLoraConfig, get_peft_model
-
-    from bench.quality_lowrank import orthogonality_penalty
 
     steps = training.epochs * math.ceil(N_TRAIN / training.per_step)
     torch.manual_seed(seed + 7919)

@@ -133,22 +133,32 @@ def adapted_weights(network, part_prefixes, layers: dict) -> set:
     return {by_layer[id(m.org_module)] + ".weight" for m in network.loras if m.lora_name.startswith(part_prefixes)}
 
 
+def assert_diffusers_fuses_it_like_our_merge(path, sdxl: bool, tokenizer, ours=None) -> None:
+    """diffusers' load_lora_weights + fuse_lora of ``path`` on a tiny pipeline gives, weight for weight, what
+    our merge_to of ``ours`` (default: the same file) gives; the other weights stay the base's."""
+    make = tiny.sdxl_models if sdxl else tiny.sd1_models
+    pipe = (sdxl_pipeline if sdxl else sd1_pipeline)(make(seed=0), tokenizer)
+    fused_by_diffusers(pipe, path)
+    reference, base = make(seed=0), make(seed=0)
+    text_encoders = reference["text_encoders"] if sdxl else [reference["text_encoder"]]
+    merged = merged_by_us(reference, reference["text_encoders"] if sdxl else reference["text_encoder"],
+                          as_diffusers_reads_the_unet(ours or path))
+    assert_same_weights(pipe.unet, reference["unet"], base["unet"],
+                        adapted_weights(merged, "lora_unet", dict(reference["unet"].named_modules())))
+    pipe_encoders = [pipe.text_encoder, pipe.text_encoder_2] if sdxl else [pipe.text_encoder]
+    base_encoders = base["text_encoders"] if sdxl else [base["text_encoder"]]
+    prefixes = ["lora_te1_", "lora_te2_"] if sdxl else ["lora_te_"]
+    for got, want, before, prefix in zip(pipe_encoders, text_encoders, base_encoders, prefixes):
+        assert_same_weights(got, want, before, adapted_weights(merged, prefix, dict(want.named_modules())))
+
+
 # --- diffusers -------------------------------------------------------------------------------------------
 def test_diffusers_fuses_an_sd1_file_like_merge_to(tmp_path, sd1_models, planted_network, tokenizer):
     network, _ = planted_network(sd1_models, conv_dim="4", conv_alpha="1")
     path = tmp_path / "sd1.safetensors"
     network.save_weights(str(path))
     assert len({v.shape[0] for k, v in load_file(path).items() if k.endswith("lora_down.weight")}) > 1
-
-    pipe = sd1_pipeline(tiny.sd1_models(seed=0), tokenizer)
-    fused_by_diffusers(pipe, path)
-    reference = tiny.sd1_models(seed=0)
-    merged = merged_by_us(reference, reference["text_encoder"], as_diffusers_reads_the_unet(path))
-    base = tiny.sd1_models(seed=0)
-    assert_same_weights(pipe.unet, reference["unet"], base["unet"],
-                        adapted_weights(merged, "lora_unet", dict(reference["unet"].named_modules())))
-    assert_same_weights(pipe.text_encoder, reference["text_encoder"], base["text_encoder"],
-                        adapted_weights(merged, "lora_te_", dict(reference["text_encoder"].named_modules())))
+    assert_diffusers_fuses_it_like_our_merge(path, False, tokenizer)
 
 
 def sd_scripts_sdxl_name(name: str, layers_per_block: int) -> str:
@@ -196,19 +206,7 @@ def test_diffusers_fuses_an_sdxl_file_like_merge_to(naming, tmp_path, sdxl_model
         path = tmp_path / "sdxl-sgm.safetensors"
         save_file(renamed, str(path))
 
-    pipe = sdxl_pipeline(tiny.sdxl_models(seed=0), tokenizer)
-    fused_by_diffusers(pipe, path)
-    reference = tiny.sdxl_models(seed=0)
-    merged = merged_by_us(reference, reference["text_encoders"],
-                          as_diffusers_reads_the_unet(tmp_path / "sdxl.safetensors"))
-    base = tiny.sdxl_models(seed=0)
-    te1, te2 = reference["text_encoders"]
-    assert_same_weights(pipe.unet, reference["unet"], base["unet"],
-                        adapted_weights(merged, "lora_unet", dict(reference["unet"].named_modules())))
-    assert_same_weights(pipe.text_encoder, te1, base["text_encoders"][0],
-                        adapted_weights(merged, "lora_te1_", dict(te1.named_modules())))
-    assert_same_weights(pipe.text_encoder_2, te2, base["text_encoders"][1],
-                        adapted_weights(merged, "lora_te2_", dict(te2.named_modules())))
+    assert_diffusers_fuses_it_like_our_merge(path, True, tokenizer, ours=tmp_path / "sdxl.safetensors")
 
 
 # --- A1111 / ComfyUI -----------------------------------------------------------------------------------

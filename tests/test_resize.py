@@ -29,10 +29,7 @@ from aclora_ext.files import model_hashes
 from aclora_ext.report import read_report
 from aclora_ext.resize import Criterion, ResizeError, resize_file, resize_state_dict
 from helpers import lora_network, text_encoder_of
-from test_consumers import (  # the diffusers pipelines and comparisons of the export tests
-    adapted_weights, as_diffusers_reads_the_unet, assert_same_weights, fused_by_diffusers, merged_by_us,
-    sd1_pipeline, sdxl_pipeline, tokenizer,
-)
+from test_consumers import assert_diffusers_fuses_it_like_our_merge, tokenizer  # noqa: F401 (a fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -451,15 +448,7 @@ def test_diffusers_fuses_a_resized_sd1_file_like_our_merge(tmp_path, tokenizer):
     result = resize_file(str(source), str(out))
     assert result.ranks == planted and len(set(planted.values())) > 1
 
-    pipe = sd1_pipeline(tiny.sd1_models(seed=0), tokenizer)
-    fused_by_diffusers(pipe, out)
-    reference = tiny.sd1_models(seed=0)
-    merged = merged_by_us(reference, reference["text_encoder"], as_diffusers_reads_the_unet(out))
-    base = tiny.sd1_models(seed=0)
-    assert_same_weights(pipe.unet, reference["unet"], base["unet"],
-                        adapted_weights(merged, "lora_unet", dict(reference["unet"].named_modules())))
-    assert_same_weights(pipe.text_encoder, reference["text_encoder"], base["text_encoder"],
-                        adapted_weights(merged, "lora_te_", dict(reference["text_encoder"].named_modules())))
+    assert_diffusers_fuses_it_like_our_merge(out, False, tokenizer)
 
 
 def test_diffusers_fuses_a_resized_sdxl_file_like_our_merge(tmp_path, tokenizer):
@@ -467,18 +456,7 @@ def test_diffusers_fuses_a_resized_sdxl_file_like_our_merge(tmp_path, tokenizer)
     out = tmp_path / "resized.safetensors"
     assert resize_file(str(source), str(out)).ranks == planted
 
-    pipe = sdxl_pipeline(tiny.sdxl_models(seed=0), tokenizer)
-    fused_by_diffusers(pipe, out)
-    reference = tiny.sdxl_models(seed=0)
-    merged = merged_by_us(reference, reference["text_encoders"], as_diffusers_reads_the_unet(out))
-    base = tiny.sdxl_models(seed=0)
-    te1, te2 = reference["text_encoders"]
-    assert_same_weights(pipe.unet, reference["unet"], base["unet"],
-                        adapted_weights(merged, "lora_unet", dict(reference["unet"].named_modules())))
-    assert_same_weights(pipe.text_encoder, te1, base["text_encoders"][0],
-                        adapted_weights(merged, "lora_te1_", dict(te1.named_modules())))
-    assert_same_weights(pipe.text_encoder_2, te2, base["text_encoders"][1],
-                        adapted_weights(merged, "lora_te2_", dict(te2.named_modules())))
+    assert_diffusers_fuses_it_like_our_merge(out, True, tokenizer)
 
 
 @pytest.mark.parametrize("family", ["sd1", "sdxl"])
