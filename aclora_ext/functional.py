@@ -252,6 +252,33 @@ LEVELS: tuple[float, ...] = (math.inf,) + tuple(4.0 - 0.25 * i for i in range(17
 LEVEL_STEP = 0.25
 
 
+#: standard errors added to a candidate's held-out loss (see ``pessimistic_loss``)
+HELDOUT_STANDARD_ERRORS = 1.0
+
+
+def pessimistic_loss(items: Tensor, reference: Tensor, standard_errors: float = HELDOUT_STANDARD_ERRORS) -> float:
+    """A candidate's held-out loss plus ``standard_errors`` standard errors of its paired difference from
+    ``reference`` (the loss of keeping everything, item by item on the same held-out items).
+
+    A held-out set is a handful of images with fixed noise: among ~15 candidates,
+    the one whose loss is lowest by chance wins too often, and a cut that only
+    looks better costs what the model learned. Judged by the upper end of a
+    one-standard-error band on the paired difference, a cut must beat keeping
+    everything by more than the noise of that difference (the reference scores
+    exactly its mean). The same for every candidate and invariant to the loss's
+    scale. With fewer than two items, or items that do not pair, it is the mean.
+    """
+    items = items.detach().double().flatten().cpu()
+    mean = float(items.mean()) if items.numel() else math.nan
+    if not math.isfinite(mean):
+        return math.inf
+    reference = reference.detach().double().flatten().cpu()
+    if items.numel() < 2 or items.shape != reference.shape or not bool(torch.isfinite(reference).all()):
+        return mean
+    difference = items - reference
+    return mean + standard_errors * float(difference.std()) / math.sqrt(items.numel())
+
+
 def window_levels(center: Optional[float], width: float = 1.0) -> list[float]:
     """The coarse levels worth evaluating after a choice at ``center``: keeping everything, and those
     within ``width`` decades of it (every level before any choice: ``center`` None)."""

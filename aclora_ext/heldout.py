@@ -147,8 +147,9 @@ class SdScriptsValidation:
         return bool(self.calls)
 
     def __call__(self) -> torch.Tensor:
-        """Mean loss of the recorded validation calls replayed through the U-Net as it is now."""
-        total = None
+        """The loss of every recorded validation sample (1-D; its mean is the held-out loss), the calls
+        replayed through the U-Net as it is now."""
+        losses = []
         for call in self.calls:
             context = torch.autocast(call.autocast[0], dtype=call.autocast[1]) if call.autocast \
                 else contextlib.nullcontext()
@@ -157,9 +158,9 @@ class SdScriptsValidation:
             prediction = getattr(output, "sample", output)
             if isinstance(prediction, (tuple, list)):
                 prediction = prediction[0]
-            loss = self.loss_fn(prediction.float(), call.target.float(), call.loss_type, "none", call.huber_c).mean()
-            total = loss if total is None else total + loss
-        return total / len(self.calls)
+            loss = self.loss_fn(prediction.float(), call.target.float(), call.loss_type, "none", call.huber_c)
+            losses.append(loss.reshape(loss.shape[0], -1).mean(dim=1) if loss.dim() > 0 else loss.reshape(1))
+        return torch.cat(losses)
 
     def remove(self) -> None:
         self._handle.remove()

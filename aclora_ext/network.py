@@ -298,9 +298,13 @@ class ACLoRANetwork(nn.Module):
         """Give the product mode a held-out loss to choose ranks with (``None`` removes it).
 
         ``loss_fn()`` returns the loss of the current model on data the training
-        does not see (a float or a 0-dim tensor; lower is better), e.g. the same
-        loss as training on a held-out share of the training images with fixed
-        noise. It is called under ``torch.no_grad()`` with this network in eval
+        does not see (lower is better), e.g. the same loss as training on a
+        held-out share of the training images with fixed noise: best as a 1-D
+        tensor of per-item losses (per image and timestep, say), whose mean is the
+        loss; a float or a 0-dim tensor works too. Per-item losses let the search
+        cut a component only where the held-out loss improves by more than its
+        noise (one standard error of the paired difference from keeping
+        everything); with a single number it takes the lowest loss as it is. It is called under ``torch.no_grad()`` with this network in eval
         mode, about twenty times per RESTART and per save (once per candidate
         threshold). ``until``: a fraction of training after which the held-out
         loss is no longer used and the last threshold it chose is kept, so that a

@@ -152,8 +152,9 @@ class RankSearch:
             return False
         return self.until is None or self.network._progress() < self.until
 
-    def held_out_loss(self) -> float:
-        """The held-out loss of the network as it is now (with the candidate's masks), eval mode, no grad."""
+    def held_out_losses(self) -> torch.Tensor:
+        """The held-out loss of the network as it is now (with the candidate's masks), eval mode, no grad:
+        the items ``loss_fn`` returned (a 1-D float64 tensor on the CPU; one item for a scalar)."""
         network = self.network
         was_training = network.training
         network.eval()
@@ -161,7 +162,9 @@ class RankSearch:
         try:
             with torch.no_grad():
                 value = self.loss_fn()
-            return float(value.detach().float().mean()) if isinstance(value, torch.Tensor) else float(value)
+            if isinstance(value, torch.Tensor):
+                return value.detach().double().flatten().cpu()
+            return torch.tensor([float(value)], dtype=torch.float64)
         finally:
             self.recording = True
             network.train(was_training)
@@ -216,25 +219,34 @@ class RankSearch:
         evaluation, and ranks move little between RESTARTs). A held-out share of 15 images is small: one evaluation
         carries the idiosyncrasies of those few images and of the current
         weights, and a choice that swings between RESTARTs trains the model at one
-        rank and saves it at another. So each coarse candidate's excess over the
+        rank and saves it at another. So every candidate is judged by its
+        pessimistic loss (``F.pessimistic_loss``: its mean plus one standard error
+        of its item-by-item difference from keeping everything, when ``loss_fn``
+        returns per-item losses), each coarse candidate's excess over the
         evaluation's best loss goes into a running score that halves at every
         evaluation, and the coarse level with the lowest score wins (ties: the
         fewer components). The fine step then tries the cuts between that level's
         neighbours where the kept set really changes (``F.refine_levels``) and
         keeps the best of them and the coarse choice.
         """
-        seen: dict[tuple, float] = {}
+        seen: dict[tuple, tuple[float, float]] = {}  # kept ranks -> (pessimistic loss, mean loss)
+        reference: list[torch.Tensor] = []  # the items of keeping everything
 
         def evaluate(level: float) -> float:
             keeps = keeps_at_level(spectra, level, self.config.min_rank)
             signature = tuple(int(k.sum()) for k in keeps.values())
             if signature not in seen:
                 self._set_masks(keeps)
-                seen[signature] = self.held_out_loss()
-            return seen[signature]
+                items = self.held_out_losses()
+                if not reference:
+                    reference.append(items)
+                mean = float(items.mean()) if items.numel() else math.nan
+                seen[signature] = (F.pessimistic_loss(items, reference[0]), mean)
+            return seen[signature][0]
 
         try:
-            values = {level: evaluate(level) for level in F.window_levels(self.frozen_level)}
+            levels = F.window_levels(self.frozen_level)  # keeping everything first: the paired reference
+            values = {level: evaluate(level) for level in levels}
             finite = [v for v in values.values() if math.isfinite(v)]
             if not finite:
                 return None
@@ -253,8 +265,9 @@ class RankSearch:
         finally:
             self._set_masks(None)
         self.frozen_level = level
-        return keeps_at_level(spectra, level, self.config.min_rank), {
-            "level": level, "source": "validation", "validation_loss": value, "candidates": len(seen)}
+        keeps = keeps_at_level(spectra, level, self.config.min_rank)
+        mean = seen[tuple(int(k.sum()) for k in keeps.values())][1]
+        return keeps, {"level": level, "source": "validation", "validation_loss": mean, "candidates": len(seen)}
 
     def restart(self, modules: Sequence[ACLoRAModule], p: Optional[float], seed: int
                 ) -> tuple[dict[int, int], list[str], dict]:

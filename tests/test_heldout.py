@@ -69,17 +69,18 @@ def training_step(network, models, latents, optimizer, seed: int):
 
 
 def validation_pass(network, models, train_util, latents, loss_type="l2", huber_c=None):
-    """What sd-scripts does for --validation_split: eval(), the U-Net call, conditional_loss, train()."""
+    """What sd-scripts does for --validation_split: eval(), the U-Net call, conditional_loss, train().
+    Returns each sample's loss (sd-scripts logs their mean)."""
     network.eval()
     losses = []
     with torch.no_grad():
         for seed, batch in enumerate(latents.split(2)):
             (x, t, cond), noise = unet_call(models, batch, 1000 + seed)
             prediction = models["unet"](x, t, cond).sample
-            losses.append(train_util.conditional_loss(prediction.float(), noise.float(), loss_type, "none",
-                                                      huber_c).mean())
+            loss = train_util.conditional_loss(prediction.float(), noise.float(), loss_type, "none", huber_c)
+            losses.append(loss.mean(dim=(1, 2, 3)))
     network.train()
-    return torch.stack(losses).mean()
+    return torch.cat(losses)
 
 
 def test_a_validation_split_makes_the_restart_choose_on_sd_scripts_validation_pass(sd1_pretrained_models, style_data,
@@ -93,9 +94,11 @@ def test_a_validation_split_makes_the_restart_choose_on_sd_scripts_validation_pa
         training_step(network, sd1_pretrained_models, latents[:4], optimizer, step)
     sd_loss = validation_pass(network, sd1_pretrained_models, train_util, latents[4:8])
     assert len(recorder.calls) == 2 and network.validation_active
-    # the replay is sd-scripts' own validation loss of the network as it is
+    # the replay is sd-scripts' own validation loss of the network as it is, sample by sample
     with torch.no_grad():
-        assert float(recorder()) == pytest.approx(float(sd_loss), rel=1e-5)
+        replayed = recorder()
+    assert replayed.shape == (4,) and torch.allclose(replayed, sd_loss, rtol=1e-5)
+    assert float(replayed.mean()) == pytest.approx(float(sd_loss.mean()), rel=1e-5)
     training_step(network, sd1_pretrained_models, latents[:4], optimizer, 9)
     report = network.restart()
     assert report.p_source == "validation" and report.candidates > 1
@@ -110,7 +113,7 @@ def test_the_replay_uses_the_loss_type_and_huber_c_sd_scripts_passed(sd1_pretrai
     huber_c = torch.full((2,), 0.1)
     sd_loss = validation_pass(network, sd1_pretrained_models, train_util, latents[4:8], "huber", huber_c)
     with torch.no_grad():
-        assert float(network.rank_search.loss_fn()) == pytest.approx(float(sd_loss), rel=1e-5)
+        assert torch.allclose(network.rank_search.loss_fn(), sd_loss, rtol=1e-5)
 
 
 @pytest.mark.parametrize("network_args", [{"restart_mode": "paper"}, {"fixed_p": "0.9"}, {"restart_mode": "off"}])

@@ -210,6 +210,48 @@ def test_the_level_scores_survive_save_state_and_resume():
     assert [h["level"] for h in fresh.history] == pytest.approx([h["level"] for h in network.history], abs=1e-8)
 
 
+# --- the held-out noise: a cut must beat keeping everything by more than it -----------------------------------------
+NOISY = torch.tensor([-0.3, 0.25] * 4)  # a paired difference of mean -0.025 and standard error ~0.1
+
+
+@pytest.mark.parametrize("difference, per_item, cuts", [
+    (NOISY, True, False),  # lower on average, by less than its standard error: kept
+    (torch.full((8,), -0.025), True, True),  # the same mean, the same on every item: cut
+    (NOISY, False, True),  # one number (no noise to judge): the lower loss wins
+])
+def test_a_cut_is_made_only_where_it_beats_keeping_everything_by_more_than_the_held_out_noise(difference, per_item,
+                                                                                           cuts):
+    model, network, plants = planted_setup([torch.linspace(2.0, 1.0, 3)], noise=0.5)
+    x = inputs(64, 5)
+    with torch.no_grad():
+        base = x @ model[0].weight.T
+        full = float((model(x) - base).pow(2).sum())
+
+    def loss_fn():  # 1 per item with every component, 1 + difference once anything is cut
+        cut = float((model(x) - base).pow(2).sum()) < 0.999 * full
+        items = torch.ones(8) + (difference if cut else 0.0)
+        return items if per_item else items.mean()
+
+    network.set_validation(loss_fn)
+    report = network.restart()
+    assert report.p_source == "validation"
+    assert (report.ranks[network.loras[0].lora_name] < R) == cuts
+
+
+def test_the_pessimistic_loss_is_the_mean_plus_one_standard_error_of_the_paired_difference():
+    from aclora_ext.functional import pessimistic_loss
+
+    reference = torch.rand(10, generator=gen(1))
+    items = reference + torch.randn(10, generator=gen(2)) * 0.1
+    difference = (items - reference).double()
+    expected = float(items.double().mean()) + float(difference.std()) / math.sqrt(10)
+    assert pessimistic_loss(items, reference) == pytest.approx(expected, rel=1e-12)
+    assert pessimistic_loss(reference, reference) == pytest.approx(float(reference.double().mean()), rel=1e-12)
+    assert pessimistic_loss(7.0 * items, 7.0 * reference) == pytest.approx(7.0 * expected, rel=1e-6)  # units
+    assert pessimistic_loss(items[:1], reference[:1]) == pytest.approx(float(items[0]), rel=1e-6)  # one item
+    assert pessimistic_loss(torch.tensor([1.0, math.nan]), reference[:2]) == math.inf
+
+
 # --- without a held-out loss ----------------------------------------------------------------------------------------
 def test_without_a_held_out_loss_components_below_min_importance_of_the_largest_go():
     """Importance = s_j x rms(x . v_j) / rms(layer output), computed here from the inputs the test fed."""
