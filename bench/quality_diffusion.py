@@ -131,16 +131,21 @@ def sample(unet: nn.Module, cond: torch.Tensor, n: int, steps: int, seed: int) -
 
 
 @torch.no_grad()
-def heldout_denoising_loss(unet: nn.Module, x0: torch.Tensor, cond: torch.Tensor) -> float:
-    """Epsilon-MSE on held-out images at 4 fixed timesteps with fixed noise (the same for every method)."""
+def denoising_losses(unet: nn.Module, x0: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+    """Epsilon-MSE of every (image, timestep) pair at 4 fixed timesteps with fixed noise (the same for every
+    method), 1-D."""
     g = torch.Generator().manual_seed(1234)
-    total = 0.0
+    losses = []
     for t_value in (100, 300, 500, 700):
         noise = torch.randn(x0.shape, generator=g)
         t = torch.full((x0.shape[0],), t_value)
         pred = unet(add_noise(x0, noise, t), t, encoder_hidden_states=cond.expand(x0.shape[0], -1, -1)).sample
-        total += float((pred - noise).pow(2).mean())
-    return total / 4
+        losses.append((pred - noise).pow(2).flatten(1).mean(dim=1))
+    return torch.cat(losses)
+
+
+def heldout_denoising_loss(unet: nn.Module, x0: torch.Tensor, cond: torch.Tensor) -> float:
+    return float(denoising_losses(unet, x0, cond).mean())
 
 
 # --- data, base model, feature network ---------------------------------------------------------------------
@@ -270,7 +275,7 @@ def train_ours(scene: Scene, method: Method, settings: Settings, workdir: str) -
                      **options)
     trained = N_TRAIN - method.held_out
     if method.held_out:  # the last training images, with fixed timesteps and noise
-        network.set_validation(lambda: heldout_denoising_loss(unet, scene.train[trained:], scene.trigger))
+        network.set_validation(lambda: denoising_losses(unet, scene.train[trained:], scene.trigger))
     losses, seconds = train_with_restarts(
         network, settings.epochs, settings.lr, scene.seed,
         lambda g: torch.randperm(trained, generator=g).split(settings.batch),

@@ -265,7 +265,7 @@ def train_aclora(task: Task, method: Method, seed: int, train: TrainConfig, work
     if method.held_out:
         held = list(range(trained, task.config.samples))
         x, y = task.train_x[held].reshape(-1, task.config.width), task.train_y[held].reshape(-1, task.config.width)
-        network.set_validation(lambda: (base(x) - y).pow(2).mean() / task.scale)
+        network.set_validation(lambda: (base(x) - y).pow(2).mean(dim=-1) / task.scale)  # per row
     losses, seconds = train_with_restarts(network, train.epochs, train.lr, seed,
                                           lambda g: batches(g, trained, train.samples_per_step),
                                           lambda idx, g: step_loss(base, task, idx, g))

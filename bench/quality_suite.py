@@ -42,7 +42,13 @@ file ``save_weights`` writes):
 * ``AC-LoRA paper``: ``restart_mode=paper``, all 15;
 * ``AdaLoRA``: peft's, init_r = R, target_r 8 (peft's default budget), all 15;
 * ``resize <method>``: the rank-R LoRA resized after training with sd-scripts'
-  resize_lora rules (sv_fro 0.9, sv_cumulative 0.9, sv_ratio 20), no retraining.
+  resize_lora rules (sv_fro 0.9, sv_cumulative 0.9, sv_ratio 20), no retraining;
+* ``resize noise-floor`` / ``resize largest-gap``: two spectrum-only candidate
+  criteria on the same update, side by side with ours: a Gavish-Donoho hard
+  threshold adapted to a rank-R update (the R nonzero singular values as the
+  spectrum of a noisy R x R core: keep s > 2.858 * median(s), the optimal
+  threshold for a square matrix with unknown noise), and the largest ratio of
+  consecutive singular values (keep up to it).
 
 The goal (issue 9): on every task and loss, averaged over the seeds, the
 defaults score <= 1.00x the best fixed rank, never worse than 1.05x, and better
@@ -86,12 +92,16 @@ GOAL_WORST = 1.05
 
 
 # --- the loss variants --------------------------------------------------------------------------------------------
-def loss_value(kind: str, pred: torch.Tensor, target: torch.Tensor, unit: float) -> torch.Tensor:
-    """The training (and held-out selection) loss: MSE relative to ``unit``, the same x10, or a Huber loss."""
+def loss_value(kind: str, pred: torch.Tensor, target: torch.Tensor, unit: float, per_row: bool = False
+               ) -> torch.Tensor:
+    """The training (and held-out selection) loss: MSE relative to ``unit``, the same x10, or a Huber loss;
+    with ``per_row``, one value per row (the held-out items the rank search pairs across candidates)."""
     if kind == "huber":
-        return nn.functional.huber_loss(pred / math.sqrt(unit), target / math.sqrt(unit), delta=0.1) * 10.0
-    loss = (pred - target).pow(2).mean() / unit
-    return loss * 10.0 if kind == "mse_x10" else loss
+        loss = nn.functional.huber_loss(pred / math.sqrt(unit), target / math.sqrt(unit), delta=0.1,
+                                        reduction="none") * 10.0
+    else:
+        loss = (pred - target).pow(2) / unit * (10.0 if kind == "mse_x10" else 1.0)
+    return loss.mean(dim=-1) if per_row else loss.mean()
 
 
 LOSSES = ("mse", "mse_x10", "huber")
@@ -104,7 +114,8 @@ class Task:
     ``model`` is the frozen base (the adapters attach to its Linear layers);
     ``train_loss(idx, g)`` is the loss on training samples ``idx`` with fresh
     noise from ``g``; ``selection_loss(idx)`` the same loss on samples ``idx``
-    with fixed noise (the held-out loss AC-LoRA sees); ``heldout_error()`` the
+    with fixed noise, one value per row (the held-out loss AC-LoRA sees, item by
+    item); ``heldout_error()`` the
     score, on data no method sees.
     """
 
@@ -193,18 +204,18 @@ class MLPTask(Task):
         self.config, self.loss_kind = config, loss_kind
         self.model = BaseModel(base)
 
-    def _loss(self, idx, noise: Optional[torch.Generator]) -> torch.Tensor:
+    def _loss(self, idx, noise: Optional[torch.Generator], per_row: bool = False) -> torch.Tensor:
         x = self.train_x[idx].reshape(-1, self.config.dims[0])
         y = self.train_y[idx].reshape(-1, self.config.dims[-1])
         if noise is not None and self.config.loss_floor > 0:
             y = y + torch.randn(y.shape, generator=noise) * math.sqrt(self.config.loss_floor * self.unit)
-        return loss_value(self.loss_kind, self.model(x), y, self.unit)
+        return loss_value(self.loss_kind, self.model(x), y, self.unit, per_row)
 
     def train_loss(self, idx, g):
         return self._loss(idx, g)
 
     def selection_loss(self, idx):
-        return self._loss(torch.as_tensor(list(idx)), None)
+        return self._loss(torch.as_tensor(list(idx)), None, per_row=True)
 
     def heldout_error(self) -> float:
         with torch.no_grad():
@@ -292,11 +303,11 @@ def pretrained_denoiser(steps: int) -> tuple[Denoiser, torch.Tensor]:
 
 
 def _denoising(model: nn.Module, x0: torch.Tensor, cond: torch.Tensor, g: Optional[torch.Generator],
-               timesteps: Optional[torch.Tensor], loss_kind: str = "mse") -> torch.Tensor:
+               timesteps: Optional[torch.Tensor], loss_kind: str = "mse", per_row: bool = False) -> torch.Tensor:
     noise = torch.randn(x0.shape, generator=g)
     t = torch.randint(0, T_STEPS, (x0.shape[0],), generator=g) if timesteps is None else timesteps
     a = ALPHAS[t][:, None]
-    return loss_value(loss_kind, model(a.sqrt() * x0 + (1 - a).sqrt() * noise, t, cond), noise, 1.0)
+    return loss_value(loss_kind, model(a.sqrt() * x0 + (1 - a).sqrt() * noise, t, cond), noise, 1.0, per_row)
 
 
 class TextureTask(Task):
@@ -316,18 +327,17 @@ class TextureTask(Task):
         return _denoising(self.model.inner, self.train_x[idx], self.cond, g, None, self.loss_kind)
 
     def _fixed(self, x0: torch.Tensor, loss_kind: str) -> torch.Tensor:
+        """The loss of every (patch, timestep) pair at 4 fixed timesteps with fixed noise (1-D)."""
         g = torch.Generator().manual_seed(1234)
-        total = 0.0
-        for t in (100, 300, 500, 700):
-            total = total + _denoising(self.model.inner, x0, self.cond, g, torch.full((x0.shape[0],), t), loss_kind)
-        return total / 4
+        return torch.cat([_denoising(self.model.inner, x0, self.cond, g, torch.full((x0.shape[0],), t), loss_kind,
+                                     per_row=True) for t in (100, 300, 500, 700)])
 
     def selection_loss(self, idx):
         return self._fixed(self.train_x[torch.as_tensor(list(idx))].repeat(8, 1), self.loss_kind)
 
     def heldout_error(self) -> float:
         with torch.no_grad():
-            return float(self._fixed(self.test_x, "mse"))
+            return float(self._fixed(self.test_x, "mse").mean())
 
 
 class _Conditioned(nn.Module):
@@ -373,6 +383,7 @@ def methods(sweep: Sequence[int], adalora: bool = True) -> list[Method]:
         rows.append(Method("AdaLoRA", "adalora", MAX_RANK))
     rows += [Method(f"resize {m} {p:g}", "resize", MAX_RANK, resize=(m, p))
              for m, p in (("sv_fro", 0.9), ("sv_cumulative", 0.9), ("sv_ratio", 20.0))]
+    rows += [Method(f"resize {m}", "resize", MAX_RANK, resize=(m, 0.0)) for m in ("noise-floor", "largest-gap")]
     return rows
 
 
@@ -475,10 +486,22 @@ def resize_factors(factors: dict, method: str, param: float) -> dict:
     return out
 
 
+#: Gavish & Donoho's optimal hard threshold over the median singular value, square matrix, unknown noise
+GAVISH_DONOHO_SQUARE = 2.858
+
+
 def _resize_lora_rank(s: torch.Tensor, method: str, target: float) -> int:
-    """The rank resize_lora.py keeps for spectrum ``s`` (descending, full length), its +1 included."""
+    """The rank resize_lora.py keeps for spectrum ``s`` (descending, full length), its +1 included; or the
+    rank a candidate criterion keeps (``noise-floor``, ``largest-gap``: on the nonzero part, no +1)."""
     if float(s[0]) <= 1e-6:
         return 1
+    if method in ("noise-floor", "largest-gap"):
+        nonzero = s[s > 1e-6 * s[0]]
+        if method == "noise-floor":
+            return max(1, int((nonzero > GAVISH_DONOHO_SQUARE * nonzero.median()).sum()))
+        if nonzero.numel() < 2:
+            return 1
+        return int(torch.argmax(nonzero[:-1] / nonzero[1:])) + 1
     if method == "sv_ratio":
         index = int((s > s[0] / target).sum())
     else:
