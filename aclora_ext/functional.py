@@ -281,11 +281,10 @@ def pessimistic_loss(items: Tensor, reference: Tensor, standard_errors: float = 
 
 def window_levels(center: Optional[float], width: float = 1.0) -> list[float]:
     """The coarse levels worth evaluating after a choice at ``center``: keeping everything, and those
-    within ``width`` decades of it (every level before any choice: ``center`` None)."""
-    if center is None:
+    within ``width`` decades of it (every level before any choice, ``center`` None, and after keeping
+    everything, ``center`` inf: that choice says nothing about where a cut would go)."""
+    if center is None or center == math.inf:  # nothing chosen yet, or everything kept: no hint where to cut
         return list(LEVELS)
-    if center == math.inf:  # everything was kept: look at the mildest cuts
-        center = LEVELS[1]
     return [LEVELS[0]] + [level for level in LEVELS[1:] if abs(level - center) <= width + 1e-9]
 
 

@@ -430,7 +430,7 @@ def test_the_fine_levels_are_the_cuts_between_distinct_importances_near_the_coar
 def test_after_a_first_choice_only_the_levels_within_a_decade_of_it_are_evaluated_and_keeping_everything():
     assert F.window_levels(None) == list(F.LEVELS)
     assert F.window_levels(2.0) == [math.inf, 3.0, 2.75, 2.5, 2.25, 2.0, 1.75, 1.5, 1.25, 1.0]
-    assert F.window_levels(math.inf) == [math.inf, 4.0, 3.75, 3.5, 3.25, 3.0]
+    assert F.window_levels(math.inf) == list(F.LEVELS)  # keeping everything gives no hint where to cut
     assert F.window_levels(0.1) == [math.inf, 1.0, 0.75, 0.5, 0.25, 0.0]
 
 
