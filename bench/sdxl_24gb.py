@@ -9,7 +9,7 @@ fp32 LoRA weights and AdamW (sd-scripts' ``--mixed_precision bf16
 only, and on the U-Net and both text encoders. Variants, each in its own
 process so that every peak is its own:
 
-- ``aclora``: AC-LoRA, paper mode (the RESTART is timed after the steps,
+- ``aclora``: AC-LoRA, the default product mode (the RESTART is timed after the steps,
   together with the export of the variable-rank file),
 - ``aclora-off``: the same modules with ``restart_mode=off`` (a plain LoRA),
 - ``peft``: peft's LoRA on the same layers (an independent plain LoRA).
@@ -194,7 +194,7 @@ def run_variant(variant: str, setup: str, profile: Profile, device: torch.device
     if variant == "peft":
         parts = attach_peft(models, profile, train_te)
     else:
-        network, parts = attach_aclora(models, profile, "off" if variant == "aclora-off" else "paper", train_te)
+        network, parts = attach_aclora(models, profile, "off" if variant == "aclora-off" else "product", train_te)
     params = parts["unet"] + parts["te"]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     if cuda:
