@@ -252,6 +252,9 @@ LEVELS: tuple[float, ...] = (math.inf,) + tuple(4.0 - 0.25 * i for i in range(17
 LEVEL_STEP = 0.25
 
 
+#: the layer-output hook measures the output's mean square on one training forward in this many
+OUTPUT_SAMPLE_EVERY = 4
+
 #: standard errors added to a candidate's held-out loss (see ``pessimistic_loss``)
 HELDOUT_STANDARD_ERRORS = 1.0
 

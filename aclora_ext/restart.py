@@ -223,6 +223,7 @@ class InputStats:
     count: int = 0
     out_sq: Optional[torch.Tensor] = None
     out_numel: int = 0
+    out_calls: int = 0  # training forwards seen by the output hook (it samples them, see ranksearch)
 
     def reset(self) -> None:
         self.gram.zero_()
@@ -230,6 +231,7 @@ class InputStats:
         if self.out_sq is not None:
             self.out_sq.zero_()
         self.out_numel = 0
+        self.out_calls = 0
 
     @property
     def measured(self) -> bool:

@@ -210,6 +210,26 @@ def test_the_level_scores_survive_save_state_and_resume():
     assert [h["level"] for h in fresh.history] == pytest.approx([h["level"] for h in network.history], abs=1e-8)
 
 
+def test_activation_sums_cover_every_training_forward_and_the_output_scale_one_in_every_few():
+    from aclora_ext.functional import OUTPUT_SAMPLE_EVERY
+
+    model = layer_model(1)
+    network = attach(model, max_rank=R, alpha=float(R))
+    module = network.loras[0]
+    batches = [inputs(8, 40 + i) for i in range(2 * OUTPUT_SAMPLE_EVERY + 1)]
+    for x in batches:
+        record_inputs(network, model, x)
+    stats = network.rank_search.stats[module.lora_name]
+    with torch.no_grad():
+        hidden = [module.lora_down(x) for x in batches]
+        outputs = [model(x) for x in batches]
+    assert stats.count == sum(h.shape[0] for h in hidden)
+    assert torch.allclose(stats.gram, sum(h.T @ h for h in hidden), rtol=1e-5, atol=1e-5)
+    sampled = outputs[::OUTPUT_SAMPLE_EVERY]  # the first forward, then one in every OUTPUT_SAMPLE_EVERY
+    assert len(sampled) == 3 and stats.out_numel == sum(o.numel() for o in sampled)
+    assert float(stats.out_sq) == pytest.approx(float(sum(o.pow(2).sum() for o in sampled)), rel=1e-5)
+
+
 # --- the held-out noise: a cut must beat keeping everything by more than it -----------------------------------------
 NOISY = torch.tensor([-0.3, 0.25] * 4)  # a paired difference of mean -0.025 and standard error ~0.1
 
