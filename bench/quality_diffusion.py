@@ -274,7 +274,7 @@ def train_ours(scene: Scene, method: Method, settings: Settings, workdir: str) -
     network = attach(unet, max_rank=method.rank, alpha=float(method.rank), include=TARGETS, prefix="lora_unet",
                      **options)
     trained = N_TRAIN - method.held_out
-    if method.held_out:  # the last training images, with fixed timesteps and noise
+    if method.held_out and method.kind == "aclora":  # the last training images, fixed timesteps and noise
         network.set_validation(lambda: denoising_losses(unet, scene.train[trained:], scene.trigger))
     losses, seconds = train_with_restarts(
         network, settings.epochs, settings.lr, scene.seed,
@@ -378,7 +378,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
             for m in rows:
                 trainer = train_adalora if m.kind == "adalora" else train_ours
                 result = trainer(scene, m, settings, workdir)
-                result.update(method=m.label, kind=m.kind, rank=m.rank, seed=seed)
+                result.update(method=m.label, kind=m.table_kind, rank=m.rank, seed=seed)
                 runs.append(result)
                 print(f"seed {seed} {m.label:<34} FD {result['heldout']:.3f} (raw {result['heldout_raw']:.3f}) "
                       f"style {result['exported']['style_accuracy']:.2f} copy {result['exported']['copy_ratio']:.2f} "
