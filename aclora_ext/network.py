@@ -304,8 +304,9 @@ class ACLoRANetwork(nn.Module):
         loss; a float or a 0-dim tensor works too. Per-item losses let the search
         cut a component only where the held-out loss improves by more than its
         noise (one standard error of the paired difference from keeping
-        everything); with a single number it takes the lowest loss as it is. It is called under ``torch.no_grad()`` with this network in eval
-        mode, about twenty times per RESTART and per save (once per candidate
+        everything); with a single number it takes the lowest loss as it is.
+        It is called under ``torch.no_grad()`` with this network in eval mode,
+        about fifteen times per RESTART and per save (once per candidate
         threshold). ``until``: a fraction of training after which the held-out
         loss is no longer used and the last threshold it chose is kept, so that a
         loop may then train on the held-out share too (see ``validation_active``).
