@@ -2,11 +2,11 @@
 
 Everything is made by the benchmark itself (no download):
 
-* **data**: 4x8x8 "latents" of synthetic styles (``aclora_ext.tiny.style_dataset``):
+* **data**: 4x8x8 "latents" of synthetic styles (``aclora_ext.harness.tiny.style_dataset``):
   every image of a style is a random mix of the style's 3 low-frequency
   patterns (what the style *is*) plus white noise exclusive to that image (what
   a personalisation should not learn);
-* **base model**: ``aclora_ext.tiny.tiny_sd1_unet`` (SD1.x layout, 32/64
+* **base model**: ``aclora_ext.harness.tiny.tiny_sd1_unet`` (SD1.x layout, 32/64
   channels) pre-trained here as an epsilon-prediction DDPM (scaled-linear
   betas, 1000 steps) on 6 styles, each conditioned on its own fixed random
   "prompt" embedding (a 1-token ``encoder_hidden_states``);
@@ -65,8 +65,8 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from aclora_ext import tiny  # noqa: E402
-from aclora_ext.factory import attach, create_network_from_weights  # noqa: E402
+from aclora_ext.harness import tiny  # noqa: E402
+from aclora_ext.network.factory import attach, create_network_from_weights  # noqa: E402
 from bench import common  # noqa: E402
 from bench.quality_lowrank import (Method, factor_rank_diagnostic, methods, parse_quality_args,  # noqa: E402
                                    summarise, train_adalora_loop, train_with_restarts)

@@ -79,9 +79,9 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from aclora_ext import functional as F  # noqa: E402
-from aclora_ext.factory import attach  # noqa: E402
-from aclora_ext.files import load_state_dict  # noqa: E402
-from aclora_ext.weights import group_modules  # noqa: E402
+from aclora_ext.network.factory import attach  # noqa: E402
+from aclora_ext.files.storage import load_state_dict  # noqa: E402
+from aclora_ext.files.lora_dict import group_modules  # noqa: E402
 from bench import common  # noqa: E402
 from bench.quality_lowrank import BaseModel, forward as mlp_forward, orthogonality_penalty  # noqa: E402
 

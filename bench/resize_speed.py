@@ -1,7 +1,7 @@
 """Speed of ``aclora resize`` next to kohya's resize_lora.py on the same SDXL LoRA (issue 10, speed part).
 
 The file is an SDXL LoRA over kohya's full module set (986 modules: U-Net,
-both text encoders, ``aclora_ext.tiny.sdxl_module_shapes``) at R = 32 and
+both text encoders, ``aclora_ext.harness.architectures.sdxl_module_shapes``) at R = 32 and
 128, with trained-looking factors (lora_down a random init, lora_up a planted
 low-rank signal with decaying strengths plus noise), alpha R/2. Timed on the
 same in-memory float32 state dict, in one process:
@@ -47,8 +47,8 @@ from typing import Optional, Sequence
 import torch
 
 from aclora_ext import functional as F
-from aclora_ext.resize import resize_file, resize_state_dict
-from aclora_ext.tiny import ModuleShape
+from aclora_ext.tools.resize import resize_file, resize_state_dict
+from aclora_ext.harness.architectures import ModuleShape
 from bench import common
 
 NAME = "resize_speed"
@@ -222,7 +222,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     if args.smoke:
         shapes, default_ranks, rounds, per_shape = SMOKE_SHAPES, "8", 1, 0
     else:
-        from aclora_ext.tiny import sdxl_module_shapes
+        from aclora_ext.harness.architectures import sdxl_module_shapes
 
         shapes = sdxl_module_shapes()
         default_ranks, rounds, per_shape = ("32,128", 3, 0) if full else ("32", 1, 1)

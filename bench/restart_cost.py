@@ -2,7 +2,7 @@
 
 The module set is SDXL's: the 986 LoRA modules kohya's networks.lora trains on
 the U-Net and both text encoders, with their real shapes
-(``aclora_ext.tiny.sdxl_module_shapes``). Each is a real :class:`ACLoRAModule`
+(``aclora_ext.harness.architectures.sdxl_module_shapes``). Each is a real :class:`ACLoRAModule`
 around a meta-device layer (the layer only gives the shapes), with factors
 that look trained: lora_down a random init, lora_up a low-rank signal plus
 noise (planted rank 2 .. R/4 per module). Timed, round-robin in one process:
@@ -44,11 +44,12 @@ import torch
 from torch import nn
 
 from aclora_ext import functional as F
-from aclora_ext.export import export_modules
-from aclora_ext.module import ACLoRAModule
+from aclora_ext.lora.export import export_modules
+from aclora_ext.lora.module import ACLoRAModule
 from aclora_ext.options import ACLoRAConfig
-from aclora_ext.restart import keeps_at_level, restart_modules, restart_product
-from aclora_ext.tiny import ModuleShape
+from aclora_ext.lora.analysis import keeps_at_level, restart_product
+from aclora_ext.lora.restart import restart_modules
+from aclora_ext.harness.architectures import ModuleShape
 from bench import common
 
 NAME = "restart_cost"
@@ -268,7 +269,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     if args.smoke:
         shapes, default_ranks, rounds, warmup, samples = SMOKE_SHAPES, "4", 1, 0, 1
     else:
-        from aclora_ext.tiny import sdxl_module_shapes
+        from aclora_ext.harness.architectures import sdxl_module_shapes
 
         shapes = sdxl_module_shapes()
         default_ranks, rounds, warmup, samples = ("32,128", 3, 1, 2) if full else ("32", 1, 0, 1)

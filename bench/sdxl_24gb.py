@@ -1,7 +1,7 @@
 """SDXL on a 24 GB card: peak VRAM and step time of AC-LoRA against plain LoRA (issue 5, section 4).
 
 The full SDXL architecture with random weights, built in-process from literal
-configs (``aclora_ext.tiny.SDXL_UNET_CONFIG`` and the two CLIP text-tower
+configs (``aclora_ext.harness.architectures.SDXL_UNET_CONFIG`` and the two CLIP text-tower
 configs; nothing is downloaded): 1024^2 images as 128x128 latents, batch 1,
 base weights in bf16, bf16 autocast, gradient checkpointing, LoRA at rank 128,
 fp32 LoRA weights and AdamW (sd-scripts' ``--mixed_precision bf16
@@ -61,7 +61,7 @@ NON_REENTRANT = {"use_reentrant": False}
 
 @dataclass(frozen=True)
 class Profile:
-    models: str  # "sdxl": the real architecture; "tiny": aclora_ext.tiny's SDXL-like models
+    models: str  # "sdxl": the real architecture; "tiny": aclora_ext.harness.tiny's SDXL-like models
     latent: int
     seq_len: int
     rank: int
@@ -79,7 +79,7 @@ PROFILES = {
 # --- models -------------------------------------------------------------------------------------------------------
 def build_models(profile: Profile, device: torch.device, dtype: torch.dtype) -> dict:
     """U-Net and [te1, te2] in ``dtype`` on ``device``, frozen; the real SDXL shapes are built there directly."""
-    from aclora_ext import tiny
+    from aclora_ext.harness import architectures, tiny
 
     if profile.models == "tiny":
         models = tiny.sdxl_models(seed=0)
@@ -94,9 +94,9 @@ def build_models(profile: Profile, device: torch.device, dtype: torch.dtype) -> 
         torch.set_default_dtype(dtype)  # no fp32 copy of 2.6B parameters on the way
         try:
             with torch.device(device):
-                unet = UNet2DConditionModel(**tiny.SDXL_UNET_CONFIG)
-                te1 = CLIPTextModel(CLIPTextConfig(**tiny.SDXL_TE1_CONFIG))
-                te2 = CLIPTextModelWithProjection(CLIPTextConfig(**tiny.SDXL_TE2_CONFIG))
+                unet = UNet2DConditionModel(**architectures.SDXL_UNET_CONFIG)
+                te1 = CLIPTextModel(CLIPTextConfig(**architectures.SDXL_TE1_CONFIG))
+                te2 = CLIPTextModelWithProjection(CLIPTextConfig(**architectures.SDXL_TE2_CONFIG))
         finally:
             torch.set_default_dtype(previous)
     for m in (unet, te1, te2):
@@ -131,7 +131,7 @@ def token_ids(models: dict, profile: Profile, device: torch.device) -> torch.Ten
 # --- adapters -----------------------------------------------------------------------------------------------------------
 def attach_aclora(models: dict, profile: Profile, mode: str, train_te: bool):
     """(network, {"unet": params, "te": params}); LoRA weights fp32 (no --full_bf16), built on the GPU directly."""
-    from aclora_ext.factory import create_network
+    from aclora_ext.network.factory import create_network
 
     te = models["text_encoders"] if train_te else None
     with torch.device(next(models["unet"].parameters()).device):
@@ -147,7 +147,7 @@ def attach_aclora(models: dict, profile: Profile, mode: str, train_te: bool):
 def attach_peft(models: dict, profile: Profile, train_te: bool) -> dict[str, list[nn.Parameter]]:
     from peft import LoraConfig, inject_adapter_in_model
 
-    from aclora_ext.targets import find_text_encoder_targets, find_unet_targets
+    from aclora_ext.families.sd import find_text_encoder_targets, find_unet_targets
 
     parts = [(models["unet"], find_unet_targets(models["unet"], conv3x3=False))]
     if train_te:
@@ -177,7 +177,7 @@ def with_gradient(params: list[nn.Parameter]) -> int:
 def run_variant(variant: str, setup: str, profile: Profile, device: torch.device) -> dict:
     from accelerate import Accelerator
 
-    from aclora_ext.replay import NUM_TRAIN_TIMESTEPS, add_noise, call_unet, encode_text
+    from aclora_ext.harness.sdcalls import NUM_TRAIN_TIMESTEPS, add_noise, call_unet, encode_text
 
     train_te = setup == "unet+te"
     cuda = device.type == "cuda"
@@ -258,7 +258,7 @@ def estimated(setup: str, profile: Profile) -> dict:
     """``aclora vram``'s estimate of one set-up of this benchmark: the same architecture, image size, rank, dtypes
     (bf16 weights and autocast, fp32 LoRA), checkpointing and AdamW; text encoders run every step (frozen for
     "unet"); no gradient clipping, as in ``run_variant``."""
-    from aclora_ext import vram
+    from aclora_ext.tools import vram
 
     size = profile.latent * 8
     result = vram.estimate(vram.Setup(

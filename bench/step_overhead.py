@@ -116,7 +116,7 @@ def build_unet(size: Size, seed: int = 0) -> nn.Module:
 
 def target_paths(unet: nn.Module) -> list[str]:
     """Module paths of the layers kohya's LoRA adapts in this U-Net (our target finder)."""
-    from aclora_ext.targets import find_unet_targets
+    from aclora_ext.families.sd import find_unet_targets
 
     path_of = {id(module): path for path, module in unet.named_modules()}
     return [path_of[id(t.layer)] for t in find_unet_targets(unet, conv3x3=False)]
@@ -134,7 +134,7 @@ def attach_peft(unet: nn.Module, size: Size) -> list[nn.Parameter]:
 
 
 def attach_aclora(unet: nn.Module, size: Size, mode: str, total_steps: int):
-    from aclora_ext.factory import create_network
+    from aclora_ext.network.factory import create_network
 
     options: dict[str, Any] = {"restart_mode": mode}
     if mode != "off":
@@ -165,7 +165,7 @@ def run_variant(variant: str, size: Size, device: torch.device, memory_pass: boo
     """
     from accelerate import Accelerator
 
-    from aclora_ext.replay import NUM_TRAIN_TIMESTEPS, add_noise
+    from aclora_ext.harness.sdcalls import NUM_TRAIN_TIMESTEPS, add_noise
 
     unet = build_unet(size).to(device)
     adapted_layers = len(target_paths(unet))
@@ -227,8 +227,8 @@ def capture_cost(calls: int = 2000, rounds: int = 5) -> dict:
     """Per-call cost (microseconds) of what our backward wrapper adds, on a graph too small to hide it."""
     from accelerate import Accelerator
 
-    from aclora_ext import schedule
-    from aclora_ext.factory import attach
+    from aclora_ext.network import schedule
+    from aclora_ext.network.factory import attach
 
     model = nn.Sequential(nn.Linear(4, 4))
     network = attach(model, max_rank=2, restart_mode="paper", restart_every_steps=10**9)

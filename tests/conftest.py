@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny random-weight models and synthetic data from aclora_ext.tiny.
+"""Shared fixtures: tiny random-weight models and synthetic data from aclora_ext.harness.tiny.
 
 Every model fixture is built fresh per test (a few milliseconds) because a
 network patches the models it is applied to.
@@ -14,11 +14,11 @@ import pytest
 import torch
 
 try:
-    import aclora_ext.tiny  # noqa: F401  (the package is normally pip-installed editable)
+    import aclora_ext.harness.tiny  # noqa: F401  (the package is normally pip-installed editable)
 except ImportError:
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from aclora_ext import tiny
+from aclora_ext.harness import tiny
 
 # The tiny models are far too small to gain from intra-op threads, and on a
 # shared 2-core machine several threaded processes spin against each other

@@ -38,7 +38,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn import functional as F
 
-from aclora_ext import create_network_from_weights, tiny
+from aclora_ext import create_network_from_weights
+from aclora_ext.harness import tiny
 
 # diffusers' fused weights against merge_to's.
 FUSE_RTOL, FUSE_ATOL = 1e-5, 1e-6

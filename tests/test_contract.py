@@ -19,7 +19,8 @@ from safetensors.torch import load_file
 from torch import nn
 from torch.nn import functional as F
 
-from aclora_ext import ACLoRANetwork, attach, create_network, create_network_from_weights, replay, tiny
+from aclora_ext import ACLoRANetwork, attach, create_network, create_network_from_weights
+from aclora_ext.harness import replay, sdcalls, tiny
 from helpers import lora_network, pretend_trained, text_encoder_of
 
 CONTRACT_METHODS = (
@@ -78,11 +79,11 @@ def kohya_reference(models, with_3x3):
 def text_outputs(models, data, sdxl):
     encoders = models.get("text_encoders") or [models["text_encoder"]]
     with torch.no_grad():
-        return replay.encode_text(encoders, replay.collate(data[:2])["input_ids"], sdxl)
+        return sdcalls.encode_text(encoders, sdcalls.collate(data[:2])["input_ids"], sdxl)
 
 
 def unet_outputs(models, data, sdxl):
-    return replay.model_outputs(models, data[:2], sdxl)
+    return sdcalls.model_outputs(models, data[:2], sdxl)
 
 
 class Toy(nn.Module):
@@ -184,7 +185,7 @@ def test_unet_only_leaves_the_text_encoder_untouched(sd1_models, style_data):
 
 def test_text_encoder_only_leaves_the_unet_untouched(sd1_models, style_data):
     text_before = text_outputs(sd1_models, style_data, False)
-    latents = replay.collate(style_data[:2])["latents"]
+    latents = sdcalls.collate(style_data[:2])["latents"]
     timesteps = torch.tensor([10, 500])
     with torch.no_grad():
         unet_before = sd1_models["unet"](latents, timesteps, text_before[0]).sample
@@ -325,7 +326,7 @@ def test_gradient_checkpointing_gives_the_same_lora_gradients(sd1_models, style_
     network = pretend_trained(lora_network(sd1_models))
     network.enable_gradient_checkpointing()
     unet = sd1_models["unet"]
-    batch = replay.collate(style_data[:2])
+    batch = sdcalls.collate(style_data[:2])
     cond = text_outputs(sd1_models, style_data, False)[0]
     timesteps = torch.tensor([10, 500])
 
@@ -424,7 +425,7 @@ def test_both_transformers_layouts_compute_the_same_with_the_same_file(sd1_model
     old_layout = tiny.as_transformers4_layout(sd1_models["text_encoder"])
     other = tiny.sd1_models(seed=0)
     new_layout = tiny.as_transformers5_layout(other["text_encoder"])
-    ids = replay.collate(style_data[:2])["input_ids"]
+    ids = sdcalls.collate(style_data[:2])["input_ids"]
     with torch.no_grad():
         base = other["text_encoder"](ids).last_hidden_state
     first = create_network(1.0, 4, 2.0, None, old_layout, sd1_models["unet"])
@@ -774,13 +775,13 @@ class Runs:
         models = tiny.sdxl_models(seed=0) if sdxl else tiny.sd1_models(seed=0)
         data = tiny.style_dataset(n=4, seed=0)
         base_outputs = unet_outputs(models, data, sdxl)
-        loss_before = replay.fixed_batch_loss(None, models, data, sdxl, repeats=2)
+        loss_before = sdcalls.fixed_batch_loss(None, models, data, sdxl, repeats=2)
         network_args = {"restart_mode": mode}
         path = str(self.directory / f"{name}.safetensors")
         result = replay.replay_training(module, models, data, sdxl=sdxl, network_dim=RUN_DIM, network_alpha=RUN_ALPHA,
                                         network_args=network_args, epochs=RUN_EPOCHS, lr=RUN_LR, batch_size=2,
                                         save_path=path, seed=0)
-        loss_after = replay.fixed_batch_loss(result.network, models, data, sdxl, repeats=2)
+        loss_after = sdcalls.fixed_batch_loss(result.network, models, data, sdxl, repeats=2)
         return Run(sdxl, mode, models, data, dict(network_args or {}), base_outputs, loss_before, loss_after, result,
                    result.saved_files[-1])
 
@@ -875,7 +876,7 @@ def test_dim_from_weights_continues_training_at_the_files_ranks(runs):
     network, weights_sd = create_network_from_weights(1.0, path, None, text_encoder, start_models["unet"],
                                                       for_inference=True)
     network.merge_to(text_encoder, start_models["unet"], weights_sd, torch.float32, "cpu")
-    loss_of_file = replay.fixed_batch_loss(None, start_models, data, False, repeats=2)
+    loss_of_file = sdcalls.fixed_batch_loss(None, start_models, data, False, repeats=2)
 
     models = paper.fresh_models()
     result = replay.replay_training(importlib.import_module("networks.aclora"), models, data, sdxl=False,
@@ -885,4 +886,4 @@ def test_dim_from_weights_continues_training_at_the_files_ranks(runs):
     network = result.network
     assert {m.lora_name: m.rank for m in network.loras} == file_ranks
     assert sorted(result.load_info.loaded) == sorted(file_ranks)
-    assert replay.fixed_batch_loss(network, models, data, False, repeats=2) < loss_of_file
+    assert sdcalls.fixed_batch_loss(network, models, data, False, repeats=2) < loss_of_file

@@ -80,7 +80,8 @@ def test_a_paper_mode_restart_runs_on_the_gpu_without_leaving_it():
 
 # --- the training step: no synchronisation, and the memory aclora vram predicts -------------------------------------------
 def tiny_sdxl_step_on_cuda(**setup_changes):
-    from aclora_ext import tiny, vram
+    from aclora_ext.harness import tiny
+    from aclora_ext.tools import vram
 
     models = tiny.sdxl_models(seed=0)
     cuda = vram.Models("sdxl", models["unet"].to("cuda"), [te.to("cuda") for te in models["text_encoders"]])
@@ -112,7 +113,7 @@ def test_training_steps_on_the_gpu_never_synchronise(mode):
 def test_the_estimate_is_within_ten_percent_of_the_measured_peak_on_sd1_at_512():
     """The real SD1.x architecture (random weights) on the GPU: aclora vram's count against
     torch.cuda.max_memory_allocated over one step (the difference: cuDNN/cuBLAS workspaces, allocator rounding)."""
-    from aclora_ext import vram
+    from aclora_ext.tools import vram
 
     setup = vram.Setup(family="sd1", width=512, height=512, batch_size=1, rank=32, alpha=16, mixed_precision="bf16",
                        gradient_checkpointing=False, train_text_encoder=False, optimizer="AdamW", cache_latents=True)

@@ -17,7 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save
 
 from aclora_ext import LoRAFileError, create_network, create_network_from_weights
-from aclora_ext import tiny
+from aclora_ext.harness import tiny
 
 MAX_RANK = 8
 CONV_RANK = 4

@@ -19,7 +19,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save, save_file
 from torch import nn
 
-from aclora_ext import LoRAFileError, attach, create_network_from_weights, replay, tiny
+from aclora_ext import LoRAFileError, attach, create_network_from_weights
+from aclora_ext.harness import sdcalls, tiny
 from helpers import lora_network, pretend_trained
 
 LORA_PARTS = ("lora_down.weight", "lora_up.weight", "alpha")
@@ -38,7 +39,7 @@ def expected_keys(network):
 
 
 def unet_outputs(models, data, sdxl=False):
-    return replay.model_outputs(models, data[:2], sdxl)
+    return sdcalls.model_outputs(models, data[:2], sdxl)
 
 
 def files_in(directory):

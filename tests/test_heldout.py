@@ -17,8 +17,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from aclora_ext import create_network, heldout
-from aclora_ext.replay import add_noise
+from aclora_ext import create_network
+from aclora_ext.ranksearch import heldout
+from aclora_ext.harness.sdcalls import add_noise
 
 from helpers import text_encoder_of
 

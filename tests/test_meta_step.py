@@ -9,7 +9,7 @@ forward, checkpointed recomputation, backward and optimizer included) records
 each host read and raises on it, so a read that some code catches and ignores
 is still reported.
 
-The step is ``aclora_ext.vram.TrainingStep``: sd-scripts' order of calls
+The step is ``aclora_ext.tools.vram.TrainingStep``: sd-scripts' order of calls
 (``create_network`` → ``apply_to`` → optimizer groups; per step the network's
 ``on_step_start``, the text encoders, the U-Net, ``accelerate``'s
 ``Accelerator.backward`` where the network captures the loss, gradient
@@ -37,9 +37,10 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from aclora_ext import tiny, vram
-from aclora_ext.module import ACLoRAModule
-from aclora_ext.schedule import LossMeter
+from aclora_ext.harness import architectures, tiny
+from aclora_ext.tools import vram
+from aclora_ext.lora.module import ACLoRAModule
+from aclora_ext.network.schedule import LossMeter
 
 aten = torch.ops.aten
 # operators that hand a device tensor's value to the host, or whose output size depends on the data
@@ -105,8 +106,8 @@ def test_an_sdxl_training_step_at_rank_128_with_both_text_encoders_reads_nothing
     models = vram.build_models(setup)
     run = vram.TrainingStep(models, setup, "meta")
     network = run.network
-    assert len(network.unet_loras) == tiny.SDXL_UNET_MODULES
-    assert len(network.text_encoder_loras) == tiny.SDXL_TE1_MODULES + tiny.SDXL_TE2_MODULES
+    assert len(network.unet_loras) == architectures.SDXL_UNET_MODULES
+    assert len(network.text_encoder_loras) == architectures.SDXL_TE1_MODULES + architectures.SDXL_TE2_MODULES
     assert max(m.rank for m in network.loras) == 128
     assert isinstance(run.optimizer, torch.optim.AdamW) and run.optimizer.defaults["foreach"]
     assert not run.optimizer.defaults["capturable"] and not run.optimizer.defaults["fused"]
@@ -246,7 +247,7 @@ def test_the_simulated_steps_loss_reaches_no_other_network_that_listens_to_accel
                                                                                                   sd1_models):
     from accelerate import Accelerator
 
-    from aclora_ext import schedule
+    from aclora_ext.network import schedule
     from helpers import lora_network
 
     training = lora_network(sd1_models)  # e.g. a real training in the same process, listening to backward

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from aclora_ext import create_network_from_weights
-from aclora_ext.module import ACLoRAModule
+from aclora_ext.lora.module import ACLoRAModule
 from helpers import lora_network, pretend_trained
 
 
@@ -46,8 +46,8 @@ def test_set_alpha_changes_the_buffer_and_the_scale_together():
 
 
 def test_resuming_a_state_with_another_alpha_gives_its_scale_and_its_function(sd1_models, style_data):
-    from aclora_ext import tiny
-    from aclora_ext.replay import model_outputs
+    from aclora_ext.harness import tiny
+    from aclora_ext.harness.sdcalls import model_outputs
 
     source = pretend_trained(lora_network(sd1_models, rank=4, alpha=8.0))
     expected = model_outputs(sd1_models, style_data[:2], sdxl=False)
@@ -64,8 +64,8 @@ def test_a_restart_leaves_every_scale_equal_to_alpha_over_rank(planted_network, 
 
 
 def test_loading_a_smaller_rank_file_pads_it_under_the_networks_own_scale(sd1_models, style_data, tmp_path):
-    from aclora_ext import tiny
-    from aclora_ext.replay import model_outputs
+    from aclora_ext.harness import tiny
+    from aclora_ext.harness.sdcalls import model_outputs
 
     small = pretend_trained(lora_network(sd1_models, rank=2, alpha=1.0))
     path = str(tmp_path / "small.safetensors")

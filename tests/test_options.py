@@ -195,25 +195,22 @@ def test_missing_network_alpha_uses_alpha_one_like_networks_lora(sd1_models):
     assert {float(m.alpha) for m in network.loras} == {1.0}
 
 
-# --- README ------------------------------------------------------------------------------------
+# --- the documented table ------------------------------------------------------------------------------------
 
 
-def test_readme_options_table_matches_the_declarations():
-    readme = REPO / "README.md"
-    if not readme.exists():
-        pytest.skip("README.md is not written yet")
-    text = readme.read_text(encoding="utf-8")
+def test_the_documented_options_table_matches_the_declarations():
+    text = (REPO / "docs" / "options.md").read_text(encoding="utf-8")
     generated = markdown_table().splitlines()
     missing = [row for row in generated if row not in text.splitlines()]
-    assert not missing, ("README.md's options table is out of date; regenerate it with "
+    assert not missing, ("docs/options.md's options table is out of date; regenerate it with "
                          "`aclora options`. Rows missing or different:\n" + "\n".join(missing))
     documented = set(re.findall(r"^\|\s*`([a-z_0-9]+)`\s*\|", options_table(text), flags=re.MULTILINE))
     stale = documented - {o.name for o in OPTIONS}
-    assert not stale, f"README.md's options table lists options that do not exist: {sorted(stale)}"
+    assert not stale, f"docs/options.md's options table lists options that do not exist: {sorted(stale)}"
 
 
 def options_table(text: str) -> str:
-    """The README's options table: from its header row to the first line that is not a table row."""
+    """The documented options table: from its header row to the first line that is not a table row."""
     header = markdown_table().splitlines()[0]
     lines = text.splitlines()
     start = lines.index(header) if header in lines else len(lines)
@@ -226,7 +223,7 @@ def options_table(text: str) -> str:
 
 
 def test_aclora_options_prints_the_table_generated_from_the_declarations(capsys):
-    from aclora_ext.cli import main
+    from aclora_ext.tools.cli import main
 
     assert main(["options"]) == 0
     printed = capsys.readouterr().out

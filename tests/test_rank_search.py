@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from aclora_ext import OptionError, attach
-from aclora_ext.files import read_metadata
+from aclora_ext.files.storage import read_metadata
 
 IN, OUT, R = 32, 24, 12
 

@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from aclora_ext.cli import main
+from aclora_ext.tools.cli import main
 
 PS = (0.99, 0.9, 0.7)
 
@@ -237,12 +237,12 @@ def test_bad_input_gives_one_clear_line_and_a_failure_status(kind, capsys, tmp_p
 
 
 def test_the_command_line_program_reports_and_fails_cleanly(tmp_path, small_file):
-    """The real process: `python -m aclora_ext.cli` (what the `aclora` console script runs)."""
-    good = subprocess.run([sys.executable, "-m", "aclora_ext.cli", "inspect", str(small_file), "--json"],
+    """The real process: `python -m aclora_ext.tools.cli` (what the `aclora` console script runs)."""
+    good = subprocess.run([sys.executable, "-m", "aclora_ext.tools.cli", "inspect", str(small_file), "--json"],
                           capture_output=True, text=True, timeout=120)
     assert good.returncode == 0 and json.loads(good.stdout)["source"] == "kohya LoRA"
     truncated = make_bad("truncated", tmp_path, small_file)
-    bad = subprocess.run([sys.executable, "-m", "aclora_ext.cli", "inspect", truncated], capture_output=True,
+    bad = subprocess.run([sys.executable, "-m", "aclora_ext.tools.cli", "inspect", truncated], capture_output=True,
                          text=True, timeout=120)
     assert bad.returncode == 1 and bad.stdout == ""
     assert bad.stderr.startswith("aclora inspect: error: ") and "truncated file" in bad.stderr
@@ -250,9 +250,9 @@ def test_the_command_line_program_reports_and_fails_cleanly(tmp_path, small_file
 
 
 def test_demo_subcommand_hands_its_arguments_to_the_demo(monkeypatch):
-    import aclora_ext.demo
+    import aclora_ext.tools.demo
 
     seen = []
-    monkeypatch.setattr(aclora_ext.demo, "main", lambda argv: seen.append(list(argv)) or 7)
+    monkeypatch.setattr(aclora_ext.tools.demo, "main", lambda argv: seen.append(list(argv)) or 7)
     assert main(["demo", "--steps", "3"]) == 7
     assert seen == [["--steps", "3"]]

@@ -22,12 +22,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from aclora_ext import LoRAFileError, create_network, create_network_from_weights, tiny
+from aclora_ext import LoRAFileError, create_network, create_network_from_weights
+from aclora_ext.harness import tiny
 from aclora_ext import functional as F
-from aclora_ext.cli import main as cli_main
-from aclora_ext.files import model_hashes
-from aclora_ext.report import read_report
-from aclora_ext.resize import Criterion, ResizeError, resize_file, resize_state_dict
+from aclora_ext.tools.cli import main as cli_main
+from aclora_ext.files.storage import model_hashes
+from aclora_ext.tools.inspect import read_report
+from aclora_ext.tools.resize import Criterion, ResizeError, resize_file, resize_state_dict
 from helpers import lora_network, text_encoder_of
 from test_consumers import assert_diffusers_fuses_it_like_our_merge, tokenizer  # noqa: F401 (a fixture)
 

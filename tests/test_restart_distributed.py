@@ -20,7 +20,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from aclora_ext.factory import attach
+from aclora_ext.network.factory import attach
 
 WORLD = 2
 LOSSES = {0: [0.1, 0.3], 1: [0.5, 0.7]}  # per process; the mean over both is 0.4

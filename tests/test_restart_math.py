@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 from aclora_ext import functional as F
-from aclora_ext import restart as restart_lib
-from aclora_ext.factory import attach
+from aclora_ext.lora import analysis, restart as restart_lib
+from aclora_ext.network.factory import attach
 
 R = 16  # maximum rank of the factors below
 N = 64  # their large side
@@ -87,7 +87,7 @@ def test_a_module_keeps_the_larger_of_its_factors_signal_counts_union_rule(k_dow
     In float64, so that the components cut inside the noise floor are resolved exactly.
     """
     down, up = planted(R, N, k_down, seed=3, dtype=torch.float64), planted(48, R, k_up, seed=4, dtype=torch.float64)
-    monkeypatch.setattr(F, "gaussian_refill", no_refill)
+    monkeypatch.setattr(F.paper, "gaussian_refill", no_refill)
     new_down, new_up, k = F.restart_paper(down[None], up[None], SURE_P, "squared", 1, gen(0))
     union = max(k_down, k_up)
     assert k.tolist() == [union]
@@ -462,7 +462,7 @@ def test_the_batched_restart_equals_restarting_each_module_on_its_own(mode, chun
     the freed lora_down rows, so lora_up and the kept rows are compared.
     """
     if mode == "paper":
-        monkeypatch.setattr(F, "gaussian_refill", no_refill)
+        monkeypatch.setattr(F.paper, "gaussian_refill", no_refill)
     if chunked:
         monkeypatch.setattr(F, "chunk_size", lambda *args, **kwargs: 2)
     network = planted_network()
@@ -471,7 +471,7 @@ def test_the_batched_restart_equals_restarting_each_module_on_its_own(mode, chun
         ranks, skipped = restart_lib.restart_modules(network.loras, p=0.95, energy="squared", min_rank=1, seed=0)
     else:
         by_energy = lambda spectra: {i: energy_keep(0.95)(sp.s[None])[0] for i, sp in spectra.items()}
-        new, skipped = restart_lib.restart_product(network.loras, {}, by_energy, seed=0)
+        new, skipped = analysis.restart_product(network.loras, {}, by_energy, seed=0)
         ranks = [new[i] for i in range(len(network.loras))]
     assert skipped == []
     for m, (down, up), k in zip(network.loras, before, ranks):

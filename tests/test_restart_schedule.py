@@ -27,7 +27,7 @@ from safetensors import safe_open
 from torch import nn
 
 from aclora_ext import functional as F
-from aclora_ext.factory import attach
+from aclora_ext.network.factory import attach
 from aclora_ext.options import OptionError
 
 WIDTH = 16

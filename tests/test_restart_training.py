@@ -13,7 +13,7 @@ import json
 import pytest
 from safetensors import safe_open
 
-from aclora_ext import replay
+from aclora_ext.harness import replay
 
 MAX_RANK = 8
 EPOCHS = 20

@@ -13,7 +13,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from aclora_ext import replay, tiny
+from aclora_ext.harness import architectures, replay, sdcalls, tiny
 
 # ---------------------------------------------------------------------------
 # A minimal kohya-contract LoRA on Linear layers, only for exercising the harness
@@ -51,7 +51,7 @@ class StandInNetwork(nn.Module):
             roots.append((prefix, tiny.as_transformers4_layout(te), TARGETS["lora_te"]))
         self.candidates = {}
         for prefix, root, classes in roots:
-            for shape in tiny.kohya_target_shapes(root, prefix, classes):
+            for shape in architectures.kohya_target_shapes(root, prefix, classes):
                 if not shape.kernel_size:
                     self.candidates[shape.lora_name] = _find_linear(root, prefix, shape.lora_name)
 
@@ -179,9 +179,9 @@ def test_building_models_leaves_the_global_rng_alone():
 
 
 def test_pretrained_base_denoises_and_is_built_once(sd1_pretrained_models, style_data):
-    batch = replay.collate(style_data[:8])
-    random_loss = replay.fixed_batch_loss(None, tiny.sd1_models(seed=0), batch, False, seed=1)
-    pretrained_loss = replay.fixed_batch_loss(None, sd1_pretrained_models, batch, False, seed=1)
+    batch = sdcalls.collate(style_data[:8])
+    random_loss = sdcalls.fixed_batch_loss(None, tiny.sd1_models(seed=0), batch, False, seed=1)
+    pretrained_loss = sdcalls.fixed_batch_loss(None, sd1_pretrained_models, batch, False, seed=1)
     assert random_loss > 1.0 and pretrained_loss < 0.5, (random_loss, pretrained_loss)
     again = tiny.sd1_models(seed=0, pretrained=True)
     first_state, second_state = sd1_pretrained_models["unet"].state_dict(), again["unet"].state_dict()
@@ -195,7 +195,7 @@ def test_pretrained_base_denoises_and_is_built_once(sd1_pretrained_models, style
 
 
 def test_sdxl_module_shapes_match_kohya_counts_and_shapes():
-    shapes = tiny.sdxl_module_shapes()
+    shapes = architectures.sdxl_module_shapes()
     by_name = {shape.lora_name: shape for shape in shapes}
     assert len(shapes) == len(by_name) == 986
     parts = Counter(shape.lora_name.split("_")[1] for shape in shapes)
@@ -240,15 +240,15 @@ def test_clip_layouts_are_equivalent_and_spelled_as_each_version():
 @pytest.mark.parametrize("sdxl", [False, True], ids=["sd1", "sdxl"])
 def test_replay_trains_the_stand_in_and_loss_goes_down(sdxl, sd1_models, sdxl_models, style_data):
     models = sdxl_models if sdxl else sd1_models
-    batch = replay.collate(style_data[:8])
-    before = replay.fixed_batch_loss(None, models, batch, sdxl, seed=1, repeats=2)
-    outputs_before = replay.model_outputs(models, batch, sdxl, seed=1)
+    batch = sdcalls.collate(style_data[:8])
+    before = sdcalls.fixed_batch_loss(None, models, batch, sdxl, seed=1, repeats=2)
+    outputs_before = sdcalls.model_outputs(models, batch, sdxl, seed=1)
     settings = {"network_dim": 4, "network_alpha": 4.0, "epochs": 6, "batch_size": 4, "lr": 1e-2}
     result = replay.replay_training(stand_in_module(), models, style_data, sdxl=sdxl, **settings)
-    after = replay.fixed_batch_loss(result.network, models, batch, sdxl, seed=1, repeats=2)
+    after = sdcalls.fixed_batch_loss(result.network, models, batch, sdxl, seed=1, repeats=2)
     # SDXL learns less: like the real one, its full-resolution level has no attention to adapt.
     assert after < (0.95 if sdxl else 0.9) * before, (before, after)
-    assert not torch.equal(replay.model_outputs(models, batch, sdxl, seed=1), outputs_before)
+    assert not torch.equal(sdcalls.model_outputs(models, batch, sdxl, seed=1), outputs_before)
     assert not any(p.requires_grad for p in models["unet"].parameters())
     assert all(p.requires_grad for p in result.network.parameters())
 
@@ -277,7 +277,7 @@ def test_replay_calls_hooks_in_sd_scripts_order(sd1_models, style_data, tmp_path
     expected += expected_epoch + ["save_weights"] + expected_epoch + ["save_weights"]
     assert module.calls == expected
     network = result.network
-    assert network.seen["max_train_steps_at_prepare"] == replay.SD_SCRIPTS_DEFAULT_MAX_TRAIN_STEPS
+    assert network.seen["max_train_steps_at_prepare"] == sdcalls.SD_SCRIPTS_DEFAULT_MAX_TRAIN_STEPS
     assert result.args.max_train_steps == result.global_step == 2 * steps_per_epoch
     assert network.seen["unet_frozen_at_prepare_grad"]
     assert network.seen["kwargs"] == {"foo": "1", "dropout": None}

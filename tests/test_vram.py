@@ -21,9 +21,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from aclora_ext import tiny, vram
+from aclora_ext.harness import tiny
+from aclora_ext.tools import vram
 from aclora_ext.options import OptionError
-from aclora_ext.restart import CHUNK_BYTES
+from aclora_ext.lora.batching import CHUNK_BYTES
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "sample_configs"
@@ -288,7 +289,7 @@ def test_adamw8bit_without_bitsandbytes_says_what_is_missing():
         pytest.skip("bitsandbytes is importable here")
     except ImportError:
         pass
-    from aclora_ext import schedule
+    from aclora_ext.network import schedule
 
     setup = tiny_setup(optimizer="AdamW8bit", mixed_precision="bf16")
     with pytest.raises(vram.VramError, match="AdamW8bit' needs bitsandbytes"):
@@ -344,7 +345,7 @@ def config_arguments(name: str):
 
 
 def test_command_line_flags_override_the_file_and_bad_ones_exit_with_a_message(capsys):
-    from aclora_ext.cli import main
+    from aclora_ext.tools.cli import main
 
     args = vram.build_parser().parse_args(["--config_file", str(SAMPLES / "sdxl_style_24gb.toml"),
                                            "--network_dim", "32", "--no-gradient_checkpointing"])
@@ -356,7 +357,7 @@ def test_command_line_flags_override_the_file_and_bad_ones_exit_with_a_message(c
 
 
 def test_the_command_prints_an_estimate_as_json(capsys):
-    from aclora_ext.cli import main
+    from aclora_ext.tools.cli import main
 
     assert main(["vram", "--family", "sd1", "--resolution", "256", "--mixed_precision", "fp16",
                  "--gradient_checkpointing", "--network_train_unet_only", "--cache_latents", "--sdpa",
@@ -382,9 +383,9 @@ def test_the_sample_configs_quote_their_estimate_and_the_12gb_one_fits_12_gib(na
     assert result.persistent_bytes + 2 * CHUNK_BYTES < result.peak_bytes
     assert float(quoted.group(1)) == pytest.approx(result.peak_bytes / vram.GiB, abs=0.015)
     assert float(quoted.group(2)) == pytest.approx(result.with_margin_bytes / vram.GiB, abs=0.015)
-    readme = (ROOT / "README.md").read_text()
     row = rf"`{re.escape(name)}`[^|]* \| {re.escape(quoted.group(1))} \| {re.escape(quoted.group(2))} \|"
-    assert re.search(row, readme), f"the README's memory table does not quote {name}'s estimate"
+    for page in ("README.md", "docs/vram.md"):  # the headline table and the full one
+        assert re.search(row, (ROOT / page).read_text()), f"{page}'s memory table does not quote {name}'s estimate"
     if name == "sdxl_style_12gb.toml":
         assert result.fits(12)
 

@@ -1,0 +1,3 @@
+"""One LoRA layer (``module``) and what is done to many of them at once, whatever the model: batching
+by shape, the paper's RESTART (``restart``), the product mode's analysis and RESTART (``analysis``), the
+variable-rank export (``export``) and the report of a RESTART (``report``)."""

@@ -1,0 +1,388 @@
+"""The AC-LoRA network: kohya's network-module contract plus RESTART.
+
+sd-scripts calls, in order: ``create_network`` → ``prepare_network(args)`` →
+``apply_to`` → ``load_weights`` (optional) → ``prepare_optimizer_params`` →
+``prepare_grad_etc`` → per epoch ``on_epoch_start`` → per micro-batch
+``on_step_start`` → ``save_weights``. RESTARTs run from the two hooks, between
+epochs (every ``restart_every`` epochs) or between optimizer steps
+(``restart_every_steps``). What a RESTART does is in ``restarts``, the files in
+``saving``, the resumable state in ``state``.
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+from torch import nn
+
+from ..families.base import Target
+from ..lora.module import ACLoRAModule
+from ..lora.norms import apply_max_norm
+from ..lora.report import RestartReport
+from ..options import ACLoRAConfig
+from ..ranksearch.search import RankSearch
+from . import restarts, saving, schedule, state
+from .saving import LoadInfo
+
+logger = logging.getLogger(__name__)
+
+
+class ACLoRANetwork(nn.Module):
+    """LoRA modules on a set of layers, with per-module signal ranks decided by RESTART."""
+
+    def __init__(self, targets: Sequence[Target], ranks: dict[str, int], alphas: dict[str, float],
+                 multiplier: float = 1.0, config: ACLoRAConfig = ACLoRAConfig(), is_sdxl: bool = False,
+                 signal_ranks: Optional[dict[str, int]] = None) -> None:
+        super().__init__()
+        if not targets:
+            raise ValueError("AC-LoRA: the model has no layers to adapt (no Linear/Conv2d inside the target blocks)")
+        self.config = config
+        self.multiplier = multiplier
+        self.is_sdxl = is_sdxl
+        self.text_encoder_loras: list[ACLoRAModule] = []
+        self.unet_loras: list[ACLoRAModule] = []
+        for t in targets:
+            m = ACLoRAModule(t.lora_name, t.layer, ranks[t.lora_name], alphas[t.lora_name], multiplier,
+                             config.dropout, config.rank_dropout, config.module_dropout)
+            (self.text_encoder_loras if t.is_text_encoder else self.unet_loras).append(m)
+            self.add_module(t.lora_name, m)
+        self._parts = {t.lora_name: t.part for t in targets}
+        self.clock = schedule.Clock()
+        self.length = schedule.TrainingLength()
+        self.loss_meter = schedule.LossMeter()
+        self._args: Any = None
+        self._accelerator: Optional[weakref.ref] = None
+        self._warned: set[str] = set()
+        self._signal = {m.lora_name: m.rank for m in self.loras}
+        if signal_ranks:
+            self._signal.update({k: min(v, self._module(k).rank) for k, v in signal_ranks.items() if k in self._signal})
+        self.history: list[dict] = []
+        me = weakref.ref(self)  # the rank search gets what it needs, not the network itself
+        self.rank_search = RankSearch(config, modules=lambda: me().loras, progress=lambda: me()._progress(),
+                                      set_training=lambda mode: me().train(mode),
+                                      warn_once=lambda *message: me()._warn_once(*message))
+        self.rank_search.watch(self.loras)
+        self._register_state()
+
+    # --- bookkeeping --------------------------------------------------------------
+    @property
+    def loras(self) -> list[ACLoRAModule]:
+        return self.text_encoder_loras + self.unet_loras
+
+    @property
+    def max_rank(self) -> int:
+        return max(m.rank for m in self.loras)
+
+    def _module(self, name: str) -> ACLoRAModule:
+        return self._modules[name]  # type: ignore[return-value]
+
+    def _register_state(self) -> None:
+        state.register_buffers(self)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):  # noqa: D401 - torch hook
+        state.write_buffers(self)
+        try:
+            super()._save_to_state_dict(destination, prefix, keep_vars)
+        finally:
+            state.clear_transient(self)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):  # noqa: D401 - torch hook
+        input_stats = state.upgrade(state_dict, prefix)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        state.read_buffers(self, state_dict, prefix, input_stats)
+
+    # --- kohya contract: set-up ---------------------------------------------------------
+    def prepare_network(self, args: Any) -> None:
+        """Keep sd-scripts' args (the run length is final only before the loop, so read later)."""
+        self._args = args
+        schedule.listen(self)
+
+    def apply_to(self, text_encoder=None, unet=None, apply_text_encoder: bool = True, apply_unet: bool = True) -> None:
+        if not apply_text_encoder:
+            self._drop(self.text_encoder_loras)
+            self.text_encoder_loras = []
+        if not apply_unet:
+            self._drop(self.unet_loras)
+            self.unet_loras = []
+        if not self.loras:
+            raise ValueError("AC-LoRA: apply_to left no modules (neither the text encoder nor the U-Net is trained)")
+        for m in self.loras:
+            m.apply_to()
+        self._register_state()
+        schedule.listen(self)
+        split = getattr(self._args, "validation_split", None)
+        self.rank_search.record_sd_scripts_validation(unet, expected=isinstance(split, (int, float)) and split > 0)
+        logger.info("AC-LoRA: %d text-encoder and %d U-Net modules, maximum rank %d, restart_mode=%s",
+                    len(self.text_encoder_loras), len(self.unet_loras), self.max_rank, self.config.restart_mode)
+
+    def _drop(self, modules: Sequence[ACLoRAModule]) -> None:
+        for m in modules:
+            m.remove()
+            delattr(self, m.lora_name)
+            self._signal.pop(m.lora_name, None)
+        self.rank_search.forget(modules)
+
+    def remove_from(self) -> None:
+        """Give every adapted layer its own forward back (undo ``apply_to``)."""
+        for m in self.loras:
+            m.remove()
+        self.rank_search.forget(self.loras, validation=True)
+        schedule.forget(self)
+
+    def train(self, mode: bool = True) -> "ACLoRANetwork":
+        """nn.Module.train; back to training after sd-scripts' validation pass also ends its recording."""
+        super().train(mode)
+        if hasattr(self, "rank_search"):
+            self.rank_search.set_mode(mode)
+        return self
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Nothing to do: the LoRA modules run inside the checkpointed blocks."""
+
+    def prepare_grad_etc(self, text_encoder=None, unet=None) -> None:
+        self.requires_grad_(True)
+
+    def get_trainable_params(self):
+        return self.parameters()
+
+    def set_multiplier(self, multiplier: float) -> None:
+        self.multiplier = multiplier
+        for m in self.loras:
+            m.multiplier = multiplier
+
+    def set_enabled(self, is_enabled: bool) -> None:
+        for m in self.loras:
+            m.enabled = is_enabled
+
+    def is_mergeable(self) -> bool:
+        return True
+
+    # --- optimizer groups ----------------------------------------------------------------
+    def prepare_optimizer_params(self, text_encoder_lr=None, unet_lr=None, default_lr=None):
+        """Param groups per part (each text encoder, U-Net), LoRA+ groups for lora_up.
+
+        ``text_encoder_lr`` may be a number, None, or a list (one per text
+        encoder; a single value applies to both). Returns ``(groups, descriptions)``.
+        """
+        self.requires_grad_(True)
+        te_lrs = list(text_encoder_lr) if isinstance(text_encoder_lr, (list, tuple)) else [text_encoder_lr]
+        groups: list[dict] = []
+        descriptions: list[str] = []
+        te_parts = sorted({self._parts[m.lora_name] for m in self.text_encoder_loras})
+        for i, part in enumerate(te_parts):
+            lr = te_lrs[min(i, len(te_lrs) - 1)] if te_lrs else None
+            lr = default_lr if lr is None else lr
+            ratio = self.config.loraplus_text_encoder_lr_ratio or self.config.loraplus_lr_ratio
+            label = "textencoder" if len(te_parts) == 1 else f"textencoder {i + 1}"
+            self._add_groups(groups, descriptions, [m for m in self.text_encoder_loras if self._parts[m.lora_name] == part],
+                             lr, ratio, label)
+        if self.unet_loras:
+            lr = default_lr if unet_lr is None else unet_lr
+            ratio = self.config.loraplus_unet_lr_ratio or self.config.loraplus_lr_ratio
+            self._add_groups(groups, descriptions, self.unet_loras, lr, ratio, "unet")
+        return groups, descriptions
+
+    prepare_optimizer_params_with_multiple_te_lrs = prepare_optimizer_params
+
+    @staticmethod
+    def _add_groups(groups: list, descriptions: list, modules: list[ACLoRAModule], lr, ratio, label: str) -> None:
+        plain = [p for m in modules for name, p in m.named_parameters() if not (ratio and "lora_up" in name)]
+        plus = [p for m in modules for p in m.lora_up.parameters()] if ratio else []
+        for params, factor, suffix in ((plain, 1.0, ""), (plus, ratio, " plus")):
+            if not params:
+                continue
+            group: dict = {"params": params}
+            if lr is not None:
+                if float(lr) == 0:
+                    logger.info("AC-LoRA: lr 0 for %s%s, its parameters are not trained", label, suffix)
+                    continue
+                group["lr"] = float(lr) * factor
+            groups.append(group)
+            descriptions.append(label + suffix)
+
+    # --- the product mode's held-out loss ----------------------------------------------------
+    def set_validation(self, loss_fn: Optional[Callable[[], Any]], until: Optional[float] = None) -> None:
+        """Give the product mode a held-out loss to choose ranks with (``None`` removes it).
+
+        ``loss_fn()`` returns the loss of the current model on data the training
+        does not see (lower is better), e.g. the same loss as training on a
+        held-out share of the training images with fixed noise: best as a 1-D
+        tensor of per-item losses (per image and timestep, say), whose mean is the
+        loss; a float or a 0-dim tensor works too. Per-item losses let the search
+        cut a component only where the held-out loss improves by more than its
+        noise (one standard error of the paired difference from keeping
+        everything); with a single number it takes the lowest loss as it is.
+        It is called under ``torch.no_grad()`` with this network in eval mode,
+        about fifteen times per RESTART and per save (once per candidate
+        threshold). ``until``: a fraction of training after which the held-out
+        loss is no longer used and the last threshold it chose is kept, so that a
+        loop may then train on the held-out share too (see ``validation_active``).
+        """
+        self.rank_search.set_validation(loss_fn, until)
+
+    @property
+    def validation_active(self) -> bool:
+        """True while the held-out loss decides the ranks: until then the loop must keep its held-out
+        share out of training; afterwards it may train on it."""
+        return self.rank_search.validation_active()
+
+    # --- training hooks --------------------------------------------------------------------
+    def on_epoch_start(self, text_encoder=None, unet=None) -> None:
+        """Called by sd-scripts before each epoch: count it and RESTART when one is due."""
+        self.train()
+        clock = self.clock
+        if clock.resumed_mid_epoch:
+            clock.resumed_mid_epoch = 0
+            if not self._saved_epoch_was_complete():
+                return  # sd-scripts re-enters the epoch the state was saved in, and calls this hook again
+        if clock.epochs_started >= 1 and clock.steps_per_epoch == 0:
+            clock.steps_per_epoch = clock.optimizer_steps - clock.steps_at_epoch_start
+        clock.epochs_started += 1
+        clock.steps_at_epoch_start = clock.optimizer_steps
+        if self._epoch_restart_due() or self._step_restart_due():
+            self.restart()
+
+    def _saved_epoch_was_complete(self) -> bool:
+        """After a resume: was the state saved at the end of an epoch (sd-scripts then starts the next one)?
+
+        Needs the epoch length: observed after the first epoch, or from sd-scripts' args
+        (max_train_steps / max_train_epochs). A state saved during the first epoch of a run
+        counted in steps only is taken as saved mid-epoch.
+        """
+        per_epoch = self.clock.steps_per_epoch or self._length().steps_per_epoch()
+        return per_epoch > 0 and self.clock.optimizer_steps - self.clock.steps_at_epoch_start >= per_epoch
+
+    def on_step_start(self, text_encoder=None, unet=None) -> None:
+        """Called by sd-scripts before each micro-batch: RESTART at an optimizer-step boundary when due."""
+        if self._step_restart_due():
+            self.restart()
+
+    def _on_backward(self, loss: Any, accelerator: Any) -> None:
+        """Seen in ``accelerator.backward(loss)``: accumulate the loss, count optimizer steps."""
+        if not self.training:
+            return
+        if isinstance(loss, torch.Tensor) or isinstance(loss, (int, float)):
+            self.loss_meter.add(loss)
+        self._accelerator = weakref.ref(accelerator)
+        if getattr(accelerator, "sync_gradients", True):
+            self.clock.optimizer_steps += 1
+
+    def record_loss(self, loss: torch.Tensor | float, optimizer_step: bool = True) -> None:
+        """For training loops that do not call ``accelerate.Accelerator.backward``: feed the loss here."""
+        self.loss_meter.add(loss)
+        if optimizer_step:
+            self.clock.optimizer_steps += 1
+
+    def set_training_length(self, total_steps: Optional[int] = None, total_epochs: Optional[int] = None) -> None:
+        """Tell a non-sd-scripts loop's length (sd-scripts' args provide it otherwise)."""
+        self.length = schedule.TrainingLength(total_steps, total_epochs, 1)
+        self._args = None
+
+    def _length(self) -> schedule.TrainingLength:
+        if self._args is not None:
+            self.length = schedule.TrainingLength.from_args(self._args)
+        return self.length
+
+    def _warn_once(self, key: str, message: str, *args: Any) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            logger.warning(message, *args)
+
+    def restart_interval_epochs(self) -> Optional[int]:
+        """E: ``restart_every``, or a tenth of the run (at least 1) once the run length is known."""
+        if self.config.restart_every is not None:
+            return self.config.restart_every
+        total = self._length().total_epochs(self.clock.steps_per_epoch)
+        return max(1, round(total / 10)) if total else None
+
+    def _epoch_restart_due(self) -> bool:
+        if self.config.restart_mode == "off" or self.config.restart_every_steps is not None:
+            return False
+        done = self.clock.epochs_completed
+        if done == 0:
+            return False
+        every = self.restart_interval_epochs()
+        total = self._length().total_epochs(self.clock.steps_per_epoch)
+        if every is None:
+            self._warn_once("length", "AC-LoRA: the run length is unknown (no max_train_steps/max_train_epochs); "
+                            "no RESTART runs. Set restart_every, or call set_training_length().")
+            return False
+        if total is not None and every >= total:
+            self._warn_once("too-long", "AC-LoRA: restart_every=%d epochs is not shorter than the run (%d epochs); "
+                            "no RESTART will run. Lower restart_every or use restart_every_steps.", every, total)
+        return done % every == 0 and (total is None or done < total)
+
+    def _step_restart_due(self) -> bool:
+        every = self.config.restart_every_steps
+        if self.config.restart_mode == "off" or every is None:
+            return False
+        total = self._length().max_train_steps
+        if total is not None and every >= total:  # checked before the step count: the interval is never reached
+            self._warn_once("too-long", "AC-LoRA: restart_every_steps=%d is not shorter than the run (%d steps); "
+                            "no RESTART will run.", every, total)
+            return False
+        steps = self.clock.optimizer_steps
+        if steps == 0 or steps % every or steps == self.clock.last_restart_step:
+            return False
+        return total is None or steps < total
+
+    def _progress(self) -> float:
+        """Fraction of training done (Eq. 6's Epoch / TotalEpoch, in optimizer steps when known)."""
+        length = self._length()
+        if length.max_train_steps:
+            return self.clock.optimizer_steps / length.max_train_steps
+        total = length.total_epochs(self.clock.steps_per_epoch)
+        return self.clock.epochs_completed / total if total else 0.0
+
+    # --- RESTART --------------------------------------------------------------------------
+    def restart(self, p: Optional[float] = None, loss: Optional[float] = None,
+                progress: Optional[float] = None) -> RestartReport:
+        """Run one RESTART now on every module and return its report (see ``restarts.run_restart``).
+
+        Paper mode (and an explicit call with ``restart_mode=off``): ``p`` is the energy share, or
+        ``fixed_p``, or p = 1 - L^alpha from ``loss`` or the mean training loss since the previous
+        RESTART. Product mode: ``p`` or ``fixed_p`` keep that energy share of each module's update;
+        otherwise one importance threshold over every module, from the rank search.
+        """
+        return restarts.run_restart(self, p, loss, progress)
+
+    def ranks(self) -> dict[str, int]:
+        """Current signal rank of every module (its maximum rank before the first RESTART)."""
+        return {m.lora_name: self._signal[m.lora_name] for m in self.loras}
+
+    # --- files -----------------------------------------------------------------------------
+    def metadata(self, ranks: dict[str, int], errors: Optional[dict[str, float]] = None) -> dict[str, str]:
+        """Our own metadata keys: enough for a file to explain how its ranks came about."""
+        return saving.metadata(self, ranks, errors)
+
+    def state_for_export(self, dtype: Optional[torch.dtype] = None):
+        """(tensors, metadata, truncation errors) of the variable-rank export; ValueError on NaN/Inf weights."""
+        return saving.state_for_export(self, dtype)
+
+    def save_weights(self, file: str, dtype: Optional[torch.dtype] = None, metadata: Optional[dict] = None) -> bool:
+        """Write the variable-rank LoRA file (atomically). Returns False, keeping any old file, on NaN/Inf weights."""
+        return saving.save_weights(self, file, dtype, metadata)
+
+    def load_weights(self, file: str) -> LoadInfo:
+        """Load a LoRA file into this network; smaller per-module ranks are padded to this network's rank."""
+        return saving.load_weights(self, file)
+
+    def load_state(self, weights: dict[str, torch.Tensor], meta: Optional[dict] = None, source: str = "weights") -> LoadInfo:
+        return saving.load_state(self, weights, meta, source)
+
+    def merge_to(self, text_encoder=None, unet=None, weights_sd: Optional[dict] = None, dtype=None, device=None) -> None:
+        """Add multiplier * alpha/rank * up @ down of ``weights_sd`` into the base layers; without
+        ``weights_sd``, exactly what this network adds now (its training factors, nothing truncated)."""
+        saving.merge_to(self, weights_sd, dtype, device)
+
+    def apply_max_norm_regularization(self, max_norm_value: float, device=None):
+        """sd-scripts' --scale_weight_norms: (keys_scaled, mean_norm, max_norm)."""
+        return apply_max_norm(self.loras, max_norm_value)
+
+
+__all__ = ["ACLoRANetwork", "LoadInfo"]

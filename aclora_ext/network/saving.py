@@ -1,0 +1,200 @@
+"""The network's files: the variable-rank export with its metadata, loading a LoRA file into the
+network, and merging one into the base model."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+
+from ..families import check_model_family
+from ..files.lora_dict import check_shapes, group_modules
+from ..files.storage import LoRAFileError, load_state_dict, metadata_ranks, read_metadata, save_state_dict
+from ..lora.export import export_modules, raw_modules
+from ..version import __version__
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class LoadInfo:
+    """What ``load_weights`` did (sd-scripts prints it)."""
+
+    loaded: list[str] = field(default_factory=list)
+    padded: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+
+    def __repr__(self) -> str:
+        text = f"<AC-LoRA: {len(self.loaded)} modules loaded ({len(self.padded)} padded to the maximum rank)"
+        if self.unexpected:
+            text += f", {len(self.unexpected)} unknown modules ignored"
+        if self.missing:
+            text += f", {len(self.missing)} modules not in the file"
+        return text + ">"
+
+
+
+def metadata(network, ranks: dict[str, int], errors: Optional[dict[str, float]] = None) -> dict[str, str]:
+    """Our own metadata keys: enough for a file to explain how its ranks came about."""
+    last = network.history[-1] if network.history else None
+    conv3x3 = [m.rank for m in network.loras if m.lora_down.weight.shape[2:] not in ((), (1, 1))]
+    others = [m.rank for m in network.loras if m.lora_down.weight.shape[2:] in ((), (1, 1))]
+    meta = {
+        "aclora_version": __version__,
+        "aclora_mode": network.config.restart_mode,
+        "aclora_energy": network.config.energy,
+        "aclora_max_rank": str(max(others) if others else network.max_rank),
+        "aclora_restarts": str(len(network.history)),
+        "aclora_ranks": json.dumps(ranks, separators=(",", ":")),
+        "aclora_history": json.dumps([{k: _json_number(v) for k, v in h.items()} for h in network.history],
+                                     separators=(",", ":")),
+        "aclora_modules": json.dumps([m.lora_name for m in network.loras], separators=(",", ":")),
+    }
+    if network.rank_search.file_decision is not None:  # product mode: how the file's own ranks were decided
+        meta["aclora_file_decision"] = json.dumps(
+            {k: _json_number(v) for k, v in network.rank_search.file_decision.items()}, separators=(",", ":"))
+    if conv3x3:
+        meta["aclora_conv_max_rank"] = str(max(conv3x3))  # conv_dim: the 3x3 modules' own maximum rank
+    if last is not None:
+        meta["aclora_last_p"] = "" if last["p"] is None or last["p"] != last["p"] else f"{last['p']:.6f}"
+        meta["aclora_last_loss"] = "" if last["loss"] is None else f"{last['loss']:.6f}"
+    if errors:
+        values = list(errors.values())
+        meta["aclora_truncation_error_mean"] = f"{sum(values) / len(values):.6g}"
+        meta["aclora_truncation_error_max"] = f"{max(values):.6g}"
+    return meta
+
+
+def state_for_export(network, dtype: Optional[torch.dtype] = None):
+    """(tensors, metadata, truncation errors) of the variable-rank export.
+
+    Raises ValueError naming the modules whose weights are NaN/Inf, checked
+    after the cast to ``dtype`` so that an fp16 overflow counts too.
+    """
+    signal: list = [network._signal[m.lora_name] for m in network.loras]
+    network.rank_search.file_decision = None
+    if network.config.restart_mode == "product":
+        signal = network.rank_search.file_keeps(network.loras, signal)
+    if all(isinstance(k, int) and k == m.rank for k, m in zip(signal, network.loras)):
+        # nothing truncated yet (or restarts off): the training factors are the file, exactly
+        ranks = {m.lora_name: m.rank for m in network.loras}
+        tensors, errors, bad = raw_modules(network.loras, dtype), {}, []
+    else:
+        result = export_modules(network.loras, signal, dtype)
+        tensors, ranks, errors, bad = result.tensors, result.ranks, result.errors, result.non_finite
+    bad = bad or sorted({key.rsplit(".", 2)[0] for key, t in tensors.items() if not bool(torch.isfinite(t).all())})
+    if bad:
+        raise ValueError(f"non-finite weights in {len(bad)} module(s): {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}")
+    return tensors, network.metadata(ranks, errors), errors
+
+
+def save_weights(network, file: str, dtype: Optional[torch.dtype] = None, metadata: Optional[dict] = None) -> bool:
+    """Write the variable-rank LoRA file (atomically). Returns False, keeping any old file, on NaN/Inf weights."""
+    try:
+        tensors, ours, errors = network.state_for_export(dtype)
+    except ValueError as err:
+        logger.error("AC-LoRA: NOT saving %s: %s. The previous file (if any) is kept.", file, err)
+        return False
+    meta = dict(metadata or {})
+    meta.update(ours)
+    ranks = json.loads(ours["aclora_ranks"])
+    # sd-scripts wrote the training dim/alpha; they no longer describe a file whose ranks vary or
+    # were all cut below the maximum (e.g. every module at min_rank after a p = 0 RESTART)
+    if len(set(ranks.values())) > 1 or any(ranks[m.lora_name] != m.rank for m in network.loras):
+        meta["ss_network_dim"] = "Dynamic"
+        meta["ss_network_alpha"] = "Dynamic"
+    save_state_dict(file, tensors, meta)
+    if errors:
+        logger.info("AC-LoRA: saved %s (%d modules, ranks %d..%d, truncation error mean %.3g max %.3g)", file,
+                    len(ranks), min(ranks.values()), max(ranks.values()),
+                    sum(errors.values()) / len(errors), max(errors.values()))
+    if network.config.save_full_rank:
+        stem, ext = os.path.splitext(file)
+        full_meta = dict(metadata or {})
+        full_meta.update(network.metadata({m.lora_name: network._signal[m.lora_name] for m in network.loras}))
+        full_meta["aclora_full_rank"] = "true"
+        save_state_dict(f"{stem}-fullrank{ext}", raw_modules(network.loras, dtype), full_meta)
+    return True
+
+
+def load_weights(network, file: str) -> LoadInfo:
+    """Load a LoRA file into this network; smaller per-module ranks are padded to this network's rank.
+
+    Modules in the file that this network does not have are ignored with a
+    warning (sd-scripts' non-strict contract); shapes that cannot fit raise.
+    """
+    weights = load_state_dict(file)
+    meta = read_metadata(file) if str(file).endswith(".safetensors") else {}
+    return network.load_state(weights, meta, source=str(file))
+
+
+def load_state(network, weights: dict[str, torch.Tensor], meta: Optional[dict] = None, source: str = "weights") -> LoadInfo:
+    modules = group_modules(weights, source)
+    by_name = {m.lora_name: m for m in network.loras}
+    check_model_family(modules, by_name, source)
+    info = LoadInfo()
+    info.unexpected = sorted(set(modules) - set(by_name))
+    info.missing = sorted(set(by_name) - set(modules))
+    if not set(modules) & set(by_name):
+        raise LoRAFileError(f"{source}: none of its {len(modules)} LoRA modules exists in this model "
+                            f"(e.g. {next(iter(modules), '?')}); is it for another model (SD1.x vs SDXL)?")
+    check_shapes({n: modules[n] for n in modules if n in by_name}, by_name, source, allow_smaller_rank=True)
+    saved_ranks = metadata_ranks(meta or {}, source)
+    with torch.no_grad():
+        for name, parts in modules.items():
+            m = by_name.get(name)
+            if m is None:
+                continue
+            down, up = parts["lora_down.weight"], parts["lora_up.weight"]
+            k = down.shape[0]
+            alpha = float(parts["alpha"]) if "alpha" in parts else float(k)
+            factor = (alpha / k) / m.scale  # keep alpha/k * up @ down under this module's scale
+            m.lora_down.weight[:k].copy_(down.to(m.lora_down.weight.dtype))
+            m.lora_up.weight.zero_()
+            m.lora_up.weight[:, :k].copy_((up.float() * factor).to(m.lora_up.weight.dtype))
+            network._signal[name] = min(int(saved_ranks.get(name, k)), k) if k == m.rank else k
+            (info.padded if k < m.rank else info.loaded).append(name)
+    info.loaded += info.padded
+    if info.unexpected:
+        logger.warning("AC-LoRA: %d module(s) of %s do not exist in this model and were ignored: %s",
+                       len(info.unexpected), source, ", ".join(info.unexpected[:10]))
+    return info
+
+
+def merge_to(network, weights_sd: Optional[dict] = None, dtype=None, device=None) -> None:
+    """Add multiplier * alpha/rank * up @ down of ``weights_sd`` into the base layers; without
+    ``weights_sd``, exactly what this network adds now (its training factors, nothing truncated)."""
+    if weights_sd is None:
+        weights_sd = raw_modules(network.loras, torch.float32)
+    modules = group_modules(weights_sd, "weights_sd")
+    unknown = sorted(set(modules) - {m.lora_name for m in network.loras})
+    if unknown:
+        logger.warning("AC-LoRA merge: %d module(s) not in this model were ignored: %s", len(unknown),
+                       ", ".join(unknown[:10]))
+    with torch.no_grad():
+        for m in network.loras:
+            parts = modules.get(m.lora_name)
+            if parts is None:
+                continue
+            weight = m.org_module.weight
+            target = torch.device(device) if device is not None else weight.device
+            down = parts["lora_down.weight"].to(target, torch.float32)
+            up = parts["lora_up.weight"].to(target, torch.float32)
+            k = down.shape[0]
+            alpha = float(parts["alpha"]) if "alpha" in parts else float(k)
+            delta = (up.reshape(up.shape[0], k) @ down.reshape(k, -1)).reshape(weight.shape) * (alpha / k)
+            merged = weight.to(target, torch.float32) + delta * network.multiplier
+            weight.data = merged.to(weight.device, dtype or weight.dtype)
+    logger.info("AC-LoRA: merged %d modules", sum(1 for m in network.loras if m.lora_name in modules))
+
+
+def _json_number(value: Any) -> Any:
+    """NaN and infinity as null (what JSON readers other than Python's accept): p is NaN in product mode,
+    a level is infinite when every component is kept."""
+    return None if isinstance(value, float) and not math.isfinite(value) else value

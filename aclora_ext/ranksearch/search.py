@@ -1,0 +1,358 @@
+"""The product mode's rank search: what it records in training, the held-out loss, and each decision.
+
+One ``RankSearch`` serves one network, which passes in what it needs: the
+options, its modules, the fraction of training done, a way to switch its
+training mode, and a warning logger (no reference back to the network). In
+training, forward hooks record what every module's components act on
+(``InputStats``: the LoRA activations' h h^T and the layer output's mean
+square, on the device, no host read). At a RESTART or a save,
+``lora.analysis.analyse_modules`` turns each module's update into
+a spectrum and component importances (``F.component_importance``), and
+``decide`` picks one threshold for every module: from an explicit energy share
+when there is one, else on the held-out loss (the loop's ``set_validation`` or
+sd-scripts' recorded validation pass, ``heldout.SdScriptsValidation``), else
+the frozen last choice, else ``min_importance``. Candidates are evaluated by
+masking the slots of the factors, rebased on their update's SVD.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+from torch import nn
+
+from .. import functional as F
+from ..lora.analysis import InputStats, Spectrum, analyse_modules, keeps_at_level, restart_product
+from ..lora.module import ACLoRAModule
+from ..options import ACLoRAConfig, OptionError
+from .heldout import SdScriptsValidation
+
+logger = logging.getLogger(__name__)
+
+Keeps = dict[int, torch.Tensor]
+
+
+class RankSearch:
+    """The product mode's state between RESTARTs and its decisions (see the module docstring)."""
+
+    def __init__(self, config: ACLoRAConfig, modules: Callable[[], Sequence[ACLoRAModule]],
+                 progress: Callable[[], float], set_training: Callable[[bool], Any],
+                 warn_once: Callable[..., None]) -> None:
+        """``modules()``: the network's modules now, in order (keep masks are indexed by position);
+        ``progress()``: the fraction of training done; ``set_training(mode)``: switch the whole network
+        between training and eval mode (the held-out loss runs in eval mode); ``warn_once(key, message,
+        *args)``: a warning logged once per key."""
+        self.config = config
+        self._modules = modules
+        self._progress = progress
+        self._set_training = set_training
+        self._warn_once = warn_once
+        self.training = True  # the network's mode, kept up to date by the network (``set_mode``)
+        self.stats: dict[str, InputStats] = {}
+        self.masks: dict[str, torch.Tensor] = {}  # candidate being evaluated: module name -> slot mask
+        self.recording = True  # False while the held-out loss is evaluated
+        self.loss_fn: Optional[Callable[[], Any]] = None
+        self.until: Optional[float] = None
+        self.scores: dict[float, float] = {}  # running held-out score of every coarse level
+        self.frozen_level: Optional[float] = None  # the last level the held-out loss chose
+        self.explicit_p: Optional[float] = None  # the energy share of the last RESTART, when one was given
+        self.file_decision: Optional[dict] = None  # how the last saved file's ranks were chosen
+        self._hooks: dict[str, tuple] = {}
+
+    # --- what training records ------------------------------------------------------------------
+    def watch(self, modules: Sequence[ACLoRAModule]) -> None:
+        for m in modules:
+            self._hooks[m.lora_name] = (m.lora_down.register_forward_hook(self._activation_hook(m.lora_name)),
+                                        m.org_module.register_forward_hook(self._output_hook(m.lora_name)))
+
+    def forget(self, modules: Sequence[ACLoRAModule], validation: bool = False) -> None:
+        """Take the hooks off these modules (and the sd-scripts recorder off the U-Net with ``validation``)."""
+        for m in modules:
+            self.stats.pop(m.lora_name, None)
+            for handle in self._hooks.pop(m.lora_name, ()):
+                handle.remove()
+        if validation and isinstance(self.loss_fn, SdScriptsValidation):
+            self.loss_fn.remove()
+
+    def _recording_now(self, layer: nn.Module) -> bool:
+        return (self.recording and layer.training and torch.is_grad_enabled()
+                and self.config.restart_mode == "product")
+
+    def _activation_hook(self, name: str):
+        """On lora_down: adds h h^T of its activations while training (the inputs' energy along each
+        component), and applies the slot mask of a candidate while one is evaluated."""
+        def hook(layer: nn.Module, inputs: Any, output: torch.Tensor):
+            mask = self.masks.get(name)
+            if mask is not None:
+                return output * mask.to(output.dtype)
+            if not self._recording_now(layer):
+                return None
+            hidden = output.detach()
+            if hidden.dim() == 4:  # conv: (batch, rank, height, width)
+                hidden = hidden.movedim(1, -1)
+            hidden = hidden.reshape(-1, hidden.shape[-1]).float()
+            stats = self.stats.get(name)
+            if stats is None or stats.gram.device != hidden.device:
+                stats = self.stats[name] = InputStats(torch.zeros(hidden.shape[1], hidden.shape[1],
+                                                                  device=hidden.device))
+            # under gradient checkpointing the forward runs twice: both sums double, their ratio does not
+            stats.gram.addmm_(hidden.T, hidden)
+            stats.count += hidden.shape[0]
+            return None
+        return hook
+
+    def _output_hook(self, name: str):
+        """On the adapted layer: the sum of squares of its outputs while training (the scale a component's
+        importance is measured against), on the first of every ``F.OUTPUT_SAMPLE_EVERY`` training
+        forwards: one number per module and RESTART, estimated from hundreds of steps, needs no pass over
+        every output (each pass reads the whole output: taken on every forward, the hooks made a step of
+        bench/step_overhead.py 1.07x peft's; sampled, 1.00x)."""
+        def hook(layer: nn.Module, inputs: Any, output: Any):
+            stats = self.stats.get(name)
+            if stats is None or not isinstance(output, torch.Tensor) or not self._recording_now(self):
+                return None
+            stats.out_calls += 1
+            if (stats.out_calls - 1) % F.OUTPUT_SAMPLE_EVERY:
+                return None
+            if stats.out_sq is None or stats.out_sq.device != output.device:
+                stats.out_sq = torch.zeros((), device=output.device)
+            stats.out_sq.add_(torch.linalg.vector_norm(output.detach(), dtype=torch.float32).square())
+            stats.out_numel += output.numel()
+            return None
+        return hook
+
+    # --- the held-out loss ------------------------------------------------------------------------
+    def set_validation(self, loss_fn: Optional[Callable[[], Any]], until: Optional[float]) -> None:
+        if loss_fn is not None and not callable(loss_fn):
+            raise OptionError(f"set_validation: loss_fn={loss_fn!r} is not valid; allowed: a callable returning "
+                              "the held-out loss, or None")
+        if until is not None and not (isinstance(until, (int, float)) and 0 < until <= 1):
+            raise OptionError(f"set_validation: until={until!r} is not valid; allowed: a fraction of training "
+                              "> 0 and <= 1, or None")
+        if loss_fn is not None and self.config.restart_mode != "product":
+            raise OptionError(f"set_validation: restart_mode={self.config.restart_mode} does not use a held-out "
+                              "loss (paper mode chooses from the training loss, off never restarts); "
+                              "use restart_mode=product")
+        if loss_fn is not None and self.config.fixed_p is not None:
+            raise OptionError(f"set_validation: fixed_p={self.config.fixed_p} fixes every module's energy share, so "
+                              "a held-out loss would choose nothing; remove fixed_p to let it choose")
+        self.loss_fn = loss_fn
+        self.until = None if until is None else float(until)
+
+    def record_sd_scripts_validation(self, unet: Optional[nn.Module], expected: bool) -> None:
+        """Under sd-scripts, record its validation pass as the held-out loss (``heldout``), unless the loop
+        gave one or the mode would not use it."""
+        if self.loss_fn is None and self.config.restart_mode == "product" and self.config.fixed_p is None:
+            recorder = SdScriptsValidation.attach(lambda: not self.training and self.recording, unet, expected)
+            if recorder is not None:
+                self.set_validation(recorder, None)
+
+    def set_mode(self, training: bool) -> None:
+        """The network was switched to training or eval mode; back to training, sd-scripts' validation pass
+        (if one was being recorded) ended."""
+        self.training = training
+        if training and isinstance(self.loss_fn, SdScriptsValidation) and self.recording:
+            self.loss_fn.end_pass()
+
+    def validation_active(self) -> bool:
+        if self.loss_fn is None or self.config.fixed_p is not None or not getattr(self.loss_fn, "ready", True):
+            return False
+        return self.until is None or self._progress() < self.until
+
+    def held_out_losses(self) -> torch.Tensor:
+        """The held-out loss of the network as it is now (with the candidate's masks), eval mode, no grad:
+        the items ``loss_fn`` returned (a 1-D float64 tensor on the CPU; one item for a scalar)."""
+        was_training = self.training
+        self._set_training(False)
+        self.recording = False
+        try:
+            with torch.no_grad():
+                value = self.loss_fn()
+            if isinstance(value, torch.Tensor):
+                return value.detach().double().flatten().cpu()
+            return torch.tensor([float(value)], dtype=torch.float64)
+        finally:
+            self.recording = True
+            self._set_training(was_training)
+
+    def _set_masks(self, keeps: Optional[Keeps]) -> None:
+        """Route module forwards through the kept slots only (None: every slot again)."""
+        self.masks.clear()
+        for i, keep in (keeps or {}).items():
+            m = self._modules()[i]
+            mask = keep.to(m.lora_down.weight.device, torch.float32)
+            self.masks[m.lora_name] = mask.view(-1, 1, 1) if m.is_conv else mask
+
+    # --- decisions ----------------------------------------------------------------------------------
+    def decide(self, spectra: dict[int, Spectrum], p: Optional[float]) -> tuple[Keeps, dict]:
+        """Which components each module keeps: (keep masks, how it was decided).
+
+        An explicit energy share ``p`` (``restart(p=...)``, ``fixed_p``) keeps, per
+        module, the leading components carrying that share of the update's energy.
+        Otherwise one threshold on the component importance applies to every
+        module: chosen on the held-out loss when there is one (the modules must be
+        in their SVD basis, see ``analyse_modules(rebase=True)``), else the level it
+        last chose when it was frozen, else ``min_importance`` of the largest.
+        """
+        min_rank = self.config.min_rank
+        if p is not None:
+            keeps = {i: F.as_keep(F.signal_rank(sp.s[None], p, self.config.energy, min_rank), sp.s.shape[0])[0]
+                     for i, sp in spectra.items()}
+            return keeps, {"level": None}
+        unmeasured = sum(not sp.measured for sp in spectra.values())
+        if unmeasured:
+            logger.info("AC-LoRA: %d module(s) saw no training step since the last RESTART or resume; they keep "
+                        "their components until the next decision", unmeasured)
+        if self.validation_active():
+            choice = self._validated(spectra)
+            if choice is not None:
+                return choice
+            self._warn_once("validation-nan", "AC-LoRA: the held-out loss was never finite; ranks use "
+                                    "the default level")
+        if self.loss_fn is not None and self.frozen_level is not None:
+            level, source = self.frozen_level, "frozen"
+        else:
+            level = -math.log10(self.config.min_importance) if self.config.min_importance > 0 else math.inf
+            source = "prior"
+        return keeps_at_level(spectra, level, min_rank), {"level": level, "source": source}
+
+    def _validated(self, spectra: dict[int, Spectrum]) -> Optional[tuple[Keeps, dict]]:
+        """Choose the threshold on the held-out loss (None if no loss was finite).
+
+        Coarse, then fine. The coarse candidates are ``F.LEVELS`` (a quarter of a
+        decade apart): all of them the first time and after a choice that kept
+        everything, otherwise those within a decade of the last choice
+        (``F.window_levels``: each candidate costs one held-out evaluation, and
+        ranks move little between RESTARTs). A held-out share of 15 images is
+        small: one evaluation carries the idiosyncrasies of those few images and of the current
+        weights, and a choice that swings between RESTARTs trains the model at one
+        rank and saves it at another. So every candidate is judged by its
+        pessimistic loss (``F.pessimistic_loss``: its mean plus one standard error
+        of its item-by-item difference from keeping everything, when ``loss_fn``
+        returns per-item losses), each coarse candidate's excess over the
+        evaluation's best loss goes into a running score that halves at every
+        evaluation, and the coarse level with the lowest score wins (ties: the
+        fewer components). The fine step then tries the cuts between that level's
+        neighbours where the kept set really changes (``F.refine_levels``) and
+        keeps the best of them and the coarse choice.
+        """
+        seen: dict[tuple, tuple[float, float]] = {}  # kept ranks -> (pessimistic loss, mean loss)
+        reference: list[torch.Tensor] = []  # the items of keeping everything
+
+        def evaluate(level: float) -> float:
+            keeps = keeps_at_level(spectra, level, self.config.min_rank)
+            signature = tuple(int(k.sum()) for k in keeps.values())
+            if signature not in seen:
+                self._set_masks(keeps)
+                items = self.held_out_losses()
+                if not reference:
+                    reference.append(items)
+                mean = float(items.mean()) if items.numel() else math.nan
+                seen[signature] = (F.pessimistic_loss(items, reference[0]), mean)
+            return seen[signature][0]
+
+        try:
+            levels = F.window_levels(self.frozen_level)  # keeping everything first: the paired reference
+            values = {level: evaluate(level) for level in levels}
+            finite = [v for v in values.values() if math.isfinite(v)]
+            if not finite:
+                return None
+            best = min(finite)
+            scale = abs(best) if best != 0 else 1.0
+            for level, value in values.items():
+                excess = (value - best) / scale if math.isfinite(value) else math.inf
+                self.scores[level] = 0.5 * self.scores.get(level, 0.0) + excess
+            coarse = min(values, key=lambda lv: (self.scores[lv], -lv))
+            importances = [sp.importance for sp in spectra.values() if sp.measured]
+            level, value = coarse, values[coarse]
+            for fine in F.refine_levels(importances, coarse):
+                candidate = evaluate(fine)
+                if math.isfinite(candidate) and candidate < value:
+                    level, value = fine, candidate
+        finally:
+            self._set_masks(None)
+        self.frozen_level = level
+        keeps = keeps_at_level(spectra, level, self.config.min_rank)
+        mean = seen[tuple(int(k.sum()) for k in keeps.values())][1]
+        return keeps, {"level": level, "source": "validation", "validation_loss": mean, "candidates": len(seen)}
+
+    def restart(self, modules: Sequence[ACLoRAModule], p: Optional[float], seed: int
+                ) -> tuple[dict[int, int], list[str], dict]:
+        """A product-mode RESTART of ``modules``: (new rank per module index, skipped names, the decision)."""
+        decision: dict = {}
+
+        def choose(spectra: dict[int, Spectrum]) -> Keeps:
+            keeps, made = self.decide(spectra, p)
+            decision.update(made)
+            return keeps
+
+        new_ranks, skipped = restart_product(modules, self.stats, choose, seed)
+        self.explicit_p = p
+        for stats in self.stats.values():
+            stats.reset()  # the factors changed basis: the next importances come from what follows
+        return new_ranks, skipped, decision
+
+    def file_keeps(self, modules: Sequence[ACLoRAModule], ranks: list) -> list:
+        """The file's ranks, decided on the final update with the same rule as a RESTART (so nothing learned
+        since the last one is dropped) without changing the training state. A module that keeps every
+        component is written as it is (its rank: exactly the training factors); one whose analysis
+        fails keeps ``ranks[i]``. Records ``file_decision``."""
+        validating = self.validation_active() and self.explicit_p is None
+        saved = [(m.lora_down.weight.detach().clone(), m.lora_up.weight.detach().clone()) for m in modules] \
+            if validating else None
+        try:
+            spectra, _ = analyse_modules(modules, self.stats, rebase=validating)
+            keeps, self.file_decision = self.decide(spectra, self.explicit_p)
+        finally:
+            if saved is not None:
+                with torch.no_grad():
+                    for m, (down, up) in zip(modules, saved):
+                        m.lora_down.weight.copy_(down)
+                        m.lora_up.weight.copy_(up)
+        return [k if i not in keeps else (m.rank if bool(keeps[i].all()) else keeps[i])
+                for i, (m, k) in enumerate(zip(modules, ranks))]
+
+    # --- resumable state -------------------------------------------------------------------------------
+    def state(self) -> torch.Tensor:
+        """The running score of every coarse level, then the frozen level (float64; NaN: none)."""
+        values = [self.scores.get(level, math.nan) for level in F.LEVELS]
+        values.append(math.nan if self.frozen_level is None else self.frozen_level)
+        return torch.tensor(values, dtype=torch.float64)
+
+    def load_state(self, values: torch.Tensor) -> None:
+        *scores, frozen = values.tolist()
+        self.scores = {level: s for level, s in zip(F.LEVELS, scores) if s == s}
+        self.frozen_level = None if frozen != frozen else frozen
+
+    def stats_state(self, modules: Sequence[ACLoRAModule]) -> torch.Tensor:
+        """The activation statistics since the last RESTART, for --save_state (float64): per module, in
+        ``modules`` order, its rank x rank Gram sum, then count, output sum of squares, output count (zeros
+        where nothing was recorded; empty when no module recorded anything). Without them the first
+        RESTART or save after --resume would decide from the resumed steps alone."""
+        recorded = {name: s for name, s in self.stats.items() if s.measured}
+        if not recorded:
+            return torch.zeros(0, dtype=torch.float64)
+        parts = []
+        for m in modules:
+            stats = recorded.get(m.lora_name)
+            if stats is None or stats.gram.shape != (m.rank, m.rank):
+                parts.append(torch.zeros(m.rank * m.rank + 3, dtype=torch.float64))
+                continue
+            totals = torch.tensor([stats.count, float(stats.out_sq), stats.out_numel], dtype=torch.float64)
+            parts.append(torch.cat([stats.gram.detach().double().cpu().flatten(), totals]))
+        return torch.cat(parts)
+
+    def load_stats_state(self, modules: Sequence[ACLoRAModule], state: torch.Tensor) -> None:
+        sizes = [m.rank * m.rank + 3 for m in modules]
+        if state.numel() != sum(sizes):  # a state saved without them (or for other modules): nothing to restore
+            return
+        for m, part in zip(modules, state.double().cpu().split(sizes)):
+            count, out_sq, out_numel = part[-3:].tolist()
+            if count > 0 and out_numel > 0:
+                device = m.lora_down.weight.device
+                self.stats[m.lora_name] = InputStats(part[:-3].view(m.rank, m.rank).float().to(device), int(count),
+                                                     torch.tensor(out_sq, dtype=torch.float32, device=device),
+                                                     int(out_numel))

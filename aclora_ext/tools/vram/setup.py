@@ -1,0 +1,133 @@
+"""One training set-up of ``aclora vram``, in sd-scripts' terms, checked as sd-scripts checks it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+
+from ...options import parse_network_args
+
+FAMILIES = ("sd1", "sd2", "sdxl")
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp8": torch.float8_e4m3fn}
+MIXED_PRECISION = {"no": "fp32", "fp16": "fp16", "bf16": "bf16"}
+OPTIMIZERS = ("AdamW", "AdamW8bit", "Adafactor")
+ATTENTION = ("sdpa", "xformers", "mem_eff_attn", "none")
+
+
+class VramError(ValueError):
+    """A set-up the estimate cannot use: the message names the key, the value and what is allowed."""
+
+
+@dataclass(frozen=True)
+class Setup:
+    """One training set-up, in sd-scripts' terms (the defaults are those of sample_configs/sdxl_style_24gb.toml)."""
+
+    family: str = "sdxl"
+    width: int = 1024
+    height: int = 1024
+    batch_size: int = 1
+    rank: int = 128
+    alpha: float = 64.0
+    network_args: tuple[tuple[str, str], ...] = ()
+    mixed_precision: str = "bf16"  # no | fp16 | bf16: the frozen weights' dtype and autocast
+    full_lora_precision: bool = False  # --full_bf16 / --full_fp16: the LoRA weights in that dtype too
+    fp8_base: bool = False  # frozen U-Net (and text encoders) stored in fp8
+    gradient_checkpointing: bool = True
+    train_unet: bool = True
+    train_text_encoder: bool = False
+    optimizer: str = "AdamW"
+    optimizer_args: tuple[tuple[str, Any], ...] = ()
+    max_grad_norm: float = 1.0
+    cache_latents: bool = True
+    cache_text_encoder_outputs: bool = False
+    attention: str = "sdpa"
+    no_half_vae: bool = False
+    max_token_length: int = 75
+
+    def __post_init__(self) -> None:
+        def bad(key: str, value: Any, allowed: str) -> VramError:
+            return VramError(f"{key}={value!r} is not valid; allowed: {allowed}")
+
+        if self.family not in FAMILIES:
+            raise bad("family", self.family, ", ".join(FAMILIES))
+        for key in ("width", "height"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or value < 64 or value % 8:
+                raise bad(key, value, "a multiple of 8, at least 64")
+        for key in ("batch_size", "rank"):
+            if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
+                raise bad(key, getattr(self, key), "an integer >= 1")
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise bad("mixed_precision", self.mixed_precision, ", ".join(MIXED_PRECISION))
+        if self.optimizer not in OPTIMIZERS:
+            raise bad("optimizer_type", self.optimizer, ", ".join(OPTIMIZERS))
+        if self.attention not in ATTENTION:
+            raise bad("attention", self.attention, ", ".join(ATTENTION))
+        if self.max_token_length not in (75, 150, 225):
+            raise bad("max_token_length", self.max_token_length, "75, 150, 225")
+        if self.max_grad_norm < 0:
+            raise bad("max_grad_norm", self.max_grad_norm, "a number >= 0")
+        # the checks sd-scripts makes before it trains
+        if not (self.train_unet or self.train_text_encoder):
+            raise VramError("network_train_unet_only and network_train_text_encoder_only are both set: nothing would "
+                            "be trained; allowed: at most one of them")
+        if self.full_lora_precision and self.mixed_precision == "no":
+            raise VramError("full_bf16/full_fp16 need mixed_precision='bf16'/'fp16'; mixed_precision='no' is set")
+        if self.fp8_base and self.mixed_precision == "no":
+            raise VramError("fp8_base=True needs mixed_precision='fp16' or 'bf16'; mixed_precision='no' is set")
+        if self.cache_text_encoder_outputs and self.family != "sdxl":
+            raise VramError(f"cache_text_encoder_outputs=True is an sdxl_train_network.py option; family={self.family!r}")
+        if self.cache_text_encoder_outputs and self.train_text_encoder:
+            raise VramError("cache_text_encoder_outputs=True needs network_train_unet_only=True (text encoders cannot "
+                            "be trained from cached outputs), as sdxl_train_network.py asserts")
+        parse_network_args(dict(self.network_args), max_rank=self.rank)  # OptionError names the key and value
+
+    @property
+    def weight_dtype(self) -> torch.dtype:
+        return DTYPES[MIXED_PRECISION[self.mixed_precision]]
+
+    @property
+    def unet_dtype(self) -> torch.dtype:
+        return DTYPES["fp8"] if self.fp8_base else self.weight_dtype
+
+    @property
+    def text_encoder_dtype(self) -> torch.dtype:
+        # train_network.py: fp8_base stores the text encoders in fp8 as well
+        return DTYPES["fp8"] if self.fp8_base else self.weight_dtype
+
+    @property
+    def vae_dtype(self) -> torch.dtype:
+        return torch.float32 if self.no_half_vae else self.weight_dtype
+
+    @property
+    def lora_dtype(self) -> torch.dtype:
+        return self.weight_dtype if self.full_lora_precision else torch.float32
+
+    @property
+    def autocast_dtype(self) -> Optional[torch.dtype]:
+        return None if self.mixed_precision == "no" else self.weight_dtype
+
+    @property
+    def chunks(self) -> int:
+        return self.max_token_length // 75
+
+    def describe(self) -> str:
+        what = "U-Net and text encoder(s)" if self.train_unet and self.train_text_encoder else (
+            "U-Net" if self.train_unet else "text encoder(s)")
+        name = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", DTYPES["fp8"]: "fp8"}
+        parts = [
+            f"{self.family.upper()} {self.width}x{self.height}, batch {self.batch_size}, LoRA rank {self.rank} on the {what}",
+            f"U-Net weights {name[self.unet_dtype]}, LoRA {name[self.lora_dtype]}"
+            + (f", {name[self.autocast_dtype]} autocast" if self.autocast_dtype else ", no autocast"),
+            "gradient checkpointing" if self.gradient_checkpointing else "no gradient checkpointing",
+            self.optimizer + (" " + " ".join(f"{k}={v}" for k, v in self.optimizer_args) if self.optimizer_args else ""),
+            "latents cached" if self.cache_latents else f"VAE on the GPU ({name[self.vae_dtype]})",
+            "text-encoder outputs cached" if self.cache_text_encoder_outputs else (
+                "text encoders trained" if self.train_text_encoder else f"text encoders on the GPU ({name[self.text_encoder_dtype]}, frozen)"),
+            f"attention: {self.attention}",
+        ]
+        if self.network_args:
+            parts.append("network_args " + " ".join(f"{k}={v}" for k, v in self.network_args))
+        return "; ".join(parts)
