@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 RESTART_MODES = ("paper", "product", "off")
@@ -32,7 +34,7 @@ class Option:
     """One user-facing option: its name, type, default, allowed range and help."""
 
     name: str
-    kind: str  # "int", "float", "bool" or "choice"
+    kind: str  # "int", "float", "bool", "choice" or "size" (bytes, see parse_size)
     default: Any
     help: str
     choices: Sequence[str] = ()
@@ -46,6 +48,8 @@ class Option:
         """A short human description of the accepted values."""
         if self.kind == "choice":
             text = separator.join(self.choices)
+        elif self.kind == "size":
+            text = SIZE_ALLOWED
         elif self.kind == "bool":
             text = separator.join(("true", "false"))
         else:
@@ -68,6 +72,8 @@ class Option:
                 if value not in self.choices:
                     raise ValueError
                 return value
+            if self.kind == "size":
+                return parse_size(text)
             if self.kind == "bool":
                 if isinstance(text, bool):
                     return text
@@ -126,6 +132,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("min_importance", "float", 0.01, "Product mode without a held-out loss: keep the components whose importance is at least this fraction of the largest component's in the whole network (0 keeps every component).", minimum=0, maximum=1, max_inclusive=False, optional=False),
     Option("seed", "int", 0, "Seed of the RESTART noise (shared by all processes, so every GPU draws the same noise).", minimum=0, optional=False),
     Option("save_full_rank", "bool", False, "Also write '<name>-fullrank.safetensors' beside every saved file: the raw training factors at the maximum rank, for continuing a run. The normal file is always the variable-rank export.", optional=False),
+    # --- the saved file -----------------------------------------------------
+    Option("max_file_size", "size", None, "Every saved file (each save_weights, the final one included) is at most this size, metadata included: the ranks the run decided are the caps, and the components worth the least per byte go first. A budget no file can meet refuses the save (the previous file is kept). The save_full_rank file is not budgeted."),
 )
 
 _BY_NAME: dict[str, Option] = {o.name: o for o in OPTIONS}
@@ -152,6 +160,7 @@ class ACLoRAConfig:
     min_importance: float = 0.01
     seed: int = 0
     save_full_rank: bool = False
+    max_file_size: Optional[int] = None  # bytes
 
     def replace(self, **changes: Any) -> "ACLoRAConfig":
         return validate(dataclasses.replace(self, **changes))
@@ -213,6 +222,54 @@ def parse_positive(name: str, raw: Any, default: Optional[float], kind: Callable
         what = "a number >= 0" if allow_zero else f"a positive {'integer' if kind is int else 'number'}"
         raise OptionError(f"{name}={raw!r} is not valid; allowed: {what}")
     return value
+
+
+# --- sizes ------------------------------------------------------------------------------------------------
+# The size grammar of max_file_size and ``aclora resize --max-size``. It lives here, beside the other
+# option types, because this leaf module parses every user value and may import nothing of the package.
+#: bytes per unit, lower case (units are case-insensitive): KB/MB/GB decimal, KiB/MiB/GiB binary
+SIZE_UNITS = {"b": 1, "kb": 10 ** 3, "mb": 10 ** 6, "gb": 10 ** 9, "kib": 2 ** 10, "mib": 2 ** 20, "gib": 2 ** 30}
+SIZE_ALLOWED = ("a size: bytes (123456) or a number with a unit, KB/MB/GB (decimal: 10^3, 10^6, 10^9 bytes) or "
+                "KiB/MiB/GiB (binary: 2^10, 2^20, 2^30 bytes), e.g. 50MB")
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([A-Za-z]*)\s*$", re.ASCII)
+
+
+def parse_size(text: Any) -> int:
+    """Bytes in "50MB", "50 MB", "1.5GB", "800KB", "512MiB", "100B" or "123456" (an int is bytes).
+
+    KB/MB/GB are decimal, as model sites and file browsers show sizes; KiB/MiB/GiB binary. A bare K, M
+    or G is refused as ambiguous, and so are exponents and non-ASCII digits. Fractions need a unit and
+    are rounded down (the size is a maximum). ValueError names the value and what is allowed.
+    """
+    def bad(why: str = "is not valid") -> ValueError:
+        return ValueError(f"size {text!r} {why}; allowed: {SIZE_ALLOWED}")
+
+    if isinstance(text, bool) or not isinstance(text, (int, str)):
+        raise bad()
+    if isinstance(text, int):
+        if text < 1:
+            raise bad()
+        return text
+    match = _SIZE.match(text)
+    if not match:
+        raise bad()
+    number, unit = match.group(1), match.group(2).lower()
+    if unit not in SIZE_UNITS and unit != "":
+        raise bad(f"has unit {match.group(2)!r}, which is not known")
+    if unit in ("", "b") and "." in number:
+        raise bad("is not a whole number of bytes")
+    size = int(Decimal(number) * SIZE_UNITS[unit or "b"])  # int() rounds down: the budget is a maximum
+    if size < 1:
+        raise bad("is less than one byte")
+    return size
+
+
+def format_size(size: int) -> str:
+    """"49,912,345 bytes (49.91 MB)": the exact bytes, and the decimal unit :func:`parse_size` reads."""
+    for unit, scale in (("GB", 10 ** 9), ("MB", 10 ** 6), ("KB", 10 ** 3)):
+        if size >= scale:
+            return f"{size:,} bytes ({size / scale:.2f} {unit})"
+    return f"{size:,} bytes"
 
 
 def markdown_table() -> str:

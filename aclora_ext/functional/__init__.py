@@ -6,11 +6,12 @@
 - ``search``: the product mode's candidate thresholds and how a held-out loss scores them.
 - ``resize_rules``: kohya resize_lora.py's rank rules, batched.
 - ``batching``: chunk sizes, finiteness checks.
+- ``budget``: ranks under a byte budget (a knapsack over every module's components), as ``F.budget``.
 
-Everything is re-exported here, so ``from aclora_ext import functional as F; F.product_core(...)`` works.
+Everything else is re-exported here, so ``from aclora_ext import functional as F; F.product_core(...)`` works.
 """
 
-from . import batching, paper, product, resize_rules, search
+from . import batching, budget, paper, product, resize_rules, search
 from .batching import *  # noqa: F401,F403
 from .paper import *  # noqa: F401,F403
 from .product import *  # noqa: F401,F403
