@@ -142,8 +142,18 @@ def write_atomic(path: str, payload: bytes) -> None:
         raise
 
 
-def save_state_dict(path: str, tensors: Mapping[str, torch.Tensor], metadata: Optional[Mapping[str, str]]) -> None:
-    """Save LoRA tensors: safetensors with metadata and sshs hashes, or torch.save for other suffixes."""
+class OversizeError(LoRAFileError):
+    """A file that came out larger than the size it was sized for: not written (the prediction of
+    ``sizes.saved_file_size`` no longer matches the installed serializer)."""
+
+
+def save_state_dict(path: str, tensors: Mapping[str, torch.Tensor], metadata: Optional[Mapping[str, str]],
+                    max_size: Optional[int] = None) -> None:
+    """Save LoRA tensors: safetensors with metadata and sshs hashes, or torch.save for other suffixes.
+
+    ``max_size``: the safetensors file was sized to fit it (``fit.fit_ranks``); a larger one is not
+    written (OversizeError), so a serializer that changed its layout fails loudly instead.
+    """
     path = os.fspath(path)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     if path.endswith(".safetensors"):
@@ -151,7 +161,11 @@ def save_state_dict(path: str, tensors: Mapping[str, torch.Tensor], metadata: Op
 
         meta = {str(k): str(v) for k, v in (metadata or {}).items()}
         meta["sshs_model_hash"], meta["sshs_legacy_hash"] = model_hashes(tensors, meta)
-        write_atomic(path, save(tensors, meta))
+        payload = save(tensors, meta)
+        if max_size is not None and len(payload) > max_size:
+            raise OversizeError(f"{path}: not written: the file would be {len(payload):,} bytes, more than the "
+                                f"{max_size:,} bytes it was sized for")
+        write_atomic(path, payload)
     else:
         buffer = io.BytesIO()
         torch.save(tensors, buffer)

@@ -16,7 +16,7 @@ import os
 import re
 import sys
 from dataclasses import asdict, dataclass, field
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from ..families import model_family
 from ..files.lora_dict import group_modules
@@ -303,8 +303,9 @@ def _opt(value: Any, fmt: str = "{}") -> str:
 
 
 # --- plot ----------------------------------------------------------------------------------------------
-def plot_report(report: RankReport, out: str) -> None:
-    """Ranks per module grouped by block and, when the history is known, rank distributions over RESTARTs."""
+def plot_report(report: RankReport, out: str, curve: Any = None) -> None:
+    """Ranks per module grouped by block and, when the history is known, rank distributions over RESTARTs;
+    beside them ``curve.draw(ax)`` (the size/quality curve) when a curve is given."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
@@ -312,9 +313,12 @@ def plot_report(report: RankReport, out: str) -> None:
         raise ReportError("--plot needs matplotlib, which is not installed: pip install 'aclora[plot]'") from None
     rows = 2 if report.history else 1
     width = min(18.0, max(9.0, 0.05 * len(report.modules)))
-    fig = Figure(figsize=(width, 4.2 * rows), layout="constrained")
+    fig = Figure(figsize=(width + (5.0 if curve is not None else 0.0), 4.2 * rows), layout="constrained")
     FigureCanvasAgg(fig)
-    ax = fig.add_subplot(rows, 1, 1)
+    grid = fig.add_gridspec(rows, 2, width_ratios=[width, 5.0]) if curve is not None else fig.add_gridspec(rows, 1)
+    if curve is not None:
+        curve.draw(fig.add_subplot(grid[:, 1]))
+    ax = fig.add_subplot(grid[0, 0])
     colors = {part: f"C{i}" for i, part in enumerate(PARTS)}
     xs = range(len(report.modules))
     ax.bar(xs, [m.rank for m in report.modules], width=1.0, color=[colors[m.part] for m in report.modules],
@@ -339,7 +343,7 @@ def plot_report(report: RankReport, out: str) -> None:
                  f"min/median/max {lo}/{mid:g}/{hi})")
     ax.legend(loc="upper right", fontsize=8, ncol=2)
     if report.history:
-        ax2 = fig.add_subplot(rows, 1, 2)
+        ax2 = fig.add_subplot(grid[1, 0])
         positions = list(range(1, len(report.history) + 1))
         ax2.boxplot([h.ranks for h in report.history], positions=positions, widths=0.6)
         ax2.plot(positions, [h.rank_median for h in report.history], color="C1", marker="o", label="median")
@@ -356,16 +360,29 @@ def plot_report(report: RankReport, out: str) -> None:
         raise ReportError(f"cannot write the plot to {out}: {getattr(err, 'strerror', None) or err}") from None
 
 
-def run(path: str, as_json: bool = False, plot_to: Optional[str] = None) -> int:
-    """Print the rank report of ``path`` (and draw it to ``plot_to``); 0 on success, 1 on a bad file."""
+def run(path: str, as_json: bool = False, plot_to: Optional[str] = None,
+        curve: Optional[Callable[[str], Any]] = None) -> int:
+    """Print the rank report of ``path`` (and draw it to ``plot_to``); 0 on success, 1 on a bad file.
+
+    ``curve(path)``: the file's size/quality curve (``resize.curve.size_curve``, passed in by the command:
+    it needs resize, which builds on this report), printed after the report, in the JSON as
+    ``size_curve``, and drawn beside the rank plot.
+    """
     try:
         report = read_report(path)
+        sizes = curve(path) if curve is not None else None
         if as_json:
-            print(json.dumps(report.as_dict(), indent=2))
+            data = report.as_dict()
+            if sizes is not None:
+                data["size_curve"] = sizes.as_dict()
+            print(json.dumps(data, indent=2))
         else:
             print(format_report(report))
+            if sizes is not None:
+                print()
+                print(sizes.format())
         if plot_to:
-            plot_report(report, plot_to)
+            plot_report(report, plot_to, sizes)
             print(f"plot written to {plot_to}", file=sys.stderr if as_json else sys.stdout)
     except (LoRAFileError, ReportError) as err:
         message = " ".join(str(err).split())

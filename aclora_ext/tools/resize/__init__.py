@@ -1,10 +1,12 @@
 """``aclora resize``: pick every module's rank of an existing kohya LoRA file and write the resized file.
 
-``criteria``: how many components a module keeps; ``inputs``: reading and checking the file;
+``criteria``: how many components a module keeps; ``budget``: the ranks under ``--max-size``;
+``inputs``: reading and checking the file;
 ``core``: the batched decomposition, the decision and the written factors (``resize_state_dict``,
 ``resize_file``); ``result``: what it did; ``cli``: the command.
 """
 
+from .budget import Budget
 from .cli import main
 from .core import resize_file, resize_state_dict, resized_metadata
 from .criteria import CRITERIA, Criterion, ResizeError
@@ -12,5 +14,5 @@ from .inputs import check_kohya_lora
 from .progress import Progress
 from .result import BlockError, ModuleResize, ResizeResult, result_summary
 
-__all__ = ["CRITERIA", "Criterion", "ResizeError", "ResizeResult", "ModuleResize", "BlockError", "check_kohya_lora",
+__all__ = ["Budget", "CRITERIA", "Criterion", "ResizeError", "ResizeResult", "ModuleResize", "BlockError", "check_kohya_lora",
            "resize_state_dict", "resize_file", "resized_metadata", "result_summary", "Progress", "main"]

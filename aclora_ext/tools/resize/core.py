@@ -18,7 +18,7 @@ import math
 import os
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Mapping, Optional
 
 import torch
@@ -29,6 +29,7 @@ from ...functional import median
 from ...lora.batching import chunk_budget, chunks
 from ...version import __version__
 from ..inspect import _reference_ranks
+from .budget import Budget, budget_criterion, fit_budget, parse_max_size
 from .criteria import Criterion, ResizeError
 from .inputs import _Module, _modules
 from .progress import Progress, _wants_progress
@@ -71,23 +72,29 @@ def _groups(modules: list[_Module]) -> dict[tuple, list[_Module]]:
     return groups
 
 
-def resize_state_dict(tensors: Mapping[str, torch.Tensor], criterion: Criterion | str = "importance", *,
+def resize_state_dict(tensors: Mapping[str, torch.Tensor], criterion: Criterion | str | None = None, *,
                       dtype: Optional[str | torch.dtype] = None, device: str | torch.device = "cpu",
-                      progress: Optional[bool] = False, source: str = "weights", **criterion_args) -> ResizeResult:
+                      progress: Optional[bool] = False, source: str = "weights", max_size: int | str | None = None,
+                      metadata: Optional[Mapping[str, str]] = None, **criterion_args) -> ResizeResult:
     """Resize a kohya LoRA state dict: the resized tensors (kohya keys, one alpha) and a per-module account.
 
     ``criterion``: a :class:`Criterion`, or its name with its parameters as
-    keywords (``resize_state_dict(sd, "sv_fro", param=0.9, max_rank=64)``).
+    keywords (``resize_state_dict(sd, "sv_fro", param=0.9, max_rank=64)``);
+    None: importance (0.01), or with ``max_size`` and no ``min_importance`` /
+    ``param``, no criterion cap (``budget.budget_criterion``).
     ``dtype``: of the written factors (fp16, bf16, fp32; default the input's);
     the math runs in float32 (float64 for float64 input) on ``device``.
+    ``max_size`` (bytes, or "50MB", "1.5GB", "512MiB"): the file
+    :func:`resize_file` writes for these tensors, with ``resized_metadata(metadata,
+    result)`` (``metadata``: the input file's), is at most that size, and keeps
+    as much of the whole update as that size allows (``budget``).
     Raises LoRAFileError for a file that is not a plain LoRA/LoCon or has
-    NaN/Inf weights, ResizeError for bad parameters.
+    NaN/Inf weights, ResizeError for bad parameters, ``F.budget.BudgetError``
+    (a ValueError saying the smallest possible size) when no file fits.
     """
     start = time.perf_counter()
-    if isinstance(criterion, str):
-        criterion = Criterion(criterion, **criterion_args)
-    elif criterion_args:
-        raise ResizeError(f"give the criterion's parameters in the Criterion, not as {sorted(criterion_args)}")
+    budget_bytes = parse_max_size(max_size)
+    criterion, criterion_caps = budget_criterion(criterion, criterion_args, budget_bytes)
     dev = _device(device)
     modules = _modules(tensors, source)
     out_dtype = _dtype(dtype, modules)
@@ -101,16 +108,33 @@ def resize_state_dict(tensors: Mapping[str, torch.Tensor], criterion: Criterion 
         spectra = _analyse(modules, dev, bar, source)
         ranks, threshold, top = _decide(modules, spectra, criterion, max_rank, max_conv_rank)
         alpha = _file_alpha(modules, out_dtype, source)
-        tensors_out, accounts = _write(modules, spectra, ranks, alpha, out_dtype, dev, bar)
+        result = ResizeResult({}, [], criterion, alpha, max_rank, max_conv_rank, threshold, top, 0.0,
+                              str(out_dtype).replace("torch.", ""), {m.name: m.rank for m in modules},
+                              None if budget_bytes is None else Budget(budget_bytes, criterion_caps))
+        if result.budget is not None:
+            ranks = _fit_budget(modules, spectra, ranks, result, out_dtype, metadata or {}, source)
+        result.tensors = _write(modules, spectra, ranks, alpha, out_dtype, dev, bar)
+        result.modules = _accounts(modules, spectra, ranks)
     finally:
         bar.close()
-    bad = sorted({key.rsplit(".", 2)[0] for key, t in tensors_out.items() if not bool(torch.isfinite(t).all())})
+    bad = sorted({key.rsplit(".", 2)[0] for key, t in result.tensors.items() if not bool(torch.isfinite(t).all())})
     if bad:
         raise LoRAFileError(f"{source}: the resized weights of {len(bad)} module(s) do not fit in "
                             f"{str(out_dtype).replace('torch.', '')} (e.g. {bad[0]}); use a wider dtype (bf16 or fp32)")
-    return ResizeResult(tensors_out, accounts, criterion, alpha, max_rank, max_conv_rank, threshold, top,
-                        time.perf_counter() - start, str(out_dtype).replace("torch.", ""),
-                        {m.name: m.rank for m in modules})
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def _fit_budget(modules: list[_Module], spectra: dict[int, _Spectrum], ranks: dict[int, int], plan: ResizeResult,
+                dtype: torch.dtype, metadata: Mapping[str, str], source: str) -> dict[int, int]:
+    """The ranks under ``plan.budget`` (``budget.fit_budget``), the criterion's ``ranks`` as the caps, sized
+    with the metadata :func:`resize_file` writes: ``plan`` (a result without tensors yet) with each candidate's
+    accounts."""
+    def metadata_of(chosen: dict[int, int]) -> dict[str, str]:
+        return resized_metadata(metadata, replace(plan, modules=_accounts(modules, spectra, chosen)), source)
+
+    return fit_budget(modules, {m.index: spectra[m.index].s for m in modules}, ranks, plan.criterion.min_rank,
+                      plan.budget, dtype, metadata_of)
 
 
 @dataclass
@@ -186,11 +210,27 @@ def _file_alpha(modules: list[_Module], dtype: torch.dtype, source: str) -> floa
     return stored
 
 
+def _accounts(modules: list[_Module], spectra: dict[int, _Spectrum], ranks: Mapping[int, int]) -> list[ModuleResize]:
+    """Every module's account at ``ranks``: its update's relative error and energy, from its spectrum alone
+    (batched by rank). The budget sizes the metadata with the same function that writes it."""
+    errors: dict[int, float] = {}
+    energies: dict[int, float] = {}
+    by_rank: dict[int, list[_Module]] = {}
+    for m in modules:
+        by_rank.setdefault(m.rank, []).append(m)
+    for rank, members in by_rank.items():
+        s = torch.stack([spectra[m.index].s for m in members]).cpu()
+        counts = torch.tensor([min(ranks[m.index], rank) for m in members])
+        errors.update(zip((m.index for m in members), F.truncation_error(s, counts).tolist()))
+        energies.update(zip((m.index for m in members), s.double().square().sum(dim=1).tolist()))
+    return [ModuleResize(m.name, m.kind, m.rank, ranks[m.index], errors[m.index], energies[m.index] * m.scale ** 2)
+            for m in modules]
+
+
 def _write(modules: list[_Module], spectra: dict[int, _Spectrum], ranks: dict[int, int], alpha: float,
-           dtype: torch.dtype, dev: torch.device, bar: Progress) -> tuple[dict[str, torch.Tensor], list[ModuleResize]]:
+           dtype: torch.dtype, dev: torch.device, bar: Progress) -> dict[str, torch.Tensor]:
     """Pass 2: the kept components' factors, in batches; alpha/k * up @ down = the module's scaled rank-k part."""
     out: dict[str, torch.Tensor] = {}
-    accounts: dict[int, ModuleResize] = {}
     with torch.no_grad():
         for (rank, cols, rows), members in _groups(modules).items():
             for batch in chunks(members, F.chunk_size(rows, cols, rank, chunk_budget(dev))):
@@ -200,8 +240,6 @@ def _write(modules: list[_Module], spectra: dict[int, _Spectrum], ranks: dict[in
                 to_down = torch.stack([spectra[m.index].to_down for m in batch])
                 counts = torch.tensor([min(ranks[m.index], rank) for m in batch], device=s.device)
                 new_down, new_up = F.component_factors(down, up, s, to_up, to_down, counts, int(counts.max()))
-                errors = F.truncation_error(s, counts).tolist()
-                energies = (s.double().square().sum(dim=1)).tolist()
                 for j, m in enumerate(batch):
                     k, kept = ranks[m.index], int(counts[j])
                     ratio = k * m.scale / alpha  # alpha/k * up' @ down' == scale * (rank-k part of up @ down)
@@ -213,9 +251,8 @@ def _write(modules: list[_Module], spectra: dict[int, _Spectrum], ranks: dict[in
                     out[f"{m.name}.lora_down.weight"] = d.reshape((k,) + m.down_shape[1:]).to("cpu", dtype)
                     out[f"{m.name}.lora_up.weight"] = u.reshape((m.up_shape[0], k) + m.up_shape[2:]).to("cpu", dtype)
                     out[f"{m.name}.alpha"] = torch.tensor(alpha).to(dtype)
-                    accounts[m.index] = ModuleResize(m.name, m.kind, m.rank, k, errors[j], energies[j] * m.scale ** 2)
                 bar.advance(len(batch), "writing")
-    return out, [accounts[m.index] for m in modules]
+    return out
 
 
 # --- the file -----------------------------------------------------------------------------------------------
@@ -232,7 +269,7 @@ def resized_metadata(metadata: Mapping[str, str], result: ResizeResult, source: 
     meta = {k: v for k, v in metadata.items() if k not in STALE_KEYS and not k.startswith("sshs_")}
     old_dim = max(result.source_ranks.values())
     comment = metadata.get("ss_training_comment", "")
-    meta["ss_training_comment"] = f"Dynamic resize with {result.criterion.describe()} from {old_dim}; {comment}"
+    meta["ss_training_comment"] = f"Dynamic resize with {result.describe()} from {old_dim}; {comment}"
     meta["ss_network_dim"] = "Dynamic"
     meta["ss_network_alpha"] = "Dynamic"
     shapes = {m.name: (m.kind, m.rank_before) for m in result.modules}
@@ -259,34 +296,36 @@ def _resize_record(result: ResizeResult) -> dict:
               "alpha": result.alpha, "dtype": result.dtype}
     if c.name == "importance":
         record.update(min_rank=c.min_rank, threshold=result.threshold, largest_singular_value=result.top)
+    if result.budget is not None:
+        record.update(result.budget.record())
     before = list(result.source_ranks.values())
     record["source_ranks"] = {"min": min(before), "median": median(before), "max": max(before)}
     return record
 
 
-def resize_file(source: str, target: str, criterion: Criterion | str = "importance", *,
+def resize_file(source: str, target: str, criterion: Criterion | str | None = None, *,
                 dtype: Optional[str | torch.dtype] = None, device: str | torch.device = "cpu",
-                progress: Optional[bool] = None, **criterion_args) -> ResizeResult:
+                progress: Optional[bool] = None, max_size: int | str | None = None, **criterion_args) -> ResizeResult:
     """Resize the LoRA file ``source`` into ``target`` (.safetensors, written atomically).
 
     Nothing is written when anything fails: an existing ``target`` is only
     ever replaced by a complete file. ``progress``: a bar on stderr (None: only
-    on a terminal, for files with many modules). See :func:`resize_state_dict`.
+    on a terminal, for files with many modules). ``max_size``: the written
+    file, metadata included, is at most that size. See :func:`resize_state_dict`.
     """
     source, target = os.fspath(source), os.fspath(target)
     if not target.endswith(".safetensors"):
         raise ResizeError(f"output {target!r} is not a .safetensors path; aclora resize writes safetensors files")
     if os.path.isdir(target):
         raise ResizeError(f"output {target!r} is a directory; give the path of the .safetensors file to write")
-    if isinstance(criterion, str):
-        criterion = Criterion(criterion, **criterion_args)  # bad parameters fail before the file is read
-        criterion_args = {}
+    budget_criterion(criterion, criterion_args, parse_max_size(max_size))  # bad parameters fail before reading
     tensors = load_state_dict(source)
     metadata = read_metadata(source)
     result = resize_state_dict(tensors, criterion, dtype=dtype, device=device, progress=progress, source=source,
-                               **criterion_args)
-    save_state_dict(target, result.tensors, resized_metadata(metadata, result, source))
+                               max_size=max_size, metadata=metadata, **criterion_args)
+    save_state_dict(target, result.tensors, resized_metadata(metadata, result, source),
+                    max_size=result.budget.max_size if result.budget else None)
     ranks = list(result.ranks.values())
     logger.info("resized %s -> %s with %s: %d modules, ranks %d..%d, %.2f s", source, target,
-                result.criterion.describe(), len(ranks), min(ranks), max(ranks), result.seconds)
+                result.describe(), len(ranks), min(ranks), max(ranks), result.seconds)
     return result

@@ -10,6 +10,7 @@ import torch
 
 from ...functional import median
 from ..inspect import _block_order, locate
+from .budget import Budget
 from .criteria import Criterion
 
 
@@ -50,6 +51,18 @@ class ResizeResult:
     seconds: float = 0.0
     dtype: str = ""
     source_ranks: dict[str, int] = field(default_factory=dict)
+    budget: Optional[Budget] = None  # max_size: what it asked for and gave
+
+    def describe(self) -> str:
+        """"importance: 0.01", or with a budget "importance: 0.0, max_size: 50000000" (resize_lora's wording)."""
+        text = self.criterion.describe()
+        return text if self.budget is None else f"{text}, max_size: {self.budget.max_size}"
+
+    @property
+    def error(self) -> float:
+        """Relative Frobenius error of the whole update, all modules together: ||dW - dW'|| / ||dW||."""
+        total = sum(m.energy for m in self.modules)
+        return math.sqrt(sum(m.energy * m.error ** 2 for m in self.modules) / total) if total > 0 else 0.0
 
     @property
     def ranks(self) -> dict[str, int]:
@@ -81,5 +94,6 @@ def result_summary(result: ResizeResult) -> dict:
     """The result as plain JSON-able data (without the tensors)."""
     return {"criterion": asdict(result.criterion), "alpha": result.alpha, "max_rank": result.max_rank,
             "max_conv_rank": result.max_conv_rank, "threshold": result.threshold, "top": result.top,
-            "seconds": result.seconds, "dtype": result.dtype, "modules": [asdict(m) for m in result.modules],
+            "seconds": result.seconds, "dtype": result.dtype, "error": result.error,
+            "budget": asdict(result.budget) if result.budget else None, "modules": [asdict(m) for m in result.modules],
             "blocks": [asdict(b) for b in result.blocks()]}
