@@ -24,7 +24,7 @@ from ..lora.norms import apply_max_norm
 from ..lora.report import RestartReport
 from ..options import ACLoRAConfig
 from ..ranksearch.search import RankSearch
-from . import restarts, saving, schedule, state
+from . import budget, restarts, saving, schedule, state
 from .saving import LoadInfo
 
 logger = logging.getLogger(__name__)
@@ -111,6 +111,8 @@ class ACLoRANetwork(nn.Module):
             self.unet_loras = []
         if not self.loras:
             raise ValueError("AC-LoRA: apply_to left no modules (neither the text encoder nor the U-Net is trained)")
+        budget.check_possible(self.loras, self.config.max_file_size, self.config.min_rank,
+                              getattr(self._args, "save_precision", None))  # a hopeless max_file_size stops here
         for m in self.loras:
             m.apply_to()
         self._register_state()
@@ -360,9 +362,10 @@ class ACLoRANetwork(nn.Module):
         """Our own metadata keys: enough for a file to explain how its ranks came about."""
         return saving.metadata(self, ranks, errors)
 
-    def state_for_export(self, dtype: Optional[torch.dtype] = None):
-        """(tensors, metadata, truncation errors) of the variable-rank export; ValueError on NaN/Inf weights."""
-        return saving.state_for_export(self, dtype)
+    def state_for_export(self, dtype: Optional[torch.dtype] = None, metadata: Optional[dict] = None):
+        """(tensors, metadata, truncation errors) of the variable-rank export; ValueError on NaN/Inf weights
+        (and, with max_file_size, BudgetError when no file fits with sd-scripts' ``metadata``)."""
+        return saving.state_for_export(self, dtype, metadata)
 
     def save_weights(self, file: str, dtype: Optional[torch.dtype] = None, metadata: Optional[dict] = None) -> bool:
         """Write the variable-rank LoRA file (atomically). Returns False, keeping any old file, on NaN/Inf weights."""

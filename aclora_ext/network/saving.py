@@ -15,8 +15,11 @@ import torch
 from ..families import check_model_family
 from ..files.lora_dict import check_shapes, group_modules
 from ..files.storage import LoRAFileError, load_state_dict, metadata_ranks, read_metadata, save_state_dict
+from ..functional.budget import BudgetError
 from ..lora.export import export_modules, raw_modules
+from ..options import format_size
 from ..version import __version__
+from . import budget
 
 logger = logging.getLogger(__name__)
 
@@ -68,19 +71,42 @@ def metadata(network, ranks: dict[str, int], errors: Optional[dict[str, float]] 
         values = list(errors.values())
         meta["aclora_truncation_error_mean"] = f"{sum(values) / len(values):.6g}"
         meta["aclora_truncation_error_max"] = f"{max(values):.6g}"
+    if network.config.max_file_size is not None:
+        meta["aclora_max_file_size"] = str(network.config.max_file_size)
     return meta
 
 
-def state_for_export(network, dtype: Optional[torch.dtype] = None):
+def written_metadata(network, metadata: Optional[dict], ranks: dict[str, int], errors: dict[str, float]) -> dict:
+    """The metadata ``save_weights`` writes: sd-scripts' with ours (``max_file_size`` sizes the file with it)."""
+    meta = dict(metadata or {})
+    meta.update(network.metadata(ranks, errors))
+    # sd-scripts wrote the training dim/alpha; they no longer describe a file whose ranks vary or
+    # were all cut below the maximum (e.g. every module at min_rank after a p = 0 RESTART)
+    if len(set(ranks.values())) > 1 or any(ranks[m.lora_name] != m.rank for m in network.loras):
+        meta["ss_network_dim"] = "Dynamic"
+        meta["ss_network_alpha"] = "Dynamic"
+    return meta
+
+
+def state_for_export(network, dtype: Optional[torch.dtype] = None, metadata: Optional[dict] = None):
     """(tensors, metadata, truncation errors) of the variable-rank export.
 
+    With ``max_file_size`` the ranks also fit that budget for the file ``save_weights`` writes with
+    sd-scripts' ``metadata`` (``budget``; BudgetError, a ValueError, when no file can).
     Raises ValueError naming the modules whose weights are NaN/Inf, checked
     after the cast to ``dtype`` so that an fp16 overflow counts too.
     """
     signal: list = [network._signal[m.lora_name] for m in network.loras]
     network.rank_search.file_decision = None
-    if network.config.restart_mode == "product":
+    product = network.config.restart_mode == "product"
+    if product:
         signal = network.rank_search.file_keeps(network.loras, signal)
+    budgeted = None
+    if network.config.max_file_size is not None:
+        found = budget.candidates(network.loras, signal, network.rank_search.file_spectra if product else None)
+        signal, budgeted, _ = budget.fit_keeps(
+            network.loras, found, network.config.max_file_size, network.config.min_rank, dtype,
+            lambda ranks, errors: written_metadata(network, metadata, ranks, errors))
     if all(isinstance(k, int) and k == m.rank for k, m in zip(signal, network.loras)):
         # nothing truncated yet (or restarts off): the training factors are the file, exactly
         ranks = {m.lora_name: m.rank for m in network.loras}
@@ -88,6 +114,8 @@ def state_for_export(network, dtype: Optional[torch.dtype] = None):
     else:
         result = export_modules(network.loras, signal, dtype)
         tensors, ranks, errors, bad = result.tensors, result.ranks, result.errors, result.non_finite
+    if budgeted is not None:
+        errors = budgeted  # the errors the file was sized with (the same spectra's, up to float rounding)
     bad = bad or sorted({key.rsplit(".", 2)[0] for key, t in tensors.items() if not bool(torch.isfinite(t).all())})
     if bad:
         raise ValueError(f"non-finite weights in {len(bad)} module(s): {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}")
@@ -95,26 +123,29 @@ def state_for_export(network, dtype: Optional[torch.dtype] = None):
 
 
 def save_weights(network, file: str, dtype: Optional[torch.dtype] = None, metadata: Optional[dict] = None) -> bool:
-    """Write the variable-rank LoRA file (atomically). Returns False, keeping any old file, on NaN/Inf weights."""
+    """Write the variable-rank LoRA file (atomically). Returns False, keeping any old file, on NaN/Inf weights
+    or when no file fits ``max_file_size`` (training goes on)."""
+    max_size = network.config.max_file_size
     try:
-        tensors, ours, errors = network.state_for_export(dtype)
-    except ValueError as err:
+        tensors, ours, errors = network.state_for_export(dtype, metadata)
+        ranks = json.loads(ours["aclora_ranks"])
+        save_state_dict(file, tensors, written_metadata(network, metadata, ranks, errors), max_size=max_size)
+    except BudgetError as err:
+        logger.error("AC-LoRA: NOT saving %s: max_file_size=%s: %s. The previous file (if any) is kept; training "
+                     "goes on.", file, format_size(max_size), err)
+        return False
+    except ValueError as err:  # non-finite weights; LoRAFileError (a ValueError) from a size check
         logger.error("AC-LoRA: NOT saving %s: %s. The previous file (if any) is kept.", file, err)
         return False
-    meta = dict(metadata or {})
-    meta.update(ours)
-    ranks = json.loads(ours["aclora_ranks"])
-    # sd-scripts wrote the training dim/alpha; they no longer describe a file whose ranks vary or
-    # were all cut below the maximum (e.g. every module at min_rank after a p = 0 RESTART)
-    if len(set(ranks.values())) > 1 or any(ranks[m.lora_name] != m.rank for m in network.loras):
-        meta["ss_network_dim"] = "Dynamic"
-        meta["ss_network_alpha"] = "Dynamic"
-    save_state_dict(file, tensors, meta)
-    if errors:
-        logger.info("AC-LoRA: saved %s (%d modules, ranks %d..%d, truncation error mean %.3g max %.3g)", file,
-                    len(ranks), min(ranks.values()), max(ranks.values()),
-                    sum(errors.values()) / len(errors), max(errors.values()))
-    if network.config.save_full_rank:
+    if errors or max_size is not None:
+        details = [f"{len(ranks)} modules, ranks {min(ranks.values())}..{max(ranks.values())}"]
+        if errors:
+            details.append(f"truncation error mean {sum(errors.values()) / len(errors):.3g} max "
+                           f"{max(errors.values()):.3g}")
+        if max_size is not None:
+            details.append(f"{format_size(os.path.getsize(file))} of max_file_size {format_size(max_size)}")
+        logger.info("AC-LoRA: saved %s (%s)", file, "; ".join(details))
+    if network.config.save_full_rank:  # not budgeted: it exists to continue training at the maximum rank
         stem, ext = os.path.splitext(file)
         full_meta = dict(metadata or {})
         full_meta.update(network.metadata({m.lora_name: network._signal[m.lora_name] for m in network.loras}))

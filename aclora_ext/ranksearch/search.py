@@ -60,6 +60,7 @@ class RankSearch:
         self.frozen_level: Optional[float] = None  # the last level the held-out loss chose
         self.explicit_p: Optional[float] = None  # the energy share of the last RESTART, when one was given
         self.file_decision: Optional[dict] = None  # how the last saved file's ranks were chosen
+        self.file_spectra: dict[int, Spectrum] = {}  # what it was chosen from (max_file_size cuts further)
         self._hooks: dict[str, tuple] = {}
 
     # --- what training records ------------------------------------------------------------------
@@ -305,6 +306,7 @@ class RankSearch:
             if validating else None
         try:
             spectra, _ = analyse_modules(modules, self.stats, rebase=validating)
+            self.file_spectra = spectra
             keeps, self.file_decision = self.decide(spectra, self.explicit_p)
         finally:
             if saved is not None:
