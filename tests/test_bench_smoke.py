@@ -140,3 +140,25 @@ def test_quality_suite_judges_every_peer_against_the_sweep_of_every_task(tmp_pat
     sources = {h["source"] for r in result["runs"] if r["method"] == "AC-LoRA (defaults, 3 of 15 held out)"
                for h in r["restarts"]}
     assert sources <= {"validation"} and set(result["goals"]) >= {"AC-LoRA (defaults, 3 of 15 held out)"}
+
+
+def test_budget_quality_compares_three_files_of_at_most_the_same_size_at_every_budget(tmp_path):
+    from bench import budget_quality
+
+    result = run_smoke(budget_quality, tmp_path)
+    assert {row["share"] for row in result["rows"]} == set(budget_quality.SHARES)
+    for row in result["rows"]:
+        for method in budget_quality.METHODS:
+            size = row[f"{method}_size"]
+            assert size is None or size <= row["budget"] < row["input_size"]
+    assert any("ours_heldout" in row for row in result["rows"])  # a trained file, scored on held-out data
+    assert len(result["checks"]) == len(result["rows"])
+
+
+def test_budget_allocation_runs_and_keeps_every_allocation_within_its_budget(tmp_path):
+    from bench import budget_allocation
+
+    result = run_smoke(budget_allocation, tmp_path)
+    assert {row["model"] for row in result["rows"]} == {"sdxl-like", "flux"}
+    assert all(fit["size"] <= fit["max_size"] for fit in result["fit_ranks"])
+    assert result["adversarial"]["exact_equals_brute_force"] == result["adversarial"]["trials"]

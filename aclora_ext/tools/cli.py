@@ -71,7 +71,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         shares = TABLE_SHARES + (PLOT_SHARES if args.plot else ())
         return inspect.run(args.file, as_json=args.json, plot_to=args.plot,
-                           curve=None if args.no_curve else (lambda path: size_curve(path, shares)))
+                           curve=None if args.no_curve else (lambda path: size_curve(path, shares, bool(args.plot))))
     except BrokenPipeError:  # `aclora inspect FILE | head`: the reader left; say nothing more
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1

@@ -79,13 +79,14 @@ class SizeCurve:
                     va="center", transform=ax.transAxes, fontsize=8, wrap=True)
             ax.set_axis_off()
             return
-        ax.plot([p.size / 1e6 for p in fitted], [p.error for p in fitted], marker="o", color="C3")
+        unit, scale = ("MB", 1e6) if self.file_bytes >= 1e6 else ("KB", 1e3)
+        ax.plot([p.size / scale for p in fitted], [p.error for p in fitted], marker="o", color="C3")
         for p in fitted:
             if p.share in TABLE_SHARES:
-                ax.annotate(f"{p.share:.0%}", (p.size / 1e6, p.error), textcoords="offset points", xytext=(4, 4),
+                ax.annotate(f"{p.share:.0%}", (p.size / scale, p.error), textcoords="offset points", xytext=(4, 4),
                             fontsize=8)
-        ax.axvline(self.file_bytes / 1e6, color="0.3", lw=1, ls="--", label="this file")
-        ax.set_xlabel("file size (MB)")
+        ax.axvline(self.file_bytes / scale, color="0.3", lw=1, ls="--", label="this file")
+        ax.set_xlabel(f"file size ({unit}, 1 {unit} = {scale:.0e} bytes)".replace("e+0", "e"))
         ax.set_ylabel("relative error of the whole update")
         ax.set_ylim(bottom=0)
         ax.set_title("size/quality (aclora resize --max-size)")
@@ -96,8 +97,9 @@ def _mb(size: int) -> str:
     return f"{size / 1e6:.3g} MB" if size >= 1e5 else f"{size / 1e3:.3g} KB"
 
 
-def size_curve(path: str, shares: Sequence[float] = TABLE_SHARES) -> SizeCurve:
-    """The size/quality curve of the LoRA file ``path`` at ``shares`` of its size (see the module docstring).
+def size_curve(path: str, shares: Sequence[float] = TABLE_SHARES, with_smallest: bool = False) -> SizeCurve:
+    """The size/quality curve of the LoRA file ``path`` at ``shares`` of its size (see the module docstring);
+    ``with_smallest``: also at the smallest file possible, where the curve starts (for the plot).
 
     A file resize cannot read (LyCORIS, NaN weights, ...) gives a curve saying why, not an error: the
     rank report stands without it.
@@ -119,8 +121,12 @@ def size_curve(path: str, shares: Sequence[float] = TABLE_SHARES) -> SizeCurve:
     caps, threshold, top = _decide(modules, spectra, criterion, max_rank, max_rank)
     plan = ResizeResult({}, [], criterion, alpha, max_rank, max_rank, threshold, top, 0.0,
                         str(dtype).replace("torch.", ""), {m.name: m.rank for m in modules})
-    for share in sorted(set(shares)):
-        point = CurvePoint(share, int(share * curve.file_bytes))
+    sizes = {share: int(share * curve.file_bytes) for share in shares}
+    if with_smallest:
+        smallest = _smallest(modules, spectra, caps, plan, dtype, metadata, path)
+        sizes[smallest / curve.file_bytes] = smallest
+    for share, max_size in sorted(sizes.items()):
+        point = CurvePoint(share, max_size)
         budgeted = replace(plan, budget=Budget(point.max_size, False))
         try:
             ranks = _fit_budget(modules, spectra, caps, budgeted, dtype, metadata, path)
@@ -134,6 +140,15 @@ def size_curve(path: str, shares: Sequence[float] = TABLE_SHARES) -> SizeCurve:
         point.ranks = (min(kept), median(kept), max(kept))
         curve.points.append(point)
     return curve
+
+
+def _smallest(modules, spectra, caps, plan: ResizeResult, dtype, metadata, path: str) -> int:
+    """The smallest file resize can write (a budget of one byte is refused, saying it)."""
+    try:
+        _fit_budget(modules, spectra, caps, replace(plan, budget=Budget(1, False)), dtype, metadata, path)
+    except BudgetError as err:
+        return err.smallest
+    return 1  # pragma: no cover - no file is one byte
 
 
 __all__ = ["TABLE_SHARES", "PLOT_SHARES", "CurvePoint", "SizeCurve", "size_curve"]
