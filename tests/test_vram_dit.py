@@ -304,3 +304,41 @@ def test_a_variant_of_another_family_or_an_unknown_one_is_refused():
         setup_of({"pretrained_model_name_or_path": "/m/flux1-dev.safetensors"}, variant="5-large")
     with pytest.raises(vram.VramError, match="family='sdxl' .allowed: family flux or sd3."):
         vram.Setup(family="sdxl", blocks_to_swap=2)
+
+
+# --- full size: the numbers docs/vram.md quotes --------------------------------------------------------------------------
+#: the three FLUX.1/SD3 configurations docs/vram.md tabulates (the arguments of the sample configs)
+DOC_RUNS = {
+    "FLUX.1 dev, 24 GB": ["--pretrained_model_name_or_path", "flux1-dev.safetensors", "--resolution", "1024",
+                          "--mixed_precision", "bf16", "--fp8_base", "--gradient_checkpointing", "--cache_latents",
+                          "--cache_text_encoder_outputs", "--network_train_unet_only", "--network_dim", "32",
+                          "--network_alpha", "16", "--optimizer_type", "Adafactor",
+                          "--optimizer_args", "relative_step=False", "scale_parameter=False", "warmup_init=False"],
+    "FLUX.1 dev, 16 GB": ["--pretrained_model_name_or_path", "flux1-dev.safetensors", "--resolution", "1024",
+                          "--mixed_precision", "bf16", "--fp8_base", "--blocks_to_swap", "8",
+                          "--gradient_checkpointing", "--cache_latents", "--cache_text_encoder_outputs",
+                          "--network_train_unet_only", "--network_dim", "32", "--network_alpha", "16",
+                          "--optimizer_type", "Adafactor",
+                          "--optimizer_args", "relative_step=False", "scale_parameter=False", "warmup_init=False"],
+    "SD3.5 medium": ["--pretrained_model_name_or_path", "sd3.5_medium.safetensors", "--resolution", "1024",
+                     "--mixed_precision", "bf16", "--gradient_checkpointing", "--cache_latents",
+                     "--cache_text_encoder_outputs", "--network_train_unet_only", "--network_dim", "32",
+                     "--network_alpha", "16", "--optimizer_type", "AdamW"],
+}
+
+
+@pytest.mark.parametrize("name", list(DOC_RUNS))
+def test_docs_quote_the_full_size_estimates_of_the_dit_sample_runs(name, capsys):
+    from aclora_ext.tools.cli import main
+
+    assert main(["vram", *DOC_RUNS[name], "--no-restart", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    row = rf"\| {re.escape(name)} \| ([\d.]+) \| ([\d.]+) \|"
+    quoted = re.search(row, (ROOT / "docs" / "vram.md").read_text())
+    assert quoted, f"docs/vram.md does not tabulate {name!r}"
+    assert float(quoted.group(1)) == pytest.approx(report["peak_gib"], abs=0.015)
+    assert float(quoted.group(2)) == pytest.approx(report["with_margin_gib"], abs=0.015)
+    expected_fit = 24 if "24 GB" in name else 16 if "16 GB" in name else 12
+    assert report["fits_gib"][str(expected_fit)], (name, report["with_margin_gib"])
+    if name.startswith("FLUX"):
+        assert report["lora_parameters"] == 153_157_632 and report["modules"] == 304
