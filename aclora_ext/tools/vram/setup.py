@@ -187,7 +187,9 @@ class Setup:
             net if self.train_unet else "text encoder(s)")
         name = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", DTYPES["fp8"]: "fp8"}
         model = self.model_name if self.is_dit else self.family.upper()
-        swap = f" ({self.blocks_to_swap} blocks swapped to the CPU)" if self.blocks_to_swap else ""
+        n = self.blocks_to_swap
+        blocks = n // 2 + (n - n // 2) * 2 if self.family == "flux" else n
+        swap = f" (blocks_to_swap {n}: {blocks} blocks' weights on the CPU)" if n else ""
         parts = [
             f"{model} {self.width}x{self.height}, batch {self.batch_size}, LoRA rank {self.rank} on the {what}",
             f"{net} weights {name[self.unet_dtype]}{swap}, LoRA {name[self.lora_dtype]}"
