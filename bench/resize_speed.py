@@ -19,8 +19,17 @@ resize_lora.py takes ~25 minutes per file on one CPU core, so ``--quick``
 runs it on one module of every distinct shape (12) and extrapolates by the
 shape counts (marked as such); ``--full`` runs it on every module.
 
+``--model flux``: a FLUX.1 dev LoRA as sd-scripts' networks.lora_flux writes it
+with --network_train_unet_only (304 modules: 19 double blocks x 10, 38 single
+blocks x 3, ``harness.architectures.flux_module_shapes``; 8 distinct shapes up
+to 21504 x 3072). resize_lora.py's full-matrices SVD of one such update takes
+minutes on one core (a whole file would take hours), so it is always sampled
+(one module per shape, ``--real-per-shape``) and extrapolated. ``--model sd35``:
+SD3.5 medium's 263 DiT modules likewise.
+
     .venv/bin/python bench/resize_speed.py --quick --threads 1   # R=32, the script sampled (~2 minutes)
     .venv/bin/python bench/resize_speed.py --full --threads 1    # R=32 and 128, the whole file (~1 hour of CPU)
+    .venv/bin/python bench/resize_speed.py --model flux --threads 1 --ranks 32,128   # FLUX.1 dev (~40 minutes)
     .venv/bin/python bench/resize_speed.py --full --device cuda
 
 Target: ours >= 100x faster than resize_lora.py on the CPU.
@@ -52,6 +61,7 @@ from aclora_ext.harness.architectures import ModuleShape
 from bench import common
 
 NAME = "resize_speed"
+MODELS = {"sdxl": "SDXL module set", "flux": "FLUX.1 dev DiT module set", "sd35": "SD3.5 medium DiT module set"}
 METHOD, PARAM = "sv_fro", 0.9  # the resize_lora method both tools run
 TARGET_RATIO = 100.0
 # sd-scripts beside the repository (CI lays a snapshot there), or wherever ACLORA_SD_SCRIPTS points
@@ -216,16 +226,23 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     parser.add_argument("--real-per-shape", type=int, default=None,
                         help="run resize_lora.py on this many modules of each distinct shape and extrapolate "
                              "(quick: 1; full: every module, 0 = every module)")
+    parser.add_argument("--model", choices=tuple(MODELS), default="sdxl",
+                        help="the LoRA file's module set: sdxl (986 modules, default), flux (FLUX.1 dev, 304 DiT "
+                             "modules), sd35 (SD3.5 medium, 263 DiT modules); flux and sd35 always sample "
+                             "resize_lora.py (one module per shape unless --real-per-shape says otherwise)")
     args = parser.parse_args(argv)
     device = common.setup(args)
     full = args.mode == "full"
     if args.smoke:
         shapes, default_ranks, rounds, per_shape = SMOKE_SHAPES, "8", 1, 0
     else:
-        from aclora_ext.harness.architectures import sdxl_module_shapes
+        from aclora_ext.harness import architectures
 
-        shapes = sdxl_module_shapes()
+        shapes = {"sdxl": architectures.sdxl_module_shapes, "flux": lambda: architectures.flux_module_shapes(False),
+                  "sd35": lambda: architectures.sd3_module_shapes(False)}[args.model]()
         default_ranks, rounds, per_shape = ("32,128", 3, 0) if full else ("32", 1, 1)
+        if args.model != "sdxl":  # a whole DiT file through resize_lora.py takes hours: sampled
+            per_shape = 1
     ranks = [int(r) for r in (args.ranks or default_ranks).split(",")]
     rounds = args.rounds or rounds
     per_shape = args.real_per_shape if args.real_per_shape is not None else per_shape
@@ -251,7 +268,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         print(f"R={rank}: done", flush=True)
 
     machine = common.machine_info(device)
-    module_set = "smoke shapes" if args.smoke else "SDXL module set"
+    module_set = "smoke shapes" if args.smoke else MODELS[args.model]
     title = f"aclora resize vs resize_lora.py, {module_set} ({len(shapes)} modules) — {common.describe_machine(machine)}"
     common.print_table(title, rows, ["rank", "what", "seconds", "cpu_seconds", "extrapolated", "speedup"],
                        ["R", "what", "wall s (median)", "CPU s (median)", "extrapolated", "resize_lora.py / this"])
@@ -274,8 +291,10 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
              "and writes the resized one (metadata, hashes, atomic write).")
     print(notes)
     result = common.payload(NAME, args, device, rows=rows, ranks=infos, ratio_basis=basis, method=METHOD,
-                            param=PARAM, resize_lora_script=script, targets=targets, notes=notes)
-    common.write_json(NAME, result, args.out)
+                            param=PARAM, resize_lora_script=script, targets=targets, notes=notes,
+                            model=None if args.smoke else args.model, module_set=module_set)
+    name = NAME if args.smoke or args.model == "sdxl" else f"{NAME}_{args.model}"
+    common.write_json(name, result, args.out)
     return result
 
 

@@ -12,7 +12,7 @@ from torch import nn
 from .tiny import as_transformers4_layout
 
 FAMILIES = ("sd1", "sd2", "sdxl")
-NATIVE_RESOLUTION = {"sd1": 512, "sd2": 768, "sdxl": 1024}
+NATIVE_RESOLUTION = {"sd1": 512, "sd2": 768, "sdxl": 1024, "flux": 1024, "sd3": 1024}
 LATENT_CHANNELS = 4
 TOKENS_PER_CHUNK = 77
 
@@ -152,4 +152,64 @@ def sdxl_module_shapes() -> List[ModuleShape]:
         + kohya_target_shapes(as_transformers4_layout(te2), "lora_te2", TEXT_ENCODER_TARGET_CLASSES)
     )
     assert len(shapes) == SDXL_TOTAL_MODULES, f"expected {SDXL_TOTAL_MODULES} SDXL LoRA modules, found {len(shapes)}"
+    return shapes
+
+
+# --- FLUX.1 and SD3/SD3.5 (the DiT layouts of ``harness.dit``) ------------------------------------------
+FLUX_DIT_TARGET_CLASSES = ("DoubleStreamBlock", "SingleStreamBlock")
+SD3_DIT_TARGET_CLASSES = ("SingleDiTBlock",)
+FLUX_MODULES = {"unet": 19 * 10 + 38 * 3, "te1": 72, "te3": 168}  # lora_flux.py, full FLUX.1 (r16 facts)
+SD35_MEDIUM_MODULES = {"unet": 24 * 10 - 3 + 13 * 2, "te1": 72, "te2": 192, "te3": 168}
+
+
+def t5xxl_encoder(device: str = "meta") -> nn.Module:
+    """T5 v1.1 XXL's encoder (transformers' T5EncoderModel) on ``device``, from its literal config."""
+    from transformers import T5Config, T5EncoderModel
+
+    from .dit import T5XXL_CONFIG
+
+    with torch.device(device):
+        return T5EncoderModel(T5Config(**T5XXL_CONFIG))
+
+
+def _clip_shapes(config: Dict[str, Any], prefix: str, projection: bool) -> List[ModuleShape]:
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    with torch.device("meta"):
+        model = (CLIPTextModelWithProjection if projection else CLIPTextModel)(CLIPTextConfig(**config))
+    return kohya_target_shapes(as_transformers4_layout(model), prefix, TEXT_ENCODER_TARGET_CLASSES)
+
+
+def flux_module_shapes(text_encoders: bool = True) -> List[ModuleShape]:
+    """The modules sd-scripts' networks.lora_flux trains on FLUX.1 dev with default options: the DiT's 304
+    (19 double blocks x 10, 38 single blocks x 3), CLIP-L's 72 (``lora_te1_``) and, with ``train_t5xxl``,
+    T5-XXL's 168 (``lora_te3_``), named as lora_flux names them."""
+    from .dit import FLUX_DEV, T5_TARGET_CLASSES
+    from .flux_dit import Flux
+
+    with torch.device("meta"):
+        shapes = kohya_target_shapes(Flux(FLUX_DEV), "lora_unet", FLUX_DIT_TARGET_CLASSES)
+    if text_encoders:
+        shapes += _clip_shapes(SDXL_TE1_CONFIG, "lora_te1", False)
+        shapes += kohya_target_shapes(t5xxl_encoder(), "lora_te3", T5_TARGET_CLASSES)
+    expected = FLUX_MODULES["unet"] + (FLUX_MODULES["te1"] + FLUX_MODULES["te3"] if text_encoders else 0)
+    assert len(shapes) == expected, f"expected {expected} FLUX.1 LoRA modules, found {len(shapes)}"
+    return shapes
+
+
+def sd3_module_shapes(text_encoders: bool = True) -> List[ModuleShape]:
+    """The modules sd-scripts' networks.lora_sd3 trains on SD3.5 medium with default options: the DiT's 263
+    (24 joint blocks' context and x blocks, the last context block pre-only, ``attn2`` in the x blocks of
+    joint blocks 0-12), CLIP-L's 72, CLIP-G's 192 and, with ``train_t5xxl``, T5-XXL's 168."""
+    from .dit import SD35_MEDIUM, T5_TARGET_CLASSES
+    from .sd3_dit import MMDiT
+
+    with torch.device("meta"):
+        shapes = kohya_target_shapes(MMDiT(SD35_MEDIUM), "lora_unet", SD3_DIT_TARGET_CLASSES)
+    if text_encoders:
+        shapes += _clip_shapes(SDXL_TE1_CONFIG, "lora_te1", True)
+        shapes += _clip_shapes(SDXL_TE2_CONFIG, "lora_te2", True)
+        shapes += kohya_target_shapes(t5xxl_encoder(), "lora_te3", T5_TARGET_CLASSES)
+    expected = sum(SD35_MEDIUM_MODULES.values()) if text_encoders else SD35_MEDIUM_MODULES["unet"]
+    assert len(shapes) == expected, f"expected {expected} SD3.5 medium LoRA modules, found {len(shapes)}"
     return shapes

@@ -5,7 +5,9 @@ metadata) alike: ranks come from the tensors (what every consumer uses), the
 maximum rank and the RESTART history from the metadata when it has them.
 Blocks follow the U-Net's own naming: diffusers (down_blocks / mid_block /
 up_blocks) or sd-scripts' SDXL U-Net (input_blocks / middle_block /
-output_blocks), plus one row per text encoder.
+output_blocks), plus one row per text encoder; FLUX.1 and SD3 files by their
+DiT's blocks (double/single blocks, joint blocks' context and x halves, input
+and final layers; see ``dit_names``).
 """
 
 from __future__ import annotations
@@ -22,15 +24,16 @@ from ..families import model_family
 from ..files.lora_dict import group_modules
 from ..files.storage import LoRAFileError, load_state_dict, metadata_json, metadata_ranks, read_metadata
 from ..functional import median
+from .dit_names import DIT_PART_LABELS, DIT_PARTS, dit_model, locate_dit, text_encoder_label
 
 
 class ReportError(Exception):
     """The report cannot be drawn or written (matplotlib missing for ``--plot``, an unwritable path)."""
 
 
-PARTS = ("te", "te1", "te2", "input", "middle", "output", "other")
+PARTS = ("te", "te1", "te2", "te3", "input", "middle", "output", *DIT_PARTS, "other")
 PART_LABELS = {"te": "text encoder", "te1": "text encoder 1", "te2": "text encoder 2", "input": "U-Net input",
-               "middle": "U-Net middle", "output": "U-Net output", "other": "other"}
+               "middle": "U-Net middle", "output": "U-Net output", "other": "other", **DIT_PART_LABELS}
 _UNET_BLOCK = re.compile(r"(down_blocks|input_blocks|up_blocks|output_blocks)_(\d+)_")
 
 
@@ -112,9 +115,12 @@ class RankReport:
 # --- reading -------------------------------------------------------------------------------------------
 def locate(name: str) -> tuple[str, str]:
     """(part, block) of a kohya module name."""
-    te = re.match(r"lora_(te[12]?)_", name)
+    te = re.match(r"lora_(te[123]?)_", name)
     if te:
         return te[1], te[1]
+    dit = locate_dit(name)
+    if dit:
+        return dit
     if not name.startswith("lora_unet_"):
         return "other", "other"
     rest = name[len("lora_unet_"):]
@@ -129,7 +135,7 @@ def locate(name: str) -> tuple[str, str]:
 
 
 def _block_order(part: str, block: str) -> tuple:
-    number = re.search(r"\.(\d+)$", block)
+    number = re.search(r"\.(\d+)(?:\.|$)", block)  # "down_blocks.1", "joint_blocks.3.x"
     return PARTS.index(part), int(number[1]) if number else -1, block
 
 
@@ -222,7 +228,7 @@ def read_report(path: str) -> RankReport:
     rows.sort(key=lambda m: (_block_order(m.part, m.block), m.name))
 
     is_ours = any(key.startswith("aclora_") for key in meta)
-    model = model_family(modules)
+    model = dit_model(modules, meta) or model_family(modules)
     if model is None:
         base = meta.get("ss_base_model_version", "")
         model = "SDXL" if base.startswith("sdxl") or any("_transformer_blocks_1_" in n for n in modules) else (
@@ -281,7 +287,7 @@ def format_report(report: RankReport) -> str:
     if report.truncation_error_mean is not None:
         lines.append(f"  truncation error of the export (relative, per module) "
                      f"mean {report.truncation_error_mean:.3g}, max {report.truncation_error_max:.3g}")
-    rows = [[PART_LABELS[b.part], b.block, str(b.modules), str(b.rank_min), f"{b.rank_median:g}", str(b.rank_max),
+    rows = [[part_label(b.part, report.model), b.block, str(b.modules), str(b.rank_min), f"{b.rank_median:g}", str(b.rank_max),
              f"{b.params:,}", f"{b.params_at_max_rank:,}"] for b in report.blocks]
     rows.append(["total", "", str(len(report.modules)), str(lo), f"{mid:g}", str(hi), f"{report.params:,}",
                  f"{report.params_at_max_rank:,}"])
@@ -296,6 +302,12 @@ def format_report(report: RankReport) -> str:
                     f"{h.rank_min}/{h.rank_median:g}/{h.rank_max}"] for h in report.history]
         lines += ["  " + line for line in _table(["#", "epoch", "step", "p", "L", "ranks min/median/max"], history, (5,))]
     return "\n".join(lines)
+
+
+def part_label(part: str, model: str) -> str:
+    """How the report names a part: "text encoder 1 (CLIP-L)" in a FLUX.1/SD3 file, else PART_LABELS."""
+    encoder = text_encoder_label(part, model)
+    return f"{PART_LABELS[part]} ({encoder})" if encoder else PART_LABELS[part]
 
 
 def _opt(value: Any, fmt: str = "{}") -> str:
@@ -319,7 +331,7 @@ def plot_report(report: RankReport, out: str, curve: Any = None) -> None:
     if curve is not None:
         curve.draw(fig.add_subplot(grid[:, 1]))
     ax = fig.add_subplot(grid[0, 0])
-    colors = {part: f"C{i}" for i, part in enumerate(PARTS)}
+    colors = {part: f"C{i % 10}" for i, part in enumerate(dict.fromkeys(m.part for m in report.modules))}
     xs = range(len(report.modules))
     ax.bar(xs, [m.rank for m in report.modules], width=1.0, color=[colors[m.part] for m in report.modules],
            edgecolor="none")
@@ -334,7 +346,7 @@ def plot_report(report: RankReport, out: str, curve: Any = None) -> None:
                 transform=ax.get_xaxis_transform())
         start = end
     for part in dict.fromkeys(m.part for m in report.modules):
-        ax.bar([0], [0], color=colors[part], label=PART_LABELS[part])
+        ax.bar([0], [0], color=colors[part], label=part_label(part, report.model))
     lo, mid, hi = report.rank_stats()
     ax.set_xlim(-0.5, len(report.modules) - 0.5)
     ax.set_xticks([])
@@ -390,4 +402,4 @@ def run(path: str, as_json: bool = False, plot_to: Optional[str] = None,
         return 1
     return 0
 
-__all__ = ["RankReport", "ReportError", "read_report", "format_report", "plot_report", "locate"]
+__all__ = ["RankReport", "ReportError", "read_report", "format_report", "plot_report", "locate", "part_label"]

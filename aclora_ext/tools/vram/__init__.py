@@ -22,6 +22,10 @@ weights) and the fused attention kernels that ``scaled_dot_product_attention``
 picks (flash, memory-efficient). What is not counted, and the margin assumed
 for it, is in :data:`NOT_COUNTED`.
 
+FLUX.1 and SD3/SD3.5 (``dit``, ``dit_step``): sd-scripts' DiT layouts built from literal configs
+(``harness.dit``), its LoRA targets with their fused shapes, block swap, the flow-matching step of
+flux_train_network.py / sd3_train_network.py; ``family_args`` tells the family from the arguments.
+
 The parts: ``setup`` (one set-up), ``models`` (the frozen models), ``step`` (one training step),
 ``counter`` (live storages), ``cuda`` (autocast and attention as CUDA does them), ``estimate``,
 ``config`` (reading sd-scripts' arguments), ``cli`` (the command).
@@ -58,4 +62,8 @@ from .estimate import (
 )
 from .models import Models, build_models, prepare_models
 from .setup import ATTENTION, DTYPES, FAMILIES, MIXED_PRECISION, OPTIMIZERS, Setup, VramError
+from . import dit
+from .dit import build_dit_models, prepare_dit_models
+from .dit_step import DitTrainingStep
+from .setup import DIT_FAMILIES, VARIANTS, max_blocks_to_swap
 from .step import TrainingStep, make_optimizer

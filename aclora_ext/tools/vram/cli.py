@@ -11,13 +11,14 @@ from typing import Any, Optional, Sequence
 from .config import read_config, setup_from_arguments
 from .counter import CATEGORIES
 from .estimate import CARD_SIZES_GIB, NOT_COUNTED, Estimate, GiB, estimate
-from .setup import FAMILIES, VramError
+from .setup import FAMILIES, VARIANTS, VramError
 
 BOOLEAN_FLAGS = ("v2", "network_train_unet_only", "network_train_text_encoder_only", "full_bf16", "full_fp16",
                  "fp8_base", "no_half_vae", "gradient_checkpointing", "cache_latents", "cache_text_encoder_outputs",
-                 "sdpa", "xformers", "mem_eff_attn")
-VALUE_FLAGS = ("resolution", "train_batch_size", "network_dim", "network_alpha", "mixed_precision", "optimizer_type",
-               "max_grad_norm", "max_token_length")
+                 "sdpa", "xformers", "mem_eff_attn", "apply_t5_attn_mask")
+VALUE_FLAGS = ("pretrained_model_name_or_path", "resolution", "train_batch_size", "network_dim", "network_alpha",
+               "mixed_precision", "optimizer_type", "max_grad_norm", "max_token_length", "blocks_to_swap",
+               "t5xxl_max_token_length", "ae", "clip_l", "clip_g", "t5xxl", "model_prediction_type")
 LIST_FLAGS = ("network_args", "optimizer_args")
 
 
@@ -29,7 +30,12 @@ def build_parser() -> argparse.ArgumentParser:
                     "spelled as sd-scripts spells them; arguments override the file, as in sd-scripts.")
     parser.add_argument("--config_file", metavar="FILE.toml", help="an sd-scripts training config (sample_configs/*.toml)")
     parser.add_argument("--family", choices=FAMILIES,
-                        help="the base model (default: sd2 with v2, sdxl when the model path contains 'xl', else sd1)")
+                        help="the base model (default: sd2 with v2; flux / sd3 when the model path says so or --ae / "
+                             "--clip_g is given; sdxl when the model path contains 'xl'; else sd1)")
+    variants = sorted({v for vs in VARIANTS.values() for v in vs})
+    parser.add_argument("--variant", choices=variants,
+                        help="flux: dev (default) or schnell; sd3: medium (SD3), 5-medium (SD3.5, default) or 5-large "
+                             "(default: from the model path)")
     for name in BOOLEAN_FLAGS:
         parser.add_argument(f"--{name}", action=argparse.BooleanOptionalAction, default=None)
     for name in VALUE_FLAGS:
@@ -61,7 +67,7 @@ def format_estimate(result: Estimate, notes: Sequence[str] = ()) -> str:
              "  GiB   at the peak of the training step"]
     for category in CATEGORIES:
         if result.breakdown.get(category):
-            lines.append(f"{gib(result.breakdown[category])}  {category}")
+            lines.append(f"{gib(result.breakdown[category])}  {category.replace('U-Net', result.setup.denoiser)}")
     lines += [f"{gib(result.peak_bytes)}  peak allocated (estimate of torch.cuda.max_memory_allocated), during: "
               f"{result.peak_phase}",
               "        peak in each part of the step: "
@@ -84,7 +90,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         arguments, base = arguments_from(args)
-        setup, notes = setup_from_arguments(arguments, args.family, base)
+        setup, notes = setup_from_arguments(arguments, args.family, base, args.variant)
         result = estimate(setup, measure_restart=not args.no_restart)
     except VramError as err:
         print(f"aclora vram: error: {err}", file=sys.stderr)

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Mapping, Optional
 
 from ...harness.architectures import NATIVE_RESOLUTION
+from .family_args import DIT_IGNORED, check_family_arguments, detect_family, detect_variant
 from .setup import OPTIMIZERS, Setup, VramError
 
 
@@ -54,9 +55,15 @@ KEYS: dict[str, Key] = {
     "max_token_length": Key("choice", "75, 150, 225", (75, 150, 225)),
     "gradient_accumulation_steps": Key("int", "an integer >= 1", minimum=1),
     "dataset_config": Key("text", "a path"),
+    # flux_train_network.py / sd3_train_network.py
+    "blocks_to_swap": Key("int", "an integer >= 0", minimum=0),
+    "t5xxl_max_token_length": Key("int", "an integer >= 1", minimum=1),
+    "apply_t5_attn_mask": Key("bool"),
+    "model_type": Key("choice", "flux (Chroma is not modelled)", ("flux",)),
+    "split_mode": Key("bool"),
 }
 # sd-scripts arguments that change memory in ways the estimate does not model: refused when switched on
-UNSUPPORTED = ("deepspeed", "fp8_base_unet", "fused_backward_pass", "use_lion_optimizer", "lowvram", "blocks_to_swap",
+UNSUPPORTED = ("deepspeed", "fp8_base_unet", "fused_backward_pass", "use_lion_optimizer", "lowvram",
                "cpu_offload_checkpointing", "train_text_encoder_only")
 _TRUE, _FALSE = (True, "true"), (False, "false")
 
@@ -132,14 +139,17 @@ def read_config(path: str) -> dict[str, Any]:
 
 
 def setup_from_arguments(arguments: Mapping[str, tuple[Any, str]], family: Optional[str] = None,
-                         base: Optional[Path] = None) -> tuple[Setup, list[str]]:
-    """A Setup from sd-scripts arguments ({key: (value, where it came from)}); also the notes on what was read."""
+                         base: Optional[Path] = None, variant: Optional[str] = None) -> tuple[Setup, list[str]]:
+    """A Setup from sd-scripts arguments ({key: (value, where it came from)}); also the notes on what was read.
+    ``family`` / ``variant``: --family / --variant (else told from the arguments, see ``family_args``)."""
     notes: list[str] = []
     values: dict[str, Any] = {}
     ignored = []
     for key, (raw, origin) in arguments.items():
         if key in KEYS:
             values[key] = _check(key, raw, origin)
+        elif key in DIT_IGNORED:
+            continue  # a DiT trainer's argument: listed with the family's notes
         elif key in UNSUPPORTED:
             if raw not in (False, None, 0, "false", ""):
                 raise VramError(f"{origin}: {key}={raw!r} is not modelled by aclora vram; allowed: leave it unset")
@@ -151,11 +161,16 @@ def setup_from_arguments(arguments: Mapping[str, tuple[Any, str]], family: Optio
     if ignored:
         notes.append("arguments that do not change the estimate: " + ", ".join(sorted(ignored)))
     values.update(_dataset_overrides(values.get("dataset_config"), base, notes))
-    fam = family or _family_from(values, notes)
+    raw = {key: value for key, (value, _) in arguments.items()}
+    fam = family or detect_family(raw, notes)
+    check_family_arguments(fam, arguments)
+    dit = _dit_fields(fam, raw, values, variant, notes)
     resolution = values.get("resolution") or (NATIVE_RESOLUTION[fam],) * 2
     if "resolution" not in values:
         notes.append(f"no resolution given: {resolution[0]}x{resolution[1]} (the family's native size)")
     attention = next((name for name in ("xformers", "mem_eff_attn", "sdpa") if values.get(name)), "none")
+    if dit:
+        attention = "sdpa"  # sd-scripts' DiTs always call scaled_dot_product_attention
     optimizer = next((o for o in OPTIMIZERS if o.lower() == str(values.get("optimizer_type", "adamw"))), "AdamW")
     if values.get("use_8bit_adam"):
         optimizer = "AdamW8bit"
@@ -177,20 +192,31 @@ def setup_from_arguments(arguments: Mapping[str, tuple[Any, str]], family: Optio
         cache_text_encoder_outputs=bool(values.get("cache_text_encoder_outputs")
                                         or values.get("cache_text_encoder_outputs_to_disk")),
         attention=attention, no_half_vae=values.get("no_half_vae", False),
-        max_token_length=values.get("max_token_length", 75))
+        max_token_length=75 if dit else values.get("max_token_length", 75), **dit)
     return setup, notes
 
 
-def _family_from(values: Mapping[str, Any], notes: list[str]) -> str:
-    if values.get("v2"):
-        notes.append("family sd2 (v2 = true)")
-        return "sd2"
-    model = str(values.get("pretrained_model_name_or_path", ""))
-    if "xl" in model.lower():
-        notes.append(f"family sdxl ('xl' in {model!r}; --family to change)")
-        return "sdxl"
-    notes.append("family sd1 (no v2, no 'xl' in pretrained_model_name_or_path; --family to change)")
-    return "sd1"
+def _dit_fields(family: str, raw: Mapping[str, Any], values: dict[str, Any], variant: Optional[str],
+                notes: list[str]) -> dict[str, Any]:
+    """The Setup fields of a FLUX.1/SD3 run ({} for SD families); notes for the arguments read and ignored."""
+    found_variant = detect_variant(family, raw, variant, notes)
+    if not found_variant:
+        return {}
+    swap = values.get("blocks_to_swap", 0) or 0
+    if values.get("split_mode") and not swap:
+        swap = 18
+        notes.append("split_mode = true without blocks_to_swap: sd-scripts sets blocks_to_swap 18")
+    if values.get("max_token_length") is not None:
+        notes.append("max_token_length is not used by the FLUX.1/SD3 trainers (sd-scripts warns and ignores it); "
+                     "the T5 length is t5xxl_max_token_length")
+    attention = [k for k in ("sdpa", "xformers", "mem_eff_attn") if values.get(k)]
+    if attention:
+        notes.append(f"{', '.join(attention)}: sd-scripts' DiTs always use scaled_dot_product_attention")
+    given = sorted(k for k in DIT_IGNORED if k in raw)
+    if given:
+        notes.append("DiT trainer arguments that do not change the estimate: " + ", ".join(given))
+    return {"variant": found_variant, "blocks_to_swap": swap, "t5_tokens": values.get("t5xxl_max_token_length", 0),
+            "apply_t5_attn_mask": values.get("apply_t5_attn_mask", False)}
 
 
 def _dataset_overrides(path: Optional[str], base: Optional[Path], notes: list[str]) -> dict[str, Any]:

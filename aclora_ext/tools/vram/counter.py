@@ -32,6 +32,7 @@ class Block:
     nbytes: int
     category: str
     phase: str
+    offloaded: bool = False  # a storage counted as 0 bytes because it waits in host memory (block swap)
 
 
 class StorageCounter(TorchDispatchMode):
@@ -72,7 +73,7 @@ class StorageCounter(TorchDispatchMode):
         size = self._rounded(storage.nbytes())
         entry = self._live.get(key)
         if entry is not None:
-            if entry[0].nbytes == size:
+            if entry[0].nbytes == size or entry[0].offloaded:
                 return entry[0]
             self._free(key)  # resized in place: the old block goes, a new one comes
         block = Block(size, category, phase or self.phase)
@@ -93,6 +94,14 @@ class StorageCounter(TorchDispatchMode):
                 block = self.see(t, category, SET_UP)
                 if block is not None:
                     block.category = category
+
+    def offload(self, tensors: Iterable[torch.Tensor]) -> None:
+        """Count ``tensors`` (already labelled) as 0 bytes from now on and in the replay: their model is on the
+        device, but they wait in host memory (sd-scripts' block swap keeps a swapped block's weights there)."""
+        for t in tensors:
+            block = self.see(t)
+            if block is not None:
+                block.nbytes, block.offloaded = 0, True
 
     def live_bytes(self) -> dict[str, int]:
         totals = dict.fromkeys(CATEGORIES, 0)

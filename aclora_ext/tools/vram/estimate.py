@@ -28,6 +28,8 @@ from .counter import (
     StorageCounter,
 )
 from .cuda import CudaPolicy
+from .dit import build_dit_models, describe_swap, dit_notes
+from .dit_step import DitTrainingStep
 from .models import Models, build_models
 from .setup import Setup
 from .step import TrainingStep
@@ -36,7 +38,7 @@ GiB = 1024**3
 #: what the estimate leaves out, as a fixed allowance plus a share of the estimate (see NOT_COUNTED)
 MARGIN_FIXED_BYTES = int(0.75 * GiB)
 MARGIN_FRACTION = 0.10
-CARD_SIZES_GIB = (8, 12, 16, 24)
+CARD_SIZES_GIB = (8, 12, 16, 24, 32, 48, 80)
 
 NOT_COUNTED = (
     "Not counted, so added as a margin of 0.75 GiB + 10% of the estimate (an assumption: no GPU has checked it "
@@ -97,8 +99,8 @@ class Estimate:
         }
 
 
-class CountedStep(TrainingStep):
-    """The training step with its gradients and optimizer state labelled for the counter."""
+class Counted:
+    """A training step with its gradients and optimizer state labelled for the counter (a mixin)."""
 
     def __init__(self, counter: StorageCounter, *args: Any, **kwargs: Any) -> None:
         self.counter = counter
@@ -127,6 +129,14 @@ class CountedStep(TrainingStep):
         self.counter.label((t for state in self.optimizer.state.values() for t in tree_leaves(state)), OPTIMIZER_STATE)
 
 
+class CountedStep(Counted, TrainingStep):
+    """SD1.x/2.x and SDXL's step, counted."""
+
+
+class CountedDitStep(Counted, DitTrainingStep):
+    """FLUX.1 and SD3's step, counted."""
+
+
 def estimate(setup: Setup, measure_restart: bool = True, models: Optional[Models] = None,
              block_bytes: int = BLOCK_BYTES) -> Estimate:
     """Count one training step of ``setup`` on the meta device, with the optimizer state a first step leaves (the
@@ -137,12 +147,13 @@ def estimate(setup: Setup, measure_restart: bool = True, models: Optional[Models
     counter = StorageCounter("meta", block_bytes)
     policy = CudaPolicy("meta")
     notes: list[str] = []
-    models = models or build_models(setup)
-    run = CountedStep(counter, models, setup, "meta", policy)
+    models = models or (build_dit_models(setup) if setup.is_dit else build_models(setup))
+    run = (CountedDitStep if setup.is_dit else CountedStep)(counter, models, setup, "meta", policy)
     run.warm_optimizer()
     # what exists before the first step: only what sits on the device is labelled, and so counted
     for model, category in run.device_models():
         counter.label(list(model.parameters()) + list(model.buffers()), category)
+    counter.offload(run.offloaded_tensors())  # block swap: these weights wait on the CPU
     counter.label(list(run.network.parameters()) + list(run.network.buffers()), LORA)
     counter.label(run.constants(), ACTIVATIONS)
     counter.label((t for state in run.optimizer.state.values() for t in tree_leaves(state)), OPTIMIZER_STATE)
@@ -162,8 +173,11 @@ def estimate(setup: Setup, measure_restart: bool = True, models: Optional[Models
         notes.append("fp16: the GradScaler's own tensors (a few bytes per step) are not simulated")
     if setup.attention == "none":
         notes.append("attention=none: the U-Net's eager attention stands in for sd-scripts' own (same L x L scores)")
-    notes.append("the diffusers U-Net stands in for sd-scripts' own (same layers; both checkpoint every ResNet and "
-                 "transformer block, sd-scripts also its down- and upsamplers)")
+    if setup.is_dit:
+        notes += dit_notes(setup) + [n for n in [describe_swap(models.unet, setup)] if n]
+    else:
+        notes.append("the diffusers U-Net stands in for sd-scripts' own (same layers; both checkpoint every ResNet "
+                     "and transformer block, sd-scripts also its down- and upsamplers)")
     lora_params = sum(p.numel() for p in run.network.parameters())
     return Estimate(setup, summary.peak, summary.at_peak, summary.phase, summary.by_phase, summary.largest,
                     summary.before, persistent_bytes, transient, len(run.network.loras), lora_params,

@@ -7,9 +7,16 @@ from typing import Any, Optional
 
 import torch
 
+from ...harness.dit import DIT_CONFIGS
 from ...options import parse_network_args
 
-FAMILIES = ("sd1", "sd2", "sdxl")
+#: sd1/sd2/sdxl: train_network.py / sdxl_train_network.py; flux: flux_train_network.py; sd3: sd3_train_network.py
+FAMILIES = ("sd1", "sd2", "sdxl", "flux", "sd3")
+DIT_FAMILIES = ("flux", "sd3")
+#: the models of a DiT family (sd-scripts' names: FLUX "dev"/"schnell", SD3 model_type), the first the default
+VARIANTS = {family: tuple(DIT_CONFIGS[family]) for family in DIT_FAMILIES}
+DEFAULT_VARIANT = {"flux": "dev", "sd3": "5-medium"}
+FAMILY_NAMES = {"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL", "flux": "FLUX.1", "sd3": "SD3"}
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp8": torch.float8_e4m3fn}
 MIXED_PRECISION = {"no": "fp32", "fp16": "fp16", "bf16": "bf16"}
 OPTIMIZERS = ("AdamW", "AdamW8bit", "Adafactor")
@@ -18,6 +25,18 @@ ATTENTION = ("sdpa", "xformers", "mem_eff_attn", "none")
 
 class VramError(ValueError):
     """A set-up the estimate cannot use: the message names the key, the value and what is allowed."""
+
+
+def max_blocks_to_swap(family: str, variant: str) -> int:
+    """The largest --blocks_to_swap sd-scripts accepts for the model (flux_models.py enable_block_swap: N//2 double
+    and (N - N//2)*2 single blocks, each at most its count - 2; sd3_models.py: N <= depth - 2)."""
+    config = DIT_CONFIGS[family][variant]
+    if family == "flux":
+        n = 0
+        while (n + 1) // 2 <= config.depth - 2 and (n + 1 - (n + 1) // 2) * 2 <= config.depth_single_blocks - 2:
+            n += 1
+        return n
+    return config.depth - 2
 
 
 @dataclass(frozen=True)
@@ -45,6 +64,11 @@ class Setup:
     attention: str = "sdpa"
     no_half_vae: bool = False
     max_token_length: int = 75
+    # FLUX.1 / SD3 (flux_train_network.py, sd3_train_network.py)
+    variant: str = ""  # flux: dev, schnell; sd3: medium, 5-medium, 5-large ("" = the family's default)
+    blocks_to_swap: int = 0  # --blocks_to_swap: that many blocks' weights live on the CPU
+    t5_tokens: int = 0  # --t5xxl_max_token_length (0 = sd-scripts' default: FLUX dev 512, schnell 256, SD3 256)
+    apply_t5_attn_mask: bool = False  # --apply_t5_attn_mask (FLUX: a mask in every attention)
 
     def __post_init__(self) -> None:
         def bad(key: str, value: Any, allowed: str) -> VramError:
@@ -52,6 +76,7 @@ class Setup:
 
         if self.family not in FAMILIES:
             raise bad("family", self.family, ", ".join(FAMILIES))
+        self._check_dit(bad)
         for key in ("width", "height"):
             value = getattr(self, key)
             if not isinstance(value, int) or value < 64 or value % 8:
@@ -77,12 +102,50 @@ class Setup:
             raise VramError("full_bf16/full_fp16 need mixed_precision='bf16'/'fp16'; mixed_precision='no' is set")
         if self.fp8_base and self.mixed_precision == "no":
             raise VramError("fp8_base=True needs mixed_precision='fp16' or 'bf16'; mixed_precision='no' is set")
-        if self.cache_text_encoder_outputs and self.family != "sdxl":
-            raise VramError(f"cache_text_encoder_outputs=True is an sdxl_train_network.py option; family={self.family!r}")
-        if self.cache_text_encoder_outputs and self.train_text_encoder:
+        if self.cache_text_encoder_outputs and self.family not in ("sdxl", *DIT_FAMILIES):
+            raise VramError(f"cache_text_encoder_outputs=True is an sdxl_train_network.py option (and "
+                            f"flux_train_network.py's and sd3_train_network.py's); family={self.family!r}")
+        if self.cache_text_encoder_outputs and self.train_text_encoder and self.family == "sdxl":
             raise VramError("cache_text_encoder_outputs=True needs network_train_unet_only=True (text encoders cannot "
                             "be trained from cached outputs), as sdxl_train_network.py asserts")
         parse_network_args(dict(self.network_args), max_rank=self.rank)  # OptionError names the key and value
+
+    def _check_dit(self, bad) -> None:
+        """The FLUX.1/SD3 fields: a variant of the family, blocks_to_swap within what sd-scripts asserts."""
+        if self.family not in DIT_FAMILIES:
+            for key, default in (("variant", ""), ("blocks_to_swap", 0), ("t5_tokens", 0), ("apply_t5_attn_mask", False)):
+                if getattr(self, key) != default:
+                    raise VramError(f"{key}={getattr(self, key)!r} is an option of flux_train_network.py and "
+                                    f"sd3_train_network.py; family={self.family!r} (allowed: family flux or sd3)")
+            return
+        variants = VARIANTS[self.family]
+        object.__setattr__(self, "variant", self.variant or DEFAULT_VARIANT[self.family])
+        if self.variant not in variants:
+            raise bad("variant", self.variant, f"{', '.join(variants)} (family {self.family})")
+        if not self.t5_tokens:
+            object.__setattr__(self, "t5_tokens", 512 if (self.family, self.variant) == ("flux", "dev") else 256)
+        if not isinstance(self.t5_tokens, int) or self.t5_tokens < 1:
+            raise bad("t5xxl_max_token_length", self.t5_tokens, "an integer >= 1")
+        most = max_blocks_to_swap(self.family, self.variant)
+        if not isinstance(self.blocks_to_swap, int) or not 0 <= self.blocks_to_swap <= most:
+            raise bad("blocks_to_swap", self.blocks_to_swap, f"an integer from 0 to {most} for {self.model_name} ("
+                      + ("it swaps N//2 double and (N - N//2)*2 single blocks, and sd-scripts asserts each is at most "
+                         "the block count - 2)" if self.family == "flux" else
+                         "sd-scripts asserts N <= the joint block count - 2)"))
+        if self.attention != "sdpa":
+            raise bad("attention", self.attention, f"sdpa for family {self.family} (sd-scripts' DiTs always call "
+                      "scaled_dot_product_attention)")
+
+    @property
+    def is_dit(self) -> bool:
+        return self.family in DIT_FAMILIES
+
+    @property
+    def model_name(self) -> str:
+        """"FLUX.1 dev", "SD3.5 medium", "SDXL", ..."""
+        if self.family == "sd3":
+            return {"medium": "SD3 medium", "5-medium": "SD3.5 medium", "5-large": "SD3.5 large"}[self.variant]
+        return FAMILY_NAMES[self.family] + (f" {self.variant}" if self.variant else "")
 
     @property
     def weight_dtype(self) -> torch.dtype:
@@ -113,13 +176,23 @@ class Setup:
     def chunks(self) -> int:
         return self.max_token_length // 75
 
+    @property
+    def denoiser(self) -> str:
+        """What sd-scripts' ``unet`` is: "DiT" for FLUX.1/SD3, else "U-Net"."""
+        return "DiT" if self.is_dit else "U-Net"
+
     def describe(self) -> str:
-        what = "U-Net and text encoder(s)" if self.train_unet and self.train_text_encoder else (
-            "U-Net" if self.train_unet else "text encoder(s)")
+        net = self.denoiser
+        what = f"{net} and text encoder(s)" if self.train_unet and self.train_text_encoder else (
+            net if self.train_unet else "text encoder(s)")
         name = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", DTYPES["fp8"]: "fp8"}
+        model = self.model_name if self.is_dit else self.family.upper()
+        n = self.blocks_to_swap
+        blocks = n // 2 + (n - n // 2) * 2 if self.family == "flux" else n
+        swap = f" (blocks_to_swap {n}: {blocks} blocks' weights on the CPU)" if n else ""
         parts = [
-            f"{self.family.upper()} {self.width}x{self.height}, batch {self.batch_size}, LoRA rank {self.rank} on the {what}",
-            f"U-Net weights {name[self.unet_dtype]}, LoRA {name[self.lora_dtype]}"
+            f"{model} {self.width}x{self.height}, batch {self.batch_size}, LoRA rank {self.rank} on the {what}",
+            f"{net} weights {name[self.unet_dtype]}{swap}, LoRA {name[self.lora_dtype]}"
             + (f", {name[self.autocast_dtype]} autocast" if self.autocast_dtype else ", no autocast"),
             "gradient checkpointing" if self.gradient_checkpointing else "no gradient checkpointing",
             self.optimizer + (" " + " ".join(f"{k}={v}" for k, v in self.optimizer_args) if self.optimizer_args else ""),
@@ -128,6 +201,8 @@ class Setup:
                 "text encoders trained" if self.train_text_encoder else f"text encoders on the GPU ({name[self.text_encoder_dtype]}, frozen)"),
             f"attention: {self.attention}",
         ]
+        if self.is_dit:
+            parts.append(f"T5 tokens {self.t5_tokens}" + (", T5 attention mask" if self.apply_t5_attn_mask else ""))
         if self.network_args:
             parts.append("network_args " + " ".join(f"{k}={v}" for k, v in self.network_args))
         return "; ".join(parts)

@@ -48,8 +48,7 @@ class TrainingStep:
             optimizer_type=setup.optimizer, learning_rate=1e-4)
         te_argument = models.text_encoder_argument
         with torch.device(self.device):
-            network = factory.create_network(1.0, setup.rank, setup.alpha, None, te_argument, models.unet,
-                                             **dict(setup.network_args))
+            network = self._create_network(te_argument)
         try:
             network.prepare_network(self.args)
             network.apply_to(te_argument, models.unet, setup.train_text_encoder, setup.train_unet)
@@ -62,15 +61,28 @@ class TrainingStep:
         self.accelerator = _accelerator()
         self._constants()
 
+    def _create_network(self, te_argument: Any) -> Any:
+        """``create_network`` as sd-scripts calls it (on the device in effect)."""
+        setup = self.setup
+        return factory.create_network(1.0, setup.rank, setup.alpha, None, te_argument, self.models.unet,
+                                      **dict(setup.network_args))
+
+    def _trained_text_encoders(self) -> list[nn.Module]:
+        """The text encoders whose LoRA trains (sd-scripts' per-encoder train flags)."""
+        return list(self.models.text_encoders) if self.setup.train_text_encoder else []
+
+    def offloaded_tensors(self) -> list[torch.Tensor]:
+        """Weights sd-scripts keeps on the CPU although their model is on the device (block swap)."""
+        return []
+
     def _prepare(self, network: Any) -> None:
         """The rest of train_network.py's set-up, from moving the network to the device to the first epoch."""
         models, setup, te_argument = self.models, self.setup, self.models.text_encoder_argument
         network.to(self.device)  # its state buffers too, as accelerator.prepare(network) does
         if setup.gradient_checkpointing:
             models.unet.enable_gradient_checkpointing()
-            if setup.train_text_encoder:
-                for te in models.text_encoders:
-                    _enable_checkpointing(te)
+            for te in self._trained_text_encoders():
+                _enable_checkpointing(te)
             network.enable_gradient_checkpointing()
         groups, _ = network.prepare_optimizer_params(1e-4, 1e-4, 1e-4)
         self.optimizer = make_optimizer(setup, groups)
@@ -80,8 +92,8 @@ class TrainingStep:
             models.unet.train()
             for te in models.text_encoders:
                 te.train()
-                if setup.train_text_encoder:
-                    _text_model(te).embeddings.requires_grad_(True)  # sd-scripts' workaround for checkpointing
+            for te in self._trained_text_encoders():
+                _text_model(te).embeddings.requires_grad_(True)  # sd-scripts' workaround for checkpointing
         else:
             models.unet.eval()
             for te in models.text_encoders:
@@ -135,19 +147,8 @@ class TrainingStep:
         network.on_step_start(te_argument, models.unet)
         latents = self._latents()
         conds = self._text_conditioning()
-        self.phase("U-Net forward")
-        noise = torch.randn(self.latent_shape, device=self.device, dtype=latents.dtype)
-        timesteps = torch.randint(0, len(self.alphas), (s.batch_size,), device=self.device)
-        abar = self.alphas[timesteps].view(-1, 1, 1, 1)
-        noisy = abar.sqrt() * latents + (1.0 - abar).sqrt() * noise
-        if s.gradient_checkpointing:  # as train_network.py does for checkpointing
-            noisy.requires_grad_(True)
-            for c in conds:
-                if c.is_leaf:
-                    c.requires_grad_(True)
-        with self.autocast():
-            prediction = self._unet(noisy.requires_grad_(s.train_unet), timesteps, conds)
-        loss = F.mse_loss(prediction.float(), noise.float(), reduction="none").mean([1, 2, 3]).mean()
+        self.phase(f"{s.denoiser} forward")
+        loss = self._loss(latents, conds)
         self.phase("backward")
         if self.accelerator is not None:
             self.accelerator.backward(loss)
@@ -170,6 +171,22 @@ class TrainingStep:
         self.after_optimizer()
         self.optimizer.zero_grad(set_to_none=True)
         return loss
+
+    def _loss(self, latents: torch.Tensor, conds: list[torch.Tensor]) -> torch.Tensor:
+        """The U-Net's forward and the loss of train_network.py (epsilon prediction, DDPM noise)."""
+        s = self.setup
+        noise = torch.randn(self.latent_shape, device=self.device, dtype=latents.dtype)
+        timesteps = torch.randint(0, len(self.alphas), (s.batch_size,), device=self.device)
+        abar = self.alphas[timesteps].view(-1, 1, 1, 1)
+        noisy = abar.sqrt() * latents + (1.0 - abar).sqrt() * noise
+        if s.gradient_checkpointing:  # as train_network.py does for checkpointing
+            noisy.requires_grad_(True)
+            for c in conds:
+                if c.is_leaf:
+                    c.requires_grad_(True)
+        with self.autocast():
+            prediction = self._unet(noisy.requires_grad_(s.train_unet), timesteps, conds)
+        return F.mse_loss(prediction.float(), noise.float(), reduction="none").mean([1, 2, 3]).mean()
 
     def close(self) -> None:
         """Give the models their own forwards back."""

@@ -1,0 +1,102 @@
+"""Which sd-scripts trainer a set of arguments is for: the model family (SD1.x, SD2.x, SDXL, FLUX.1, SD3)
+and, for the DiTs, the model (FLUX.1 dev/schnell, SD3 medium, SD3.5 medium/large); the arguments that only
+one trainer has, refused for another family with the key, the value and the family it belongs to."""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Mapping, Optional
+
+from .setup import DEFAULT_VARIANT, DIT_FAMILIES, VramError
+
+SCRIPTS = {"sd1": "train_network.py", "sd2": "train_network.py --v2", "sdxl": "sdxl_train_network.py",
+           "flux": "flux_train_network.py", "sd3": "sd3_train_network.py"}
+SD_FAMILIES = ("sd1", "sd2", "sdxl")
+#: sd-scripts arguments that belong to some trainers only: {key: the families whose trainer has it}
+FAMILY_ONLY: dict[str, tuple[str, ...]] = {
+    "v2": ("sd1", "sd2"), "ae": ("flux",), "clip_l": DIT_FAMILIES, "t5xxl": DIT_FAMILIES, "clip_g": ("sd3",),
+    "blocks_to_swap": DIT_FAMILIES, "t5xxl_max_token_length": DIT_FAMILIES, "apply_t5_attn_mask": DIT_FAMILIES,
+    "model_type": ("flux",), "split_mode": ("flux",), "guidance_scale": ("flux",), "timestep_sampling": ("flux",),
+    "discrete_flow_shift": ("flux",), "model_prediction_type": ("flux",), "sigmoid_scale": ("flux",),
+    "training_shift": ("sd3",), "apply_lg_attn_mask": ("sd3",), "clip_l_dropout_rate": ("sd3",),
+    "clip_g_dropout_rate": ("sd3",), "t5_dropout_rate": ("sd3",), "pos_emb_random_crop_rate": ("sd3",),
+    "enable_scaled_pos_embed": ("sd3",), "t5xxl_device": DIT_FAMILIES, "t5xxl_dtype": DIT_FAMILIES,
+    "weighting_scheme": DIT_FAMILIES, "logit_mean": DIT_FAMILIES, "logit_std": DIT_FAMILIES,
+    "mode_scale": DIT_FAMILIES,
+}
+#: the DiT trainers' arguments that do not change the estimate (listed as such when given)
+DIT_IGNORED = ("ae", "clip_l", "t5xxl", "clip_g", "model_type", "guidance_scale", "timestep_sampling",
+               "discrete_flow_shift", "model_prediction_type", "sigmoid_scale", "training_shift", "apply_lg_attn_mask",
+               "clip_l_dropout_rate", "clip_g_dropout_rate", "t5_dropout_rate", "pos_emb_random_crop_rate",
+               "enable_scaled_pos_embed", "t5xxl_device", "t5xxl_dtype", "weighting_scheme", "logit_mean",
+               "logit_std", "mode_scale", "split_mode")
+_SD3_PATH = re.compile(r"sd3|sd_3|stable[-_ ]?diffusion[-_ ]?3")
+_SD35_PATH = re.compile(r"3[._-]5|sd35")
+
+
+def _given(arguments: Mapping[str, Any], key: str) -> bool:
+    return arguments.get(key) not in (None, False, "", 0, "false")
+
+
+def detect_family(arguments: Mapping[str, Any], notes: list[str]) -> str:
+    """The family from the arguments (v2; the model path; the DiT trainers' own arguments), with a note why."""
+    model = str(arguments.get("pretrained_model_name_or_path", ""))
+    lower = model.lower()
+    if _given(arguments, "v2"):
+        notes.append("family sd2 (v2 = true)")
+        return "sd2"
+    if "flux" in lower:
+        notes.append(f"family flux ('flux' in {model!r}; --family to change)")
+        return "flux"
+    if _SD3_PATH.search(lower):
+        notes.append(f"family sd3 ('sd3' in {model!r}; --family to change)")
+        return "sd3"
+    for key, family in (("ae", "flux"), ("clip_g", "sd3")):
+        if _given(arguments, key):
+            notes.append(f"family {family} ({key} is given: a {SCRIPTS[family]} argument; --family to change)")
+            return family
+    if "xl" in lower:
+        notes.append(f"family sdxl ('xl' in {model!r}; --family to change)")
+        return "sdxl"
+    dit_only = sorted(k for k, fams in FAMILY_ONLY.items() if fams == DIT_FAMILIES and _given(arguments, k))
+    if dit_only:
+        raise VramError(f"{dit_only[0]}={arguments[dit_only[0]]!r} belongs to flux_train_network.py and "
+                        "sd3_train_network.py, and nothing tells which: allowed: --family flux or --family sd3 "
+                        "(or 'flux' / 'sd3' in pretrained_model_name_or_path, or --ae / --clip_g)")
+    notes.append("family sd1 (no v2, no 'xl', 'flux' or 'sd3' in pretrained_model_name_or_path; --family to change)")
+    return "sd1"
+
+
+def detect_variant(family: str, arguments: Mapping[str, Any], variant: Optional[str], notes: list[str]) -> str:
+    """The DiT model: --variant, else from the model path, else the family's default ("" for SD families)."""
+    if family not in DIT_FAMILIES:
+        if variant:
+            raise VramError(f"--variant {variant!r} is for family flux or sd3; family {family!r} has none")
+        return ""
+    if variant:
+        return variant
+    model = str(arguments.get("pretrained_model_name_or_path", "")).lower()
+    if family == "flux":
+        found = "schnell" if "schnell" in model else "dev" if "dev" in model else ""
+    elif "large" in model:
+        found = "5-large"
+    elif "medium" in model:
+        found = "5-medium" if _SD35_PATH.search(model) else "medium"
+    else:
+        found = ""
+    if found:
+        notes.append(f"model {found} (from pretrained_model_name_or_path; --variant to change)")
+        return found
+    notes.append(f"model {DEFAULT_VARIANT[family]} (the default for family {family}; --variant to change)")
+    return DEFAULT_VARIANT[family]
+
+
+def check_family_arguments(family: str, arguments: Mapping[str, tuple[Any, str]]) -> None:
+    """Refuse an argument another trainer has (e.g. --clip_g for FLUX.1, --blocks_to_swap for SDXL)."""
+    for key, (raw, origin) in arguments.items():
+        families = FAMILY_ONLY.get(key)
+        if families and family not in families and raw not in (None, False, "false"):
+            scripts = sorted({SCRIPTS[f].split()[0] for f in families})
+            raise VramError(f"{origin}: {key}={raw!r} is an argument of {' and '.join(scripts)}, not of "
+                            f"{SCRIPTS[family].split()[0]} (family {family!r}); allowed for family {family!r}: "
+                            "leave it unset, or choose the family it belongs to with --family")
