@@ -166,6 +166,7 @@ class FluxSd3Fixtures:
         self.env = env
         self.logs = Path(logs)
         self.python = python
+        self.build_seconds: dict[str, float] = {}  # what this object built, and how long each took
 
     def _build(self, name: str, task: str, *args: object, file: bool = False) -> Path:
         """``task`` into ``cache/name`` (a folder, or a file when ``file``), once."""
@@ -175,11 +176,14 @@ class FluxSd3Fixtures:
         target.parent.mkdir(parents=True, exist_ok=True)
         log = self.logs / f"build-{name.replace('/', '-')}.log"
         args = tuple(str(a) for a in args)
+        start = time.monotonic()
         if file:  # the task writes FILE.partial and renames it when done
             e2e.run([self.python, str(TASKS), task, str(target), *args], self.env, log).check()
-            return target
-        return e2e.build_once(target, lambda d: e2e.run([self.python, str(TASKS), task, str(d), *args], self.env,
-                                                        log).check())
+        else:
+            e2e.build_once(target, lambda d: e2e.run([self.python, str(TASKS), task, str(d), *args], self.env,
+                                                     log).check())
+        self.build_seconds[name] = round(time.monotonic() - start, 1)
+        return target
 
     def tokenizers(self) -> Path:
         return self._build("tokenizers", "tokenizers")

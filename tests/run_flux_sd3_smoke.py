@@ -178,6 +178,7 @@ def main() -> int:
                               "disk_mb": round(fx.disk_usage(p) / 2**20, 1)}
                      for p in sorted(fixtures.cache.iterdir())}
     record({"run": "fixtures", "cache": str(fixtures.cache), "files": fixture_files,
+            "built_now_seconds": fixtures.build_seconds,
             "total_disk_mb": round(fx.disk_usage(fixtures.cache) / 2**20, 1),
             "total_wall_s": round(time.monotonic() - t0, 1)})
     unexpected = [r["run"] for r in rows if "expected" in r and (r["exit"] == 0) != (r["expected"] == "success")]
