@@ -265,29 +265,13 @@ def main() -> int:
         te_names = [n for n in names if n.startswith("lora_te_")]
         for part, pool in (("unet", unet_names), ("text encoder", te_names)):
             for label, (ranks, alphas, pads) in scenarios(pool[5], pool[-1], pool[0]).items():
-                key = f"sd1 {part}: {label}"
-                try:
-                    rows = run_sd1(ranks, alphas, pads)
-                except Exception as error:  # noqa: BLE001
-                    report[key] = {"error": f"{type(error).__name__}: {error}", "trace": traceback.format_exc()[-800:]}
-                    print(key, "->", report[key]["error"])
-                    continue
-                report[key] = rows
-                print(key, "->", summary(rows, set(ranks) | set(alphas)))
+                run_scenario(report, f"sd1 {part}: {label}", run_sd1, ranks, alphas, pads)
     if args.only in (None, "flux"):
         odd, odd2 = "lora_unet_single_blocks_0_linear2", "lora_unet_double_blocks_0_txt_mlp_2"
         for label, (ranks, alphas, pads) in scenarios(odd, odd2, "FIRST").items():
             if "FIRST" in ranks:  # the module whose lora_B diffusers lists first (printed as _first_lora_B_key)
                 ranks = {"lora_unet_double_blocks_0_img_attn_proj": ranks.pop("FIRST")}
-            key = f"flux: {label}"
-            try:
-                rows = run_flux(ranks, alphas, pads)
-            except Exception as error:  # noqa: BLE001
-                report[key] = {"error": f"{type(error).__name__}: {error}", "trace": traceback.format_exc()[-800:]}
-                print(key, "->", report[key]["error"])
-                continue
-            report[key] = rows
-            print(key, "->", summary(rows, set(ranks) | set(alphas)), "| first lora_B:", rows["_first_lora_B_key"])
+            run_scenario(report, f"flux: {label}", run_flux, ranks, alphas, pads)
     if args.only in (None, "te3"):
         report["te3"] = te3_conversion()
         for label, outcome in report["te3"].items():
@@ -300,6 +284,19 @@ def main() -> int:
         with open(args.json, "w") as fh:
             json.dump(report, fh, indent=1, default=str)
     return 0
+
+
+def run_scenario(report: dict, key: str, run, ranks: dict, alphas: dict, pads: dict) -> None:
+    """``run(ranks, alphas, pads)`` into ``report[key]``, with a one-line summary (or the error) printed."""
+    try:
+        rows = run(ranks, alphas, pads)
+    except Exception as error:  # noqa: BLE001  (an error is an outcome to report)
+        report[key] = {"error": f"{type(error).__name__}: {error}", "trace": traceback.format_exc()[-800:]}
+        print(key, "->", report[key]["error"])
+        return
+    report[key] = rows
+    first = f" | first lora_B: {rows['_first_lora_B_key']}" if "_first_lora_B_key" in rows else ""
+    print(key, "->", summary(rows, set(ranks) | set(alphas)) + first)
 
 
 def summary(rows: dict, odd: set[str]) -> str:
