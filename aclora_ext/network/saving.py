@@ -83,15 +83,20 @@ def state_for_export(network, dtype: Optional[torch.dtype] = None):
         signal = network.rank_search.file_keeps(network.loras, signal)
     if all(isinstance(k, int) and k == m.rank for k, m in zip(signal, network.loras)):
         # nothing truncated yet (or restarts off): the training factors are the file, exactly
-        ranks = {m.lora_name: m.rank for m in network.loras}
         tensors, errors, bad = raw_modules(network.loras, dtype), {}, []
+        ranks = {m.lora_name: int(tensors[f"{m.lora_name}.lora_down.weight"].shape[0]) for m in network.loras}
+        padded = {m.lora_name: m.rank for m in network.loras if ranks[m.lora_name] != m.rank}
     else:
         result = export_modules(network.loras, signal, dtype)
-        tensors, ranks, errors, bad = result.tensors, result.ranks, result.errors, result.non_finite
+        tensors, ranks, errors, bad, padded = (result.tensors, result.ranks, result.errors, result.non_finite,
+                                               result.padded)
     bad = bad or sorted({key.rsplit(".", 2)[0] for key, t in tensors.items() if not bool(torch.isfinite(t).all())})
     if bad:
         raise ValueError(f"non-finite weights in {len(bad)} module(s): {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}")
-    return tensors, network.metadata(ranks, errors), errors
+    meta = network.metadata(ranks, errors)
+    if padded:  # stored at a higher rank with zeros (lora.export.pad_lone_ranks): their own ranks
+        meta["aclora_padded"] = json.dumps(padded, separators=(",", ":"))
+    return tensors, meta, errors
 
 
 def save_weights(network, file: str, dtype: Optional[torch.dtype] = None, metadata: Optional[dict] = None) -> bool:
@@ -144,6 +149,9 @@ def load_state(network, weights: dict[str, torch.Tensor], meta: Optional[dict] =
     if not set(modules) & set(by_name):
         raise LoRAFileError(f"{source}: none of its {len(modules)} LoRA modules exists in this model "
                             f"(e.g. {next(iter(modules), '?')}); is it for another model (SD1.x vs SDXL)?")
+    padded = json.loads((meta or {}).get("aclora_padded") or "{}")  # stored above their rank with zeros
+    modules = {n: _without_zero_components(p, by_name[n].rank) if n in by_name and n in padded else p
+               for n, p in modules.items()}
     check_shapes({n: modules[n] for n in modules if n in by_name}, by_name, source, allow_smaller_rank=True)
     saved_ranks = metadata_ranks(meta or {}, source)
     with torch.no_grad():
@@ -165,6 +173,17 @@ def load_state(network, weights: dict[str, torch.Tensor], meta: Optional[dict] =
         logger.warning("AC-LoRA: %d module(s) of %s do not exist in this model and were ignored: %s",
                        len(info.unexpected), source, ", ".join(info.unexpected[:10]))
     return info
+
+
+def _without_zero_components(parts: dict, rank: int) -> dict:
+    """A module a file stored above ``rank`` with zero components (``aclora_padded``), at ``rank``."""
+    down, up = parts["lora_down.weight"], parts["lora_up.weight"]
+    k = down.shape[0]
+    if k <= rank or (bool(down[rank:].any()) and bool(up[:, rank:].any())):
+        return parts
+    alpha = float(parts["alpha"]) if "alpha" in parts else float(k)
+    return {**parts, "lora_down.weight": down[:rank], "lora_up.weight": up[:, :rank].float() * (rank / k),
+            "alpha": torch.tensor(alpha)}
 
 
 def merge_to(network, weights_sd: Optional[dict] = None, dtype=None, device=None) -> None:
