@@ -29,6 +29,8 @@ Tasks:
   sd3 PATH DEPTH                     a random-weight SD3 MMDiT checkpoint (hidden 64 * DEPTH, "medium" layout,
                                      keys under model.diffusion_model.)
   data DIR T5_TOKENS                 two captioned 64x64 images with their FLUX and SD3 text-encoder output caches
+Checks (one JSON line each): block-swap-check, flux-merge-check BASE MERGED LORA, flux-merge-ours BASE MERGED LORA,
+  kohya-check flux|sd3 CHECKPOINT LORA (sd-scripts' own LoRA module's names and how it reads LORA).
 """
 
 from __future__ import annotations
@@ -352,7 +354,75 @@ def flux_merge_check(base: str, merged: str, lora: str) -> None:
     _report("MERGE-CHECK", {"relative_error": errors, "other_tensors_changed": untouched})
 
 
+def _dit(kind: str, checkpoint: str):
+    """The DiT the trainer builds from this checkpoint: FLUX.1 on the meta device (no weight read), SD3 for real."""
+    if kind == "flux":
+        from library import flux_utils
+
+        with no_file_reads(flux_utils):
+            return flux_utils.load_flow_model(checkpoint, None, "cpu")[1]
+    from safetensors.torch import load_file
+
+    from library import sd3_utils
+
+    return sd3_utils.load_mmdit(load_file(checkpoint), None, "cpu")
+
+
+def kohya_check(kind: str, checkpoint: str, lora: str) -> None:
+    """sd-scripts' own LoRA module for the family (networks.lora_flux / lora_sd3) on the trainer's DiT: the names
+    it gives the DiT's layers by default, and how its create_network_from_weights reads ``lora`` (each module's
+    rank and factor shapes)."""
+    from safetensors.torch import load_file
+
+    if kind == "flux":
+        from networks import lora_flux as module
+    else:
+        from networks import lora_sd3 as module
+    model = _dit(kind, checkpoint)
+    text_encoders = [None, None] if kind == "flux" else []  # lora_sd3 has no None check: none given
+    own = module.create_network(1.0, 4, 1.0, None, text_encoders, model)
+    network, weights = module.create_network_from_weights(1.0, lora, None, text_encoders, model)
+    read = network.text_encoder_loras + network.unet_loras
+    file = load_file(lora)
+    shapes_differ = [m.lora_name for m in read
+                     if tuple(m.lora_down.weight.shape) != tuple(file[f"{m.lora_name}.lora_down.weight"].shape)
+                     or tuple(m.lora_up.weight.shape) != tuple(file[f"{m.lora_name}.lora_up.weight"].shape)]
+    _report("KOHYA-CHECK", {"own_names": sorted(m.lora_name for m in own.text_encoder_loras + own.unet_loras),
+                            "read_ranks": {m.lora_name: m.lora_dim for m in read}, "shapes_differ": shapes_differ})
+
+
+def flux_merge_ours(base: str, merged: str, lora: str) -> None:
+    """flux_merge_lora.py's merged model against AC-LoRA's own merge_to of the same file (built with
+    create_network_from_weights on the trainer's DiT, the adapted layers given the checkpoint's weights):
+    per module the relative difference of the two updates, and whether any other tensor changed."""
+    from safetensors import safe_open
+
+    from aclora_ext import create_network_from_weights
+
+    model = _dit("flux", base)
+    network, weights = create_network_from_weights(1.0, lora, None, [None, None], model)
+    paths = {id(layer): path for path, layer in model.named_modules()}
+    errors, bases = {}, {}
+    with safe_open(base, "pt") as b:
+        for m in network.loras:
+            key = paths[id(m.org_module)] + ".weight"
+            bases[m.lora_name] = (key, b.get_tensor(key))
+            m.org_module.weight = torch.nn.Parameter(bases[m.lora_name][1], requires_grad=False)
+        network.merge_to(None, model, weights, torch.float32, "cpu")
+        with safe_open(merged, "pt") as t:
+            for m in network.loras:
+                key, weight = bases[m.lora_name]
+                ours, theirs = m.org_module.weight.float() - weight.float(), t.get_tensor(key).float() - weight.float()
+                errors[m.lora_name] = float((ours - theirs).norm() / theirs.norm().clamp_min(1e-30))
+            merged_keys = {key for key, _ in bases.values()}
+            changed = sum(1 for key in b.keys() if key not in merged_keys
+                          and not torch.equal(b.get_tensor(key).float(), t.get_tensor(key).float()))
+    _report("MERGE-OURS", {"relative_error": errors, "other_tensors_changed": changed})
+
+
 TASKS = {
+    "kohya-check": kohya_check,
+    "flux-merge-ours": flux_merge_ours,
     "block-swap-check": block_swap_check,
     "flux-merge-check": flux_merge_check,
     "tokenizers": build_tokenizers,
