@@ -272,6 +272,10 @@ def main() -> int:
             if "FIRST" in ranks:  # the module whose lora_B diffusers lists first (printed as _first_lora_B_key)
                 ranks = {"lora_unet_double_blocks_0_img_attn_proj": ranks.pop("FIRST")}
             run_scenario(report, f"flux: {label}", run_flux, ranks, alphas, pads)
+        # diffusers 0.32: transformer_blocks.0.attn.to_q is also a substring of single_transformer_blocks.0.attn.to_q,
+        # and its rank-pattern disambiguation breaks once two such keys have another rank (the load stops)
+        run_scenario(report, "flux: double block img_attn_qkv rank 2 (to_q/to_k/to_v odd)", run_flux,
+                     {"lora_unet_double_blocks_0_img_attn_qkv": 2}, {}, {})
     if args.only in (None, "te3"):
         report["te3"] = te3_conversion()
         for label, outcome in report["te3"].items():

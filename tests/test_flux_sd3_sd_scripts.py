@@ -284,3 +284,40 @@ def test_the_sd3_replay_is_the_trainers_validation_loss(sd):
     network.train()
     recorder = network.rank_search.loss_fn
     assert recorder.ready and torch.allclose(recorder(), torch.cat(losses), rtol=1e-6, atol=1e-8)
+
+
+# --- no host read in a training step --------------------------------------------------------------------------
+def test_a_flux_training_step_with_the_replay_recorder_reads_nothing_back_to_the_host(sd):
+    """The step of flux_train_network on the meta device (shapes, no data), with the network's validation
+    recorder and the wrapped prediction functions in place: nothing of ours reads a device tensor back to
+    the host (test_meta_step's guard, counting the reads made under an aclora_ext frame: sd-scripts' own
+    FLUX.1 forward moves a few host tensors to the device, which is not ours to change)."""
+    import traceback
+
+    from test_meta_step import HostReadGuard
+
+    class OursOnly(HostReadGuard):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if self._reads(func, args, kwargs):
+                stack = traceback.extract_stack()
+                self.reads.append((str(func), any("/aclora_ext/" in f.filename for f in stack)))
+            return func(*args, **kwargs)
+
+    with torch.device("meta"):
+        model = narrow_flux(sd)
+    network = validation_network(model, [None, None]).to("meta")
+    assert network.rank_search.loss_fn is not None  # the recorder and its function wrappers are on
+    args = argparse.Namespace(model_prediction_type="sigma_scaled", weighting_scheme="uniform")
+    with torch.device("meta"):
+        inputs = {k: v.to("meta") for k, v in flux_inputs().items()}
+        latents, noise, sigmas = torch.randn(1, 16, 8, 8), torch.randn(1, 16, 8, 8), torch.rand(1, 1, 1, 1)
+    network.train()
+    with OursOnly() as guard:
+        network.on_step_start(None, model)
+        pred = sd.flux_utils.unpack_latents(model(**inputs), 4, 4)
+        pred, weighting = sd.flux_train_utils.apply_model_prediction_type(args, pred, (1 - sigmas) * latents, sigmas)
+        loss = sd.train_util.conditional_loss(pred.float(), (noise - latents).float(), "l2", "none", None) * weighting
+        loss.mean().backward()
+    assert [op for op, ours in guard.reads if ours] == []
+    assert all(m.lora_down.weight.grad is not None for m in network.loras)
