@@ -15,12 +15,14 @@ import math
 import re
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 RESTART_MODES = ("paper", "product", "off")
 ENERGY_RULES = ("squared", "linear")
 
 _TRUE = ("true", "1", "yes", "on")
+#: a block selection: "all", or the indices of the blocks that get a LoRA
+BlockSelection = Union[str, tuple[int, ...]]
 _FALSE = ("false", "0", "no", "off")
 _NONE = ("none", "null", "")
 
@@ -34,7 +36,7 @@ class Option:
     """One user-facing option: its name, type, default, allowed range and help."""
 
     name: str
-    kind: str  # "int", "float", "bool", "choice" or "size" (bytes, see parse_size)
+    kind: str  # "int", "float", "bool", "choice", "size" (bytes, see parse_size), or a layer-selection kind: "ints", "blocks", "regex_dims"
     default: Any
     help: str
     choices: Sequence[str] = ()
@@ -43,9 +45,13 @@ class Option:
     min_inclusive: bool = True
     max_inclusive: bool = True
     optional: bool = True  # "None" is accepted and means "not set"
+    families: tuple[str, ...] = ()  # the model families (FAMILIES keys) that accept it; empty: every family
+    length: Optional[int] = None  # "ints": how many numbers
 
     def allowed(self, separator: str = " | ") -> str:
         """A short human description of the accepted values."""
+        if self.kind in _LAYER_KINDS:
+            return _layer_kind_allowed(self)
         if self.kind == "choice":
             text = separator.join(self.choices)
         elif self.kind == "size":
@@ -61,6 +67,8 @@ class Option:
 
     def parse(self, raw: Any) -> Any:
         """Convert ``raw`` (a string from the command line, or a Python value) or raise OptionError."""
+        if self.kind in _LAYER_KINDS and raw is not None:
+            return _parse_layer_kind(self, raw)
         if raw is None or (isinstance(raw, str) and raw.strip().lower() in _NONE):
             if self.optional:
                 return self.default if self.default is not None else None
@@ -136,6 +144,44 @@ OPTIONS: tuple[Option, ...] = (
     Option("max_file_size", "size", None, "Every saved file (each save_weights, the final one included) is at most this size, metadata included: the ranks the run decided are the caps, and the components worth the least per byte go first. A budget no file can meet refuses the save (the previous file is kept). The save_full_rank file is not budgeted."),
 )
 
+# --- which layers get a LoRA, per model family: sd-scripts' networks.lora_flux / lora_sd3 options, same names
+# and meaning (a rank given here is that layer's maximum rank: the rank search still decides the file's) ----
+#: the model families (families/ adapters) by their option key, as messages name them
+FAMILIES = {"sd": "SD1.x/2.x/SDXL", "flux": "FLUX.1", "sd3": "SD3/SD3.5"}
+_FLUX, _SD3, _DIT = ("flux",), ("sd3",), ("flux", "sd3")
+
+
+def _dim(name: str, what: str, families: tuple[str, ...]) -> Option:
+    return Option(name, "int", None, f"Maximum rank of the {what} (unset: network_dim; 0: no LoRA there).",
+                  minimum=0, families=families)
+
+
+LAYER_OPTIONS: tuple[Option, ...] = (
+    _dim("img_attn_dim", "double blocks' image attention (img_attn.qkv, img_attn.proj)", _FLUX),
+    _dim("txt_attn_dim", "double blocks' text attention (txt_attn.qkv, txt_attn.proj)", _FLUX),
+    _dim("img_mlp_dim", "double blocks' image MLP (img_mlp.0, img_mlp.2)", _FLUX),
+    _dim("txt_mlp_dim", "double blocks' text MLP (txt_mlp.0, txt_mlp.2)", _FLUX),
+    _dim("img_mod_dim", "double blocks' image modulation (img_mod.lin)", _FLUX),
+    _dim("txt_mod_dim", "double blocks' text modulation (txt_mod.lin)", _FLUX),
+    _dim("single_dim", "single blocks' linear1 and linear2", _FLUX),
+    _dim("single_mod_dim", "single blocks' modulation (modulation.lin)", _FLUX),
+    Option("in_dims", "ints", None, "Maximum ranks of the input layers img_in, time_in, vector_in, guidance_in, txt_in (0: no LoRA there). Unset: none of them gets a LoRA.", minimum=0, families=_FLUX, length=5),
+    Option("train_blocks", "choice", "all", "Which blocks get a LoRA: all, single (single-stream blocks only) or double (double-stream blocks only).", choices=("all", "single", "double"), optional=False, families=_FLUX),
+    Option("train_double_block_indices", "blocks", "all", "Which double-stream blocks get a LoRA.", families=_FLUX),
+    Option("train_single_block_indices", "blocks", "all", "Which single-stream blocks get a LoRA.", families=_FLUX),
+    _dim("context_attn_dim", "joint blocks' context attention (context_block.attn.qkv, .proj)", _SD3),
+    _dim("context_mlp_dim", "joint blocks' context MLP (context_block.mlp.fc1, .fc2)", _SD3),
+    _dim("context_mod_dim", "joint blocks' context modulation (context_block.adaLN_modulation.1)", _SD3),
+    _dim("x_attn_dim", "joint blocks' image attention (x_block.attn and attn2: qkv, proj)", _SD3),
+    _dim("x_mlp_dim", "joint blocks' image MLP (x_block.mlp.fc1, .fc2)", _SD3),
+    _dim("x_mod_dim", "joint blocks' image modulation (x_block.adaLN_modulation.1)", _SD3),
+    Option("emb_dims", "ints", None, "Maximum ranks of context_embedder, t_embedder, x_embedder (a 2x2 conv; conv_dim wins when set), y_embedder, final_layer.adaLN_modulation, final_layer.linear (0: no LoRA there). Unset: none of them gets a LoRA.", minimum=0, families=_SD3, length=6),
+    Option("train_block_indices", "blocks", "all", "Which joint blocks get a LoRA.", families=_SD3),
+    Option("train_t5xxl", "bool", False, "Also give T5-XXL's attention and feed-forward layers a LoRA (lora_te3_...); sd-scripts then cannot cache the text-encoder outputs.", optional=False, families=_DIT),
+    Option("split_qkv", "bool", False, "Only false is accepted: sd-scripts saves split_qkv's q/k/v factors merged into one module with alpha unchanged, so every consumer applies a third (FLUX.1 single blocks: a quarter) of the trained update; AC-LoRA gives the fused layer the rank it needs instead.", optional=False, families=_DIT),
+    Option("network_reg_dims", "regex_dims", None, "Maximum rank by LoRA module name: comma-separated pattern=rank pairs (re.search on the name, e.g. double_blocks_0_=16; the first match wins over network_dim, conv_dim and the per-type ranks; 0: no LoRA there)."),
+)
+OPTIONS = OPTIONS + LAYER_OPTIONS
 _BY_NAME: dict[str, Option] = {o.name: o for o in OPTIONS}
 
 
@@ -161,6 +207,30 @@ class ACLoRAConfig:
     seed: int = 0
     save_full_rank: bool = False
     max_file_size: Optional[int] = None  # bytes
+    # which layers (LAYER_OPTIONS)
+    img_attn_dim: Optional[int] = None
+    txt_attn_dim: Optional[int] = None
+    img_mlp_dim: Optional[int] = None
+    txt_mlp_dim: Optional[int] = None
+    img_mod_dim: Optional[int] = None
+    txt_mod_dim: Optional[int] = None
+    single_dim: Optional[int] = None
+    single_mod_dim: Optional[int] = None
+    in_dims: Optional[tuple[int, ...]] = None
+    train_blocks: str = "all"
+    train_double_block_indices: BlockSelection = "all"
+    train_single_block_indices: BlockSelection = "all"
+    context_attn_dim: Optional[int] = None
+    context_mlp_dim: Optional[int] = None
+    context_mod_dim: Optional[int] = None
+    x_attn_dim: Optional[int] = None
+    x_mlp_dim: Optional[int] = None
+    x_mod_dim: Optional[int] = None
+    emb_dims: Optional[tuple[int, ...]] = None
+    train_block_indices: BlockSelection = "all"
+    train_t5xxl: bool = False
+    split_qkv: bool = False
+    network_reg_dims: Optional[tuple[tuple[str, int], ...]] = None
 
     def replace(self, **changes: Any) -> "ACLoRAConfig":
         return validate(dataclasses.replace(self, **changes))
@@ -191,11 +261,43 @@ def validate(config: ACLoRAConfig, max_rank: Optional[int] = None) -> ACLoRAConf
         raise OptionError(
             f"network_args: min_rank={config.min_rank} is larger than conv_dim={config.conv_dim}; allowed: 1 .. {config.conv_dim}"
         )
+    return _validate_layers(config)
+
+
+def _validate_layers(config: ACLoRAConfig) -> ACLoRAConfig:
+    """split_qkv is refused (see its help); a layer's maximum rank below min_rank cannot be honoured."""
+    if config.split_qkv:
+        raise OptionError("network_args: split_qkv=True is refused; allowed: false. sd-scripts' split_qkv trains separate "
+                          "q/k/v factors and saves them merged into one module with alpha unchanged, so every "
+                          "consumer applies a third (FLUX.1 single blocks: a quarter) of the trained update; AC-LoRA "
+                          "gives the fused layer the rank it needs instead")
+    for o in LAYER_OPTIONS:
+        value = getattr(config, o.name)
+        ranks = value if o.kind == "ints" and value else ([value] if o.kind == "int" and value else [])
+        if o.kind == "regex_dims" and value:
+            ranks = [rank for _, rank in value]
+        low = [r for r in ranks if 0 < r < config.min_rank]
+        if low:
+            raise OptionError(f"network_args: {o.name}={_show(value)} gives a maximum rank of {low[0]}, below "
+                              f"min_rank={config.min_rank}; allowed: 0 (no LoRA) or ranks >= min_rank")
     return config
 
 
-def parse_network_args(kwargs: Mapping[str, Any], max_rank: Optional[int] = None) -> ACLoRAConfig:
-    """Parse sd-scripts' ``**kwargs`` (strings, or Python values from the API) into a config."""
+def _show(value: Any) -> str:
+    if isinstance(value, tuple) and value and isinstance(value[0], tuple):
+        return ",".join(f"{p}={r}" for p, r in value)
+    if isinstance(value, tuple):
+        return ",".join(map(str, value))
+    return str(value)
+
+
+def parse_network_args(kwargs: Mapping[str, Any], max_rank: Optional[int] = None,
+                       family: Optional[str] = None) -> ACLoRAConfig:
+    """Parse sd-scripts' ``**kwargs`` (strings, or Python values from the API) into a config.
+
+    ``family`` (a :data:`FAMILIES` key): the model's family; an option that only another family has
+    is refused, naming the key, the value and the options this family accepts.
+    """
     unknown = sorted(k for k in kwargs if k not in _BY_NAME)
     if unknown:
         key = unknown[0]
@@ -203,8 +305,105 @@ def parse_network_args(kwargs: Mapping[str, Any], max_rank: Optional[int] = None
             f"network_args: unknown key {key!r} (value {kwargs[key]!r}); "
             f"allowed keys: {', '.join(o.name for o in OPTIONS)}"
         )
+    if family is not None:
+        _check_family(kwargs, family)
     values = {name: _BY_NAME[name].parse(raw) for name, raw in kwargs.items()}
     return validate(ACLoRAConfig(**values), max_rank=max_rank)
+
+
+def _check_family(kwargs: Mapping[str, Any], family: str) -> None:
+    for key in sorted(kwargs):
+        option = _BY_NAME[key]
+        if option.families and family not in option.families:
+            theirs = " and ".join(FAMILIES[f] for f in option.families)
+            ours = [o.name for o in LAYER_OPTIONS if not o.families or family in o.families]
+            raise OptionError(
+                f"network_args: {key}={kwargs[key]!r} is an option for {theirs} models, and this model is "
+                f"{FAMILIES[family]}; the layer options allowed for {FAMILIES[family]}: {', '.join(ours)}")
+
+
+# --- the layer-selection kinds ---------------------------------------------------------------------
+_LAYER_KINDS = ("ints", "blocks", "regex_dims")
+
+
+def _layer_kind_allowed(option: Option) -> str:
+    if option.kind == "ints":
+        return f"{option.length} integers >= 0, comma-separated, brackets optional (or none)"
+    if option.kind == "blocks":
+        return "all, none, or block indices and inclusive ranges, comma-separated (e.g. 0,2-5)"
+    return "comma-separated pattern=rank pairs, each pattern a regular expression and each rank an integer >= 0 " \
+           "(or none)"
+
+
+def _parse_layer_kind(option: Option, raw: Any) -> Any:
+    try:
+        if option.kind == "blocks":
+            return _parse_blocks(raw)
+        if isinstance(raw, str) and raw.strip().lower() in _NONE:
+            return option.default
+        if option.kind == "ints":
+            return _parse_ints(raw, option.length)
+        return _parse_regex_dims(raw)
+    except (TypeError, ValueError, re.error):
+        raise OptionError(option._bad(raw)) from None
+
+
+def _parse_blocks(raw: Any) -> BlockSelection:
+    """sd-scripts' block selection: "all", "none" or "" (no block), or indices and a-b ranges."""
+    if isinstance(raw, str):
+        text = raw.strip().lower()
+        if text == "all":
+            return "all"
+        if text in ("none", ""):
+            return ()
+        items = [part.strip() for part in text.split(",")]
+    else:
+        items = [str(int(v)) for v in raw]
+    chosen: set[int] = set()
+    for item in items:
+        start, _, end = item.partition("-")
+        first, last = _index(start), _index(end if end else start)
+        if last < first:
+            raise ValueError(item)
+        chosen.update(range(first, last + 1))
+    return tuple(sorted(chosen))
+
+
+def _index(text: str) -> int:
+    if not text.strip().isdigit():
+        raise ValueError(text)
+    return int(text)
+
+
+def _parse_ints(raw: Any, length: Optional[int]) -> tuple[int, ...]:
+    if isinstance(raw, str):
+        text = raw.strip()
+        if text.startswith("[") and text.endswith("]"):
+            text = text[1:-1]
+        values = [_index(part) for part in text.split(",")]
+    else:
+        values = [v if isinstance(v, int) and not isinstance(v, bool) and v >= 0 else _index("x") for v in raw]
+    if length is not None and len(values) != length:
+        raise ValueError(raw)
+    return tuple(values)
+
+
+def _parse_regex_dims(raw: Any) -> tuple[tuple[str, int], ...]:
+    pairs = raw.items() if isinstance(raw, Mapping) else None
+    if pairs is None:
+        if not isinstance(raw, str):
+            raise TypeError(raw)
+        pairs = [part.split("=", 1) if "=" in part else (part, "x") for part in raw.split(",") if part.strip()]
+    parsed = []
+    for pattern, rank in pairs:
+        pattern = str(pattern).strip()
+        if not pattern:
+            raise ValueError(raw)
+        re.compile(pattern)
+        parsed.append((pattern, rank if isinstance(rank, int) and rank >= 0 else _index(str(rank))))
+    if not parsed:
+        raise ValueError(raw)
+    return tuple(parsed)
 
 
 def parse_positive(name: str, raw: Any, default: Optional[float], kind: Callable[[Any], Any] = float,
@@ -277,6 +476,7 @@ def markdown_table() -> str:
     rows = ["| option | default | allowed | what it does |", "|---|---|---|---|"]
     for o in OPTIONS:
         default = "unset" if o.default is None else str(o.default).lower() if isinstance(o.default, bool) else str(o.default)
-        rows.append(f"| `{o.name}` | {default} | {o.allowed(separator=', ')} | {o.help} |")
+        only = f"{' and '.join(FAMILIES[f] for f in o.families)} only. " if o.families else ""
+        rows.append(f"| `{o.name}` | {default} | {o.allowed(separator=', ')} | {only}{o.help} |")
     return "\n".join(rows)
 

@@ -7,6 +7,7 @@ subprocesses (``tests/sd_scripts_tasks.py`` and sd-scripts' own scripts).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.metadata
 import importlib.util
@@ -99,10 +100,21 @@ def clean_environment() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "PYTHONSAFEPATH")}
 
 
+@functools.lru_cache(maxsize=None)
+def installed_elsewhere() -> bool:
+    """Does a clean interpreter import aclora_ext from somewhere else than this checkout? (An editable
+    install of another checkout: then the scripts get this one first on their path, so that they run the
+    code under test. CI installs the checkout it tests: nothing is added there.)"""
+    done = subprocess.run([sys.executable, "-c", "import aclora_ext; print(aclora_ext.__file__)"], capture_output=True,
+                          text=True, timeout=120, env=clean_environment(), cwd=str(SD_SCRIPTS))
+    return done.returncode == 0 and not Path(done.stdout.strip()).resolve().is_relative_to(REPO)
+
+
 def sd_scripts_environment(home: Path, with_stand_ins: bool) -> dict[str, str]:
     """Offline, quiet, and with sd-scripts' folder importable (its networks/*.py tools import ``library``)."""
     env = clean_environment()
-    paths = ([str(STAND_INS)] if with_stand_ins else []) + [str(SD_SCRIPTS)]
+    paths = ([str(REPO)] if installed_elsewhere() else []) + ([str(STAND_INS)] if with_stand_ins else []) \
+        + [str(SD_SCRIPTS)]
     env.update({
         "PYTHONPATH": os.pathsep.join(paths),
         "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",

@@ -138,3 +138,35 @@ def test_the_full_rank_companion_file_is_not_budgeted(sd1_models, tmp_path):
     path = str(tmp_path / "style.safetensors")
     assert network.save_weights(path, torch.float16, {})
     assert os.path.getsize(path) <= 60_000 < os.path.getsize(tmp_path / "style-fullrank.safetensors")
+
+
+# --- the budget and the padding diffusers 0.32 needs ------------------------------------------------------------
+def _three_layer_network(max_file_size):
+    from aclora_ext import attach
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*(torch.nn.Linear(64, 64, bias=False) for _ in range(3)))
+    network = attach(model, max_rank=8, alpha=8.0, prefix="lora_unet", restart_mode="off", min_rank=1,
+                     **({} if max_file_size is None else {"max_file_size": max_file_size}))
+    with torch.no_grad():  # two strong modules, one weak: a budget cuts the weak one only
+        for i, m in enumerate(network.loras):
+            m.lora_up.weight.copy_(torch.randn(m.lora_up.weight.shape) * (1.0 if i < 2 else 1e-3))
+    return network
+
+
+def test_a_budget_without_room_to_pad_the_lone_odd_rank_keeps_the_budget_and_says_so(tmp_path, caplog):
+    unbudgeted = _three_layer_network(None)
+    full = tmp_path / "full.safetensors"
+    assert unbudgeted.save_weights(str(full), torch.float32)
+    one_component = (64 + 64) * 4  # bytes a rank costs a 64x64 module in fp32
+    budget = os.path.getsize(full) - 4 * one_component  # the weak module must give up ranks; padding it back cannot fit
+    network = _three_layer_network(str(budget))
+    path = tmp_path / "budgeted.safetensors"
+    with caplog.at_level(logging.WARNING, logger="aclora_ext"):
+        assert network.save_weights(str(path), torch.float32)
+    assert os.path.getsize(path) <= budget
+    ranks = file_ranks(str(path))
+    assert sorted(ranks.values())[0] < 8 and len(set(ranks.values())) == 2  # one lone odd rank, not padded
+    with safe_open(str(path), framework="pt") as f:
+        assert "aclora_padded" not in f.metadata()
+    assert "no room to pad" in caplog.text

@@ -38,7 +38,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn import functional as F
 
-from aclora_ext import create_network_from_weights
+from aclora_ext import create_network, create_network_from_weights
 from aclora_ext.harness import tiny
 
 # diffusers' fused weights against merge_to's.
@@ -98,9 +98,12 @@ def diffusers_forces_unit_scale_on_mixed_ranks() -> bool:
 def as_diffusers_reads_the_unet(path) -> dict:
     """The file's tensors, with every U-Net alpha replaced by the scale diffusers applies to it."""
     tensors = load_file(path)
-    if not diffusers_forces_unit_scale_on_mixed_ranks():
-        return tensors
     ranks = {k.split(".")[0]: v.shape[0] for k, v in tensors.items() if k.endswith(".lora_down.weight")}
+    unet = [r for name, r in ranks.items() if name.startswith("lora_unet_")]
+    common = max(set(unet), key=unet.count) if unet else None
+    # it adjusts when two or more U-Net modules have another rank than the most common one
+    if not diffusers_forces_unit_scale_on_mixed_ranks() or sum(r != common for r in unet) < 2:
+        return tensors
     return {k: torch.tensor(float(ranks[k.split(".")[0]])) if k.startswith("lora_unet_") and k.endswith(".alpha")
             else v for k, v in tensors.items()}
 
@@ -159,6 +162,23 @@ def test_diffusers_fuses_an_sd1_file_like_merge_to(tmp_path, sd1_models, planted
     path = tmp_path / "sd1.safetensors"
     network.save_weights(str(path))
     assert len({v.shape[0] for k, v in load_file(path).items() if k.endswith("lora_down.weight")}) > 1
+    assert_diffusers_fuses_it_like_our_merge(path, False, tokenizer)
+
+
+@pytest.mark.parametrize("odd_rank", [2, 8], ids=["one-lower", "one-higher"])
+def test_diffusers_fuses_an_sd1_file_with_one_odd_rank_per_part_like_merge_to(tmp_path, sd1_models, tokenizer,
+                                                                               odd_rank):
+    """One U-Net and one text-encoder module at another rank: the export pads each part to one rank (diffusers
+    0.32 reads that case right for SD1 files anyway; the padding must not change what it loads)."""
+    from helpers import pretend_trained
+
+    network = pretend_trained(create_network(
+        1.0, 4, 2.0, None, sd1_models["text_encoder"], sd1_models["unet"], restart_mode="off",
+        network_reg_dims=f"down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q={odd_rank},"
+                         f"layers_0_self_attn_q_proj={odd_rank}"))
+    path = tmp_path / "sd1.safetensors"
+    network.save_weights(str(path))
+    assert {v.shape[0] for k, v in load_file(path).items() if k.endswith("lora_down.weight")} == {max(4, odd_rank)}
     assert_diffusers_fuses_it_like_our_merge(path, False, tokenizer)
 
 
@@ -300,3 +320,118 @@ def test_the_file_has_no_key_a_loader_would_leave_unused(family, tmp_path, plant
         parts.setdefault(name, set()).add(part)
     assert all(found == set(KOHYA_PARTS) for found in parts.values())
     assert set(parts) == {m.lora_name for m in network.loras}
+
+
+# --- FLUX.1 in diffusers -------------------------------------------------------------------------------------
+# kohya (BFL) module -> the diffusers modules whose updates, stacked on the output dimension, make it up
+# (diffusers' kohya FLUX conversion splits qkv into q/k/v and the single blocks' linear1 into q/k/v/mlp)
+FLUX_DIFFUSERS = {
+    "double_blocks_0_img_attn_qkv": ["transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.to_k",
+                                     "transformer_blocks.0.attn.to_v"],
+    "double_blocks_0_img_attn_proj": ["transformer_blocks.0.attn.to_out.0"],
+    "double_blocks_0_img_mlp_0": ["transformer_blocks.0.ff.net.0.proj"],
+    "double_blocks_0_img_mlp_2": ["transformer_blocks.0.ff.net.2"],
+    "double_blocks_0_img_mod_lin": ["transformer_blocks.0.norm1.linear"],
+    "double_blocks_0_txt_attn_qkv": ["transformer_blocks.0.attn.add_q_proj", "transformer_blocks.0.attn.add_k_proj",
+                                     "transformer_blocks.0.attn.add_v_proj"],
+    "double_blocks_0_txt_attn_proj": ["transformer_blocks.0.attn.to_add_out"],
+    "double_blocks_0_txt_mlp_0": ["transformer_blocks.0.ff_context.net.0.proj"],
+    "double_blocks_0_txt_mlp_2": ["transformer_blocks.0.ff_context.net.2"],
+    "double_blocks_0_txt_mod_lin": ["transformer_blocks.0.norm1_context.linear"],
+    "single_blocks_0_linear1": ["single_transformer_blocks.0.attn.to_q", "single_transformer_blocks.0.attn.to_k",
+                                "single_transformer_blocks.0.attn.to_v", "single_transformer_blocks.0.proj_mlp"],
+    "single_blocks_0_linear2": ["single_transformer_blocks.0.proj_out"],
+    "single_blocks_0_modulation_lin": ["single_transformer_blocks.0.norm.linear"],
+}
+# FLUX.1's width (diffusers splits linear1 at hard-coded widths), one double and one single block
+FLUX_TRANSFORMER = dict(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=128,
+                        num_attention_heads=24, joint_attention_dim=16, pooled_projection_dim=8, guidance_embeds=False,
+                        axes_dims_rope=(16, 56, 56))
+
+
+def diffusers_flux_updates(path, probe: torch.Tensor) -> dict[str, torch.Tensor]:
+    """kohya module -> what diffusers' FluxPipeline loaders add to its layer's output for the inputs ``probe``
+    (in x n): scaling * B @ A @ probe, stacked over the diffusers layers the module maps to (a projection of
+    the update: forming the 3072-wide updates themselves is slow on one thread)."""
+    from diffusers import FluxPipeline, FluxTransformer2DModel
+    from peft.tuners.lora import LoraLayer
+
+    loaded = FluxPipeline.lora_state_dict(str(path))
+    state, alphas = loaded if isinstance(loaded, tuple) else (loaded, None)
+    with torch.device("meta"):
+        transformer = FluxTransformer2DModel(**FLUX_TRANSFORMER)
+    transformer = transformer.to_empty(device="cpu")  # only the LoRA layers are read
+    FluxPipeline.load_lora_into_transformer(state, network_alphas=alphas, transformer=transformer, adapter_name="t")
+    outputs = {}
+    with torch.no_grad():
+        for name, module in transformer.named_modules():
+            if isinstance(module, LoraLayer) and module.lora_A:
+                a, b = module.lora_A["t"].weight.float(), module.lora_B["t"].weight.float()
+                outputs[name] = b @ (a @ probe[: a.shape[1]]) * module.scaling["t"]
+    return {kohya: torch.cat([outputs[p] for p in parts]) for kohya, parts in FLUX_DIFFUSERS.items()}
+
+
+def diffusers_0_32() -> bool:
+    import diffusers
+
+    return tuple(int(v) for v in diffusers.__version__.split(".")[:2]) < (0, 33)
+
+
+@pytest.mark.parametrize("network_dim, reg_dims, padded, odd_img_qkv", [
+    (4, "txt_mlp=3,linear1=1,linear2=2", 0, False),
+    (4, "img_attn=2,txt_mlp=3,linear1=1", 0, True),
+    (4, "double_blocks_0_img_attn_proj=2", 1, False),
+    (2, "single_blocks_0_linear2=4", 12, False),
+], ids=["ranks-vary", "ranks-vary-img-qkv", "one-lower", "one-higher"])
+def test_diffusers_loads_our_flux_file_with_every_modules_update(tmp_path, network_dim, reg_dims, padded,
+                                                                 odd_img_qkv):
+    """Every module at scale 1, in diffusers 0.32 (sd-scripts' pin: a part with exactly one odd rank is read
+    at a wrong scale, so the export pads it) and in current releases. diffusers 0.32 cannot load a file
+    whose double blocks' img_attn_qkv rank is not the most common rank at all: its rank pattern meets
+    transformer_blocks.N.attn.to_q inside single_transformer_blocks.N.attn.to_q, and the load stops with
+    a size mismatch (docs/files.md)."""
+    import dit_stand_ins as st
+    from safetensors import safe_open
+
+    from helpers import pretend_trained
+
+    network = pretend_trained(create_network(1.0, network_dim, 2.0, None, [None, None], st.flux(), restart_mode="off",
+                                             network_reg_dims=reg_dims), scale=0.5)
+    path = tmp_path / "flux.safetensors"
+    network.save_weights(str(path), torch.float32, {"ss_base_model_version": "flux1"})
+    with safe_open(str(path), "pt") as fh:
+        assert len(json.loads((fh.metadata() or {}).get("aclora_padded", "{}"))) == padded
+    probe = torch.randn(5 * 3072, 8, generator=torch.Generator().manual_seed(0))
+    if diffusers_0_32() and odd_img_qkv:
+        with pytest.raises(RuntimeError, match="size mismatch for transformer_blocks.0.attn.to_"):
+            diffusers_flux_updates(path, probe)
+        return
+    loaded = diffusers_flux_updates(path, probe)
+    with torch.no_grad():
+        for m in network.loras:
+            want = m.lora_up.weight @ (m.lora_down.weight @ probe[: m.in_dim]) * m.scale
+            got = loaded[m.lora_name.removeprefix("lora_unet_")]
+            scale = float((got * want).sum() / (want * want).sum())
+            assert scale == pytest.approx(1.0, abs=1e-4), f"{m.lora_name} read at {scale:.3g} x its update"
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_diffusers_and_a_flux_file_with_t5_modules(tmp_path):
+    """lora_te3 (T5-XXL) modules: diffusers 0.32 rejects the whole file; later releases drop them and load the
+    rest (docs/files.md says so)."""
+    import dit_stand_ins as st
+    from diffusers import FluxPipeline
+    from transformers import T5Config, T5EncoderModel
+
+    t5 = T5EncoderModel(T5Config(vocab_size=32, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=2,
+                                 feed_forward_proj="gated-gelu"))
+    network = create_network(1.0, 4, 2.0, None, [None, t5], st.flux(), train_t5xxl="true", restart_mode="off")
+    path = tmp_path / "flux-t5.safetensors"
+    network.save_weights(str(path), torch.float32, {})
+    if diffusers_0_32():
+        with pytest.raises(ValueError, match="Incompatible keys"):
+            FluxPipeline.lora_state_dict(str(path))
+    else:
+        loaded = FluxPipeline.lora_state_dict(str(path))
+        state = loaded[0] if isinstance(loaded, tuple) else loaded
+        assert state and not any("lora_te3" in k or k.startswith("text_encoder") for k in state)

@@ -146,3 +146,101 @@ def test_remove_from_takes_the_recorder_off_the_unet(sd1_models, train_util):
     network = sd_network(sd1_models, 0.25)
     network.remove_from()
     assert not sd1_models["unet"]._forward_pre_hooks
+
+
+# --- FLUX.1 / SD3: the prediction is made from the denoiser's output by sd-scripts' functions -------------
+class KeywordDenoiser(torch.nn.Module):
+    """Called with keywords only, like sd-scripts' FLUX.1 DiT, with the block-swap hook sd-scripts' DiTs have."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.layer = torch.nn.Linear(6, 6)
+        self.block_swap_preparations = 0
+
+    def forward(self, *, img, timesteps):
+        return self.layer(img) * (1 + timesteps.view(-1, 1))
+
+    def prepare_block_swap_before_forward(self):
+        self.block_swap_preparations += 1
+
+
+@pytest.fixture
+def flow_utils(monkeypatch):
+    """A stand-in sd-scripts module with a prediction-type function (flux_train_utils' signature and role)."""
+    module = types.ModuleType("library.fake_flow_utils")
+
+    def to_prediction(args, model_pred, noisy_model_input, sigmas):
+        return model_pred * (-sigmas.view(-1, 1)) + noisy_model_input, 1 / sigmas.view(-1, 1) ** 2
+
+    module.to_prediction = to_prediction
+    monkeypatch.setitem(sys.modules, "library.fake_flow_utils", module)
+    return module
+
+
+def flow_prediction():
+    from aclora_ext.families.base import Prediction
+
+    def predict(output, args, kwargs, calls):
+        call = calls["to_prediction"]
+        return call.function(call.args[0], output, *call.args[2:])
+
+    return Prediction((("library.fake_flow_utils", "to_prediction"),), predict)
+
+
+def flow_validation_pass(model, flow_utils, train_util, recording, prior_call=False):
+    """sd-scripts' validation pass for a flow-matching trainer: the denoiser (and diff-output preservation's
+    prior, network off), the prediction type, the weighted loss; returns the per-sample losses."""
+    losses = []
+    with torch.no_grad():
+        for seed in range(2):
+            g = torch.Generator().manual_seed(seed)
+            latents, noise = torch.randn(2, 6, generator=g), torch.randn(2, 6, generator=g)
+            sigmas = torch.rand(2, generator=g)
+            noisy = (1 - sigmas.view(-1, 1)) * latents + sigmas.view(-1, 1) * noise
+            recording[0] = True
+            out = model(img=noisy, timesteps=sigmas)
+            if prior_call:
+                model(img=noisy * 0, timesteps=sigmas)
+            pred, weighting = flow_utils.to_prediction(argparse.Namespace(), out, noisy, sigmas)
+            loss = train_util.conditional_loss(pred.float(), (noise - latents).float(), "l2", "none", None) * weighting
+            losses.append(loss.mean(dim=1))
+            model.prepare_block_swap_before_forward()
+    recording[0] = False
+    return torch.cat(losses)
+
+
+@pytest.mark.parametrize("prior_call", [False, True], ids=["plain", "with-diff-output-preservation"])
+def test_a_family_prediction_is_rebuilt_through_sd_scripts_own_functions(train_util, flow_utils, prior_call):
+    model, recording = KeywordDenoiser(), [False]
+    recorder = heldout.SdScriptsValidation.attach(lambda: recording[0], model, True, flow_prediction())
+    flow_validation_pass(model, flow_utils, train_util, recording, prior_call)
+    recorder.end_pass()
+    assert len(recorder.calls) == 2 and recorder.ready
+    with torch.no_grad():
+        model.layer.weight.add_(0.1)  # the network changed: the replay follows it
+    swaps = model.block_swap_preparations
+    expected = flow_validation_pass(model, flow_utils, train_util, [False])
+    with torch.no_grad():
+        torch.testing.assert_close(recorder(), expected, rtol=1e-6, atol=1e-7)
+    # one preparation per replayed forward, as sd-scripts' on_validation_step_end does
+    assert model.block_swap_preparations - swaps == 2 + 2
+
+
+def test_a_prediction_that_cannot_be_rebuilt_drops_the_recording_with_a_warning(train_util, flow_utils, caplog):
+    from aclora_ext.families.base import Prediction
+
+    model, recording = KeywordDenoiser(), [False]
+    recorder = heldout.SdScriptsValidation.attach(lambda: recording[0], model, True, Prediction())  # output as is
+    with caplog.at_level("WARNING", logger="aclora_ext"):
+        flow_validation_pass(model, flow_utils, train_util, recording)
+    recorder.end_pass()
+    assert not recorder.ready and recorder.calls == []
+    assert "cannot replay sd-scripts' validation pass" in caplog.text and "differs from sd-scripts'" in caplog.text
+
+
+def test_remove_takes_both_hooks_off(train_util, flow_utils):
+    model = KeywordDenoiser()
+    recorder = heldout.SdScriptsValidation.attach(lambda: True, model, True, flow_prediction())
+    recorder.remove()
+    assert not model._forward_pre_hooks and not model._forward_hooks

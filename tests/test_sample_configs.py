@@ -12,6 +12,7 @@ declarations, and replay how sd-scripts and the GUI turn them into
 from __future__ import annotations
 
 import difflib
+import re
 import json
 from pathlib import Path
 from typing import Any, Callable
@@ -30,7 +31,13 @@ TRAINING_CONFIGS = {
     "sdxl_style_24gb.toml": "sdxl_train_network.py",
     "sdxl_style_12gb.toml": "sdxl_train_network.py",
     "sd15_style.toml": "train_network.py",
+    "flux_style_24gb.toml": "flux_train_network.py",
+    "flux_style_16gb.toml": "flux_train_network.py",
+    "sd35_medium_style.toml": "sd3_train_network.py",
 }
+# the model family each trainer gives create_network (options.FAMILIES keys)
+FAMILY_OF_SCRIPT = {"train_network.py": "sd", "sdxl_train_network.py": "sd", "flux_train_network.py": "flux",
+                    "sd3_train_network.py": "sd3"}
 DATASET_CONFIGS = ("dataset_style_15.toml",)
 GUI_PRESET = SAMPLES / "kohya_ss_gui_aclora_sdxl.json"
 GUI_PRESET_TWIN = "sdxl_style_24gb.toml"  # the training config the preset mirrors
@@ -41,8 +48,12 @@ OPTION_NAMES = {o.name for o in OPTIONS}
 # --- sd-scripts' argument list -----------------------------------------------
 
 
+SCRIPTS = ("train_network.py", "sdxl_train_network.py", "flux_train_network.py", "sd3_train_network.py")
+
+
 def load_sd_scripts_args() -> dict[str, dict[str, Any]]:
-    """``{name: {"kind", "choices", "sdxl_only"}}`` from tests/data/sd_scripts_args.txt."""
+    """``{name: {"kind", "choices", "scripts"}}`` from tests/data/sd_scripts_args.txt (``scripts``: the trainers
+    that accept the name)."""
     args = {}
     for line in ARGS_FILE.read_text(encoding="utf-8").splitlines():
         body, _, comment = line.partition("#")
@@ -51,7 +62,8 @@ def load_sd_scripts_args() -> dict[str, dict[str, Any]]:
             continue
         name, kind, *rest = fields
         choices = next((f.split("=", 1)[1].split("|") for f in rest if f.startswith("choices=")), None)
-        args[name] = {"kind": kind, "choices": choices, "sdxl_only": "sdxl_train_network.py only" in comment}
+        only = comment.strip().removeprefix("only:").split() if comment.strip().startswith("only:") else SCRIPTS
+        args[name] = {"kind": kind, "choices": choices, "scripts": set(only)}
     return args
 
 
@@ -59,7 +71,7 @@ SD_SCRIPTS_ARGS = load_sd_scripts_args()
 
 
 def accepted_names(script: str) -> set[str]:
-    return {n for n, a in SD_SCRIPTS_ARGS.items() if script == "sdxl_train_network.py" or not a["sdxl_only"]}
+    return {n for n, a in SD_SCRIPTS_ARGS.items() if script in a["scripts"]}
 
 
 def flatten_config(config: dict[str, Any]) -> list[tuple[str, Any]]:
@@ -127,7 +139,9 @@ def test_every_sample_toml_is_checked_as_a_training_or_dataset_config() -> None:
 def test_the_argument_list_has_sd_scripts_names_we_rely_on() -> None:
     for name in ("network_module", "network_dim", "network_alpha", "network_args", "dataset_config", "config_file"):
         assert name in SD_SCRIPTS_ARGS
-    assert SD_SCRIPTS_ARGS["cache_text_encoder_outputs"]["sdxl_only"]
+    assert "train_network.py" not in SD_SCRIPTS_ARGS["cache_text_encoder_outputs"]["scripts"]
+    assert SD_SCRIPTS_ARGS["blocks_to_swap"]["scripts"] == {"flux_train_network.py", "sd3_train_network.py"}
+    assert SD_SCRIPTS_ARGS["fp8_base"]["scripts"] == set(SCRIPTS)
     assert SD_SCRIPTS_ARGS["network_args"]["kind"] == "list[str]"
     assert SD_SCRIPTS_ARGS["mixed_precision"]["choices"] == ["no", "fp16", "bf16"]
 
@@ -191,7 +205,8 @@ def test_network_args_are_declared_aclora_options_with_accepted_values(name: str
         assert key in OPTION_NAMES, f"{name}: network_args key {key!r} is not an AC-LoRA option"
         keys.append(key)
     assert len(keys) == len(set(keys)), f"{name}: a network_args key is repeated (sd-scripts keeps the last): {keys}"
-    parse_network_args(network_kwargs(settings), max_rank=settings["network_dim"])
+    parse_network_args(network_kwargs(settings), max_rank=settings["network_dim"],
+                       family=FAMILY_OF_SCRIPT[TRAINING_CONFIGS[name]])
 
 
 @pytest.mark.parametrize("name", sorted(TRAINING_CONFIGS))
@@ -210,8 +225,8 @@ def test_every_run_has_a_resolution_from_its_dataset_or_training_config(name: st
     assert in_dataset or "resolution" in settings, f"{name}: no resolution in it or in its dataset config"
 
 
-@pytest.mark.parametrize("name", sorted(n for n, s in TRAINING_CONFIGS.items() if s == "sdxl_train_network.py"))
-def test_cached_text_encoder_outputs_come_with_what_sdxl_train_network_asserts(name: str) -> None:
+@pytest.mark.parametrize("name", sorted(n for n, s in TRAINING_CONFIGS.items() if s != "train_network.py"))
+def test_cached_text_encoder_outputs_come_with_what_the_trainers_assert(name: str) -> None:
     settings = effective(load_toml(name))
     if not (settings.get("cache_text_encoder_outputs") or settings.get("cache_text_encoder_outputs_to_disk")):
         return  # nothing to check: the text encoders run every step
@@ -221,6 +236,29 @@ def test_cached_text_encoder_outputs_come_with_what_sdxl_train_network_asserts(n
     layers = [dataset.get("general", {}), *dataset["datasets"], *subsets, settings]
     for option in ("shuffle_caption", "caption_dropout_rate", "caption_tag_dropout_rate", "token_warmup_step"):
         assert not any(layer.get(option) for layer in layers), f"{name}: {option} cannot be used with cached outputs"
+
+
+#: the configs whose memory `aclora vram` does not count yet (it learns FLUX.1 and SD3): their line says PENDING
+VRAM_PENDING = re.compile(r"^# aclora vram: PENDING \(not counted yet: `aclora vram` learns (FLUX\.1|SD3); its line goes here\)$",
+                          re.MULTILINE)
+VRAM_QUOTED = re.compile(r"^# aclora vram: peak [\d.]+ GiB, [\d.]+ GiB with the margin$", re.MULTILINE)
+
+
+@pytest.mark.parametrize("name", sorted(TRAINING_CONFIGS))
+def test_every_training_config_quotes_its_aclora_vram_line_or_says_it_is_pending(name: str) -> None:
+    text = (SAMPLES / name).read_text(encoding="utf-8")
+    assert len(VRAM_QUOTED.findall(text)) + len(VRAM_PENDING.findall(text)) == 1, (
+        f"{name}: needs exactly one '# aclora vram: peak X GiB, Y GiB with the margin' line (or the PENDING marker)")
+
+
+@pytest.mark.parametrize("name", sorted(n for n, s in TRAINING_CONFIGS.items() if s in ("flux_train_network.py",
+                                                                                        "sd3_train_network.py")))
+def test_flux_and_sd3_configs_give_the_trainer_its_text_encoders_and_cache_their_outputs(name: str) -> None:
+    settings = effective(load_toml(name))
+    needed = ["clip_l", "t5xxl"] + (["ae"] if TRAINING_CONFIGS[name] == "flux_train_network.py" else ["clip_g"])
+    assert all(isinstance(settings.get(key), str) for key in needed), f"{name}: needs {needed}"
+    assert settings.get("network_train_unet_only") is True and settings.get("cache_text_encoder_outputs") is True
+    assert settings.get("mixed_precision") == "bf16"  # fp8_base and these models need bf16
 
 
 # --- the dataset config ----------------------------------------------------------

@@ -1,5 +1,6 @@
-"""What every model family shares: a target layer, kohya's naming rule, and finding layers by block
-class or by path pattern.
+"""What every model family shares: a target layer, kohya's naming rule, finding layers by block
+class or by path pattern, the rules sd-scripts' LoRA modules choose ranks by, and what a family adapter
+provides (``Family``).
 
 A LoRA module's name is ``prefix + "." + module path`` with every "." replaced by
 "_": ``lora_unet_down_blocks_1_attentions_0_..._to_q``,
@@ -13,11 +14,13 @@ from __future__ import annotations
 import fnmatch
 import re
 from dataclasses import dataclass
-from typing import Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, Mapping, NamedTuple, Optional, Sequence
 
+import torch
 from torch import nn
 
 from ..lora.module import is_targetable
+from ..options import OptionError
 
 
 @dataclass(frozen=True)
@@ -26,7 +29,8 @@ class Target:
 
     lora_name: str
     layer: nn.Module
-    part: str  # "unet", "te", "te1", "te2" or "model"
+    part: str  # "unet", "te", "te1", "te2", "te3" or "model"
+    rank: Optional[int] = None  # its maximum rank when an option sets one; None: network_dim (conv_dim for 3x3)
 
     @property
     def is_conv3x3(self) -> bool:
@@ -113,3 +117,114 @@ def check_patterns(patterns: Sequence[str], what: str) -> None:
         if any(ch in pattern for ch in "()[]{}+^$|\\") and not _safe_regex(pattern):
             raise ValueError(f"{what}: {pattern!r} is not a valid regular expression")
 
+
+
+# --- the rank rules sd-scripts' lora_flux / lora_sd3 apply per layer ------------------------------------
+def regex_rank(name: str, reg_dims: Optional[Sequence[tuple[str, int]]]) -> Optional[int]:
+    """network_reg_dims: the rank of the first pattern found in the name (re.search), or None."""
+    for pattern, rank in reg_dims or ():
+        if re.search(pattern, name):
+            return rank
+    return None
+
+
+def type_rank(name: str, rules: Sequence[tuple[tuple[str, ...], Optional[int]]]) -> Optional[int]:
+    """Per-type maximum ranks: the first rule whose words all occur in the name and whose rank is set."""
+    for words, rank in rules:
+        if rank is not None and all(word in name for word in words):
+            return rank
+    return None
+
+
+def block_index(name: str) -> int:
+    """N of ``lora_unet_<kind>_blocks_N_...`` (double_blocks, single_blocks, joint_blocks)."""
+    return int(name.split("_")[4])
+
+
+def selected(selection: Any, index: int) -> bool:
+    """A parsed block selection ("all" or the chosen indices) includes block ``index``."""
+    return selection == "all" or index in selection
+
+
+def check_selection(option: str, selection: Any, count: int, what: str) -> None:
+    """Refuse block indices this model does not have, naming the option, the value and the range."""
+    if selection != "all" and selection and max(selection) >= count:
+        raise OptionError(f"network_args: {option}={','.join(map(str, selection))} names block {max(selection)}, "
+                          f"but this model has {count} {what}; allowed: indices 0-{count - 1}, all or none")
+
+
+def with_rank(target: Target, rank: Optional[int]) -> Target:
+    return Target(target.lora_name, target.layer, target.part, rank)
+
+
+def keep(targets: Iterable[Target]) -> list[Target]:
+    """The targets that get a LoRA (a rank of 0 means none)."""
+    return [t for t in targets if t.rank != 0]
+
+
+def find_by_name(root: nn.Module, prefix: str, part: str, word: str, conv: bool = False) -> list[Target]:
+    """Every Linear (and 1x1 conv; every conv with ``conv``) of ``root`` whose LoRA name contains ``word``."""
+    found = []
+    for path, layer in root.named_modules():
+        if not path or not is_targetable(layer):
+            continue
+        if isinstance(layer, nn.Conv2d) and layer.kernel_size != (1, 1) and not conv:
+            continue
+        name = lora_name(prefix, path)
+        if word in name:
+            found.append(Target(name, layer, part))
+    return found
+
+
+# --- the held-out replay: how sd-scripts makes the prediction conditional_loss compares ------------------
+class RecordedCall(NamedTuple):
+    """One call of an sd-scripts function during the validation pass: the function, its arguments, its result."""
+
+    function: Callable[..., Any]
+    args: tuple
+    kwargs: dict
+    result: Any
+
+
+def output_is_prediction(output: Any, args: tuple, kwargs: dict, calls: Mapping[str, RecordedCall]
+                         ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """SD1.x/2.x and SDXL: conditional_loss compares the U-Net's output itself (no loss weighting)."""
+    prediction = getattr(output, "sample", output)
+    if isinstance(prediction, (tuple, list)):
+        prediction = prediction[0]
+    return prediction, None
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """From the denoiser's output to what sd-scripts hands ``conditional_loss``, for the held-out replay.
+
+    ``functions``: the sd-scripts functions ``(module, name)`` the trainer calls between the denoiser and
+    ``conditional_loss``; the first call of each after a recorded denoiser call is kept (``calls`` by
+    name). ``predict(output, args, kwargs, calls)`` rebuilds ``(prediction, loss weighting or None)`` from
+    the denoiser's output and its recorded call.
+    """
+
+    functions: tuple[tuple[str, str], ...] = ()
+    predict: Callable[..., tuple[torch.Tensor, Optional[torch.Tensor]]] = output_is_prediction
+
+
+@dataclass(frozen=True)
+class Family:
+    """A model family adapter (one file in this folder): how it is recognised, which layers get a LoRA
+    and how they are named, which options select them, and how its trainer makes its prediction.
+
+    ``recognises(unet, text_encoders)``; ``name(unet, text_encoders)`` as messages and files say it;
+    ``targets(text_encoders, unet, config)``: what ``create_network`` adapts (each with its rank when an
+    option sets one); ``layers(text_encoders, unet, conv3x3)``: every layer a LoRA file of this family may
+    name (``create_network_from_weights``, ``load_weights``); ``t5_part``: the part of T5-XXL's modules,
+    whose presence is sd-scripts' ``network.train_t5xxl``.
+    """
+
+    key: str  # its key in options.FAMILIES
+    recognises: Callable[[nn.Module, Sequence[Any]], bool]
+    name: Callable[[nn.Module, Sequence[Any]], str]
+    targets: Callable[[Sequence[Any], nn.Module, Any], list[Target]]
+    layers: Callable[[Sequence[Any], nn.Module, bool], list[Target]]
+    prediction: Prediction = Prediction()
+    t5_part: Optional[str] = None

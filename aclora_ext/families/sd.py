@@ -10,11 +10,11 @@ class names.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 from torch import nn
 
-from .base import Target, find_in_blocks
+from .base import Family, Target, find_in_blocks, keep, regex_rank, with_rank
 
 UNET_TARGETS = ("Transformer2DModel",)
 UNET_CONV_TARGETS = ("ResnetBlock2D", "Downsample2D", "Upsample2D")
@@ -70,3 +70,21 @@ def find_text_encoder_targets(text_encoders: Sequence[nn.Module]) -> list[Target
             continue
         targets += find_in_blocks(te, prefix, part, TEXT_ENCODER_TARGETS, path_prefix=text_encoder_root_path(te))
     return targets
+
+
+def layers(text_encoders: Sequence[nn.Module], unet: nn.Module, conv3x3: bool) -> list[Target]:
+    return find_text_encoder_targets(text_encoders) + find_unet_targets(unet, conv3x3)
+
+
+def targets(text_encoders: Sequence[nn.Module], unet: nn.Module, config: Any) -> list[Target]:
+    """networks.lora's layers (3x3 convs with conv_dim), with network_reg_dims' ranks where a pattern matches."""
+    found = layers(text_encoders, unet, config.conv_dim is not None)
+    return keep(with_rank(t, regex_rank(t.lora_name, config.network_reg_dims)) for t in found)
+
+
+def name(unet: nn.Module, text_encoders: Sequence[Any]) -> str:
+    return "SDXL" if is_sdxl_unet(unet) or len(text_encoders) == 2 else "SD1.x/2.x"
+
+
+# the fallback family: whatever no other adapter recognises is treated as SD1.x/2.x or SDXL
+FAMILY = Family("sd", lambda unet, text_encoders: True, name, targets, layers)

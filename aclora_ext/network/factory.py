@@ -7,7 +7,7 @@ from typing import Any, Optional, Sequence
 
 from torch import nn
 
-from ..families import check_model_family, is_sdxl, model_targets
+from ..families import check_model_family, detect
 from ..families.base import as_list, check_patterns, find_by_patterns
 from ..files.lora_dict import check_shapes, group_modules, module_alpha, module_rank
 from ..files.storage import LoRAFileError, load_state_dict, metadata_ranks, read_metadata
@@ -33,24 +33,28 @@ def create_network(multiplier: float, network_dim: Optional[int | str], network_
     if alpha == 0:
         logger.info("AC-LoRA: network_alpha=0 means alpha = rank (scale 1), as in networks.lora")
         alpha = float(max_rank)
-    config = parse_network_args(kwargs, max_rank=max_rank)
+    text_encoders = as_list(text_encoder)
+    family = detect(unet, text_encoders)
+    config = parse_network_args(kwargs, max_rank=max_rank, family=family.key)
     if config.dropout is None and neuron_dropout is not None:
         config = config.replace(dropout=parse_network_args({"dropout": neuron_dropout}).dropout)
     conv3x3 = config.conv_dim is not None
-    text_encoders = as_list(text_encoder)
-    targets = model_targets(text_encoders, unet, conv3x3)
+    targets = family.targets(text_encoders, unet, config)
+    model = family.name(unet, text_encoders)
     if not targets:
-        raise ValueError("AC-LoRA: no layer to adapt in the given U-Net and text encoder(s): no Linear/Conv2d inside "
-                         "Transformer2DModel blocks or CLIP attention/MLP blocks")
+        raise ValueError(f"AC-LoRA: no layer to adapt in the given {model} model and text encoder(s) (none of the "
+                         "layers sd-scripts' LoRA module targets there, or the options left none)")
     ranks, alphas = {}, {}
     for t in targets:
-        if t.is_conv3x3:
-            ranks[t.lora_name], alphas[t.lora_name] = config.conv_dim, config.conv_alpha or DEFAULT_ALPHA
-        else:
-            ranks[t.lora_name], alphas[t.lora_name] = max_rank, alpha
-    logger.info("AC-LoRA: maximum rank %d, alpha %g%s, %s", max_rank, alpha,
-                f", 3x3 conv rank {config.conv_dim}" if conv3x3 else "", _describe(config))
-    return ACLoRANetwork(targets, ranks, alphas, multiplier, config, is_sdxl=is_sdxl(unet, text_encoders))
+        conv = t.is_conv3x3 and conv3x3  # a rank an option gives a layer comes with network_alpha
+        rank = t.rank if t.rank is not None else config.conv_dim if conv else max_rank
+        ranks[t.lora_name], alphas[t.lora_name] = rank, (config.conv_alpha or DEFAULT_ALPHA) if conv else alpha
+    logger.info("AC-LoRA: %s, maximum rank %d, alpha %g%s%s, %s", model, max_rank, alpha,
+                f", 3x3 conv rank {config.conv_dim}" if conv3x3 else "",
+                f", other ranks set by options on {sum(t.rank is not None for t in targets)} modules"
+                if any(t.rank is not None for t in targets) else "", _describe(config))
+    return ACLoRANetwork(targets, ranks, alphas, multiplier, config, is_sdxl=model == "SDXL",
+                         train_t5xxl=any(t.part == family.t5_part for t in targets), prediction=family.prediction)
 
 
 def _describe(config) -> str:
@@ -78,7 +82,8 @@ def create_network_from_weights(multiplier: float, file: Optional[str], vae: Any
     modules = group_modules(weights_sd, source)
     conv3x3 = any(p["lora_down.weight"].dim() == 4 and p["lora_down.weight"].shape[2:] != (1, 1) for p in modules.values())
     text_encoders = as_list(text_encoder)
-    candidates = {t.lora_name: t for t in model_targets(text_encoders, unet, conv3x3)}
+    family = detect(unet, text_encoders)
+    candidates = {t.lora_name: t for t in family.layers(text_encoders, unet, conv3x3)}
     check_model_family(modules, candidates, source)
     present = [name for name in modules if name in candidates]
     unknown = sorted(set(modules) - set(candidates))
@@ -88,13 +93,15 @@ def create_network_from_weights(multiplier: float, file: Optional[str], vae: Any
     if unknown:
         logger.warning("AC-LoRA: %d module(s) of %s do not exist in this model and are ignored: %s", len(unknown),
                        source, ", ".join(unknown[:10]))
-    config = parse_network_args(kwargs)
+    config = parse_network_args(kwargs, family=family.key)
     targets = [candidates[name] for name in present]
     ranks = {n: module_rank(modules[n]) for n in present}
     alphas = {n: module_alpha(modules[n]) for n in present}
     signal = metadata_ranks(meta, source)
     network = ACLoRANetwork(targets, ranks, alphas, multiplier, config,
-                            is_sdxl=is_sdxl(unet, text_encoders), signal_ranks=signal)
+                            is_sdxl=family.name(unet, text_encoders) == "SDXL", signal_ranks=signal,
+                            train_t5xxl=any(t.part == family.t5_part for t in targets),
+                            prediction=family.prediction)
     check_shapes({n: modules[n] for n in present}, {m.lora_name: m for m in network.loras}, source,
                  allow_smaller_rank=False)
     return network, weights_sd

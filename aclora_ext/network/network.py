@@ -18,7 +18,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from torch import nn
 
-from ..families.base import Target
+from ..families.base import Prediction, Target
 from ..lora.module import ACLoRAModule
 from ..lora.norms import apply_max_norm
 from ..lora.report import RestartReport
@@ -35,13 +35,18 @@ class ACLoRANetwork(nn.Module):
 
     def __init__(self, targets: Sequence[Target], ranks: dict[str, int], alphas: dict[str, float],
                  multiplier: float = 1.0, config: ACLoRAConfig = ACLoRAConfig(), is_sdxl: bool = False,
-                 signal_ranks: Optional[dict[str, int]] = None) -> None:
+                 signal_ranks: Optional[dict[str, int]] = None, train_t5xxl: bool = False,
+                 prediction: Optional[Prediction] = None) -> None:
+        """``train_t5xxl``: whether it has T5-XXL modules (FLUX.1/SD3 trainers read it); ``prediction``:
+        how the model family's trainer makes its prediction from the denoiser's output (held-out replay)."""
         super().__init__()
         if not targets:
             raise ValueError("AC-LoRA: the model has no layers to adapt (no Linear/Conv2d inside the target blocks)")
         self.config = config
         self.multiplier = multiplier
         self.is_sdxl = is_sdxl
+        self.train_t5xxl = train_t5xxl  # read unguarded by flux_train_network.py and sd3_train_network.py
+        self._prediction = prediction
         self.text_encoder_loras: list[ACLoRAModule] = []
         self.unet_loras: list[ACLoRAModule] = []
         for t in targets:
@@ -118,7 +123,8 @@ class ACLoRANetwork(nn.Module):
         self._register_state()
         schedule.listen(self)
         split = getattr(self._args, "validation_split", None)
-        self.rank_search.record_sd_scripts_validation(unet, expected=isinstance(split, (int, float)) and split > 0)
+        self.rank_search.record_sd_scripts_validation(unet, expected=isinstance(split, (int, float)) and split > 0,
+                                                      prediction=self._prediction)
         logger.info("AC-LoRA: %d text-encoder and %d U-Net modules, maximum rank %d, restart_mode=%s",
                     len(self.text_encoder_loras), len(self.unet_loras), self.max_rank, self.config.restart_mode)
 
@@ -358,9 +364,10 @@ class ACLoRANetwork(nn.Module):
         return {m.lora_name: self._signal[m.lora_name] for m in self.loras}
 
     # --- files -----------------------------------------------------------------------------
-    def metadata(self, ranks: dict[str, int], errors: Optional[dict[str, float]] = None) -> dict[str, str]:
+    def metadata(self, ranks: dict[str, int], errors: Optional[dict[str, float]] = None,
+                 padded: Optional[dict[str, int]] = None) -> dict[str, str]:
         """Our own metadata keys: enough for a file to explain how its ranks came about."""
-        return saving.metadata(self, ranks, errors)
+        return saving.metadata(self, ranks, errors, padded)
 
     def state_for_export(self, dtype: Optional[torch.dtype] = None, metadata: Optional[dict] = None):
         """(tensors, metadata, truncation errors) of the variable-rank export; ValueError on NaN/Inf weights

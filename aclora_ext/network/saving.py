@@ -14,6 +14,7 @@ import torch
 
 from ..families import check_model_family
 from ..files.lora_dict import check_shapes, group_modules
+from ..files.sizes import saved_file_size
 from ..files.storage import LoRAFileError, load_state_dict, metadata_ranks, read_metadata, save_state_dict
 from ..functional.budget import BudgetError
 from ..lora.export import export_modules, raw_modules
@@ -43,8 +44,10 @@ class LoadInfo:
 
 
 
-def metadata(network, ranks: dict[str, int], errors: Optional[dict[str, float]] = None) -> dict[str, str]:
-    """Our own metadata keys: enough for a file to explain how its ranks came about."""
+def metadata(network, ranks: dict[str, int], errors: Optional[dict[str, float]] = None,
+             padded: Optional[dict[str, int]] = None) -> dict[str, str]:
+    """Our own metadata keys: enough for a file to explain how its ranks came about. ``padded``: the
+    modules stored above their rank with zeros (``lora.export.pad_lone_ranks``), with their own ranks."""
     last = network.history[-1] if network.history else None
     conv3x3 = [m.rank for m in network.loras if m.lora_down.weight.shape[2:] not in ((), (1, 1))]
     others = [m.rank for m in network.loras if m.lora_down.weight.shape[2:] in ((), (1, 1))]
@@ -73,13 +76,16 @@ def metadata(network, ranks: dict[str, int], errors: Optional[dict[str, float]] 
         meta["aclora_truncation_error_max"] = f"{max(values):.6g}"
     if network.config.max_file_size is not None:
         meta["aclora_max_file_size"] = str(network.config.max_file_size)
+    if padded:
+        meta["aclora_padded"] = json.dumps(padded, separators=(",", ":"))
     return meta
 
 
-def written_metadata(network, metadata: Optional[dict], ranks: dict[str, int], errors: dict[str, float]) -> dict:
+def written_metadata(network, metadata: Optional[dict], ranks: dict[str, int], errors: dict[str, float],
+                     padded: Optional[dict[str, int]] = None) -> dict:
     """The metadata ``save_weights`` writes: sd-scripts' with ours (``max_file_size`` sizes the file with it)."""
     meta = dict(metadata or {})
-    meta.update(network.metadata(ranks, errors))
+    meta.update(network.metadata(ranks, errors, padded))
     # sd-scripts wrote the training dim/alpha; they no longer describe a file whose ranks vary or
     # were all cut below the maximum (e.g. every module at min_rank after a p = 0 RESTART)
     if len(set(ranks.values())) > 1 or any(ranks[m.lora_name] != m.rank for m in network.loras):
@@ -107,19 +113,33 @@ def state_for_export(network, dtype: Optional[torch.dtype] = None, metadata: Opt
         signal, budgeted, _ = budget.fit_keeps(
             network.loras, found, network.config.max_file_size, network.config.min_rank, dtype,
             lambda ranks, errors: written_metadata(network, metadata, ranks, errors))
-    if all(isinstance(k, int) and k == m.rank for k, m in zip(signal, network.loras)):
-        # nothing truncated yet (or restarts off): the training factors are the file, exactly
-        ranks = {m.lora_name: m.rank for m in network.loras}
-        tensors, errors, bad = raw_modules(network.loras, dtype), {}, []
-    else:
-        result = export_modules(network.loras, signal, dtype)
-        tensors, ranks, errors, bad = result.tensors, result.ranks, result.errors, result.non_finite
+    tensors, ranks, errors, bad, padded = _export(network, signal, dtype, pad=True)
+    if padded and budgeted is not None:
+        sized = saved_file_size(tensors, written_metadata(network, metadata, ranks, budgeted, padded))
+        if sized > network.config.max_file_size:  # padding would break the budget: the budget wins
+            network._warn_once("pad-budget", "AC-LoRA: max_file_size leaves no room to pad %d module(s) to their "
+                               "part's common rank; diffusers 0.32 may read this file at a wrong scale (later "
+                               "releases read it right)", len(padded))
+            tensors, ranks, errors, bad, padded = _export(network, signal, dtype, pad=False)
     if budgeted is not None:
         errors = budgeted  # the errors the file was sized with (the same spectra's, up to float rounding)
     bad = bad or sorted({key.rsplit(".", 2)[0] for key, t in tensors.items() if not bool(torch.isfinite(t).all())})
     if bad:
         raise ValueError(f"non-finite weights in {len(bad)} module(s): {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}")
-    return tensors, network.metadata(ranks, errors), errors
+    meta = network.metadata(ranks, errors, padded)
+    return tensors, meta, errors
+
+
+def _export(network, signal: list, dtype: Optional[torch.dtype], pad: bool):
+    """(tensors, ranks, errors, non-finite modules, padded modules) of the file at ``signal``'s ranks."""
+    if all(isinstance(k, int) and k == m.rank for k, m in zip(signal, network.loras)):
+        # nothing truncated yet (or restarts off): the training factors are the file, exactly
+        tensors = raw_modules(network.loras, dtype, pad=pad)
+        ranks = {m.lora_name: int(tensors[f"{m.lora_name}.lora_down.weight"].shape[0]) for m in network.loras}
+        padded = {m.lora_name: m.rank for m in network.loras if ranks[m.lora_name] != m.rank}
+        return tensors, ranks, {}, [], padded
+    result = export_modules(network.loras, signal, dtype, pad=pad)
+    return result.tensors, result.ranks, result.errors, result.non_finite, result.padded
 
 
 def save_weights(network, file: str, dtype: Optional[torch.dtype] = None, metadata: Optional[dict] = None) -> bool:
@@ -129,7 +149,8 @@ def save_weights(network, file: str, dtype: Optional[torch.dtype] = None, metada
     try:
         tensors, ours, errors = network.state_for_export(dtype, metadata)
         ranks = json.loads(ours["aclora_ranks"])
-        save_state_dict(file, tensors, written_metadata(network, metadata, ranks, errors), max_size=max_size)
+        padded = json.loads(ours.get("aclora_padded") or "{}")
+        save_state_dict(file, tensors, written_metadata(network, metadata, ranks, errors, padded), max_size=max_size)
     except BudgetError as err:
         logger.error("AC-LoRA: NOT saving %s: max_file_size=%s: %s. The previous file (if any) is kept; training "
                      "goes on.", file, format_size(max_size), err)
@@ -150,7 +171,7 @@ def save_weights(network, file: str, dtype: Optional[torch.dtype] = None, metada
         full_meta = dict(metadata or {})
         full_meta.update(network.metadata({m.lora_name: network._signal[m.lora_name] for m in network.loras}))
         full_meta["aclora_full_rank"] = "true"
-        save_state_dict(f"{stem}-fullrank{ext}", raw_modules(network.loras, dtype), full_meta)
+        save_state_dict(f"{stem}-fullrank{ext}", raw_modules(network.loras, dtype, pad=False), full_meta)
     return True
 
 
@@ -175,6 +196,9 @@ def load_state(network, weights: dict[str, torch.Tensor], meta: Optional[dict] =
     if not set(modules) & set(by_name):
         raise LoRAFileError(f"{source}: none of its {len(modules)} LoRA modules exists in this model "
                             f"(e.g. {next(iter(modules), '?')}); is it for another model (SD1.x vs SDXL)?")
+    padded = json.loads((meta or {}).get("aclora_padded") or "{}")  # stored above their rank with zeros
+    modules = {n: _without_zero_components(p, by_name[n].rank) if n in by_name and n in padded else p
+               for n, p in modules.items()}
     check_shapes({n: modules[n] for n in modules if n in by_name}, by_name, source, allow_smaller_rank=True)
     saved_ranks = metadata_ranks(meta or {}, source)
     with torch.no_grad():
@@ -196,6 +220,17 @@ def load_state(network, weights: dict[str, torch.Tensor], meta: Optional[dict] =
         logger.warning("AC-LoRA: %d module(s) of %s do not exist in this model and were ignored: %s",
                        len(info.unexpected), source, ", ".join(info.unexpected[:10]))
     return info
+
+
+def _without_zero_components(parts: dict, rank: int) -> dict:
+    """A module a file stored above ``rank`` with zero components (``aclora_padded``), at ``rank``."""
+    down, up = parts["lora_down.weight"], parts["lora_up.weight"]
+    k = down.shape[0]
+    if k <= rank or (bool(down[rank:].any()) and bool(up[:, rank:].any())):
+        return parts
+    alpha = float(parts["alpha"]) if "alpha" in parts else float(k)
+    return {**parts, "lora_down.weight": down[:rank], "lora_up.weight": up[:, :rank].float() * (rank / k),
+            "alpha": torch.tensor(alpha)}
 
 
 def merge_to(network, weights_sd: Optional[dict] = None, dtype=None, device=None) -> None:

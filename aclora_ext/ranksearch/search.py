@@ -143,11 +143,13 @@ class RankSearch:
         self.loss_fn = loss_fn
         self.until = None if until is None else float(until)
 
-    def record_sd_scripts_validation(self, unet: Optional[nn.Module], expected: bool) -> None:
+    def record_sd_scripts_validation(self, unet: Optional[nn.Module], expected: bool,
+                                     prediction: Optional[Any] = None) -> None:
         """Under sd-scripts, record its validation pass as the held-out loss (``heldout``), unless the loop
-        gave one or the mode would not use it."""
+        gave one or the mode would not use it. ``prediction``: the model family's (``families.base.Prediction``)."""
         if self.loss_fn is None and self.config.restart_mode == "product" and self.config.fixed_p is None:
-            recorder = SdScriptsValidation.attach(lambda: not self.training and self.recording, unet, expected)
+            recorder = SdScriptsValidation.attach(lambda: not self.training and self.recording, unet, expected,
+                                                  prediction)
             if recorder is not None:
                 self.set_validation(recorder, None)
 
