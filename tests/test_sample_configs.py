@@ -238,17 +238,14 @@ def test_cached_text_encoder_outputs_come_with_what_the_trainers_assert(name: st
         assert not any(layer.get(option) for layer in layers), f"{name}: {option} cannot be used with cached outputs"
 
 
-#: the configs whose memory `aclora vram` does not count yet (it learns FLUX.1 and SD3): their line says PENDING
-VRAM_PENDING = re.compile(r"^# aclora vram: PENDING \(not counted yet: `aclora vram` learns (FLUX\.1|SD3); its line goes here\)$",
-                          re.MULTILINE)
 VRAM_QUOTED = re.compile(r"^# aclora vram: peak [\d.]+ GiB, [\d.]+ GiB with the margin$", re.MULTILINE)
 
 
 @pytest.mark.parametrize("name", sorted(TRAINING_CONFIGS))
-def test_every_training_config_quotes_its_aclora_vram_line_or_says_it_is_pending(name: str) -> None:
+def test_every_training_config_quotes_its_aclora_vram_line(name: str) -> None:
     text = (SAMPLES / name).read_text(encoding="utf-8")
-    assert len(VRAM_QUOTED.findall(text)) + len(VRAM_PENDING.findall(text)) == 1, (
-        f"{name}: needs exactly one '# aclora vram: peak X GiB, Y GiB with the margin' line (or the PENDING marker)")
+    assert len(VRAM_QUOTED.findall(text)) == 1, (
+        f"{name}: needs exactly one '# aclora vram: peak X GiB, Y GiB with the margin' line")
 
 
 @pytest.mark.parametrize("name", sorted(n for n, s in TRAINING_CONFIGS.items() if s in ("flux_train_network.py",

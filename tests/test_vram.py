@@ -374,7 +374,8 @@ def test_the_command_prints_an_estimate_as_json(capsys):
 QUOTED = re.compile(r"aclora vram: peak ([\d.]+) GiB, ([\d.]+) GiB with the margin")
 
 
-@pytest.mark.parametrize("name", ["sdxl_style_12gb.toml", "sdxl_style_24gb.toml", "sd15_style.toml"])
+@pytest.mark.parametrize("name", ["sdxl_style_12gb.toml", "sdxl_style_24gb.toml", "sd15_style.toml", "flux_style_24gb.toml",
+                                  "flux_style_16gb.toml", "sd35_medium_style.toml"])
 def test_the_sample_configs_quote_their_estimate_and_the_12gb_one_fits_12_gib(name):
     quoted = QUOTED.search((SAMPLES / name).read_text())
     assert quoted, f"{name} does not quote its 'aclora vram' estimate"
