@@ -69,7 +69,7 @@ from aclora_ext.harness import tiny  # noqa: E402
 from aclora_ext.network.factory import attach, create_network_from_weights  # noqa: E402
 from bench import common  # noqa: E402
 from bench.quality_lowrank import (Method, factor_rank_diagnostic, methods, parse_quality_args,  # noqa: E402
-                                   summarise, train_adalora_loop, train_with_restarts)
+                                   reusable_runs, summarise, train_adalora_loop, train_with_restarts, two_runs)
 
 NAME = "quality_diffusion"
 TARGETS = ("*.transformer_blocks.*",)  # the Linear layers inside the transformer blocks
@@ -266,6 +266,8 @@ def score(scene: Scene, unet: nn.Module, settings: Settings) -> dict:
 
 # --- personalisation runs --------------------------------------------------------------------------------
 def train_ours(scene: Scene, method: Method, settings: Settings, workdir: str) -> dict:
+    if method.two_runs:
+        return two_runs(lambda m: train_ours(scene, m, settings, workdir), method)
     unet = copy.deepcopy(scene.base)
     torch.manual_seed(scene.seed + 7919)
     options = dict(method.options)
@@ -273,12 +275,16 @@ def train_ours(scene: Scene, method: Method, settings: Settings, workdir: str) -
         options["restart_mode"] = "off"
     network = attach(unet, max_rank=method.rank, alpha=float(method.rank), include=TARGETS, prefix="lora_unet",
                      **options)
+    if method.ranks_from:
+        network.train_at_ranks(dict(method.ranks_from))
     trained = N_TRAIN - method.held_out
     if method.held_out and method.kind == "aclora":  # the last training images, fixed timesteps and noise
-        network.set_validation(lambda: denoising_losses(unet, scene.train[trained:], scene.trigger))
+        network.set_validation(lambda: denoising_losses(unet, scene.train[trained:], scene.trigger),
+                               until=method.fold_back, groups=torch.arange(method.held_out).repeat(4))
     losses, seconds = train_with_restarts(
         network, settings.epochs, settings.lr, scene.seed,
-        lambda g: torch.randperm(trained, generator=g).split(settings.batch),
+        lambda g: torch.randperm(trained if network.validation_active or method.fold_back is None else N_TRAIN,
+                                 generator=g).split(settings.batch),
         lambda idx, g: denoising_loss(unet, scene.train[idx], scene.trigger.expand(len(idx), -1, -1), g))
     network.eval()
     raw = score(scene, unet, settings)
@@ -336,6 +342,8 @@ def train_adalora(scene: Scene, method: Method, settings: Settings, workdir: str
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     p = common.parser(__doc__.split("\n\n")[0])
     p.add_argument("--seeds", type=int, default=None, help="seeds (new styles) per method (quick 2, full 5)")
+    p.add_argument("--reuse", default=None, help="an earlier result JSON of the same settings: its runs are taken "
+                   "as they are, only the rows it lacks are trained")
     args, quick, seeds = parse_quality_args(p, argv)
     if args.smoke:
         settings = Settings(pretrain_steps=5, epochs=2, samples=16, sampling_steps=2, classifier_steps=5,
@@ -349,6 +357,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     adalora = {"init_r": 32, "target_r": 8, "tinit": 0.1, "tfinal": 0.3, "deltaT": 5, "orth_reg_weight": 0.5}
     ablation = [("product", 0.999)] if args.mode == "full" and not args.smoke else []
     rows = methods(sweep, max_rank, adalora, ablation)
+    reused = reusable_runs(args.reuse, {"settings": asdict(settings), "sweep": sweep})
     info = common.machine_info("cpu")
     start = time.perf_counter()
     prompts = embeddings(len(BASE_STYLES) + len(seeds))
@@ -377,7 +386,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                   f"{reference['fd_heldout_vs_fresh']:.3f}", flush=True)
             for m in rows:
                 trainer = train_adalora if m.kind == "adalora" else train_ours
-                result = trainer(scene, m, settings, workdir)
+                result = reused.get((m.label, seed)) or trainer(scene, m, settings, workdir)
                 result.update(method=m.label, kind=m.table_kind, rank=m.rank, seed=seed)
                 runs.append(result)
                 print(f"seed {seed} {m.label:<34} FD {result['heldout']:.3f} (raw {result['heldout_raw']:.3f}) "

@@ -55,7 +55,7 @@ import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import nn
@@ -192,6 +192,9 @@ class Method:
     options: tuple[tuple[str, Any], ...] = ()
     ablation: bool = False  # a diagnostic variant (e.g. a fixed p): shown, but not a candidate for the goal
     held_out: int = 0  # training samples kept out of training for network.set_validation (the last ones)
+    fold_back: Optional[float] = None  # set_validation(until=...): the held-out samples join training after it
+    two_runs: bool = False  # this row's held-out run chooses the ranks, then a fresh LoRA at them trains on all
+    ranks_from: tuple[tuple[str, int], ...] = ()  # train at these per-module ranks (the second of the two runs)
 
     @property
     def is_sweep(self) -> bool:
@@ -259,21 +262,57 @@ def train_adalora_loop(model, epochs: int, lr: float, seed: int, orth_reg_weight
     return losses, time.perf_counter() - start
 
 
+def two_runs(train_one: Callable[[Method], dict], method: Method) -> dict:
+    """The two-run recipe: ``method`` with its held-out share chooses the ranks, then a fresh LoRA at its
+    file's per-module ranks (``ranks_from``; restarts off, so the file keeps exactly those ranks) trains on
+    every sample. The result is the second run's, its time both runs'."""
+    first = train_one(replace(method, two_runs=False))
+    second = train_one(replace(method, kind="lora", held_out=0, fold_back=None, two_runs=False,
+                               ranks_from=tuple(zip(first["module_names"], first["ranks"]))))
+    second.update(seconds=first["seconds"] + second["seconds"], first_run=first["heldout"],
+                  first_run_ranks=first["ranks"])
+    return second
+
+
+def reusable_runs(path: Optional[str], settings: dict) -> dict:
+    """``--reuse FILE``: the runs of an earlier result of the same benchmark and settings, by (method, seed).
+    Runs are deterministic on one thread, so a reused run is what training it again gives; its seconds are
+    from that other time."""
+    if not path:
+        return {}
+    import json
+
+    earlier = json.loads(open(path).read())
+    differing = {k: (earlier.get(k), v) for k, v in settings.items() if earlier.get(k) != json.loads(json.dumps(v))}
+    if differing:
+        raise SystemExit(f"--reuse {path}: its settings differ from this run's: {differing}")
+    return {(r["method"], r["seed"]): r for r in earlier["runs"]}
+
+
 def train_aclora(task: Task, method: Method, seed: int, train: TrainConfig, workdir: str) -> dict:
     """Fixed-rank LoRA (restart_mode=off) or AC-LoRA, through ``aclora_ext.attach``; evaluated from the saved file."""
+    if method.two_runs:
+        return two_runs(lambda m: train_aclora(task, m, seed, train, workdir), method)
     base = BaseModel(task.base)
     torch.manual_seed(seed + 7919)
     options = dict(method.options)
     if method.kind == "lora":
         options["restart_mode"] = "off"
     network = attach(base, max_rank=method.rank, alpha=float(method.rank), **options)
+    if method.ranks_from:
+        network.train_at_ranks(dict(method.ranks_from))
     trained = task.config.samples - method.held_out
     if method.held_out and method.kind == "aclora":
         held = list(range(trained, task.config.samples))
         x, y = task.train_x[held].reshape(-1, task.config.width), task.train_y[held].reshape(-1, task.config.width)
-        network.set_validation(lambda: (base(x) - y).pow(2).mean(dim=-1) / task.scale)  # per row
+        rows = task.train_x.shape[1]
+        network.set_validation(lambda: (base(x) - y).pow(2).mean(dim=-1) / task.scale,  # per row
+                               until=method.fold_back, groups=torch.arange(len(held)).repeat_interleave(rows))
+    everything = task.config.samples
     losses, seconds = train_with_restarts(network, train.epochs, train.lr, seed,
-                                          lambda g: batches(g, trained, train.samples_per_step),
+                                          lambda g: batches(g, trained if network.validation_active or
+                                                            method.fold_back is None else everything,
+                                                            train.samples_per_step),
                                           lambda idx, g: step_loss(base, task, idx, g))
     network.eval()
     with torch.no_grad():
@@ -291,7 +330,8 @@ def train_aclora(task: Task, method: Method, seed: int, train: TrainConfig, work
             file_ranks.append(k)
         os.remove(path)
         exported = relative_error(task, merged)
-        result = {"heldout": exported, "heldout_raw": raw, "ranks": file_ranks, "seconds": seconds}
+        result = {"heldout": exported, "heldout_raw": raw, "ranks": file_ranks, "seconds": seconds,
+                  "module_names": [m.lora_name for m in network.loras]}
         tenth = max(1, len(losses) // 10)
         result["loss_first_tenth"] = float(torch.stack(losses[:tenth]).mean())
         result["loss_last_tenth"] = float(torch.stack(losses[-tenth:]).mean())
@@ -391,6 +431,13 @@ def methods(sweep: Sequence[int], max_rank: int, adalora: dict,
     rows.append(Method(f"AC-LoRA product R={max_rank}", "aclora", max_rank, (("restart_mode", "product"),)))
     rows.append(Method(f"AC-LoRA product R={max_rank}, 3 of 15 held out", "aclora", max_rank,
                        (("restart_mode", "product"),), held_out=3))
+    rows.append(Method(f"AC-LoRA product R={max_rank}, 3 of 15 held out then folded back", "aclora", max_rank,
+                       (("restart_mode", "product"),), held_out=3, fold_back=0.7))
+    rows.append(Method(f"AC-LoRA product R={max_rank}, issue-9 rule (beat, relearn), 3 of 15 held out", "aclora",
+                       max_rank, (("restart_mode", "product"), ("cut_rule", "beat"), ("freed_slots", "relearn")),
+                       held_out=3))
+    rows.append(Method(f"AC-LoRA product R={max_rank}, two runs: 3 of 15 held out, then fresh at its ranks on all 15",
+                       "aclora", max_rank, (("restart_mode", "product"),), held_out=3, two_runs=True))
     rows.append(Method(f"LoRA rank {max_rank}, trained on the same 12 of 15 (reference)", "lora", max_rank,
                        held_out=3))
     rows.append(Method(f"AdaLoRA init_r={adalora['init_r']} target_r={adalora['target_r']}", "adalora",
@@ -525,6 +572,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     p.add_argument("--seeds", type=int, default=None, help="seeds per method (quick 2, full 5)")
     p.add_argument("--loss-floor", type=float, default=TaskConfig.loss_floor,
                    help="irreducible target noise, relative to the clean outputs (0 = none)")
+    p.add_argument("--reuse", default=None, help="an earlier result JSON of the same settings: its runs are taken "
+                   "as they are, only the rows it lacks are trained")
     args, quick, seeds = parse_quality_args(p, argv)
     sweep = [2, 32] if args.smoke else [2, 8, 32, 128] if quick else [2, 4, 8, 16, 32, 64, 128]
     max_rank = 32 if args.smoke else 128
@@ -537,6 +586,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     ablation = [(mode, p) for mode in ("paper", "product") for p in (0.5, 0.8, 0.9, 0.99)] \
         if args.mode == "full" and not args.smoke and default_task else []
     rows = methods(sweep, max_rank, adalora, ablation)
+    reused = reusable_runs(args.reuse, {"task": asdict(task_config), "training": asdict(train), "sweep": sweep})
     info = common.machine_info("cpu")
     runs = []
     start = time.perf_counter()
@@ -545,7 +595,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
             task = make_task(seed, task_config)
             base_error = relative_error(task, task.base)
             for m in rows:
-                result = run_one(task, m, seed, train, workdir)
+                result = reused.get((m.label, seed)) or run_one(task, m, seed, train, workdir)
                 result["base_heldout"] = base_error
                 runs.append(result)
                 print(f"seed {seed} {m.label:<34} held-out {result['heldout']:.4f} (raw {result['heldout_raw']:.4f}) "

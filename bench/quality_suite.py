@@ -38,7 +38,12 @@ file ``save_weights`` writes):
 * ``AC-LoRA, folded back``: the same, but the held-out samples join the
   training once the rank search stops using them (``until=0.7``);
 * ``AC-LoRA, no held-out loss``: the defaults without a held-out loss,
-  trained on all 15 (``min_importance``);
+  trained on all 15 (training left whole, the file trimmed at ``min_importance``);
+* ``AC-LoRA, two runs``: the held-out run chooses the ranks, then a fresh LoRA
+  trains at its file's per-module ranks on all 15 (``ranks_from``); its time
+  is both runs';
+* ``AC-LoRA, the rule before``: version 0.1's rank search (``cut_rule=beat``,
+  ``freed_slots=relearn``, ``cut_without_heldout``), 3 held out;
 * ``AC-LoRA paper``: ``restart_mode=paper``, all 15;
 * ``AdaLoRA``: peft's, init_r = R, target_r 8 (peft's default budget), all 15;
 * ``resize <method>``: the rank-R LoRA resized after training with sd-scripts'
@@ -59,6 +64,7 @@ against the plain LoRA at R.
     .venv/bin/python bench/quality_suite.py --quick                # 2 seeds, ~5 minutes
     .venv/bin/python bench/quality_suite.py --full                 # 5 seeds, the README numbers (~1 hour, 1 core)
     .venv/bin/python bench/quality_suite.py --full --tasks mlp-mid --losses mse
+    .venv/bin/python bench/quality_suite.py --full --only defaults --samples 60   # the dataset-size study
 """
 
 from __future__ import annotations
@@ -70,8 +76,8 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Callable, Optional, Sequence
+from dataclasses import asdict, dataclass, replace
+from typing import Any, Optional, Sequence
 
 import torch
 from torch import nn
@@ -126,6 +132,10 @@ class Task:
         raise NotImplementedError
 
     def selection_loss(self, idx: Sequence[int]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def selection_groups(self, idx: Sequence[int]) -> torch.Tensor:
+        """The sample each item of ``selection_loss(idx)`` belongs to (the held-out units)."""
         raise NotImplementedError
 
     def heldout_error(self) -> float:
@@ -216,6 +226,9 @@ class MLPTask(Task):
 
     def selection_loss(self, idx):
         return self._loss(torch.as_tensor(list(idx)), None, per_row=True)
+
+    def selection_groups(self, idx):
+        return torch.arange(len(list(idx))).repeat_interleave(self.config.vectors)
 
     def heldout_error(self) -> float:
         with torch.no_grad():
@@ -335,6 +348,9 @@ class TextureTask(Task):
     def selection_loss(self, idx):
         return self._fixed(self.train_x[torch.as_tensor(list(idx))].repeat(8, 1), self.loss_kind)
 
+    def selection_groups(self, idx):
+        return torch.arange(len(list(idx))).repeat(8 * 4)
+
     def heldout_error(self) -> float:
         with torch.no_grad():
             return float(self._fixed(self.test_x, "mse").mean())
@@ -369,6 +385,8 @@ class Method:
     held_out: bool = False  # N_VAL samples held out for set_validation
     fold_back: Optional[float] = None  # set_validation(until=...): the held-out samples join training after it
     resize: tuple[str, float] = ("", 0.0)
+    two_runs: bool = False  # a held-out run chooses the ranks, then a fresh LoRA at them trains on all 15
+    ranks_from: Optional[dict] = None  # train at these per-module ranks (the second of the two runs)
 
 
 def methods(sweep: Sequence[int], adalora: bool = True) -> list[Method]:
@@ -376,7 +394,13 @@ def methods(sweep: Sequence[int], adalora: bool = True) -> list[Method]:
     rows += [
         Method("AC-LoRA (defaults, 3 of 15 held out)", "aclora", MAX_RANK, held_out=True),
         Method("AC-LoRA (defaults, held out then folded back)", "aclora", MAX_RANK, held_out=True, fold_back=0.7),
-        Method("AC-LoRA (defaults, no held-out loss)", "aclora", MAX_RANK),
+        Method("AC-LoRA (defaults, no held-out loss: training left whole)", "aclora", MAX_RANK),
+        Method("AC-LoRA (no held-out loss, min_importance 0: keep every component)", "aclora", MAX_RANK,
+               (("min_importance", 0.0),)),
+        Method("AC-LoRA (defaults, two runs: held-out ranks, then fresh at them on all 15)", "aclora", MAX_RANK,
+               held_out=True, two_runs=True),
+        Method("AC-LoRA (the rule before: beat, relearn, cuts without held-out data; 3 of 15 held out)", "aclora", MAX_RANK,
+               (("cut_rule", "beat"), ("freed_slots", "relearn"), ("cut_without_heldout", True)), held_out=True),
         Method("AC-LoRA paper", "aclora", MAX_RANK, (("restart_mode", "paper"),)),
     ]
     if adalora:
@@ -400,16 +424,28 @@ def _targets(task: Task) -> Sequence[str]:
 
 def train_ours(task: Task, method: Method, seed: int, training: Training, workdir: str) -> dict:
     """Our module (a fixed-rank LoRA or AC-LoRA) trained with record_loss / on_epoch_start, scored from its file."""
+    if method.two_runs:  # run 1: the rank search with its held-out share; run 2: fresh at its ranks, all 15
+        first = train_ours(task, replace(method, two_runs=False), seed, training, workdir)
+        names = first["module_names"]
+        second = train_ours(task, Method(method.label, "lora", MAX_RANK, ranks_from=dict(zip(names, first["ranks"]))),
+                            seed, training, workdir)
+        second.update(seconds=first["seconds"] + second["seconds"], cpu_seconds=first["cpu_seconds"] +
+                      second["cpu_seconds"], restarts=first.get("restarts"), first_run=first["heldout"])
+        second.pop("factors", None)
+        return second
     torch.manual_seed(seed + 7919)
     options = dict(method.options)
     if method.kind == "lora":
         options["restart_mode"] = "off"
     network = attach(task.model, max_rank=method.rank, alpha=float(method.rank), include=_targets(task), **options)
+    if method.ranks_from:
+        network.train_at_ranks(method.ranks_from)
     everything = list(range(N_TRAIN))
     train_ids = everything[:N_TRAIN - N_VAL] if method.held_out else everything
     if method.held_out:
         held = everything[N_TRAIN - N_VAL:]
-        network.set_validation(lambda: task.selection_loss(held), until=method.fold_back)
+        network.set_validation(lambda: task.selection_loss(held), until=method.fold_back,
+                               groups=task.selection_groups(held))
     steps_per_epoch = math.ceil(len(train_ids) / training.per_step)
     network.set_training_length(total_steps=training.epochs * steps_per_epoch)
     optimizer = torch.optim.AdamW(network.parameters(), lr=training.lr, weight_decay=0.0)
@@ -434,6 +470,7 @@ def train_ours(task: Task, method: Method, seed: int, training: Training, workdi
     seconds, cpu = time.perf_counter() - start, time.process_time() - start_cpu
     raw_error = task.heldout_error()
     result = score_file(task, network, path)
+    result["module_names"] = [m.lora_name for m in network.loras]
     result.update(raw=raw_error, seconds=seconds, cpu_seconds=cpu,
                   loss_last_tenth=float(torch.stack(losses[-max(1, len(losses) // 10):]).mean()))
     if method.kind == "aclora":
@@ -585,10 +622,10 @@ def run_task(name: str, loss_kind: str, seeds: Sequence[int], rows: Sequence[Met
     for seed in seeds:
         full_rank_run = None
         for method in rows:
-            key = f"{name}|{loss_kind}|{seed}|{method.label}|{training.epochs}"
+            key = f"{name}|{loss_kind}|{seed}|{method.label}|{training.epochs}" + _samples_key()
             if cache is not None and key in cache and method.kind != "aclora" and \
                     not (method.kind == "lora" and method.rank == MAX_RANK and any(m.kind == "resize" for m in rows)
-                         and not all(f"{name}|{loss_kind}|{seed}|{m.label}|{training.epochs}" in cache
+                         and not all(f"{name}|{loss_kind}|{seed}|{m.label}|{training.epochs}" + _samples_key() in cache
                                      for m in rows if m.kind == "resize")):
                 runs.append(cache[key])
                 continue
@@ -619,6 +656,11 @@ def run_task(name: str, loss_kind: str, seeds: Sequence[int], rows: Sequence[Met
     return runs
 
 
+def _samples_key() -> str:
+    """The cache key's suffix for a dataset size other than the suite's 15 samples (``--samples``)."""
+    return "" if N_TRAIN == 15 else f"|n{N_TRAIN}"
+
+
 def _module_paths(task: Task, factors: dict) -> list[tuple[str, str]]:
     """lora name -> module path of the layer it adapts (attach names modules lora_<path with _>)."""
     paths = {"lora_" + n.replace(".", "_"): n for n, m in task.model.named_modules() if isinstance(m, nn.Linear)}
@@ -642,12 +684,14 @@ def summarise(runs: list[dict], rows: Sequence[Method], sweep: Sequence[int]) ->
         best = min(fixed, key=fixed.get)
         median = statistics.median(fixed.values())
         best_params = statistics.fmean(r["params"] for r in by[best])
+        plain = fixed.get(f"LoRA rank {MAX_RANK}")
         table = {}
         for label, values in by.items():
             errors = [r["heldout"] for r in values]
             table[label] = {
                 "heldout": means[label], "std": statistics.stdev(errors) if len(errors) > 1 else 0.0,
                 "ratio": means[label] / fixed[best], "beats_median": means[label] < median,
+                "vs_plain": means[label] / plain if plain else None,
                 "size_ratio": statistics.fmean(r["params"] for r in values) / best_params,
                 "ranks": [statistics.fmean(r["ranks"][i] for r in values) for i in range(len(values[0]["ranks"]))]
                 if len({len(r["ranks"]) for r in values}) == 1 else None,
@@ -689,34 +733,46 @@ def print_tables(summary: dict, info: dict) -> str:
 
 def run_timing(tasks: Sequence[str], seeds: Sequence[int], rows: Sequence[Method], training: Training,
                pretrain_steps: int, smoke: bool) -> list[dict]:
-    """CPU seconds of the plain LoRA at R and of AC-LoRA with its held-out share, run alternately (plain,
-    AC-LoRA, plain, ...) on the same seeds, so that the machine's load hits both alike; medians."""
+    """CPU seconds of the plain LoRA at R and of each AC-LoRA recipe (no split, the split, two runs: both
+    runs counted), run alternately on the same seeds so that the machine's load hits them alike; medians,
+    and each recipe's ratio to the plain LoRA."""
     plain = next(m for m in rows if m.kind == "lora" and m.rank == MAX_RANK)
-    ours = next(m for m in rows if m.kind == "aclora" and m.held_out and m.fold_back is None)
+    recipes = {"no split": next(m for m in rows if m.kind == "aclora" and not m.held_out and not m.options),
+               "split": next(m for m in rows if m.kind == "aclora" and m.held_out and m.fold_back is None
+                             and not m.two_runs and not m.options),
+               "two runs": next(m for m in rows if m.two_runs)}
     table = []
     with tempfile.TemporaryDirectory() as workdir:
         for name in tasks:
-            times = {plain.label: [], ours.label: []}
+            times = {label: [] for label in ("plain", *recipes)}
             for seed in seeds:
-                for method in (plain, ours):
+                for label, method in (("plain", plain), *recipes.items()):
                     result = train_ours(build_task(name, seed, "mse", pretrain_steps, smoke), method, seed, training,
                                         workdir)
-                    times[method.label].append(result["cpu_seconds"])
-            a, b = statistics.median(times[plain.label]), statistics.median(times[ours.label])
-            table.append({"task": name, "plain": round(a, 2), "aclora": round(b, 2), "ratio": round(b / a, 3)})
-            print(f"timing {name}: plain {a:.2f}s, AC-LoRA {b:.2f}s, ratio {b / a:.2f}", flush=True)
+                    times[label].append(result["cpu_seconds"])
+            medians = {label: statistics.median(values) for label, values in times.items()}
+            row = {"task": name, "plain": round(medians["plain"], 2)}
+            for label in recipes:
+                row[label] = round(medians[label] / medians["plain"], 3)
+            table.append(row)
+            print(f"timing {name}: plain {medians['plain']:.2f}s; " +
+                  ", ".join(f"{label} {row[label]:.2f}x" for label in recipes), flush=True)
     return table
 
 
 def goal(summary: dict, label: str) -> dict:
     ratios = [entry["methods"][label]["ratio"] for entry in summary.values() if label in entry["methods"]]
     median_ok = all(entry["methods"][label]["beats_median"] for entry in summary.values() if label in entry["methods"])
+    plain = [entry["methods"][label]["vs_plain"] for entry in summary.values()
+             if label in entry["methods"] and entry["methods"][label]["vs_plain"] is not None]
     return {"mean_ratio": statistics.fmean(ratios) if ratios else float("nan"),
+            "worst_vs_plain": max(plain) if plain else float("nan"),
             "worst_ratio": max(ratios) if ratios else float("nan"), "beats_median_everywhere": median_ok,
             "met": bool(ratios) and max(ratios) <= GOAL_WORST and all(r <= 1.0 for r in ratios) and median_ok}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
+    global N_TRAIN, N_VAL  # --samples
     p = common.parser(__doc__.split("\n\n")[0])
     p.add_argument("--seeds", type=int, default=None, help="seeds per task (quick 2, full 5)")
     p.add_argument("--tasks", default=None, help="comma-separated subset of: " + ", ".join([*MLP_REGIMES, "textures"]))
@@ -727,11 +783,17 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     p.add_argument("--cache", default=None, help="JSON file of sweep and peer runs to reuse and extend. The runs "
                    "are deterministic on one thread: a cached row is the result a fresh run gives (checked), "
                    "only its seconds are from another time")
+    p.add_argument("--samples", type=int, default=N_TRAIN, help="training samples per task (default 15); a fifth "
+                   "of them (rounded down) is the held-out share of the rows that hold some out. The regimes were "
+                   "set for 15: with more samples, capacity overfits less (the dataset-size study)")
     p.add_argument("--timing", action="store_true", help="also time, per task (mse), the plain LoRA at R and "
                    "AC-LoRA with its held-out share alternately on the same seeds: the run-time ratio")
     args = p.parse_args(argv)
     if args.threads is None:
         args.threads = 1
+    if args.samples < 5:
+        raise SystemExit(f"--samples: {args.samples} is too few; allowed: an integer >= 5")
+    N_TRAIN, N_VAL = args.samples, args.samples // 5
     common.setup(args)
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("aclora_ext").setLevel(logging.ERROR)
@@ -769,24 +831,30 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                     common.write_json("cache", cache, args.cache)
     summary = summarise(runs, rows, sweep)
     text = print_tables(summary, info)
-    timing = run_timing(tasks, seeds[:3], rows, training, pretrain_steps, args.smoke) if args.timing else None
+    if N_TRAIN != 15:
+        text = f"{N_TRAIN} training samples, {N_VAL} held out by the rows that hold some out\n" + text
+        print(text.splitlines()[0], flush=True)
+    timing = run_timing(tasks, seeds[:3], methods(sweep, adalora=False), training, pretrain_steps, args.smoke) \
+        if args.timing else None
     if timing:
-        text += common.print_table("Run time of one AC-LoRA run (3 of 15 held out) / one plain LoRA at R, CPU "
-                                   "time, the two alternated on the same seeds", timing,
-                                   ["task", "plain", "aclora", "ratio"],
-                                   ["task (mse)", "plain LoRA at R, s", "AC-LoRA, s", "ratio"])
+        text += common.print_table("Run time of each AC-LoRA recipe / one plain LoRA at R (CPU time, median of "
+                                   "the seeds, all alternated on the same seeds; two runs: both runs)", timing,
+                                   ["task", "plain", "no split", "split", "two runs"],
+                                   ["task (mse)", "plain LoRA at R, s", "no split", "split (3 of 15)", "two runs"])
     goals = {m.label: goal(summary, m.label) for m in rows if m.kind != "lora"}
     goal_rows = [{"method": k, "mean": f"{v['mean_ratio']:.3f}", "worst": f"{v['worst_ratio']:.3f}",
+                  "plain": f"{v['worst_vs_plain']:.3f}",
                   "median": common.verdict(v["beats_median_everywhere"]), "met": common.verdict(v["met"])}
                  for k, v in goals.items()]
     text += common.print_table("Goal: mean and worst ratio to the best fixed rank over every task and loss", goal_rows,
-                               ["method", "mean", "worst", "median", "met"],
-                               ["method", "mean ratio", "worst ratio", "better than the median rank everywhere",
-                                "goal (<= 1.00 everywhere, worst <= 1.05)"])
+                               ["method", "mean", "worst", "plain", "median", "met"],
+                               ["method", "mean ratio", "worst ratio", f"worst / plain LoRA at R={MAX_RANK}",
+                                "better than the median rank everywhere", "goal (<= 1.00 everywhere, worst <= 1.05)"])
     total = time.perf_counter() - start
     print(f"total benchmark time {total:.0f}s", flush=True)
     result = common.payload(NAME, args, "cpu", sweep=sweep, max_rank=MAX_RANK, training=asdict(training), timing=timing,
-                            tasks=tasks, losses=losses, regimes={k: asdict(v) for k, v in MLP_REGIMES.items()},
+                            tasks=tasks, losses=losses, samples=N_TRAIN, held_out=N_VAL,
+                            regimes={k: asdict(v) for k, v in MLP_REGIMES.items()},
                             summary=summary, goals=goals, runs=runs, markdown=text, total_seconds=total)
     common.write_json(NAME, result, args.out)
     return result

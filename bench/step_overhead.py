@@ -139,6 +139,8 @@ def attach_aclora(unet: nn.Module, size: Size, mode: str, total_steps: int):
     options: dict[str, Any] = {"restart_mode": mode}
     if mode != "off":
         options["restart_every_steps"] = size.restart_every
+    if mode == "product":  # the RESTART's work is what is measured (no held-out loss here)
+        options["cut_without_heldout"] = True
     network = create_network(1.0, size.rank, size.alpha, None, None, unet, **options)
     network.apply_to(None, unet, apply_text_encoder=False, apply_unet=True)
     network.set_training_length(total_steps=total_steps)

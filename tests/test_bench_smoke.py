@@ -162,3 +162,20 @@ def test_budget_allocation_runs_and_keeps_every_allocation_within_its_budget(tmp
     assert {row["model"] for row in result["rows"]} == {"sdxl-like", "flux"}
     assert all(fit["size"] <= fit["max_size"] for fit in result["fit_ranks"])
     assert result["adversarial"]["exact_equals_brute_force"] == result["adversarial"]["trials"]
+
+
+def test_the_rank_search_lab_still_trains_cuts_and_scores(monkeypatch):
+    """bench/lab/ (the research behind the rank search) keeps running against the suite's tasks: a short
+    held-out run at rank 8, cut to 2 at its one RESTART with the freed slots masked, then scored."""
+    monkeypatch.syspath_prepend(str(ROOT / "bench" / "lab"))
+    import lab
+
+    def cut_to_two(adapters, ctx):
+        for a in adapters:
+            lab.rebase(a)
+            lab.cut(a, 2)
+
+    result = lab.train(lab.make("mlp-small", 0), 0, lab.Run(rank=8, epochs=2, every=1, held_out=True,
+                                                             on_restart=cut_to_two))
+    assert 0 < result["heldout"] < float("inf")
+    assert result["ranks"] == [2, 2, 2]  # every layer of the MLP held at the cut

@@ -124,15 +124,21 @@ def test_no_recording_where_a_held_out_loss_would_choose_nothing(sd1_models, tra
     assert not getattr(train_util.conditional_loss, "_aclora_wrapped", False)
 
 
-def test_a_run_without_a_validation_pass_records_nothing_and_uses_the_default_level(sd1_pretrained_models, style_data,
-                                                                                    train_util):
+def test_a_run_without_a_validation_pass_records_nothing_and_leaves_training_whole(sd1_pretrained_models, style_data,
+                                                                                   train_util):
+    """No held-out loss: a RESTART changes nothing (a plain LoRA at R); the file is trimmed at save time."""
     network = sd_network(sd1_pretrained_models, 0.0)
     latents = torch.stack([s["latents"] for s in style_data])
     optimizer = torch.optim.AdamW(network.parameters(), lr=1e-3)
     for step in range(3):
         training_step(network, sd1_pretrained_models, latents[:4], optimizer, step)
     assert network.rank_search.loss_fn.calls == [] and not network.validation_active
-    assert network.restart().p_source == "prior"
+    before = {k: v.clone() for k, v in network.state_dict().items() if k.endswith(".weight")}
+    report = network.restart()
+    assert report.p_source == "deferred" and report.level == float("inf")
+    assert all(torch.equal(v, network.state_dict()[k]) for k, v in before.items())
+    network.state_for_export()
+    assert network.rank_search.file_decision["source"] == "prior"
 
 
 def test_without_sd_scripts_library_the_run_goes_on_without_a_held_out_loss(sd1_models, monkeypatch, caplog):

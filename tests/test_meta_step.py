@@ -243,6 +243,15 @@ def test_dropouts_draw_without_reading_the_device(tiny_sdxl_step):
     assert guarded_step(run).reads == []
 
 
+def test_held_slots_mask_the_forward_without_reading_the_device(tiny_sdxl_step):
+    run = tiny_sdxl_step()
+    for m in run.network.loras:  # what a held-out cut leaves: the upper half of every module's slots held
+        m.hold_slots(torch.arange(m.rank) >= m.rank // 2)
+    assert all(m.slot_mask is not None and m.slot_mask.device.type == "meta" for m in run.network.loras)
+    assert guarded_step(run).reads == []
+    assert run.network.clock.optimizer_steps == 1
+
+
 def test_the_simulated_steps_loss_reaches_no_other_network_that_listens_to_accelerator_backward(tiny_sdxl_step,
                                                                                                   sd1_models):
     from accelerate import Accelerator

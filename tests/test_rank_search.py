@@ -164,7 +164,7 @@ def test_a_module_cut_at_one_restart_grows_back_when_it_earns_capacity():
     """RESTART 1: the truth has rank 2, so 2 of 12 slots stay. The freed slots then learn three more truth
     components (written in as training would); the held-out truth now has rank 5: RESTART 2 keeps 5."""
     full = torch.tensor([2.0, 1.8, 1.6, 1.4, 1.2])
-    model, network, _ = planted_setup([full], noise=0.5, seed=3)
+    model, network, _ = planted_setup([full], noise=0.5, seed=3, freed_slots="relearn", cut_rule="beat")
     module = network.loras[0]
     first = Planted(full[:2], 0.5, seed=3)
     second = Planted(full, 0.0, seed=3)
@@ -184,7 +184,8 @@ def test_a_module_cut_at_one_restart_grows_back_when_it_earns_capacity():
 
 
 def test_until_hands_the_held_out_share_back_and_freezes_the_chosen_level():
-    model, network, plants = planted_setup([torch.linspace(2.0, 1.0, 3)], noise=0.5)
+    model, network, plants = planted_setup([torch.linspace(2.0, 1.0, 3)], noise=0.5, freed_slots="relearn",
+                                           cut_rule="beat")
     network.set_training_length(total_steps=10)
     network.set_validation(held_out_loss(model, [plants[0].truth]), until=0.5)
     network.clock.optimizer_steps = 4
@@ -241,7 +242,7 @@ NOISY = torch.tensor([-0.3, 0.25] * 4)  # a paired difference of mean -0.025 and
 ])
 def test_a_cut_is_made_only_where_it_beats_keeping_everything_by_more_than_the_held_out_noise(difference, per_item,
                                                                                            cuts):
-    model, network, plants = planted_setup([torch.linspace(2.0, 1.0, 3)], noise=0.5)
+    model, network, plants = planted_setup([torch.linspace(2.0, 1.0, 3)], noise=0.5, cut_rule="beat")
     x = inputs(64, 5)
     with torch.no_grad():
         base = x @ model[0].weight.T
@@ -275,7 +276,8 @@ def test_the_pessimistic_loss_is_the_mean_plus_one_standard_error_of_the_paired_
 # --- without a held-out loss ----------------------------------------------------------------------------------------
 def test_without_a_held_out_loss_components_below_min_importance_of_the_largest_go():
     """Importance = s_j x rms(x . v_j) / rms(layer output), computed here from the inputs the test fed."""
-    model, network, plants = planted_setup([torch.tensor([3.0, 1.0, 0.02, 0.01])], noise=0.002)
+    model, network, plants = planted_setup([torch.tensor([3.0, 1.0, 0.02, 0.01])], noise=0.002,
+                                           cut_without_heldout=True)
     module = network.loras[0]
     x = inputs(256, 1)  # what planted_setup recorded
     delta = (module.up_matrix() @ module.down_matrix()).detach() * module.scale
@@ -295,7 +297,7 @@ def test_min_importance_zero_keeps_every_nonzero_component():
 
 def test_the_file_ranks_are_the_rule_applied_to_the_final_update(tmp_path):
     """Decided again at save time: what the adapter learned after the last RESTART is judged too."""
-    model, network, plants = planted_setup([torch.tensor([3.0, 1.0, 0.02])], noise=0.001)
+    model, network, plants = planted_setup([torch.tensor([3.0, 1.0, 0.02])], noise=0.001, cut_without_heldout=True)
     module = network.loras[0]
     assert network.restart().ranks[module.lora_name] == 2
     # after the RESTART a freed slot learns a component as strong as the second one
@@ -322,7 +324,7 @@ def train_run(loss_scale: float, validate: bool, steps: int = 60) -> tuple[list,
     file. Without a held-out loss, min_importance 0.1 makes the default rule cut something here."""
     torch.manual_seed(0)
     model = layer_model(2, seed=0)
-    network = attach(model, max_rank=R, alpha=float(R), restart_every_steps="20",
+    network = attach(model, max_rank=R, alpha=float(R), restart_every_steps="20", cut_without_heldout=True,
                      **({} if validate else {"min_importance": "0.1"}))
     network.set_training_length(total_steps=steps)
     teacher = [Planted(torch.linspace(2.0, 1.0, k), 0.0, seed=20 + k, out_dim=m.out_dim).truth
@@ -434,3 +436,70 @@ def test_the_activation_statistics_survive_save_state_and_resume_so_the_next_res
     assert torch.equal(recorded.gram, restored.gram) and recorded.count == restored.count
     assert float(recorded.out_sq) == float(restored.out_sq) and recorded.out_numel == restored.out_numel
     assert fresh.restart().ranks == network.restart().ranks
+
+
+# --- issue 17: the one-standard-error parsimony rule, and freed slots held out of the forward -----------------------
+@pytest.mark.parametrize("difference, cuts", [
+    (NOISY, True),  # a cut no worse than keeping everything beyond the held-out noise: the fewer components win
+    (torch.full((8,), 0.1), False),  # a cut worse on every item: kept
+])
+def test_parsimony_takes_the_fewest_components_that_the_held_out_loss_cannot_tell_from_the_best(difference, cuts):
+    model, network, plants = planted_setup([torch.linspace(2.0, 1.0, 3)], noise=0.5)
+    x = inputs(64, 5)
+    with torch.no_grad():
+        base = x @ model[0].weight.T
+        full = float((model(x) - base).pow(2).sum())
+
+    def loss_fn():
+        cut = float((model(x) - base).pow(2).sum()) < 0.999 * full
+        return torch.ones(8) + (difference if cut else 0.0)
+
+    network.set_validation(loss_fn)
+    report = network.restart()
+    assert report.p_source == "validation"
+    assert (report.ranks[network.loras[0].lora_name] < R) == cuts
+
+
+def test_the_standard_error_counts_images_when_the_items_groups_are_given():
+    from aclora_ext.functional import paired_excess
+
+    best = torch.zeros(8)
+    items = torch.tensor([0.1, 0.1, 0.1, 0.1, -0.1, -0.1, -0.1, -0.1]) + 0.02  # two images of four items each
+    per_item = paired_excess(items, best)
+    per_image = paired_excess(items, best, torch.tensor([0, 0, 0, 0, 1, 1, 1, 1]))
+    assert per_item > per_image  # items of one image are not independent: the band is wider per image
+
+
+def test_slots_freed_by_a_held_out_cut_stay_out_of_the_forward_and_learn_nothing():
+    """freed_slots=hold: after the cut the module trains at its kept rank; its held slots add nothing to the
+    output, get no gradient, and the file and the next RESTART see only the kept components."""
+    model, network, plants = planted_setup([torch.linspace(2.0, 1.0, 3)], noise=0.5)
+    network.set_validation(held_out_loss(model, [plants[0].truth]))
+    kept = network.restart().ranks[network.loras[0].lora_name]
+    module = network.loras[0]
+    held = module.held
+    assert held is not None and int(held.sum()) == R - kept
+    x = inputs(32, 9)
+    optimizer = torch.optim.AdamW(network.parameters(), lr=1e-2)
+    for _ in range(3):
+        loss = model(x).pow(2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        assert float(module.lora_down.weight.grad[held].abs().sum()) == 0.0
+        assert float(module.lora_up.weight.grad[:, held].abs().sum()) == 0.0
+        optimizer.step()
+    with torch.no_grad():
+        hidden = module.lora_down(x) * (~held).float()
+        assert torch.allclose(model(x), x @ model[0].weight.T + module.lora_up(hidden) * module.scale, atol=1e-5)
+    module.clear_held()
+    assert float(module.lora_up.weight[:, held].abs().sum()) == 0.0
+
+
+def test_held_slots_survive_save_state_and_resume():
+    model, network, plants = planted_setup([torch.linspace(2.0, 1.0, 3)], noise=0.5)
+    network.set_validation(held_out_loss(model, [plants[0].truth]))
+    network.restart()
+    state = {k: v.clone() for k, v in network.state_dict().items()}
+    _, fresh, _ = planted_setup([torch.linspace(2.0, 1.0, 3)], noise=0.5)
+    fresh.load_state_dict(state)
+    assert torch.equal(fresh.loras[0].held, network.loras[0].held)

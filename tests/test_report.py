@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from aclora_ext.tools.cli import main
+from aclora_ext.tools.inspect import DECIDED_BY
 
 PS = (0.99, 0.9, 0.7)
 
@@ -100,7 +101,8 @@ def test_inspect_prints_ranks_params_and_size_per_block_of_an_sdxl_file(capsys, 
     assert "AC-LoRA file for SDXL, restart_mode product, 3 RESTARTs" in out
     for entry in network.history:
         stats = f"{min(entry['ranks'])}/{statistics.median(entry['ranks']):g}/{max(entry['ranks'])}"
-        assert re.search(rf"^ +{entry['index']} .* {entry['p']:.4f} .* {stats}$", out, re.M), entry["index"]
+        decided = re.escape(DECIDED_BY[entry["source"]])  # RESTARTs given a p: "p given"
+        assert re.search(rf"^ +{entry['index']} .* {entry['p']:.4f} .* {stats} +{decided}$", out, re.M), entry["index"]
 
 
 def test_json_holds_the_same_report_and_the_max_rank_size_matches_the_full_rank_file(capsys, sdxl_file, tmp_path):
@@ -256,3 +258,16 @@ def test_demo_subcommand_hands_its_arguments_to_the_demo(monkeypatch):
     monkeypatch.setattr(aclora_ext.tools.demo, "main", lambda argv: seen.append(list(argv)) or 7)
     assert main(["demo", "--steps", "3"]) == 7
     assert seen == [["--steps", "3"]]
+
+
+def test_the_history_says_how_each_restart_decided(capsys, small_file, tmp_path):
+    """Deferred RESTARTs (no held-out loss: training left whole) and held-out choices read apart in the table."""
+    path = tmp_path / "sources.safetensors"
+    history = [{"index": i + 1, "epoch": i + 1, "step": 10 * (i + 1), "p": None, "loss": 0.1, "ranks": [4, 4],
+                "source": source} for i, source in enumerate(("deferred", "validation", "frozen"))]
+    save_file(load_file(small_file), str(path), {"aclora_history": json.dumps(history)})
+    code, out, _ = run(capsys, "inspect", str(path), "--no-curve")
+    assert code == 0
+    rows = [line for line in out.splitlines() if re.match(r"^ +[123] ", line)]
+    assert [row.split("  ")[-1].strip() for row in rows] == \
+        ["deferred (no held-out loss)", "held-out loss", "held ranks"]

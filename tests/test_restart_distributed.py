@@ -49,7 +49,8 @@ def worker(rank: int, port: int, out_dir: str) -> None:
 def restart_once(rank: int, mode: str, out_dir: str) -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 16), nn.Linear(16, 16))
-    network = attach(model, max_rank=8, restart_mode=mode, seed=7)
+    network = attach(model, max_rank=8, restart_mode=mode, seed=7,
+                     **({"cut_without_heldout": True} if mode == "product" else {}))
     network.set_training_length(total_steps=TOTAL_STEPS)
     g = torch.Generator().manual_seed(100 + rank)
     k = SIGNAL_RANK[rank]

@@ -37,7 +37,8 @@ def test_a_replayed_sdxl_run_restarts_on_schedule_and_saves_per_module_ranks_bel
     path = str(tmp_path / "style.safetensors")
     result = replay.replay_training(sd_network_module, sdxl_pretrained_models, style_data[:SAMPLES], sdxl=True,
                                     network_dim=MAX_RANK, network_alpha=4.0, epochs=EPOCHS, batch_size=BATCH, lr=1e-3,
-                                    network_args={} if mode == "product" else {"restart_mode": mode}, save_path=path)
+                                    network_args={"cut_without_heldout": "true"} if mode == "product" else {"restart_mode": mode},
+                                    save_path=path)
     network = result.network
     per_epoch = SAMPLES // BATCH
     assert result.global_step == EPOCHS * per_epoch

@@ -200,6 +200,13 @@ def sd1_validation(workspace, sd1_model) -> TrainingRun:
 
 
 @pytest.fixture(scope="session")
+def sd1_second_run(workspace, sd1_model, sd1_validation) -> TrainingRun:
+    """The two-run recipe's second run: fresh at sd1_validation's per-module ranks, every image, no split."""
+    return workspace.train("train_network.py", sd1_model, "sd1-second-run", "--max_train_epochs", "2",
+                           "--network_args", f"ranks_from={sd1_validation.file().path}")
+
+
+@pytest.fixture(scope="session")
 def sdxl_default(workspace, sdxl_model) -> TrainingRun:
     """Default options, 2 epochs of 2 steps."""
     return workspace.train("sdxl_train_network.py", sdxl_model, "sdxl-default", "--max_train_epochs", "2")
@@ -312,6 +319,17 @@ def test_sd1_validation_split_makes_the_restarts_choose_on_sd_scripts_validation
     decision = json.loads(lora.metadata["aclora_file_decision"])
     assert decision["source"] == "validation" and decision["candidates"] > 1
     assert lora.ranks() == lora.saved_ranks() and max(lora.ranks().values()) <= MAX_RANK
+
+
+def test_the_second_run_of_the_two_run_recipe_trains_and_saves_at_the_first_runs_ranks(sd1_validation,
+                                                                                      sd1_second_run):
+    """ranks_from: the second run holds every module at the first file's rank from the first step; its
+    RESTARTs (no held-out loss) change nothing and its file keeps exactly those ranks."""
+    first, second = sd1_validation.file(), sd1_second_run.file()
+    assert "training 264 modules at the ranks of" in sd1_second_run.result.output
+    assert second.ranks() == first.ranks() and second.saved_ranks() == first.saved_ranks()
+    assert {h["source"] for h in second.history()} == {"deferred"}
+    assert json.loads(second.metadata["aclora_file_decision"])["source"] == "frozen"
 
 
 def test_bad_network_args_stop_sd_scripts_at_start_up_with_our_message(workspace, sd1_model):

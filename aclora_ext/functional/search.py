@@ -45,6 +45,53 @@ def pessimistic_loss(items: Tensor, reference: Tensor, standard_errors: float = 
     return mean + standard_errors * float(difference.std()) / math.sqrt(items.numel())
 
 
+def paired_excess(items: Tensor, best: Tensor, groups: Optional[Tensor] = None,
+                  standard_errors: float = HELDOUT_STANDARD_ERRORS) -> float:
+    """How far a candidate's held-out loss is above the best candidate's beyond ``standard_errors`` standard
+    errors of their paired difference (<= 0: within the band, the one-standard-error rule's "as good").
+
+    The difference is taken item by item; with ``groups`` (the held-out unit, e.g. the image, of every
+    item) it is averaged per group first, so that the standard error counts independent units: the items
+    of one image (its timesteps) share that image's idiosyncrasies. Invariant to the loss's scale.
+    """
+    items = items.detach().double().flatten().cpu()
+    best = best.detach().double().flatten().cpu()
+    if items.shape != best.shape or not bool(torch.isfinite(items).all()) or not bool(torch.isfinite(best).all()):
+        return float(items.mean() - best.mean()) if items.numel() and best.numel() else math.inf
+    difference = items - best
+    if groups is not None and groups.numel() == difference.numel():
+        difference = torch.stack([difference[groups == g].mean() for g in groups.unique()])
+    if difference.numel() < 2:
+        return float(difference.mean())
+    return float(difference.mean()) - standard_errors * float(difference.std()) / math.sqrt(difference.numel())
+
+
+def parsimonious_choice(candidates: dict, groups: Optional[Tensor] = None, final: bool = False) -> tuple:
+    """The one-standard-error rule over held-out candidates: which kept set to choose.
+
+    ``candidates``: {signature (kept components per module): 1-D tensor of held-out item losses}, every
+    one evaluated on the same items; the signature with the largest total keeps every active component.
+    During training (Breiman's rule): among the candidates whose loss is no worse than the best
+    candidate's by more than one standard error of their paired difference (``paired_excess``), the one
+    keeping the fewest components. A run that then trains at that rank compares, at its next decision, a
+    trained model with cuts of it. ``final`` (the file's own ranks at save time: no training follows the
+    cut, and a cut of a trained model is not a trained smaller model): a cut only where it beats keeping
+    everything by one standard error, the one it beats by most (ties: the fewer components).
+    """
+    finite = {sig: items for sig, items in candidates.items() if math.isfinite(float(items.double().mean()))}
+    if not finite:
+        raise ValueError("parsimonious_choice: no candidate has a finite held-out loss")
+    everything = max(finite, key=sum)
+    if final:
+        margin = {sig: paired_excess(finite[everything], items, groups) for sig, items in finite.items()
+                  if sig != everything}  # > 0: this cut beats keeping everything beyond the band
+        chosen = max(margin, key=lambda sig: (margin[sig], -sum(sig)), default=everything)
+        return chosen if margin.get(chosen, 0.0) > 0.0 else everything
+    best = min(finite, key=lambda sig: float(finite[sig].double().mean()))
+    within = [sig for sig, items in finite.items() if sig == best or paired_excess(items, finite[best], groups) <= 0.0]
+    return min(within, key=lambda sig: (sum(sig), float(finite[sig].double().mean())))
+
+
 def window_levels(center: Optional[float], width: float = 1.0) -> list[float]:
     """The coarse levels worth evaluating after a choice at ``center``: keeping everything, and those
     within ``width`` decades of it (every level before any choice, ``center`` None, and after keeping
@@ -77,5 +124,6 @@ def refine_levels(importances: list[Tensor], level: float, most: int = 4) -> lis
     return inside
 
 
-__all__ = ["LEVELS", "LEVEL_STEP", "OUTPUT_SAMPLE_EVERY", "HELDOUT_STANDARD_ERRORS", "pessimistic_loss",
+__all__ = ["LEVELS", "LEVEL_STEP", "OUTPUT_SAMPLE_EVERY", "HELDOUT_STANDARD_ERRORS", "pessimistic_loss", "paired_excess",
+           "parsimonious_choice",
            "window_levels", "refine_levels"]

@@ -74,6 +74,9 @@ class ACLoRAModule(nn.Module):
         self.rank_dropout = rank_dropout
         self.module_dropout = module_dropout
         self.enabled = True
+        # slots held out of the forward after a held-out cut (freed_slots=hold): 1 in use, 0 held; None: all in
+        # use. A buffer, so it follows the module to its device; not persistent (the network's state keeps it)
+        self.register_buffer("slot_mask", None, persistent=False)
         # A plain list keeps the original layer out of this module's children and state_dict.
         self._org = [org_module]
         self._org_forward = None
@@ -128,6 +131,8 @@ class ACLoRAModule(nn.Module):
         if self.module_dropout and self.training and torch.rand((), device="cpu").item() < self.module_dropout:
             return base
         hidden = self.lora_down(x.to(self.lora_down.weight.dtype))
+        if self.slot_mask is not None:
+            hidden = hidden * self.slot_mask.to(hidden.dtype)
         if self.dropout and self.training:
             hidden = nn.functional.dropout(hidden, p=self.dropout)
         scale = self.scale
@@ -140,6 +145,34 @@ class ACLoRAModule(nn.Module):
             hidden = hidden * mask.to(hidden.dtype)
             scale = scale / (1.0 - self.rank_dropout)
         return base + (self.lora_up(hidden) * (self.multiplier * scale)).to(base.dtype)
+
+    # --- slots held out of training ----------------------------------------------
+    def hold_slots(self, held: Optional[torch.Tensor]) -> None:
+        """Take the slots marked in ``held`` (bool (rank,)) out of the forward for good (None: none held).
+
+        A held slot adds nothing and gets no gradient, so the module trains at its kept rank; its lora_up
+        column is zeroed, so the update up @ down (what RESTARTs analyse and files store) is the function
+        the module computes. The mask is multiplied in on the device: no host read in the forward."""
+        if held is None or not bool(held.any()):
+            self.slot_mask = None
+            return
+        keep = (~held.to(self.lora_up.weight.device)).to(torch.float32)
+        self.slot_mask = keep.view(-1, 1, 1) if self.is_conv else keep
+        self.clear_held()
+
+    def clear_held(self) -> None:
+        """Zero the lora_up columns of held slots (weight decay and momentum may have moved them; they never
+        reach the output, but the factors' product must not carry them)."""
+        if self.slot_mask is None:
+            return
+        with torch.no_grad():
+            keep = self.slot_mask.flatten().to(self.lora_up.weight.dtype)
+            self.lora_up.weight.mul_(keep.view((1, -1) + (1,) * (self.lora_up.weight.dim() - 2)))
+
+    @property
+    def held(self) -> Optional[torch.Tensor]:
+        """bool (rank,) on the CPU: the held slots (None: none)."""
+        return None if self.slot_mask is None else (self.slot_mask.flatten() == 0).cpu()
 
     # --- matrices ---------------------------------------------------------------
     def down_matrix(self) -> torch.Tensor:

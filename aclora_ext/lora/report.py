@@ -26,7 +26,7 @@ class RestartReport:
     p_clamped: bool = False
     applied: bool = True
     reason: str = ""
-    p_source: str = "loss"  # "loss" (p = 1 - L^alpha), "fixed_p" or "given"; product mode: "validation", "prior", "frozen"
+    p_source: str = "loss"  # "loss" (p = 1 - L^alpha), "fixed_p" or "given"; product mode: "validation", "prior", "frozen", "deferred"
     level: Optional[float] = None  # product mode: the threshold, in decades below the largest component (inf: none)
     validation_loss: Optional[float] = None  # product mode with held-out loss: the chosen configuration's
     candidates: int = 0  # product mode with held-out loss: configurations evaluated
@@ -59,6 +59,8 @@ class RestartReport:
             origin = f"chosen on held-out loss {self.validation_loss:.4g} among {self.candidates} candidates"
         elif self.p_source == "frozen":
             origin = "held-out choice frozen"
+        elif self.p_source == "deferred":
+            origin = "no held-out loss: training left whole, the file is trimmed at save time"
         else:
             origin = "no held-out loss: the default level"
         return f"{where} ({origin}; mean training loss {loss})"

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..families.base import Prediction, Target
+from ..files.storage import LoRAFileError
 from ..lora.module import ACLoRAModule
 from ..lora.norms import apply_max_norm
 from ..lora.report import RestartReport
@@ -96,10 +97,10 @@ class ACLoRANetwork(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):  # noqa: D401 - torch hook
-        input_stats = state.upgrade(state_dict, prefix)
+        variable = state.upgrade(state_dict, prefix)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
-        state.read_buffers(self, state_dict, prefix, input_stats)
+        state.read_buffers(self, state_dict, prefix, variable)
 
     # --- kohya contract: set-up ---------------------------------------------------------
     def prepare_network(self, args: Any) -> None:
@@ -120,6 +121,8 @@ class ACLoRANetwork(nn.Module):
                               getattr(self._args, "save_precision", None))  # a hopeless max_file_size stops here
         for m in self.loras:
             m.apply_to()
+        if self.config.ranks_from is not None:
+            self.train_at_ranks(saving.file_ranks(self.config.ranks_from))
         self._register_state()
         schedule.listen(self)
         split = getattr(self._args, "validation_split", None)
@@ -214,7 +217,8 @@ class ACLoRANetwork(nn.Module):
             descriptions.append(label + suffix)
 
     # --- the product mode's held-out loss ----------------------------------------------------
-    def set_validation(self, loss_fn: Optional[Callable[[], Any]], until: Optional[float] = None) -> None:
+    def set_validation(self, loss_fn: Optional[Callable[[], Any]], until: Optional[float] = None,
+                       groups: Optional[Any] = None) -> None:
         """Give the product mode a held-out loss to choose ranks with (``None`` removes it).
 
         ``loss_fn()`` returns the loss of the current model on data the training
@@ -231,7 +235,7 @@ class ACLoRANetwork(nn.Module):
         loss is no longer used and the last threshold it chose is kept, so that a
         loop may then train on the held-out share too (see ``validation_active``).
         """
-        self.rank_search.set_validation(loss_fn, until)
+        self.rank_search.set_validation(loss_fn, until, groups)
 
     @property
     def validation_active(self) -> bool:
@@ -362,6 +366,25 @@ class ACLoRANetwork(nn.Module):
     def ranks(self) -> dict[str, int]:
         """Current signal rank of every module (its maximum rank before the first RESTART)."""
         return {m.lora_name: self._signal[m.lora_name] for m in self.loras}
+
+    def train_at_ranks(self, ranks: dict[str, int]) -> None:
+        """Train each named module at the given rank from now on: its slots beyond it are held out of the
+        forward (``ACLoRAModule.hold_slots``), its lora_up starts at zero (a fresh LoRA at that rank). The
+        second run of the two-run recipe (``ranks_from``). Modules not named keep every slot."""
+        named = [m for m in self.loras if m.lora_name in ranks]
+        if not named:
+            raise LoRAFileError(f"network_args: ranks_from={self.config.ranks_from!r} names none of this model's "
+                                f"{len(self.loras)} modules (e.g. {self.loras[0].lora_name}); allowed: a file for "
+                                "this model")
+        for m in named:
+            k = min(max(int(ranks[m.lora_name]), 1), m.rank)
+            with torch.no_grad():
+                m.lora_up.weight.zero_()
+            m.hold_slots(torch.arange(m.rank) >= k)
+            self._signal[m.lora_name] = k
+        logger.info("AC-LoRA: training %d modules at the ranks of %s (min/max %d/%d)", len(named),
+                    self.config.ranks_from, min(self._signal[m.lora_name] for m in named),
+                    max(self._signal[m.lora_name] for m in named))
 
     # --- files -----------------------------------------------------------------------------
     def metadata(self, ranks: dict[str, int], errors: Optional[dict[str, float]] = None,

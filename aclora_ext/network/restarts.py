@@ -58,6 +58,12 @@ def run_restart(network, p: Optional[float] = None, loss: Optional[float] = None
         report.applied = False
         report.reason = ("no training loss was seen since the last RESTART (is the loop calling accelerator.backward or network.record_loss?); set fixed_p to restart without a loss")
         network._warn_once("no-loss", "AC-LoRA: %s", report.reason)
+    elif (mode == "product" and explicit is None and not network.config.cut_without_heldout
+          and not network.rank_search.validation_active() and network.rank_search.frozen_level is None):
+        # no held-out evidence (yet): nothing tells overfitting from learning, so training is left alone (a
+        # plain LoRA at the maximum rank, its factors untouched); the file's ranks are decided at save time
+        report.level, report.p_source = math.inf, "deferred"
+        network.rank_search.reset_stats()
     elif mode == "paper":
         new_ranks, report.skipped = restart_modules(network.loras, p=p_used, energy=network.config.energy,
                                                     min_rank=network.config.min_rank, seed=seed)
@@ -70,7 +76,7 @@ def run_restart(network, p: Optional[float] = None, loss: Optional[float] = None
         report.p_source = decision.get("source", p_source)
         report.validation_loss = decision.get("validation_loss")
         report.candidates = decision.get("candidates", 0)
-    if report.applied:
+    if report.applied and report.p_source != "deferred":
         broadcast_from_rank0(network)
         report.ranks = network.ranks()
     clock.restarts = index

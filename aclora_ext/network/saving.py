@@ -102,6 +102,8 @@ def state_for_export(network, dtype: Optional[torch.dtype] = None, metadata: Opt
     Raises ValueError naming the modules whose weights are NaN/Inf, checked
     after the cast to ``dtype`` so that an fp16 overflow counts too.
     """
+    for m in network.loras:  # held slots add nothing: the file must not carry what the optimiser left there
+        m.clear_held()
     signal: list = [network._signal[m.lora_name] for m in network.loras]
     network.rank_search.file_decision = None
     product = network.config.restart_mode == "product"
@@ -233,10 +235,25 @@ def _without_zero_components(parts: dict, rank: int) -> dict:
             "alpha": torch.tensor(alpha)}
 
 
+def file_ranks(path: str, key: str = "ranks_from") -> dict[str, int]:
+    """Every module's rank in a LoRA file: its ``aclora_ranks`` (the ranks a run chose, also where the
+    file pads a module), else its factors' shapes. LoRAFileError names ``key`` and the path."""
+    try:
+        weights = load_state_dict(path)
+        meta = read_metadata(path) if str(path).endswith(".safetensors") else {}
+        shapes = {name: int(parts["lora_down.weight"].shape[0]) for name, parts in group_modules(weights, path).items()}
+        return {**shapes, **{k: v for k, v in metadata_ranks(meta, path).items() if k in shapes}}
+    except (LoRAFileError, OSError) as err:
+        raise LoRAFileError(f"network_args: {key}={path!r} is not a usable LoRA file ({err}); allowed: the path "
+                            "of a kohya LoRA file (.safetensors), e.g. one an AC-LoRA run saved") from None
+
+
 def merge_to(network, weights_sd: Optional[dict] = None, dtype=None, device=None) -> None:
     """Add multiplier * alpha/rank * up @ down of ``weights_sd`` into the base layers; without
     ``weights_sd``, exactly what this network adds now (its training factors, nothing truncated)."""
     if weights_sd is None:
+        for m in network.loras:
+            m.clear_held()
         weights_sd = raw_modules(network.loras, torch.float32)
     modules = group_modules(weights_sd, "weights_sd")
     unknown = sorted(set(modules) - {m.lora_name for m in network.loras})

@@ -20,7 +20,7 @@ from . import schedule
 HISTORY_CAPACITY = 128  # restarts kept in the resumable state (the oldest are dropped beyond it)
 FIXED_POINT = 1_000_000_000  # p and L are stored in integer buffers (float buffers would follow .to(dtype))
 #: how a product-mode threshold was decided, as stored in the resumable history
-SOURCES = ("loss", "fixed_p", "given", "validation", "prior", "frozen")
+SOURCES = ("loss", "fixed_p", "given", "validation", "prior", "frozen", "deferred")
 
 
 def register_buffers(network) -> None:
@@ -39,6 +39,8 @@ def register_buffers(network) -> None:
     # product mode: the activation statistics since the last RESTART (RankSearch.stats_state); empty
     # between saves, so no device memory is held for it
     network.register_buffer("aclora_input_stats", torch.zeros(0, dtype=torch.int64))
+    # product mode, freed_slots=hold: every module's held slots (1 = held), concatenated; empty when none is held
+    network.register_buffer("aclora_held", torch.zeros(0, dtype=torch.int64))
 
 
 def write_buffers(network) -> None:
@@ -58,28 +60,37 @@ def write_buffers(network) -> None:
     network.aclora_loss.copy_(network.loss_meter.state().to(network.aclora_loss.device).view(torch.int64))
     network.aclora_levels.copy_(network.rank_search.state().view(torch.int64))
     network.aclora_input_stats = network.rank_search.stats_state(network.loras).view(torch.int64)
+    if any(m.slot_mask is not None for m in network.loras):
+        network.aclora_held = torch.cat([torch.zeros(m.rank, dtype=torch.int64) if m.held is None else m.held.long()
+                                         for m in network.loras])
 
 
 def clear_transient(network) -> None:
     """After a save: the activation statistics' buffer holds no device memory between saves."""
     network.aclora_input_stats = torch.zeros(0, dtype=torch.int64, device=network.aclora_levels.device)
+    network.aclora_held = torch.zeros(0, dtype=torch.int64, device=network.aclora_levels.device)
 
 
-def upgrade(state_dict: dict, prefix: str) -> Optional[torch.Tensor]:
+def upgrade(state_dict: dict, prefix: str) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
     """Before torch loads the buffers: make a state saved by an older version loadable (in place), and
-    return the activation statistics it holds (their buffer's size varies, so torch does not load it)."""
-    input_stats = state_dict.get(prefix + "aclora_input_stats")
+    return the activation statistics and held slots it holds (their buffers' sizes vary, so torch does not
+    load them)."""
+    variable = state_dict.get(prefix + "aclora_input_stats"), state_dict.get(prefix + "aclora_held")
     if prefix + "aclora_clock" in state_dict:  # also a state saved before the activation statistics were kept
         state_dict[prefix + "aclora_input_stats"] = torch.zeros(0, dtype=torch.int64)
+        state_dict[prefix + "aclora_held"] = torch.zeros(0, dtype=torch.int64)  # also a state saved before it
     old = state_dict.get(prefix + "aclora_history_stats")
     if isinstance(old, torch.Tensor) and old.dim() == 2 and old.shape[1] == 8:  # saved by version 0.1
         pad = torch.tensor([-1, 0, -1], dtype=old.dtype).expand(old.shape[0], 3)
         state_dict[prefix + "aclora_history_stats"] = torch.cat([old, pad], dim=1)
-    return input_stats
+    return variable
 
 
-def read_buffers(network, state_dict: dict, prefix: str, input_stats: Optional[torch.Tensor]) -> None:
-    """After torch loaded the buffers: rebuild the network's Python-side state from them."""
+def read_buffers(network, state_dict: dict, prefix: str,
+                 variable: tuple[Optional[torch.Tensor], Optional[torch.Tensor]]) -> None:
+    """After torch loaded the buffers: rebuild the network's Python-side state from them (``variable``:
+    what ``upgrade`` took out)."""
+    input_stats, held = variable
     if prefix + "aclora_clock" not in state_dict:
         return
     network.clock.load_list(network.aclora_clock.tolist())
@@ -94,6 +105,9 @@ def read_buffers(network, state_dict: dict, prefix: str, input_stats: Optional[t
         network.rank_search.load_state(network.aclora_levels.cpu().view(torch.float64))
     if isinstance(input_stats, torch.Tensor):
         network.rank_search.load_stats_state(network.loras, input_stats.cpu().view(torch.float64))
+    if isinstance(held, torch.Tensor) and held.numel() == sum(m.rank for m in network.loras):
+        for m, part in zip(network.loras, held.cpu().split([m.rank for m in network.loras])):
+            m.hold_slots(part.bool())
     network.history = []
     stats_rows = network.aclora_history_stats.tolist()
     for ranks, stats in zip(network.aclora_history_ranks.tolist(), stats_rows):

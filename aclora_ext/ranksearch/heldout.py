@@ -34,6 +34,9 @@ logger = logging.getLogger(__name__)
 
 #: validation calls kept (each holds one batch of latents, timesteps, conditioning and target)
 MAX_CALLS = 16
+#: sd-scripts' validation pass calls the model this many times per batch, one per fixed timestep
+#: (train_network.py: linspace(min_timestep, max_timestep, 6)[1:-1]); the items of those calls share the batch's images
+CALLS_PER_BATCH = 4
 #: the rebuilt prediction may differ from the one sd-scripts compared by this much (relative, Frobenius)
 PREDICTION_TOLERANCE = 1e-4
 
@@ -234,6 +237,21 @@ class SdScriptsValidation:
     @property
     def ready(self) -> bool:
         return bool(self.calls) and self.failed is None
+
+    @property
+    def groups(self) -> Optional[torch.Tensor]:
+        """The image each item of ``__call__`` belongs to, so the held-out standard error counts images, not
+        (image, timestep) items: sd-scripts calls the model ``CALLS_PER_BATCH`` times per validation batch,
+        in a row. None (items counted as independent) when the recording does not have that shape."""
+        sizes = [int(call.target.shape[0]) if call.target.dim() > 0 else 1 for call in self.calls]
+        runs = [sizes[i:i + CALLS_PER_BATCH] for i in range(0, len(sizes), CALLS_PER_BATCH)]
+        if not runs or len(sizes) % CALLS_PER_BATCH or any(len(set(run)) != 1 for run in runs):
+            return None
+        groups, first = [], 0
+        for run in runs:
+            groups += list(range(first, first + run[0])) * CALLS_PER_BATCH
+            first += run[0]
+        return torch.tensor(groups, dtype=torch.long)
 
     def __call__(self) -> torch.Tensor:
         """The loss of every recorded validation sample (1-D; its mean is the held-out loss), the calls

@@ -56,6 +56,7 @@ class RankSearch:
         self.recording = True  # False while the held-out loss is evaluated
         self.loss_fn: Optional[Callable[[], Any]] = None
         self.until: Optional[float] = None
+        self.groups: Optional[torch.Tensor] = None  # the held-out unit (image) of each item loss_fn returns
         self.scores: dict[float, float] = {}  # running held-out score of every coarse level
         self.frozen_level: Optional[float] = None  # the last level the held-out loss chose
         self.explicit_p: Optional[float] = None  # the energy share of the last RESTART, when one was given
@@ -126,7 +127,8 @@ class RankSearch:
         return hook
 
     # --- the held-out loss ------------------------------------------------------------------------
-    def set_validation(self, loss_fn: Optional[Callable[[], Any]], until: Optional[float]) -> None:
+    def set_validation(self, loss_fn: Optional[Callable[[], Any]], until: Optional[float],
+                       groups: Optional[Any] = None) -> None:
         if loss_fn is not None and not callable(loss_fn):
             raise OptionError(f"set_validation: loss_fn={loss_fn!r} is not valid; allowed: a callable returning "
                               "the held-out loss, or None")
@@ -142,6 +144,7 @@ class RankSearch:
                               "a held-out loss would choose nothing; remove fixed_p to let it choose")
         self.loss_fn = loss_fn
         self.until = None if until is None else float(until)
+        self.groups = None if groups is None else torch.as_tensor(groups).flatten().long().cpu()
 
     def record_sd_scripts_validation(self, unet: Optional[nn.Module], expected: bool,
                                      prediction: Optional[Any] = None) -> None:
@@ -159,6 +162,14 @@ class RankSearch:
         self.training = training
         if training and isinstance(self.loss_fn, SdScriptsValidation) and self.recording:
             self.loss_fn.end_pass()
+
+    def holding(self) -> bool:
+        """True once a held-out cut has taken slots out of the forward (``freed_slots=hold``)."""
+        return any(m.slot_mask is not None for m in self._modules())
+
+    def item_groups(self) -> Optional[torch.Tensor]:
+        """The held-out unit of each item: the loop's (``set_validation(groups=...)``), else the recorder's."""
+        return self.groups if self.groups is not None else getattr(self.loss_fn, "groups", None)
 
     def validation_active(self) -> bool:
         if self.loss_fn is None or self.config.fixed_p is not None or not getattr(self.loss_fn, "ready", True):
@@ -190,15 +201,18 @@ class RankSearch:
             self.masks[m.lora_name] = mask.view(-1, 1, 1) if m.is_conv else mask
 
     # --- decisions ----------------------------------------------------------------------------------
-    def decide(self, spectra: dict[int, Spectrum], p: Optional[float]) -> tuple[Keeps, dict]:
+    def decide(self, spectra: dict[int, Spectrum], p: Optional[float], final: bool = False) -> tuple[Keeps, dict]:
         """Which components each module keeps: (keep masks, how it was decided).
 
         An explicit energy share ``p`` (``restart(p=...)``, ``fixed_p``) keeps, per
         module, the leading components carrying that share of the update's energy.
         Otherwise one threshold on the component importance applies to every
         module: chosen on the held-out loss when there is one (the modules must be
-        in their SVD basis, see ``analyse_modules(rebase=True)``), else the level it
-        last chose when it was frozen, else ``min_importance`` of the largest.
+        in their SVD basis, see ``analyse_modules(rebase=True)``), else every component
+        once the run trains at ranks already chosen (held slots after a held-out cut, or
+        ``ranks_from``), else the level it last chose when it was frozen, else
+        ``min_importance`` of the largest.
+        ``final``: the file's own ranks at save time (see ``F.parsimonious_choice``).
         """
         min_rank = self.config.min_rank
         if p is not None:
@@ -210,11 +224,16 @@ class RankSearch:
             logger.info("AC-LoRA: %d module(s) saw no training step since the last RESTART or resume; they keep "
                         "their components until the next decision", unmeasured)
         if self.validation_active():
-            choice = self._validated(spectra)
+            choice = self._parsimonious(spectra, final) if self.config.cut_rule == "parsimony" \
+                else self._validated(spectra)
             if choice is not None:
                 return choice
             self._warn_once("validation-nan", "AC-LoRA: the held-out loss was never finite; ranks use "
                                     "the default level")
+        if self.holding() and (self.frozen_level is not None or self.config.ranks_from is not None):
+            # the run trains at ranks already chosen (a held-out cut, or ranks_from's file): no further cut
+            # without held-out evidence
+            return keeps_at_level(spectra, math.inf, min_rank), {"level": math.inf, "source": "frozen"}
         if self.loss_fn is not None and self.frozen_level is not None:
             level, source = self.frozen_level, "frozen"
         else:
@@ -282,6 +301,49 @@ class RankSearch:
         mean = seen[tuple(int(k.sum()) for k in keeps.values())][1]
         return keeps, {"level": level, "source": "validation", "validation_loss": mean, "candidates": len(seen)}
 
+    def _parsimonious(self, spectra: dict[int, Spectrum], final: bool) -> Optional[tuple[Keeps, dict]]:
+        """The threshold by the one-standard-error rule (``F.parsimonious_choice``; None if no loss was finite).
+
+        Every coarse candidate around the last choice (``F.window_levels``), then the cuts between the best
+        one's neighbours (``F.refine_levels``), is evaluated once per distinct kept set. With
+        ``freed_slots=hold`` the run then trains at the chosen rank.
+        """
+        seen: dict[tuple, tuple[float, torch.Tensor]] = {}  # kept ranks -> (level, items)
+
+        def evaluate(level: float) -> None:
+            keeps = keeps_at_level(spectra, level, self.config.min_rank)
+            signature = tuple(int(k.sum()) for k in keeps.values())
+            if signature not in seen:
+                self._set_masks(keeps)
+                seen[signature] = (level, self.held_out_losses())
+
+        def mean(signature: tuple) -> float:
+            return float(seen[signature][1].mean())
+
+        try:
+            for level in F.window_levels(self.frozen_level):
+                evaluate(level)
+            finite = [sig for sig in seen if math.isfinite(mean(sig))]
+            if not finite:
+                return None
+            importances = [sp.importance for sp in spectra.values() if sp.measured]
+            for fine in F.refine_levels(importances, seen[min(finite, key=mean)][0]):
+                evaluate(fine)
+        finally:
+            self._set_masks(None)
+        chosen = F.parsimonious_choice({sig: items for sig, (_, items) in seen.items()}, self.item_groups(), final)
+        level = seen[chosen][0]
+        if not final:
+            self.frozen_level = level
+        return keeps_at_level(spectra, level, self.config.min_rank), {
+            "level": level, "source": "validation", "validation_loss": mean(chosen), "candidates": len(seen)}
+
+    def reset_stats(self) -> None:
+        """Start the activation statistics anew (a RESTART that changed nothing: the next importances come
+        from the steps that follow, like after any RESTART)."""
+        for stats in self.stats.values():
+            stats.reset()
+
     def restart(self, modules: Sequence[ACLoRAModule], p: Optional[float], seed: int
                 ) -> tuple[dict[int, int], list[str], dict]:
         """A product-mode RESTART of ``modules``: (new rank per module index, skipped names, the decision)."""
@@ -289,10 +351,16 @@ class RankSearch:
 
         def choose(spectra: dict[int, Spectrum]) -> Keeps:
             keeps, made = self.decide(spectra, p)
-            decision.update(made)
+            decision.update(made, keeps=keeps)
             return keeps
 
+        for m in modules:
+            m.clear_held()
         new_ranks, skipped = restart_product(modules, self.stats, choose, seed)
+        keeps = decision.pop("keeps", {})
+        if self.config.freed_slots == "hold" and (decision.get("source") == "validation" or self.holding()):
+            for i, keep in keeps.items():  # the run trains at the kept rank from now on
+                modules[i].hold_slots(~keep.cpu())
         self.explicit_p = p
         for stats in self.stats.values():
             stats.reset()  # the factors changed basis: the next importances come from what follows
@@ -303,13 +371,15 @@ class RankSearch:
         since the last one is dropped) without changing the training state. A module that keeps every
         component is written as it is (its rank: exactly the training factors); one whose analysis
         fails keeps ``ranks[i]``. Records ``file_decision``."""
+        for m in modules:
+            m.clear_held()
         validating = self.validation_active() and self.explicit_p is None
         saved = [(m.lora_down.weight.detach().clone(), m.lora_up.weight.detach().clone()) for m in modules] \
             if validating else None
         try:
             spectra, _ = analyse_modules(modules, self.stats, rebase=validating)
             self.file_spectra = spectra
-            keeps, self.file_decision = self.decide(spectra, self.explicit_p)
+            keeps, self.file_decision = self.decide(spectra, self.explicit_p, final=True)
         finally:
             if saved is not None:
                 with torch.no_grad():

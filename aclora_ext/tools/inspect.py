@@ -72,6 +72,12 @@ class RestartRow:
     rank_median: float
     rank_max: int
     ranks: list[int] = field(repr=False)
+    source: Optional[str] = None  # how the RESTART decided (aclora_history's "source"; DECIDED_BY says it in words)
+
+
+#: the history's "source" of a RESTART, in the report's words
+DECIDED_BY = {"loss": "p from the loss", "fixed_p": "fixed_p", "given": "p given", "validation": "held-out loss",
+              "prior": "min_importance", "frozen": "held ranks", "deferred": "deferred (no held-out loss)"}
 
 
 @dataclass
@@ -171,7 +177,8 @@ def _history(meta: dict, path: str) -> list[RestartRow]:
                                 "index, epoch, step, p or loss")
         rows.append(RestartRow(index=int(entry.get("index", i + 1)), epoch=entry.get("epoch"), step=entry.get("step"),
                                p=entry.get("p"), loss=entry.get("loss"), rank_min=min(ranks),
-                               rank_median=median(ranks), rank_max=max(ranks), ranks=ranks))
+                               rank_median=median(ranks), rank_max=max(ranks), ranks=ranks,
+                               source=entry.get("source") if isinstance(entry.get("source"), str) else None))
     return rows
 
 
@@ -299,8 +306,10 @@ def format_report(report: RankReport) -> str:
     else:
         lines.append(f"RESTART history ({len(report.history)})")
         history = [[str(h.index), _opt(h.epoch), _opt(h.step), _opt(h.p, "{:.4f}"), _opt(h.loss, "{:.4f}"),
-                    f"{h.rank_min}/{h.rank_median:g}/{h.rank_max}"] for h in report.history]
-        lines += ["  " + line for line in _table(["#", "epoch", "step", "p", "L", "ranks min/median/max"], history, (5,))]
+                    f"{h.rank_min}/{h.rank_median:g}/{h.rank_max}", DECIDED_BY.get(h.source, h.source or "-")]
+                   for h in report.history]
+        lines += ["  " + line for line in _table(["#", "epoch", "step", "p", "L", "ranks min/median/max", "decided by"],
+                                                 history, (5, 6))]
     return "\n".join(lines)
 
 
