@@ -42,6 +42,7 @@ def worker(rank: int, port: int, out_dir: str) -> None:
     try:
         for mode in MODES:
             restart_once(rank, mode, out_dir)
+        hold_differently(rank, out_dir)
     finally:
         dist.destroy_process_group()
 
@@ -68,12 +69,32 @@ def restart_once(rank: int, mode: str, out_dir: str) -> None:
                os.path.join(out_dir, f"{mode}-rank{rank}.pt"))
 
 
+#: the slots each process holds before the broadcast, per module: (rank 0's, rank 1's); None: none held
+HELD_FROM = ((None, 4), (3, 6), (5, None))
+
+
+def hold_differently(rank: int, out_dir: str) -> None:
+    """Each process held other slots (its own held-out share decided): after the broadcast, rank 0's."""
+    from aclora_ext.network.restarts import broadcast_from_rank0
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 16), nn.Linear(16, 16))
+    network = attach(model, max_rank=8)
+    for m, starts in zip(network.loras, HELD_FROM):
+        if starts[rank] is not None:
+            m.hold_slots(torch.arange(m.rank) >= starts[rank])
+    broadcast_from_rank0(network)
+    torch.save({"held": [m.held for m in network.loras],
+                "params": {n: p.detach().clone() for n, p in network.named_parameters()}},
+               os.path.join(out_dir, f"held-rank{rank}.pt"))
+
+
 @pytest.fixture(scope="module")
 def restarted(tmp_path_factory):
     """Both processes' results of one RESTART in each mode (one process group for all: it costs seconds)."""
     out = tmp_path_factory.mktemp("two-processes")
     mp.spawn(worker, args=(free_port(), str(out)), nprocs=WORLD, join=True)
-    return {mode: [torch.load(out / f"{mode}-rank{r}.pt") for r in range(WORLD)] for mode in MODES}
+    return {mode: [torch.load(out / f"{mode}-rank{r}.pt") for r in range(WORLD)] for mode in (*MODES, "held")}
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -91,5 +112,16 @@ def test_two_processes_end_a_restart_with_identical_weights_ranks_and_p(mode, re
     assert first["level"] == second["level"]
     assert first["ranks"] == second["ranks"]
     assert first["params"].keys() == second["params"].keys()
+    for name, value in first["params"].items():
+        assert torch.equal(value, second["params"][name]), name
+
+
+def test_the_held_slots_follow_rank_0_so_every_process_trains_the_same_ranks(restarted):
+    first, second = restarted["held"]
+    for i, starts in enumerate(HELD_FROM):
+        expected = None if starts[0] is None else torch.arange(8) >= starts[0]
+        for result in (first, second):
+            held = result["held"][i]
+            assert (held is None) if expected is None else torch.equal(held, expected), (i, held)
     for name, value in first["params"].items():
         assert torch.equal(value, second["params"][name]), name

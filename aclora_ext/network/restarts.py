@@ -146,6 +146,14 @@ def broadcast_from_rank0(network) -> None:
             t.copy_(flat[offset:offset + t.numel()].view_as(t))
             offset += t.numel()
         start = end
+    # the held slots (freed_slots=hold) follow rank 0's decision too: each process judged its own held-out share
+    held = torch.cat([torch.zeros(m.rank, dtype=torch.int64) if m.held is None else m.held.long()
+                      for m in network.loras])
+    if torch.distributed.get_backend() == "nccl":
+        held = held.cuda()
+    torch.distributed.broadcast(held, src=0)
+    for m, part in zip(network.loras, held.cpu().split([m.rank for m in network.loras])):
+        m.hold_slots(part.bool())
 
 
 def log_to_trackers(network, report: RestartReport) -> None:
