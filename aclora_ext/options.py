@@ -150,7 +150,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("cut_rule", "choice", "parsimony", "Product mode with a held-out loss: how it picks the threshold among its candidates. parsimony: the fewest components whose held-out loss is within one standard error of the best candidate's (paired item by item, or image by image when the held-out items' images are known); the file's own cut at save time must beat keeping everything by one standard error. beat: every cut must beat keeping everything by one standard error (running scores over RESTARTs; the rule before version 0.2).", choices=CUT_RULES, optional=False),
     Option("freed_slots", "choice", "hold", "Product mode: what the slots a held-out cut frees do for the rest of the run. hold: they stay out of the forward, so the run trains at the kept rank and the next cut compares trained ranks, not cuts of a larger model. relearn: they restart like a fresh LoRA and learn again at once (the behaviour before version 0.2).", choices=FREED_SLOTS, optional=False),
     Option("cut_without_heldout", "bool", False, "Product mode without a held-out loss: also cut at every RESTART during training, at min_importance (the behaviour before version 0.2). false: training is left alone until a held-out loss exists (nothing tells overfitting from learning: a plain LoRA at the maximum rank), and the file drops the components below min_importance at save time.", optional=False),
-    Option("ranks_from", "path", None, "Train at the per-module ranks of this LoRA file (its aclora_ranks, else its tensor shapes), starting fresh: the second run of the two-run recipe (a first run with a validation split chooses the ranks, this one trains on every image at them). Unlike --dim_from_weights, no weights are loaded. Modules the file lacks keep the maximum rank."),
+    Option("ranks_from", "path", None, "Train at the per-module ranks of this LoRA file (its aclora_ranks, else its tensor shapes), starting fresh: the second run of the two-run recipe (a first run with a validation split chooses the ranks, this one trains on every image at them). Unlike --dim_from_weights, no weights are loaded. Modules the file lacks keep the maximum rank. Product mode or off, not paper."),
     Option("min_importance", "float", 0.01, "Product mode without a held-out loss: keep the components whose importance is at least this fraction of the largest component's in the whole network (0 keeps every component).", minimum=0, maximum=1, max_inclusive=False, optional=False),
     Option("seed", "int", 0, "Seed of the RESTART noise (shared by all processes, so every GPU draws the same noise).", minimum=0, optional=False),
     Option("save_full_rank", "bool", False, "Also write '<name>-fullrank.safetensors' beside every saved file: the raw training factors at the maximum rank, for continuing a run. The normal file is always the variable-rank export.", optional=False),
@@ -257,10 +257,8 @@ class ACLoRAConfig:
 def validate(config: ACLoRAConfig, max_rank: Optional[int] = None) -> ACLoRAConfig:
     """Reject option combinations that contradict each other."""
     if config.restart_every is not None and config.restart_every_steps is not None:
-        raise OptionError(
-            f"network_args: restart_every={config.restart_every} and restart_every_steps={config.restart_every_steps} "
-            "contradict each other; set only one (epochs or optimizer steps)"
-        )
+        raise OptionError(f"network_args: restart_every={config.restart_every} and restart_every_steps="
+                          f"{config.restart_every_steps} contradict each other; set only one (epochs or optimizer steps)")
     if config.restart_mode == "off":
         for name in ("restart_every", "restart_every_steps", "fixed_p"):
             if getattr(config, name) is not None:
@@ -268,13 +266,14 @@ def validate(config: ACLoRAConfig, max_rank: Optional[int] = None) -> ACLoRAConf
                     f"network_args: {name}={getattr(config, name)} has no effect with restart_mode=off; "
                     "remove it or choose restart_mode=paper|product"
                 )
+    if config.ranks_from is not None and config.restart_mode == "paper":  # its RESTARTs decide every rank again
+        raise OptionError(f"network_args: ranks_from={config.ranks_from!r} needs restart_mode=product or off, not "
+                          "paper; allowed: remove one of them")
     if config.conv_alpha is not None and config.conv_dim is None:
         raise OptionError(f"network_args: conv_alpha={config.conv_alpha} needs conv_dim=<rank of the 3x3 conv LoRA>")
     if max_rank is not None and config.min_rank > max_rank:
-        raise OptionError(
-            f"network_args: min_rank={config.min_rank} is larger than the maximum rank network_dim={max_rank}; "
-            f"allowed: 1 .. {max_rank}"
-        )
+        raise OptionError(f"network_args: min_rank={config.min_rank} is larger than the maximum rank "
+                          f"network_dim={max_rank}; allowed: 1 .. {max_rank}")
     if max_rank is not None and config.conv_dim is not None and config.min_rank > config.conv_dim:
         raise OptionError(
             f"network_args: min_rank={config.min_rank} is larger than conv_dim={config.conv_dim}; allowed: 1 .. {config.conv_dim}"

@@ -244,3 +244,13 @@ def test_ranks_from_a_missing_file_stops_at_start_up_naming_key_value_and_allowe
     with pytest.raises(OptionError) as caught:
         parse_network_args({"ranks_from": missing})
     assert "ranks_from" in str(caught.value) and missing in str(caught.value) and "existing LoRA file" in str(caught.value)
+
+
+def test_ranks_from_with_the_papers_restarts_is_refused_naming_both(tmp_path):
+    from aclora_ext.options import OptionError, parse_network_args
+
+    path = tmp_path / "first_run.safetensors"
+    path.write_bytes(b"")  # exists; the combination is refused before the file is read
+    with pytest.raises(OptionError) as caught:
+        parse_network_args({"ranks_from": str(path), "restart_mode": "paper"})
+    assert "ranks_from=" in str(caught.value) and "restart_mode=product or off" in str(caught.value)
