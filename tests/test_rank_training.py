@@ -101,7 +101,12 @@ def test_after_a_held_out_cut_the_held_slots_stay_out_and_the_run_trains_like_a_
     kept = report.ranks[module.lora_name]
     assert kept < RANK and int(module.held.sum()) == RANK - kept
     _train(network, model, x, y, 300)
-    module.clear_held()
+    with torch.no_grad():  # the held slots are out of the forward: whatever their factors hold adds nothing
+        before = model(held)
+        module.lora_down.weight[module.held] += 1.0
+        module.lora_up.weight[:, module.held] += 1.0
+        assert torch.equal(model(held), before)
+    module.clear_held()  # and the file does not carry them
     assert float(module.lora_up.weight.detach()[:, module.held].abs().sum()) == 0.0
     cut = _error(model, base, truth, held)
     # the same number of steps of a LoRA trained at that rank from the start
@@ -254,3 +259,13 @@ def test_ranks_from_with_the_papers_restarts_is_refused_naming_both(tmp_path):
     with pytest.raises(OptionError) as caught:
         parse_network_args({"ranks_from": str(path), "restart_mode": "paper"})
     assert "ranks_from=" in str(caught.value) and "restart_mode=product or off" in str(caught.value)
+
+
+@pytest.mark.parametrize("groups", [[0.5, 1.5], [[0, 1], [2, 3]], "images"])
+def test_set_validation_refuses_groups_that_are_not_one_integer_per_item(groups):
+    from aclora_ext.options import OptionError
+
+    network = attach(nn.Sequential(nn.Linear(IN, OUT)), max_rank=RANK)
+    with pytest.raises(OptionError) as caught:
+        network.set_validation(lambda: torch.ones(4), groups=groups)
+    assert "groups=" in str(caught.value) and "allowed: a 1-D sequence of integers" in str(caught.value)

@@ -41,8 +41,7 @@ def pessimistic_loss(items: Tensor, reference: Tensor, standard_errors: float = 
     reference = reference.detach().double().flatten().cpu()
     if items.numel() < 2 or items.shape != reference.shape or not bool(torch.isfinite(reference).all()):
         return mean
-    difference = items - reference
-    return mean + standard_errors * float(difference.std()) / math.sqrt(items.numel())
+    return mean + standard_errors * _standard_error(items - reference)
 
 
 def paired_excess(items: Tensor, best: Tensor, groups: Optional[Tensor] = None,
@@ -59,11 +58,17 @@ def paired_excess(items: Tensor, best: Tensor, groups: Optional[Tensor] = None,
     if items.shape != best.shape or not bool(torch.isfinite(items).all()) or not bool(torch.isfinite(best).all()):
         return float(items.mean() - best.mean()) if items.numel() and best.numel() else math.inf
     difference = items - best
-    if groups is not None and groups.numel() == difference.numel():
-        difference = torch.stack([difference[groups == g].mean() for g in groups.unique()])
+    if groups is not None and groups.numel() == difference.numel():  # one value per held-out unit
+        _, unit, count = groups.cpu().unique(return_inverse=True, return_counts=True)
+        difference = torch.zeros(len(count), dtype=difference.dtype).index_add_(0, unit, difference) / count
+    return float(difference.mean()) - standard_errors * _standard_error(difference)
+
+
+def _standard_error(difference: Tensor) -> float:
+    """The standard error of the mean of paired differences (0 with fewer than two)."""
     if difference.numel() < 2:
-        return float(difference.mean())
-    return float(difference.mean()) - standard_errors * float(difference.std()) / math.sqrt(difference.numel())
+        return 0.0
+    return float(difference.std()) / math.sqrt(difference.numel())
 
 
 def parsimonious_choice(candidates: dict, groups: Optional[Tensor] = None, final: bool = False) -> tuple:

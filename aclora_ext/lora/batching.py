@@ -56,3 +56,16 @@ def write_back(modules: Sequence[ACLoRAModule], down: torch.Tensor, up: torch.Te
     for m, d, u in zip(modules, down, up):
         m.lora_down.weight.data.copy_(d.reshape(m.lora_down.weight.shape))
         m.lora_up.weight.data.copy_(u.reshape(m.lora_up.weight.shape))
+
+
+def held_slots(modules: Sequence[ACLoRAModule]) -> torch.Tensor:
+    """Every module's held slots (``ACLoRAModule.held``; 1 = held) concatenated: int64 on the CPU, one
+    entry per slot of every module, so that it can be stored or broadcast as one tensor."""
+    return torch.cat([torch.zeros(m.rank, dtype=torch.int64) if m.held is None else m.held.long()
+                      for m in modules])
+
+
+def hold_from(modules: Sequence[ACLoRAModule], held: torch.Tensor) -> None:
+    """The inverse of ``held_slots``: hold in each module the slots ``held`` marks (none: every slot in use)."""
+    for m, part in zip(modules, held.cpu().split([m.rank for m in modules])):
+        m.hold_slots(part.bool())

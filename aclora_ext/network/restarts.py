@@ -12,6 +12,7 @@ from typing import Optional
 import torch
 
 from .. import functional as F
+from ..lora.batching import held_slots, hold_from
 from ..lora.report import RestartReport
 from ..lora.restart import restart_modules
 from ..options import OptionError
@@ -147,13 +148,11 @@ def broadcast_from_rank0(network) -> None:
             offset += t.numel()
         start = end
     # the held slots (freed_slots=hold) follow rank 0's decision too: each process judged its own held-out share
-    held = torch.cat([torch.zeros(m.rank, dtype=torch.int64) if m.held is None else m.held.long()
-                      for m in network.loras])
+    held = held_slots(network.loras)
     if torch.distributed.get_backend() == "nccl":
         held = held.cuda()
     torch.distributed.broadcast(held, src=0)
-    for m, part in zip(network.loras, held.cpu().split([m.rank for m in network.loras])):
-        m.hold_slots(part.bool())
+    hold_from(network.loras, held)
 
 
 def log_to_trackers(network, report: RestartReport) -> None:

@@ -15,6 +15,7 @@ from typing import Optional
 import torch
 
 from .. import functional as F
+from ..lora.batching import held_slots, hold_from
 from . import schedule
 
 HISTORY_CAPACITY = 128  # restarts kept in the resumable state (the oldest are dropped beyond it)
@@ -60,9 +61,8 @@ def write_buffers(network) -> None:
     network.aclora_loss.copy_(network.loss_meter.state().to(network.aclora_loss.device).view(torch.int64))
     network.aclora_levels.copy_(network.rank_search.state().view(torch.int64))
     network.aclora_input_stats = network.rank_search.stats_state(network.loras).view(torch.int64)
-    if any(m.slot_mask is not None for m in network.loras):
-        network.aclora_held = torch.cat([torch.zeros(m.rank, dtype=torch.int64) if m.held is None else m.held.long()
-                                         for m in network.loras])
+    if network.rank_search.holding():
+        network.aclora_held = held_slots(network.loras)
 
 
 def clear_transient(network) -> None:
@@ -106,8 +106,7 @@ def read_buffers(network, state_dict: dict, prefix: str,
     if isinstance(input_stats, torch.Tensor):
         network.rank_search.load_stats_state(network.loras, input_stats.cpu().view(torch.float64))
     if isinstance(held, torch.Tensor) and held.numel() == sum(m.rank for m in network.loras):
-        for m, part in zip(network.loras, held.cpu().split([m.rank for m in network.loras])):
-            m.hold_slots(part.bool())
+        hold_from(network.loras, held)
     network.history = []
     stats_rows = network.aclora_history_stats.tolist()
     for ranks, stats in zip(network.aclora_history_ranks.tolist(), stats_rows):

@@ -144,7 +144,7 @@ class RankSearch:
                               "a held-out loss would choose nothing; remove fixed_p to let it choose")
         self.loss_fn = loss_fn
         self.until = None if until is None else float(until)
-        self.groups = None if groups is None else torch.as_tensor(groups).flatten().long().cpu()
+        self.groups = None if groups is None else _as_groups(groups)
 
     def record_sd_scripts_validation(self, unet: Optional[nn.Module], expected: bool,
                                      prediction: Optional[Any] = None) -> None:
@@ -362,8 +362,7 @@ class RankSearch:
             for i, keep in keeps.items():  # the run trains at the kept rank from now on
                 modules[i].hold_slots(~keep.cpu())
         self.explicit_p = p
-        for stats in self.stats.values():
-            stats.reset()  # the factors changed basis: the next importances come from what follows
+        self.reset_stats()  # the factors changed basis: the next importances come from what follows
         return new_ranks, skipped, decision
 
     def file_keeps(self, modules: Sequence[ACLoRAModule], ranks: list) -> list:
@@ -430,3 +429,16 @@ class RankSearch:
                 self.stats[m.lora_name] = InputStats(part[:-3].view(m.rank, m.rank).float().to(device), int(count),
                                                      torch.tensor(out_sq, dtype=torch.float32, device=device),
                                                      int(out_numel))
+
+
+def _as_groups(groups: Any) -> torch.Tensor:
+    """``set_validation(groups=...)``: the held-out unit of each item, as a 1-D int64 tensor on the CPU."""
+    try:
+        tensor = torch.as_tensor(groups)
+    except (TypeError, ValueError, RuntimeError):
+        tensor = None
+    if tensor is None or tensor.dim() != 1 or tensor.is_floating_point() or tensor.is_complex():
+        raise OptionError(f"set_validation: groups={groups!r} is not valid; allowed: a 1-D sequence of integers, "
+                          "the held-out unit (e.g. image) of each item the loss returns")
+    return tensor.long().cpu()
+
