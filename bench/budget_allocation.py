@@ -42,7 +42,7 @@ import torch
 
 from aclora_ext.files import sizes
 from aclora_ext.files.fit import fit_ranks
-from aclora_ext.functional import budget as knapsack
+from aclora_ext.functional import allocation as knapsack
 from bench import common
 
 NAME = "budget_allocation"

@@ -46,11 +46,11 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from aclora_ext.functional.budget import BudgetError
+from aclora_ext.functional.allocation import BudgetError
 from aclora_ext.files.sizes import layout_tensors, safetensors_size, saved_file_size
 from aclora_ext.harness.architectures import ModuleShape
 from aclora_ext.tools.resize import Budget, Criterion, resize_state_dict
-from aclora_ext.tools.resize.budget import module_layouts
+from aclora_ext.tools.resize.max_size import module_layouts
 from aclora_ext.tools.resize.core import _accounts, _analyse, _decide, _dtype, _file_alpha, _fit_budget, resized_metadata
 from aclora_ext.tools.resize.inputs import _modules
 from aclora_ext.tools.resize.progress import Progress

@@ -47,8 +47,8 @@ from aclora_ext import functional as F
 from aclora_ext.lora.export import export_modules
 from aclora_ext.lora.module import ACLoRAModule
 from aclora_ext.options import ACLoRAConfig
-from aclora_ext.lora.analysis import keeps_at_level, restart_product
-from aclora_ext.lora.restart import restart_modules
+from aclora_ext.lora.product_restart import keeps_at_level, restart_product
+from aclora_ext.lora.paper_restart import restart_modules
 from aclora_ext.harness.architectures import ModuleShape
 from bench import common
 

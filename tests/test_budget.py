@@ -1,5 +1,5 @@
 """Ranks under a file-size budget (issue 18): size strings (``options``), exact file sizes (``files.sizes``),
-the allocation (``functional.budget``) and a whole file's ranks (``files.fit``).
+the allocation (``functional.allocation``) and a whole file's ranks (``files.fit``).
 
 Expectations are independent of the code under test: file sizes are those of
 files really written (``safetensors.torch.save`` and the project's
@@ -23,7 +23,7 @@ from aclora_ext import options
 from aclora_ext.files import sizes
 from aclora_ext.files.fit import fit_ranks
 from aclora_ext.files.storage import save_state_dict
-from aclora_ext.functional import budget as allocation
+from aclora_ext.functional import allocation
 from aclora_ext.tools.resize import resize_state_dict, resized_metadata
 from aclora_ext.tools.resize.core import DTYPES as DTYPE_BY_NAME  # aclora resize --dtype names
 

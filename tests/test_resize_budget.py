@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from aclora_ext.files.storage import read_metadata
-from aclora_ext.functional.budget import BudgetError
+from aclora_ext.functional.allocation import BudgetError
 from aclora_ext.options import format_size
 from aclora_ext.tools.cli import main as cli_main
 from aclora_ext.tools.resize import ResizeError, resize_file, resize_state_dict

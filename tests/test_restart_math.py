@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from aclora_ext import functional as F
-from aclora_ext.lora import analysis, restart as restart_lib
+from aclora_ext.lora import paper_restart as restart_lib, product_restart as analysis
 from aclora_ext.network.factory import attach
 
 R = 16  # maximum rank of the factors below

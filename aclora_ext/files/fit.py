@@ -1,6 +1,6 @@
 """Every module's rank so that the written file, metadata included, is at most a given size.
 
-``functional.budget`` chooses ranks under a byte budget for the components; the header and the
+``functional.allocation`` chooses ranks under a byte budget for the components; the header and the
 metadata are the rest of the file. The tensor budget is the size limit minus the exact header
 (metadata included) of the file at the CAP ranks: header length is non-decreasing in every rank
 (shape and offset digits, and ``aclora_ranks``-style metadata, only grow), so that allocation fits
@@ -21,7 +21,7 @@ from typing import Callable, Mapping, Optional, Sequence, Union
 
 import torch
 
-from ..functional.budget import DEFAULT_METHOD, DP_LIMIT, METHODS, Allocation, BudgetError, allocation_problem, solve
+from ..functional.allocation import DEFAULT_METHOD, DP_LIMIT, METHODS, Allocation, BudgetError, allocation_problem, solve
 from ..options import format_size
 from .sizes import ModuleLayout, TensorSpec, layout_tensors, safetensors_size, saved_file_size
 

@@ -24,8 +24,8 @@ from ..lora.module import ACLoRAModule
 from ..lora.norms import apply_max_norm
 from ..lora.report import RestartReport
 from ..options import ACLoRAConfig
-from ..ranksearch.search import RankSearch
-from . import budget, restarts, saving, schedule, state
+from ..ranksearch.rank_search import RankSearch
+from . import file_budget, restarts, saving, schedule, state
 from .saving import LoadInfo
 
 logger = logging.getLogger(__name__)
@@ -117,7 +117,7 @@ class ACLoRANetwork(nn.Module):
             self.unet_loras = []
         if not self.loras:
             raise ValueError("AC-LoRA: apply_to left no modules (neither the text encoder nor the U-Net is trained)")
-        budget.check_possible(self.loras, self.config.max_file_size, self.config.min_rank,
+        file_budget.check_possible(self.loras, self.config.max_file_size, self.config.min_rank,
                               getattr(self._args, "save_precision", None))  # a hopeless max_file_size stops here
         for m in self.loras:
             m.apply_to()

@@ -14,7 +14,7 @@ import torch
 from .. import functional as F
 from ..lora.batching import held_slots, hold_from
 from ..lora.report import RestartReport
-from ..lora.restart import restart_modules
+from ..lora.paper_restart import restart_modules
 from ..options import OptionError
 from . import schedule
 

@@ -16,11 +16,11 @@ from ..families import check_model_family
 from ..files.lora_dict import check_shapes, group_modules
 from ..files.sizes import saved_file_size
 from ..files.storage import LoRAFileError, load_state_dict, metadata_ranks, read_metadata, save_state_dict
-from ..functional.budget import BudgetError
+from ..functional.allocation import BudgetError
 from ..lora.export import export_modules, raw_modules
 from ..options import format_size
 from ..version import __version__
-from . import budget
+from . import file_budget
 
 logger = logging.getLogger(__name__)
 
@@ -111,8 +111,8 @@ def state_for_export(network, dtype: Optional[torch.dtype] = None, metadata: Opt
         signal = network.rank_search.file_keeps(network.loras, signal)
     budgeted = None
     if network.config.max_file_size is not None:
-        found = budget.candidates(network.loras, signal, network.rank_search.file_spectra if product else None)
-        signal, budgeted, _ = budget.fit_keeps(
+        found = file_budget.candidates(network.loras, signal, network.rank_search.file_spectra if product else None)
+        signal, budgeted, _ = file_budget.fit_keeps(
             network.loras, found, network.config.max_file_size, network.config.min_rank, dtype,
             lambda ranks, errors: written_metadata(network, metadata, ranks, errors))
     tensors, ranks, errors, bad, padded = _export(network, signal, dtype, pad=True)

@@ -6,7 +6,7 @@
 ``resize_file``); ``result``: what it did; ``cli``: the command.
 """
 
-from .budget import Budget
+from .max_size import Budget
 from .cli import main
 from .core import resize_file, resize_state_dict, resized_metadata
 from .criteria import CRITERIA, Criterion, ResizeError

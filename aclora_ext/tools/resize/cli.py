@@ -9,7 +9,7 @@ from typing import Optional
 
 from ...files.storage import LoRAFileError
 from ...functional import median
-from ...functional.budget import BudgetError
+from ...functional.allocation import BudgetError
 from ...options import format_size
 from ..inspect import PART_LABELS, ReportError, _table, format_report, read_report
 from .core import DTYPES, resize_file

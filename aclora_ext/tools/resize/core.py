@@ -29,7 +29,7 @@ from ...functional import median
 from ...lora.batching import chunk_budget, chunks
 from ...version import __version__
 from ..inspect import _reference_ranks
-from .budget import Budget, budget_criterion, fit_budget, parse_max_size
+from .max_size import Budget, budget_criterion, fit_budget, parse_max_size
 from .criteria import Criterion, ResizeError
 from .inputs import _Module, _modules
 from .progress import Progress, _wants_progress
@@ -81,7 +81,7 @@ def resize_state_dict(tensors: Mapping[str, torch.Tensor], criterion: Criterion 
     ``criterion``: a :class:`Criterion`, or its name with its parameters as
     keywords (``resize_state_dict(sd, "sv_fro", param=0.9, max_rank=64)``);
     None: importance (0.01), or with ``max_size`` and no ``min_importance`` /
-    ``param``, no criterion cap (``budget.budget_criterion``).
+    ``param``, no criterion cap (``max_size.budget_criterion``).
     ``dtype``: of the written factors (fp16, bf16, fp32; default the input's);
     the math runs in float32 (float64 for float64 input) on ``device``.
     ``max_size`` (bytes, or "50MB", "1.5GB", "512MiB"): the file
@@ -89,7 +89,7 @@ def resize_state_dict(tensors: Mapping[str, torch.Tensor], criterion: Criterion 
     result)`` (``metadata``: the input file's), is at most that size, and keeps
     as much of the whole update as that size allows (``budget``).
     Raises LoRAFileError for a file that is not a plain LoRA/LoCon or has
-    NaN/Inf weights, ResizeError for bad parameters, ``F.budget.BudgetError``
+    NaN/Inf weights, ResizeError for bad parameters, ``F.allocation.BudgetError``
     (a ValueError saying the smallest possible size) when no file fits.
     """
     start = time.perf_counter()
@@ -127,7 +127,7 @@ def resize_state_dict(tensors: Mapping[str, torch.Tensor], criterion: Criterion 
 
 def _fit_budget(modules: list[_Module], spectra: dict[int, _Spectrum], ranks: dict[int, int], plan: ResizeResult,
                 dtype: torch.dtype, metadata: Mapping[str, str], source: str) -> dict[int, int]:
-    """The ranks under ``plan.budget`` (``budget.fit_budget``), the criterion's ``ranks`` as the caps, sized
+    """The ranks under ``plan.budget`` (``max_size.fit_budget``), the criterion's ``ranks`` as the caps, sized
     with the metadata :func:`resize_file` writes: ``plan`` (a result without tensors yet) with each candidate's
     accounts."""
     def metadata_of(chosen: dict[int, int]) -> dict[str, str]:

@@ -2,7 +2,7 @@
 
 For a few sizes (10, 25, 50 and 75 % of the file by default), the relative error of the whole update,
 ||dW - dW'||_F / ||dW||_F over all modules together, of the file ``aclora resize FILE OUT --max-size``
-would write at that size: the same analysis, allocation and metadata (``core``, ``budget``), in the
+would write at that size: the same analysis, allocation and metadata (``core``, ``max_size``), in the
 file's own dtype, with no criterion cap. ``aclora inspect`` prints it (a table, ``--json``) and draws
 it beside the rank plot (``--plot``). The analysis costs what a resize costs (about a second for an
 SDXL file at rank 32), each size a fraction of that.
@@ -18,8 +18,8 @@ import torch
 
 from ...files.storage import LoRAFileError, load_state_dict, read_metadata
 from ...functional import median
-from ...functional.budget import BudgetError
-from .budget import Budget
+from ...functional.allocation import BudgetError
+from .max_size import Budget
 from .core import _accounts, _analyse, _decide, _dtype, _file_alpha, _fit_budget
 from .criteria import Criterion
 from .inputs import _modules

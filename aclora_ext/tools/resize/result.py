@@ -10,7 +10,7 @@ import torch
 
 from ...functional import median
 from ..inspect import _block_order, locate
-from .budget import Budget
+from .max_size import Budget
 from .criteria import Criterion
 
 

@@ -3,7 +3,7 @@
 Each module's maximum rank is the criterion's rank (capped by ``max_rank`` / ``max_conv_rank``); the
 budget then keeps, across the whole file, the components of largest worth per byte. A component's
 worth is its squared singular value in the module's scaled update alpha/R * up @ down
-(``F.budget.update_worths``): the kept worth is the kept part of the whole network's ||dW||_F^2, so
+(``F.allocation.update_worths``): the kept worth is the kept part of the whole network's ||dW||_F^2, so
 the whole update's relative error ||dW - dW'||_F / ||dW||_F is as small as the size allows. Its cost
 is a row of lora_down and a column of lora_up at the output dtype. ``files.fit.fit_ranks`` sizes the
 file exactly (header, metadata, hashes) with the metadata given as a function of the ranks, so the
@@ -41,7 +41,7 @@ class Budget:
     criterion_caps: bool  # the criterion's ranks were each module's maximum (else only max_rank / max_conv_rank)
     size: int = 0  # the exact size of the file resize_file writes
     smallest: int = 0  # the smallest file possible (every module at its minimum rank)
-    exact: bool = True  # the ranks are an optimum of the allocation (see functional.budget)
+    exact: bool = True  # the ranks are an optimum of the allocation (see functional.allocation)
     gap: float = 0.0  # certified: an optimum keeps at most this share more of the whole ||dW||^2
     seconds: float = 0.0
 
@@ -91,10 +91,10 @@ def fit_budget(modules: Sequence[_Module], singular_values: Mapping[int, torch.T
     ``singular_values[i]``: of module i's unscaled up @ down, descending; ``caps[i]``: its largest rank
     (the criterion's, clipped to its rank here: components beyond it are zero and never worth a byte);
     ``metadata_of(ranks)``: exactly the metadata the file will carry at those ranks. Raises
-    ``F.budget.BudgetError`` (a ValueError, with ``smallest``) when no file fits.
+    ``F.allocation.BudgetError`` (a ValueError, with ``smallest``) when no file fits.
     """
     start = time.perf_counter()
-    worths = [F.budget.update_worths(singular_values[m.index], m.scale) for m in modules]
+    worths = [F.allocation.update_worths(singular_values[m.index], m.scale) for m in modules]
     limits = [min(int(caps[m.index]), m.rank) for m in modules]
     index = {m.name: m.index for m in modules}
     fit = fit_ranks(module_layouts(modules, dtype), worths, budget.max_size,

@@ -6,7 +6,7 @@ training mode, and a warning logger (no reference back to the network). In
 training, forward hooks record what every module's components act on
 (``InputStats``: the LoRA activations' h h^T and the layer output's mean
 square, on the device, no host read). At a RESTART or a save,
-``lora.analysis.analyse_modules`` turns each module's update into
+``lora.product_restart.analyse_modules`` turns each module's update into
 a spectrum and component importances (``F.component_importance``), and
 ``decide`` picks one threshold for every module: from an explicit energy share
 when there is one, else on the held-out loss (the loop's ``set_validation`` or
@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from .. import functional as F
-from ..lora.analysis import InputStats, Spectrum, analyse_modules, keeps_at_level, restart_product
+from ..lora.product_restart import InputStats, Spectrum, analyse_modules, keeps_at_level, restart_product
 from ..lora.module import ACLoRAModule
 from ..options import ACLoRAConfig, OptionError
 from .heldout import SdScriptsValidation

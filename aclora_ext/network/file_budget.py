@@ -3,7 +3,7 @@
 At a save the run has already decided which components each module keeps: the rank search's
 choice (product mode), the last RESTART's signal rank (paper mode), every component
 (``restart_mode=off``). Those are the candidates, and the budget keeps, across the whole network, the
-candidates of largest worth per byte (``files.fit.fit_ranks``; an optimum, ``functional.budget``), so
+candidates of largest worth per byte (``files.fit.fit_ranks``; an optimum, ``functional.allocation``), so
 a budget only ever cuts further. Worth, comparable across modules: in product mode a component's
 importance squared (what the rank search ranks by: the RMS it adds to its layer's output, relative
 to that output); in paper mode and ``restart_mode=off`` its squared singular value in the scaled
@@ -24,7 +24,7 @@ import torch
 from .. import functional as F
 from ..files.fit import FileFit, fit_ranks
 from ..files.sizes import ModuleLayout, layout_tensors, saved_file_size
-from ..lora.analysis import Spectrum, analyse_modules
+from ..lora.product_restart import Spectrum, analyse_modules
 from ..lora.module import ACLoRAModule
 from ..options import OptionError, format_size
 
@@ -101,7 +101,7 @@ def layouts(modules: Sequence[ACLoRAModule], dtype: Optional[torch.dtype]) -> li
 def fit_keeps(modules: Sequence[ACLoRAModule], found: Candidates, max_size: int, min_rank: int,
               dtype: Optional[torch.dtype], metadata_of: MetadataOf) -> tuple[list[Keep], dict[str, float], FileFit]:
     """The keeps of a file of at most ``max_size`` bytes, the truncation errors its metadata carries, and
-    the fit. Raises ``F.budget.BudgetError`` (with ``smallest``) when no file fits."""
+    the fit. Raises ``F.allocation.BudgetError`` (with ``smallest``) when no file fits."""
     def metadata(ranks: dict[str, int]) -> dict[str, str]:
         keeps = found.keeps(modules, [ranks[m.lora_name] for m in modules])
         return metadata_of({m.lora_name: int(ranks[m.lora_name]) for m in modules}, found.errors(modules, keeps))
