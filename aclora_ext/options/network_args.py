@@ -68,7 +68,7 @@ def _unquote(kwargs: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, str]]
     if quoted:
         logger.warning(
             "AC-LoRA: network_args %s arrived wrapped in quotes (the kohya_ss GUI quotes an argument with a "
-            "backslash or a space); read as %s",
+            "backslash or another character special to a shell); read as %s",
             ", ".join(quoted.values()),
             ", ".join(f"{name}={plain[name]}" for name in quoted),
         )
