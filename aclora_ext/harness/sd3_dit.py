@@ -51,8 +51,15 @@ def sd3_attention(q: Tensor, k: Tensor, v: Tensor, head_dim: int) -> Tensor:
 
 
 class SingleDiTBlock(nn.Module):
-    def __init__(self, hidden: int, num_heads: int, mlp_ratio: float, pre_only: bool, qk_norm: Optional[str],
-                 x_block_self_attn: bool) -> None:
+    def __init__(
+        self,
+        hidden: int,
+        num_heads: int,
+        mlp_ratio: float,
+        pre_only: bool,
+        qk_norm: Optional[str],
+        x_block_self_attn: bool,
+    ) -> None:
         super().__init__()
         self.pre_only, self.x_block_self_attn = pre_only, x_block_self_attn
         self.norm1 = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
@@ -63,8 +70,11 @@ class SingleDiTBlock(nn.Module):
             self.norm2 = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
             inner = int(hidden * mlp_ratio)
             self.mlp = nn.Module()
-            self.mlp.fc1, self.mlp.act, self.mlp.fc2 = nn.Linear(hidden, inner), nn.GELU(approximate="tanh"), \
-                nn.Linear(inner, hidden)
+            self.mlp.fc1, self.mlp.act, self.mlp.fc2 = (
+                nn.Linear(hidden, inner),
+                nn.GELU(approximate="tanh"),
+                nn.Linear(inner, hidden),
+            )
         mods = 9 if x_block_self_attn else (2 if pre_only else 6)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden, mods * hidden))
 
@@ -95,8 +105,9 @@ class MMDiTBlock(nn.Module):
         super().__init__()
         last = index == c.depth - 1
         self.context_block = SingleDiTBlock(c.hidden_size, c.num_heads, c.mlp_ratio, last, c.qk_norm, False)
-        self.x_block = SingleDiTBlock(c.hidden_size, c.num_heads, c.mlp_ratio, False, c.qk_norm,
-                                      index in c.x_block_self_attn_layers)
+        self.x_block = SingleDiTBlock(
+            c.hidden_size, c.num_heads, c.mlp_ratio, False, c.qk_norm, index in c.x_block_self_attn_layers
+        )
         self.head_dim = c.hidden_size // c.num_heads
         self.gradient_checkpointing = False
 
@@ -109,8 +120,9 @@ class MMDiTBlock(nn.Module):
         # its self-attention runs 64 heads of 24, not 24 of 64; reproduced as it runs
         attn2 = sd3_attention(*x_qkv2, self.x_block.attn2.num_heads) if x_qkv2 is not None else None
         x = self.x_block.post_attention(attn[:, n:], attn2, *x_rest)
-        context = None if self.context_block.pre_only else self.context_block.post_attention(attn[:, :n], None,
-                                                                                            *ctx_rest)
+        context = (
+            None if self.context_block.pre_only else self.context_block.post_attention(attn[:, :n], None, *ctx_rest)
+        )
         return context, x
 
     def forward(self, context: Tensor, x: Tensor, c: Tensor):
@@ -130,11 +142,11 @@ class MMDiT(nn.Module):
         self.t_embedder.mlp = nn.Sequential(nn.Linear(256, h), nn.SiLU(), nn.Linear(h, h))
         self.y_embedder.mlp = nn.Sequential(nn.Linear(c.adm_in_channels, h), nn.SiLU(), nn.Linear(h, h))
         self.context_embedder = nn.Linear(c.context_in_features, h)
-        self.register_buffer("pos_embed", torch.zeros(1, c.pos_embed_max_size ** 2, h))
+        self.register_buffer("pos_embed", torch.zeros(1, c.pos_embed_max_size**2, h))
         self.joint_blocks = nn.ModuleList(MMDiTBlock(c, i) for i in range(c.depth))
         self.final_layer = nn.Module()
         self.final_layer.norm_final = nn.LayerNorm(h, elementwise_affine=False, eps=1e-6)
-        self.final_layer.linear = nn.Linear(h, c.patch_size ** 2 * c.in_channels)
+        self.final_layer.linear = nn.Linear(h, c.patch_size**2 * c.in_channels)
         self.final_layer.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(h, 2 * h))
 
     @property
@@ -153,7 +165,7 @@ class MMDiT(nn.Module):
         if h > size or w > size:
             raise ValueError(f"a {h * p}x{w * p} latent needs more than the model's {size}x{size} positions")
         top, left = (size - h) // 2, (size - w) // 2
-        grid = self.pos_embed.reshape(1, size, size, -1)[:, top: top + h, left: left + w, :]
+        grid = self.pos_embed.reshape(1, size, size, -1)[:, top : top + h, left : left + w, :]
         return grid.reshape(1, h * w, -1).to(dtype=dtype)
 
     def forward(self, x: Tensor, t: Tensor, y: Tensor, context: Tensor) -> Tensor:

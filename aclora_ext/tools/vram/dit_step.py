@@ -30,8 +30,9 @@ class DitTrainingStep(TrainingStep):
         config = parse_network_args(dict(setup.network_args), max_rank=setup.rank)
         targets = dit_targets(self.models, setup)
         alpha = float(setup.alpha) or float(setup.rank)
-        return ACLoRANetwork(targets, {t.lora_name: setup.rank for t in targets},
-                             {t.lora_name: alpha for t in targets}, 1.0, config)
+        return ACLoRANetwork(
+            targets, {t.lora_name: setup.rank for t in targets}, {t.lora_name: alpha for t in targets}, 1.0, config
+        )
 
     def _trained_text_encoders(self) -> list[nn.Module]:
         return trained_clips(self.models, self.setup)
@@ -80,7 +81,7 @@ class DitTrainingStep(TrainingStep):
             lg_pooled = torch.randn((b, c.adm_in_channels), device=d)
         return [lg_out, t5_out, lg_pooled]
 
-    # --- the DiT and the loss ---------------------------------------------------------------------------------------------
+    # --- the DiT and the loss -----------------------------------------------------------------------------------------
     def _loss(self, latents: torch.Tensor, conds: list[torch.Tensor]) -> torch.Tensor:
         s = self.setup
         noise = torch.randn_like(latents)
@@ -110,9 +111,16 @@ class DitTrainingStep(TrainingStep):
             img_ids.requires_grad_(True)
             guidance.requires_grad_(True)
         with self.autocast():
-            out = self.models.unet(img=packed, img_ids=img_ids, txt=t5_out, txt_ids=txt_ids, y=l_pooled,
-                                   timesteps=timesteps / 1000, guidance=guidance,
-                                   txt_attention_mask=mask if s.apply_t5_attn_mask else None)
+            out = self.models.unet(
+                img=packed,
+                img_ids=img_ids,
+                txt=t5_out,
+                txt_ids=txt_ids,
+                y=l_pooled,
+                timesteps=timesteps / 1000,
+                guidance=guidance,
+                txt_attention_mask=mask if s.apply_t5_attn_mask else None,
+            )
         out = out.reshape(b, h, w, DIT_LATENT_CHANNELS, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(noisy.shape)
         prediction = out * (-sigmas) + noisy  # --model_prediction_type sigma_scaled (the default)
         target = noise - latents

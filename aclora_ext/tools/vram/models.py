@@ -50,8 +50,10 @@ class Models:
 
 
 def _needs(package: str) -> None:
-    raise VramError(f"aclora vram builds the models with diffusers and transformers: {package} is not installed "
-                    "(pip install diffusers transformers accelerate)")
+    raise VramError(
+        f"aclora vram builds the models with diffusers and transformers: {package} is not installed "
+        "(pip install diffusers transformers accelerate)"
+    )
 
 
 def build_models(setup: Setup, device: str = "meta") -> Models:
@@ -104,5 +106,5 @@ def _text_model(te: nn.Module) -> nn.Module:
 
 def _enable_checkpointing(te: nn.Module) -> None:
     # what train_network.py calls (transformers 5 renamed it and deprecated the old name)
-    enable = getattr(te, "activation_checkpointing_enable", None) or getattr(te, "gradient_checkpointing_enable")
+    enable = getattr(te, "activation_checkpointing_enable", None) or te.gradient_checkpointing_enable
     enable()
