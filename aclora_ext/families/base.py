@@ -68,7 +68,7 @@ def find_in_blocks(
     return list(found.values())
 
 
-def as_list(text_encoder: Optional[nn.Module | Sequence[nn.Module]]) -> list[nn.Module]:
+def as_list(text_encoder: Optional[nn.Module | list[nn.Module] | tuple[nn.Module, ...]]) -> list[nn.Module]:
     if text_encoder is None:
         return []
     if isinstance(text_encoder, (list, tuple)):

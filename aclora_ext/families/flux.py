@@ -21,7 +21,7 @@ functions with the recorded arguments.
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence, cast
 
 import torch
 from torch import nn
@@ -98,10 +98,16 @@ def layers(text_encoders: Sequence[Any], unet: nn.Module, conv3x3: bool) -> list
 def targets(text_encoders: Sequence[Any], unet: nn.Module, config: Any) -> list[Target]:
     """What lora_flux's create_network adapts with these options, each with the rank an option gives it."""
     check_selection(
-        "train_double_block_indices", config.train_double_block_indices, len(unet.double_blocks), "double blocks"
+        "train_double_block_indices",
+        config.train_double_block_indices,
+        len(cast(nn.ModuleList, unet.double_blocks)),
+        "double blocks",
     )
     check_selection(
-        "train_single_block_indices", config.train_single_block_indices, len(unet.single_blocks), "single blocks"
+        "train_single_block_indices",
+        config.train_single_block_indices,
+        len(cast(nn.ModuleList, unet.single_blocks)),
+        "single blocks",
     )
     reg = config.network_reg_dims
     found = [

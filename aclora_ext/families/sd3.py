@@ -19,7 +19,7 @@ The trainer calls ``mmdit(noisy_model_input, timesteps, context=..., y=...)`` an
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence, cast
 
 import torch
 from torch import nn
@@ -104,7 +104,9 @@ def layers(text_encoders: Sequence[Any], unet: nn.Module, conv3x3: bool) -> list
 
 def targets(text_encoders: Sequence[Any], unet: nn.Module, config: Any) -> list[Target]:
     """What lora_sd3's create_network adapts with these options, each with the rank an option gives it."""
-    check_selection("train_block_indices", config.train_block_indices, len(unet.joint_blocks), "joint blocks")
+    check_selection(
+        "train_block_indices", config.train_block_indices, len(cast(nn.ModuleList, unet.joint_blocks)), "joint blocks"
+    )
     reg = config.network_reg_dims
     found = [
         with_rank(t, regex_rank(t.lora_name, reg))

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor, nn
@@ -78,7 +78,7 @@ SD3_MEDIUM = SD3Config(pos_embed_max_size=192, qk_norm=None, x_block_self_attn_l
 SD35_MEDIUM = SD3Config()
 SD35_LARGE = SD3Config(depth=38, pos_embed_max_size=192, x_block_self_attn_layers=(), model_type="5-large")
 #: the DiT models by sd-scripts' name: FLUX "dev"/"schnell" (flux_models.configs), SD3 model_type
-DIT_CONFIGS = {
+DIT_CONFIGS: dict[str, dict[str, FluxConfig | SD3Config]] = {
     "flux": {"dev": FLUX_DEV, "schnell": FLUX_SCHNELL},
     "sd3": {"medium": SD3_MEDIUM, "5-medium": SD35_MEDIUM, "5-large": SD35_LARGE},
 }
@@ -133,19 +133,26 @@ def timestep_embedding(t: Tensor, dim: int, time_factor: float = 1.0, max_period
     return emb.to(t) if torch.is_floating_point(t) else emb
 
 
-def checkpointed(module: nn.Module, fn, *args):
+class CheckpointedBlock(nn.Module):
+    """A block whose forward goes through :func:`checkpointed`: sd-scripts' ``gradient_checkpointing`` flag."""
+
+    gradient_checkpointing: bool = False
+    _inside: bool = False  # True while the checkpoint's recomputation calls the block
+
+
+def checkpointed(module: CheckpointedBlock, fn: Callable[..., Any], *args: Any) -> Any:
     """``fn(*args)``, through torch.utils.checkpoint (non-reentrant) when ``module`` trains with checkpointing.
 
     sd-scripts checkpoints the block's ``_forward``; here the checkpointed function calls the module itself
     (which then runs ``fn``), so that module hooks also see the recomputation during backward (``aclora
     vram`` keeps its CUDA policy on through them). What is saved and recomputed is the same.
     """
-    if module.training and getattr(module, "gradient_checkpointing", False) and not getattr(module, "_inside", False):
+    if module.training and module.gradient_checkpointing and not module._inside:
         return checkpoint(_through_call, module, *args, use_reentrant=False)
     return fn(*args)
 
 
-def _through_call(module: nn.Module, *args):
+def _through_call(module: CheckpointedBlock, *args: Any) -> Any:
     module._inside = True
     try:
         return module(*args)

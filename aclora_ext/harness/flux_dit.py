@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from .dit import FLUX_DEV, FluxConfig, checkpointed, heads_first, timestep_embedding
+from .dit import FLUX_DEV, CheckpointedBlock, FluxConfig, checkpointed, heads_first, timestep_embedding
 
 
 class RMSNorm(nn.Module):
@@ -88,7 +88,7 @@ def _joint_mask(text_mask: Optional[Tensor], image_tokens: int, heads: int, quer
     return keep[:, None, None, :].expand(-1, heads, queries, -1)
 
 
-class DoubleStreamBlock(nn.Module):
+class DoubleStreamBlock(CheckpointedBlock):
     def __init__(self, c: FluxConfig) -> None:
         super().__init__()
         h = c.hidden_size
@@ -127,7 +127,7 @@ class DoubleStreamBlock(nn.Module):
         return checkpointed(self, self._forward, img, txt, vec, pe, mask)
 
 
-class SingleStreamBlock(nn.Module):
+class SingleStreamBlock(CheckpointedBlock):
     def __init__(self, c: FluxConfig) -> None:
         super().__init__()
         h = c.hidden_size
@@ -155,7 +155,7 @@ class SingleStreamBlock(nn.Module):
         return checkpointed(self, self._forward, x, vec, pe, mask)
 
 
-class MLPEmbedder(nn.Module):
+class MLPEmbedder(CheckpointedBlock):
     def __init__(self, in_dim: int, hidden: int) -> None:
         super().__init__()
         self.in_layer, self.silu, self.out_layer = nn.Linear(in_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden)
@@ -201,7 +201,7 @@ class Flux(nn.Module):
     def enable_gradient_checkpointing(self) -> None:
         """As sd-scripts: every block and the time/vector/guidance embedders."""
         for m in self.modules():
-            if hasattr(m, "gradient_checkpointing"):
+            if isinstance(m, CheckpointedBlock):
                 m.gradient_checkpointing = True
 
     def forward(
@@ -219,6 +219,8 @@ class Flux(nn.Module):
         img = self.img_in(img)
         vec = self.time_in(timestep_embedding(timesteps, 256, time_factor=1000.0))
         if c.guidance_embed:
+            if guidance is None:
+                raise ValueError("this FLUX.1 model embeds the guidance scale: pass guidance (a tensor per sample)")
             vec = vec + self.guidance_in(timestep_embedding(guidance, 256, time_factor=1000.0))
         vec = vec + self.vector_in(y)
         txt = self.txt_in(txt)

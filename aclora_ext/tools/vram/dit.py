@@ -24,7 +24,7 @@ offloader selects them) off the device and changes nothing else.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, cast
 
 import torch
 from torch import nn
@@ -70,7 +70,8 @@ def build_dit_models(
     texts = {**TEXT_CONFIGS, **(text_configs or {})}
     clips_on_device = not setup.cache_text_encoder_outputs or setup.train_text_encoder
     with torch.device(device):
-        dit = Flux(config or dit_config(setup)) if setup.family == "flux" else MMDiT(config or dit_config(setup))
+        c = config or dit_config(setup)
+        dit = Flux(c) if isinstance(c, FluxConfig) else MMDiT(c)
         encoders: list[nn.Module] = []
         if clips_on_device:
             for name in clip_names(setup.family):  # FLUX: CLIPTextModel; SD3: both with their projections
@@ -81,7 +82,7 @@ def build_dit_models(
         vae = None
         if not setup.cache_latents:
             try:
-                from diffusers import AutoencoderKL
+                from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL  # typed, unlike diffusers' root
             except ImportError:
                 _needs("diffusers")
             vae = AutoencoderKL(**(vae_config or DIT_VAE_CONFIG))
@@ -137,10 +138,17 @@ def swapped_blocks(dit: nn.Module, setup: Setup) -> list[nn.Module]:
     n = setup.blocks_to_swap
     if not n:
         return []
+
+    def blocks_of(name: str) -> nn.ModuleList:
+        return cast(nn.ModuleList, dit.get_submodule(name))  # sd-scripts' DiTs hold their blocks in ModuleLists
+
     if setup.family == "flux":
-        groups = [(dit.double_blocks, n // 2, "double"), (dit.single_blocks, (n - n // 2) * 2, "single")]
+        groups = [
+            (blocks_of("double_blocks"), n // 2, "double"),
+            (blocks_of("single_blocks"), (n - n // 2) * 2, "single"),
+        ]
     else:
-        groups = [(dit.joint_blocks, n, "joint")]
+        groups = [(blocks_of("joint_blocks"), n, "joint")]
     found: list[nn.Module] = []
     for blocks, count, kind in groups:
         if count > len(blocks) - 2:
@@ -165,7 +173,8 @@ def offloaded_weights(dit: nn.Module, setup: Setup) -> list[torch.Tensor]:
 
 def lora_parameter_count(targets: list[Target], rank: int) -> int:
     """Parameters of rank-``rank`` LoRAs on ``targets``: rank x (in + out) per Linear, as kohya's LoRAModule."""
-    return sum(rank * (t.layer.in_features + t.layer.out_features) for t in targets)
+    linears = [cast(nn.Linear, t.layer) for t in targets]  # lora_flux / lora_sd3 adapt Linears only
+    return sum(rank * (layer.in_features + layer.out_features) for layer in linears)
 
 
 def describe_swap(dit: nn.Module, setup: Setup) -> Optional[str]:

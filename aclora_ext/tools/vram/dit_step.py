@@ -43,13 +43,13 @@ class DitTrainingStep(TrainingStep):
     def _constants(self) -> None:
         s, d = self.setup, self.device
         self.latent_shape = (s.batch_size, DIT_LATENT_CHANNELS, s.height // 8, s.width // 8)
-        self.token_ids = {}
+        self.encoder_token_ids: dict[int, torch.Tensor] = {}  # by id() of the text encoder
         for te in self.models.text_encoders:  # the tokens the dataset hands over
             length = s.t5_tokens if text_encoder_kind(te) == "t5" else CLIP_TOKENS
-            self.token_ids[id(te)] = torch.zeros((s.batch_size, length), dtype=torch.long, device=d)
+            self.encoder_token_ids[id(te)] = torch.zeros((s.batch_size, length), dtype=torch.long, device=d)
 
     def constants(self) -> list[torch.Tensor]:
-        return list(self.token_ids.values())
+        return list(self.encoder_token_ids.values())
 
     # --- text ------------------------------------------------------------------------------------------------------
     def _text_conditioning(self) -> list[torch.Tensor]:
@@ -63,10 +63,12 @@ class DitTrainingStep(TrainingStep):
         if clips or t5 is not None:
             self.phase("text encoders")
         with torch.set_grad_enabled(s.train_text_encoder), self.autocast():
-            clip_out = [te(self.token_ids[id(te)], output_hidden_states=True) for te in clips]
+            clip_out = [te(self.encoder_token_ids[id(te)], output_hidden_states=True) for te in clips]
         with torch.no_grad(), self.autocast():
-            t5_out = t5(self.token_ids[id(t5)], return_dict=False, output_hidden_states=True)[0] if t5 else None
-        c = self.models.unet.params  # the widths the DiT takes (4096 / 768 / 2048 at full size)
+            t5_out = t5(self.encoder_token_ids[id(t5)], return_dict=False, output_hidden_states=True)[0] if t5 else None
+        c: Any = (
+            self.models.unet.params
+        )  # FluxConfig or SD3Config: the widths the DiT takes (4096 / 768 / 2048 at full size)
         if t5_out is None:
             t5_out = torch.randn((b, t, c.context_in_dim if s.family == "flux" else c.context_in_features), device=d)
         if s.family == "flux":

@@ -108,13 +108,21 @@ class Estimate:
         }
 
 
-class Counted:
-    """A training step with its gradients and optimizer state labelled for the counter (a mixin)."""
+class Counted(TrainingStep):
+    """A training step with its gradients and optimizer state labelled for the counter (a mixin, first in the
+    bases of :class:`CountedStep` and :class:`CountedDitStep`)."""
 
-    def __init__(self, counter: StorageCounter, *args: Any, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        counter: StorageCounter,
+        models: Models,
+        setup: Setup,
+        device: str = "meta",
+        policy: Optional[CudaPolicy] = None,
+    ) -> None:
         self.counter = counter
         self.with_gradient: set[int] = set()  # ids of the parameters the step gave a gradient
-        super().__init__(*args, phase=self._phase, **kwargs)
+        super().__init__(models, setup, device, policy, phase=self._phase)
 
     def _phase(self, name: str) -> None:
         self.counter.phase = name
@@ -231,11 +239,12 @@ def restart_transient(network: Any, p: float = 0.9) -> int:
         layer = sample.org_module
         for i in range(min(len(indices), Fn.chunk_size(rows, cols, rank, restart_module.CHUNK_BYTES))):
             with torch.device("meta"):  # the base layer is never run: no memory for it
-                org = (
-                    nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size, bias=False)
-                    if isinstance(layer, nn.Conv2d)
-                    else nn.Linear(layer.in_features, layer.out_features, bias=False)
-                )
+                org: nn.Module
+                if isinstance(layer, nn.Conv2d):
+                    kh, kw = layer.kernel_size
+                    org = nn.Conv2d(layer.in_channels, layer.out_channels, (kh, kw), bias=False)
+                else:
+                    org = nn.Linear(layer.in_features, layer.out_features, bias=False)
             name = f"{sample.lora_name}_sample_{i}"
             targets.append(Target(name, org, "unet"))
             ranks[name], alphas[name] = rank, sample.alpha_value

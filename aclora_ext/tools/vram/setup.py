@@ -7,7 +7,7 @@ from typing import Any, Optional
 
 import torch
 
-from ...harness.dit import DIT_CONFIGS
+from ...harness.dit import DIT_CONFIGS, FluxConfig
 from ...options import parse_network_args
 
 #: sd1/sd2/sdxl: train_network.py / sdxl_train_network.py; flux: flux_train_network.py; sd3: sd3_train_network.py
@@ -31,7 +31,7 @@ def max_blocks_to_swap(family: str, variant: str) -> int:
     """The largest --blocks_to_swap sd-scripts accepts for the model (flux_models.py enable_block_swap: N//2 double
     and (N - N//2)*2 single blocks, each at most its count - 2; sd3_models.py: N <= depth - 2)."""
     config = DIT_CONFIGS[family][variant]
-    if family == "flux":
+    if isinstance(config, FluxConfig):
         n = 0
         while (n + 1) // 2 <= config.depth - 2 and (n + 1 - (n + 1) // 2) * 2 <= config.depth_single_blocks - 2:
             n += 1

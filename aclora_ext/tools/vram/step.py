@@ -79,9 +79,8 @@ class TrainingStep:
     def _create_network(self, te_argument: Any) -> Any:
         """``create_network`` as sd-scripts calls it (on the device in effect)."""
         setup = self.setup
-        return factory.create_network(
-            1.0, setup.rank, setup.alpha, None, te_argument, self.models.unet, **dict(setup.network_args)
-        )
+        network_args: dict[str, Any] = dict(setup.network_args)  # strings, as sd-scripts passes them
+        return factory.create_network(1.0, setup.rank, setup.alpha, None, te_argument, self.models.unet, **network_args)
 
     def _trained_text_encoders(self) -> list[nn.Module]:
         """The text encoders whose LoRA trains (sd-scripts' per-encoder train flags)."""
@@ -96,7 +95,8 @@ class TrainingStep:
         models, setup, te_argument = self.models, self.setup, self.models.text_encoder_argument
         network.to(self.device)  # its state buffers too, as accelerator.prepare(network) does
         if setup.gradient_checkpointing:
-            models.unet.enable_gradient_checkpointing()
+            unet: Any = models.unet  # diffusers' U-Net or the harness DiT, both with this method
+            unet.enable_gradient_checkpointing()
             for te in self._trained_text_encoders():
                 _enable_checkpointing(te)
             network.enable_gradient_checkpointing()
@@ -229,20 +229,20 @@ class TrainingStep:
             return torch.randn(self.latent_shape, device=self.device)  # the cached latents, moved to the device
         self.phase("VAE encode")
         images = torch.randn((s.batch_size, 3, s.height, s.width), device=self.device, dtype=s.vae_dtype)
+        vae: Any = self.models.vae  # diffusers' AutoencoderKL, there when latents are not cached
         with torch.no_grad():
-            latents = self.models.vae.encode(images).latent_dist.sample()
-        return latents * self.models.vae.config.scaling_factor
+            latents = vae.encode(images).latent_dist.sample()
+        return latents * vae.config.scaling_factor
 
     def _text_conditioning(self) -> list[torch.Tensor]:
         s, models = self.setup, self.models
         tokens = TOKENS_PER_CHUNK * s.chunks
-        dims = [te.config.hidden_size for te in models.text_encoders]
+        configs: list[Any] = [te.config for te in models.text_encoders]  # transformers' configs
+        dims = [c.hidden_size for c in configs]
         if s.cache_text_encoder_outputs:
             # what sdxl_train_network.py reads from the cache and moves to the device
             hidden = [torch.randn((s.batch_size, tokens, d), device=self.device, dtype=s.weight_dtype) for d in dims]
-            pooled = torch.randn(
-                (s.batch_size, models.text_encoders[1].config.projection_dim), device=self.device, dtype=s.weight_dtype
-            )
+            pooled = torch.randn((s.batch_size, configs[1].projection_dim), device=self.device, dtype=s.weight_dtype)
             return [*hidden, pooled]
         self.phase("text encoders")
         with torch.set_grad_enabled(s.train_text_encoder), self.autocast():
