@@ -68,10 +68,19 @@ def metadata_json(meta: Mapping[str, str], key: str, source: str, kind: type) ->
 
 
 def metadata_ranks(meta: Mapping[str, str], source: str) -> dict[str, int]:
-    """The ``aclora_ranks`` field (module name -> signal rank), {} when absent."""
-    ranks = metadata_json(meta, "aclora_ranks", source, dict) or {}
+    """Every module's signal rank (module name -> rank) from the metadata, {} when absent.
+
+    ``aclora_ranks`` holds the ranks as stored; a module that export padded to its part's common rank
+    is stored above its rank with zero components and ``aclora_padded`` holds its own rank: the one the
+    run chose, which ``ranks_from`` and loading must see.
+    """
+    return {**_rank_field(meta, "aclora_ranks", source), **_rank_field(meta, "aclora_padded", source)}
+
+
+def _rank_field(meta: Mapping[str, str], key: str, source: str) -> dict[str, int]:
+    ranks = metadata_json(meta, key, source, dict) or {}
     if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in ranks.values()):
-        raise LoRAFileError(f"{source}: metadata field aclora_ranks should map module names to positive integer ranks")
+        raise LoRAFileError(f"{source}: metadata field {key} should map module names to positive integer ranks")
     return ranks
 
 
