@@ -427,6 +427,7 @@ def test_fit_ranks_survives_metadata_that_grows_as_ranks_shrink(tmp_path):
     full = sizes.saved_file_size(sizes.layout_tensors(layouts, [8] * 6), perverse({l.name: 8 for l in layouts}))
     for max_size in (full * 2 // 3, full // 2):
         fit = fit_ranks(sizes.FileLayout(layouts, perverse), worths, max_size)
+        assert fit.tries > 1 and sum(fit.ranks.values()) > len(layouts)  # tightened, not the minimum-rank fallback
         assert write(tmp_path / "p.safetensors", layouts, list(fit.ranks.values()), perverse(fit.ranks)) \
             == fit.size <= max_size
 
