@@ -34,8 +34,9 @@ def file_ranks(path: str) -> dict[str, int]:
 def run(models, data, path, **network_args):
     return replay.replay_training(
         __import__("networks.aclora", fromlist=["create_network"]), models, data[:SAMPLES], sdxl=False,
-        network_dim=8, network_alpha=4.0, epochs=EPOCHS, batch_size=2, lr=1e-3, network_args=network_args,
-        save_path=str(path), save_every_n_epochs=1, save_dtype=torch.float16)
+        network=replay.NetworkSetup(dim=8, alpha=4.0, args=network_args),
+        schedule=replay.Schedule(epochs=EPOCHS, batch_size=2, lr=1e-3),
+        saving=replay.Saving(str(path), every_n_epochs=1, dtype=torch.float16))
 
 
 # --- the option ----------------------------------------------------------------------------------------------

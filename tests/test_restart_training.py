@@ -36,10 +36,11 @@ def file_contents(path: str) -> tuple[dict[str, int], dict[str, int], dict[str, 
 def test_a_replayed_sdxl_run_restarts_on_schedule_and_saves_per_module_ranks_below_the_maximum(
         mode, sdxl_pretrained_models, style_data, sd_network_module, tmp_path):
     path = str(tmp_path / "style.safetensors")
+    network_args = {"cut_without_heldout": "true"} if mode == "product" else {"restart_mode": mode}
     result = replay.replay_training(sd_network_module, sdxl_pretrained_models, style_data[:SAMPLES], sdxl=True,
-                                    network_dim=MAX_RANK, network_alpha=4.0, epochs=EPOCHS, batch_size=BATCH, lr=1e-3,
-                                    network_args={"cut_without_heldout": "true"} if mode == "product" else {"restart_mode": mode},
-                                    save_path=path)
+                                    network=replay.NetworkSetup(dim=MAX_RANK, alpha=4.0, args=network_args),
+                                    schedule=replay.Schedule(epochs=EPOCHS, batch_size=BATCH, lr=1e-3),
+                                    saving=replay.Saving(path))
     network = result.network
     per_epoch = SAMPLES // BATCH
     assert result.global_step == EPOCHS * per_epoch

@@ -57,7 +57,7 @@ def run(out: str, sdxl: bool = False, epochs: int = 20, rank: int = 32, mode: st
     import networks.aclora as network_module
 
     from ..harness import tiny
-    from ..harness.replay import replay_training
+    from ..harness.replay import NetworkSetup, Saving, Schedule, replay_training
     from ..harness.sdcalls import collate, fixed_batch_loss
 
     if epochs < 1 or rank < 1:
@@ -73,20 +73,9 @@ def run(out: str, sdxl: bool = False, epochs: int = 20, rank: int = 32, mode: st
         f"{epochs} epochs, maximum rank {rank}, restart_mode={mode}"
     )
     start = time.perf_counter()
-    result = replay_training(
-        network_module,
-        models,
-        data,
-        sdxl=sdxl,
-        network_dim=rank,
-        network_alpha=rank / 2,
-        network_args={"restart_mode": mode, "seed": str(seed)},
-        epochs=epochs,
-        batch_size=3,
-        lr=2e-3,
-        save_path=path,
-        seed=seed,
-    )
+    setup = NetworkSetup(dim=rank, alpha=rank / 2, args={"restart_mode": mode, "seed": str(seed)})
+    result = replay_training(network_module, models, data, sdxl=sdxl, network=setup,
+                             schedule=Schedule(epochs=epochs, batch_size=3, lr=2e-3, seed=seed), saving=Saving(path))
     seconds = time.perf_counter() - start
     network = result.network
     after = fixed_batch_loss(network, models, collate(held_out), sdxl, seed=seed, repeats=8)
