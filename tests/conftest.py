@@ -18,8 +18,9 @@ try:
 except ImportError:
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from aclora_ext.harness import tiny
 from helpers import in_ci
+
+from aclora_ext.harness import tiny
 
 # The tiny models are far too small to gain from intra-op threads, and on a
 # shared 2-core machine several threaded processes spin against each other

@@ -77,7 +77,8 @@ def missing_requirements() -> list[str]:
     try:
         importlib.metadata.version("aclora")
     except importlib.metadata.PackageNotFoundError:
-        missing.append("this package installed (pip install -e .), as sd-scripts imports networks.aclora from site-packages")
+        missing.append("this package installed (pip install -e .), as sd-scripts imports networks.aclora from "
+                       "site-packages")
     return missing
 
 
@@ -142,8 +143,8 @@ def run(command: list[str], env: dict[str, str], log: Path, cwd: Path = SD_SCRIP
     """Run ``command`` from sd-scripts' folder; its output goes to ``log`` and into the result."""
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w", encoding="utf-8") as fh:
-        done = subprocess.run(command, cwd=cwd, env=env, stdout=fh, stderr=subprocess.STDOUT, timeout=SUBPROCESS_TIMEOUT,
-                              stdin=subprocess.DEVNULL)
+        done = subprocess.run(command, cwd=cwd, env=env, stdout=fh, stderr=subprocess.STDOUT,
+                              timeout=SUBPROCESS_TIMEOUT, stdin=subprocess.DEVNULL)
     return Result([str(c) for c in command], done.returncode, log.read_text(encoding="utf-8", errors="replace"))
 
 

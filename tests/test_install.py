@@ -21,7 +21,6 @@ import zipfile
 from pathlib import Path
 
 import pytest
-
 from helpers import skip_or_fail
 
 REPO = Path(__file__).resolve().parents[1]
