@@ -14,11 +14,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import import_or_fail
+
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-pytest.importorskip("diffusers")
+import_or_fail("diffusers", "the benchmarks' smoke runs build diffusers models")
 
 
 def run_smoke(module, tmp_path: Path) -> dict:
