@@ -143,6 +143,7 @@ class MMDiTBlock(CheckpointedBlock):
         n = ctx_qkv[0].shape[1]
         q, k, v = (torch.cat((a, b), dim=1) for a, b in zip(ctx_qkv, x_qkv))
         attn = sd3_attention(q, k, v, self.head_dim)
+        del q, k, v  # freed here, as in sd-scripts' call (aclora vram counts this block's peak memory)
         # sd-scripts passes attn2's head count where the head size goes (sd3_models.py:721): at SD3.5 medium
         # its self-attention runs 64 heads of 24, not 24 of 64; reproduced as it runs
         attn2 = sd3_attention(*x_qkv2, self.x_block.attn2.num_heads) if x_qkv2 is not None else None
