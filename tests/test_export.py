@@ -264,3 +264,51 @@ def test_an_sd1_file_given_to_an_sdxl_model_is_refused(saved, sdxl_models):
     network.apply_to(sdxl_models["text_encoders"], sdxl_models["unet"], True, True)
     with pytest.raises(LoRAFileError, match=r"for an SD1\.x/2\.x model, but the model given is SDXL"):
         network.load_weights(str(path))
+
+
+def test_a_chunk_whose_float32_decomposition_fails_is_exported_through_float64_module_by_module(
+        tmp_path, sd1_models, planted_network, monkeypatch, caplog):
+    """The export shares RESTART's batching (lora.batching.decompose_in_batches): when LAPACK fails on a float32
+    chunk, each module is decomposed alone in float64 and the file is the same best rank-k approximation."""
+    from aclora_ext import functional as F
+    from aclora_ext.lora import export
+
+    network, planted = planted_network(sd1_models, max_rank=MAX_RANK, alpha=4.0)
+    real_core = F.product_core
+    seen = []
+
+    def core_failing_in_float32(down, up):
+        seen.append(down.dtype)
+        if down.dtype == torch.float32:
+            raise torch.linalg.LinAlgError("planted float32 failure")
+        return real_core(down, up)
+
+    monkeypatch.setattr(export.F, "product_core", core_failing_in_float32)
+    path = tmp_path / "float64.safetensors"
+    with caplog.at_level("WARNING", logger="aclora_ext"):
+        assert network.save_weights(str(path), None, {})
+    assert torch.float64 in seen and "retrying one by one in float64" in caplog.text
+    tensors = load_file(path)
+    for m in network.loras:
+        k = network.ranks()[m.lora_name]
+        assert tensors[f"{m.lora_name}.lora_down.weight"].shape[0] == k == planted[m.lora_name]
+        expected = best_rank_k(training_update(m), k)
+        assert relative(file_update(tensors, m.lora_name), expected) < EXPORT_RTOL, m.lora_name
+
+
+def test_export_leaves_out_only_the_non_finite_module_of_a_chunk():
+    """A module with NaN weights is reported by name; the finite modules of its shape group are still exported."""
+    from aclora_ext.lora.export import export_modules
+    from aclora_ext.network.factory import attach
+
+    model = torch.nn.Sequential(*[torch.nn.Linear(16, 16) for _ in range(3)])
+    network = attach(model, max_rank=4, restart_mode="off")
+    with torch.no_grad():
+        for m in network.loras:
+            m.lora_up.weight.normal_()
+        network.loras[1].lora_down.weight[0, 0] = float("nan")
+    result = export_modules(network.loras, [2, 2, 2], torch.float32)
+    names = [m.lora_name for m in network.loras]
+    assert result.non_finite == [names[1]]
+    assert set(result.ranks) == {names[0], names[2]}
+    assert f"{names[0]}.lora_down.weight" in result.tensors and f"{names[1]}.lora_down.weight" not in result.tensors

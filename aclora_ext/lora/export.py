@@ -33,7 +33,7 @@ from typing import Optional, Sequence
 import torch
 
 from .. import functional as F
-from .batching import chunk_budget, chunks, shape_groups
+from .batching import Batch, decompose_in_batches
 from .module import ACLoRAModule
 
 
@@ -46,9 +46,13 @@ class ExportResult:
     padded: dict[str, int]  # modules stored at a higher rank than they have (pad_lone_ranks): their rank
 
 
-def export_modules(modules: Sequence[ACLoRAModule], keeps: Sequence[int | torch.Tensor],
-                   dtype: torch.dtype | None = None, budget_bytes: Optional[int] = None,
-                   pad: bool = True) -> ExportResult:
+def export_modules(
+    modules: Sequence[ACLoRAModule],
+    keeps: Sequence[int | torch.Tensor],
+    dtype: torch.dtype | None = None,
+    budget_bytes: Optional[int] = None,
+    pad: bool = True,
+) -> ExportResult:
     """Truncated factors of every module (float32 math, stored in ``dtype``).
 
     ``keeps[i]``: module i's rank (its leading components), or a (R,) bool mask
@@ -59,29 +63,27 @@ def export_modules(modules: Sequence[ACLoRAModule], keeps: Sequence[int | torch.
     tensors: dict[str, torch.Tensor] = {}  # float32 until every module is in (padding), then ``dtype``
     out_ranks: dict[str, int] = {}
     errors: dict[str, float] = {}
-    non_finite: list[str] = []
     alpha = file_alpha(modules, dtype)
+
+    def export(batch: Batch) -> None:
+        rank = batch.modules[0].rank
+        keep = torch.stack([_keep_mask(keeps[i], rank) for i in batch.indices]).to(batch.down.device)
+        counts = keep.sum(dim=1).tolist()
+        s, to_up, to_down = F.product_core(batch.down, batch.up)
+        new_down, new_up = F.component_factors(batch.down, batch.up, s, to_up, to_down, keep, int(max(counts)))
+        err = F.truncation_error(s, keep)
+        if not bool(F.is_finite(new_down, new_up).all()):
+            raise torch.linalg.LinAlgError("non-finite result")
+        for j, m in enumerate(batch.modules):
+            kj = int(counts[j])
+            gain = math.sqrt(kj * m.scale / alpha)  # alpha/k * up @ down == scale * (rank-k part)
+            _store(tensors, m, new_down[j, :kj] * gain, new_up[j, :, :kj] * gain, kj, alpha)
+            out_ranks[m.lora_name] = kj
+            errors[m.lora_name] = float(err[j])
+
     with torch.no_grad():
-        for (rank, cols, rows, device), indices in shape_groups(modules).items():
-            for part in chunks(indices, F.chunk_size(rows, cols, rank, chunk_budget(device, budget_bytes))):
-                batch = [modules[i] for i in part]
-                down = torch.stack([m.down_matrix().detach().float() for m in batch])
-                up = torch.stack([m.up_matrix().detach().float() for m in batch])
-                finite = F.is_finite(down, up)
-                non_finite += [m.lora_name for m, ok in zip(batch, finite.tolist()) if not ok]
-                if not bool(finite.all()):
-                    continue
-                keep = torch.stack([_keep_mask(keeps[i], rank) for i in part]).to(down.device)
-                counts = keep.sum(dim=1).tolist()
-                s, to_up, to_down = F.product_core(down, up)
-                new_down, new_up = F.component_factors(down, up, s, to_up, to_down, keep, int(max(counts)))
-                err = F.truncation_error(s, keep)
-                for j, m in enumerate(batch):
-                    kj = int(counts[j])
-                    gain = math.sqrt(kj * m.scale / alpha)  # alpha/k * up @ down == scale * (rank-k part)
-                    _store(tensors, m, new_down[j, :kj] * gain, new_up[j, :, :kj] * gain, kj, alpha)
-                    out_ranks[m.lora_name] = kj
-                    errors[m.lora_name] = float(err[j])
+        skipped = decompose_in_batches(modules, export, what="export", left="not exported", budget_bytes=budget_bytes)
+    non_finite = skipped.names  # the save refuses a file that would lack them
     padded = pad_lone_ranks(tensors) if pad else {}
     out_ranks.update({name: int(tensors[f"{name}.lora_down.weight"].shape[0]) for name in padded})
     return ExportResult(_cast(tensors, modules, dtype), out_ranks, errors, non_finite, padded)
@@ -113,16 +115,20 @@ def _store(tensors: dict, m: ACLoRAModule, down: torch.Tensor, up: torch.Tensor,
     tensors[f"{m.lora_name}.alpha"] = torch.tensor(alpha, dtype=torch.float32)
 
 
-def _cast(tensors: dict[str, torch.Tensor], modules: Sequence[ACLoRAModule], dtype: torch.dtype | None
-          ) -> dict[str, torch.Tensor]:
+def _cast(
+    tensors: dict[str, torch.Tensor], modules: Sequence[ACLoRAModule], dtype: torch.dtype | None
+) -> dict[str, torch.Tensor]:
     """Every tensor in ``dtype`` (None: its module's training dtype)."""
     dtypes = {m.lora_name: dtype or m.lora_down.weight.dtype for m in modules}
-    return {key: value.to(dtypes[key.rsplit(".", 2)[0] if key.endswith(".weight") else key.rsplit(".", 1)[0]])
-            for key, value in tensors.items()}
+    return {
+        key: value.to(dtypes[key.rsplit(".", 2)[0] if key.endswith(".weight") else key.rsplit(".", 1)[0]])
+        for key, value in tensors.items()
+    }
 
 
-def raw_modules(modules: Sequence[ACLoRAModule], dtype: torch.dtype | None = None,
-                pad: bool = True) -> dict[str, torch.Tensor]:
+def raw_modules(
+    modules: Sequence[ACLoRAModule], dtype: torch.dtype | None = None, pad: bool = True
+) -> dict[str, torch.Tensor]:
     """The training factors as they are (maximum rank, refill noise included): the full-rank file
     (padded as ``pad_lone_ranks`` says)."""
     tensors = {}

@@ -4,7 +4,6 @@
 
 from __future__ import annotations
 
-import logging
 import math
 from dataclasses import dataclass
 from typing import Callable, Mapping, Optional, Sequence
@@ -12,10 +11,8 @@ from typing import Callable, Mapping, Optional, Sequence
 import torch
 
 from .. import functional as F
-from .batching import chunk_budget, chunks, generator, shape_groups, stack, write_back
+from .batching import Batch, chunk_budget, chunks, decompose_in_batches, generator, shape_groups, stack, write_back
 from .module import ACLoRAModule
-
-logger = logging.getLogger(__name__)
 
 
 # --- product mode ---------------------------------------------------------------------------------------------------
@@ -57,8 +54,13 @@ class InputStats:
         return self.count > 0 and self.out_numel > 0
 
 
-def analyse_modules(modules: Sequence[ACLoRAModule], stats: Mapping[str, InputStats], *, rebase: bool,
-                    budget_bytes: Optional[int] = None) -> tuple[dict[int, Spectrum], list[str]]:
+def analyse_modules(
+    modules: Sequence[ACLoRAModule],
+    stats: Mapping[str, InputStats],
+    *,
+    rebase: bool,
+    budget_bytes: Optional[int] = None,
+) -> tuple[dict[int, Spectrum], list[str]]:
     """Spectrum and component importance of every module's update (batched by shape).
 
     With ``rebase`` the factors are rewritten in place in their update's SVD
@@ -69,56 +71,21 @@ def analyse_modules(modules: Sequence[ACLoRAModule], stats: Mapping[str, InputSt
     (returned by name) and left unchanged.
     """
     spectra: dict[int, Spectrum] = {}
-    skipped: list[str] = []
+
+    def analyse(batch: Batch) -> None:
+        found, factors = _analyse(batch.modules, batch.down, batch.up, stats)
+        spectra.update(zip(batch.indices, found))
+        if rebase:
+            write_back(batch.modules, *factors)
+
     with torch.no_grad():
-        for (rank, cols, rows, device), indices in shape_groups(modules).items():
-            size = F.chunk_size(rows, cols, rank, chunk_budget(device, budget_bytes))
-            for part in chunks(indices, size):
-                batch = [modules[i] for i in part]
-                down, up = stack(batch, torch.float32)
-                finite = F.is_finite(down, up)
-                bad = [j for j in range(len(batch)) if not bool(finite[j])]
-                if bad:
-                    names = [batch[j].lora_name for j in bad]
-                    logger.warning("AC-LoRA RESTART: non-finite weights, module(s) left unchanged: %s", ", ".join(names))
-                    skipped += names
-                    keep = [j for j in range(len(batch)) if j not in bad]
-                    part, batch = [part[j] for j in keep], [batch[j] for j in keep]
-                    if not batch:
-                        continue
-                    down, up = down[keep], up[keep]
-                try:
-                    results = _analyse(batch, down, up, stats)
-                except (torch.linalg.LinAlgError, RuntimeError) as err:
-                    logger.warning("AC-LoRA RESTART: float32 decomposition failed for %d module(s) (%s); "
-                                   "retrying one by one in float64", len(batch), err)
-                    results = []
-                    for m in batch:
-                        try:
-                            results.append(_analyse([m], *stack([m], torch.float64), stats))
-                        except (torch.linalg.LinAlgError, RuntimeError) as err64:
-                            logger.warning("AC-LoRA RESTART: decomposition of %s failed in float64 too (%s); "
-                                           "module left unchanged", m.lora_name, err64)
-                            results.append(None)
-                    for i, m, result in zip(part, batch, results):
-                        if result is None:
-                            skipped.append(m.lora_name)
-                            continue
-                        spectrum, factors = result
-                        spectra[i] = spectrum[0]
-                        if rebase:
-                            write_back([m], *factors)
-                    continue
-                chunk_spectra, factors = results
-                for i, spectrum in zip(part, chunk_spectra):
-                    spectra[i] = spectrum
-                if rebase:
-                    write_back(batch, *factors)
-    return spectra, skipped
+        skipped = decompose_in_batches(modules, analyse, what="RESTART", budget_bytes=budget_bytes)
+    return spectra, skipped.names
 
 
-def _analyse(batch: Sequence[ACLoRAModule], down: torch.Tensor, up: torch.Tensor,
-             stats: Mapping[str, InputStats]) -> tuple[list[Spectrum], tuple[torch.Tensor, torch.Tensor]]:
+def _analyse(
+    batch: Sequence[ACLoRAModule], down: torch.Tensor, up: torch.Tensor, stats: Mapping[str, InputStats]
+) -> tuple[list[Spectrum], tuple[torch.Tensor, torch.Tensor]]:
     s, to_up, to_down = F.product_core(down, up)
     scale = torch.tensor([m.scale for m in batch], dtype=s.dtype, device=s.device)
     s_scaled = s * scale[:, None]
@@ -127,14 +94,23 @@ def _analyse(batch: Sequence[ACLoRAModule], down: torch.Tensor, up: torch.Tensor
     if any(measured):
         rank = down.shape[1]
         zeros = torch.zeros(rank, rank, dtype=down.dtype, device=down.device)
-        gram = torch.stack([stats[m.lora_name].gram.to(down.device, down.dtype) if ok else zeros
-                            for m, ok in zip(batch, measured)])
-        count = torch.tensor([stats[m.lora_name].count if ok else 1 for m, ok in zip(batch, measured)],
-                             device=down.device)
-        output_rms = torch.stack([(stats[m.lora_name].out_sq.to(down.device, down.dtype) / stats[m.lora_name].out_numel)
-                                  .sqrt() if ok else torch.ones((), dtype=down.dtype, device=down.device)
-                                  for m, ok in zip(batch, measured)])
-        measured_importance = F.component_importance(to_down, gram, count) * (scale / output_rms.clamp(min=1e-12))[:, None]
+        gram = torch.stack(
+            [stats[m.lora_name].gram.to(down.device, down.dtype) if ok else zeros for m, ok in zip(batch, measured)]
+        )
+        count = torch.tensor(
+            [stats[m.lora_name].count if ok else 1 for m, ok in zip(batch, measured)], device=down.device
+        )
+        output_rms = torch.stack(
+            [
+                (stats[m.lora_name].out_sq.to(down.device, down.dtype) / stats[m.lora_name].out_numel).sqrt()
+                if ok
+                else torch.ones((), dtype=down.dtype, device=down.device)
+                for m, ok in zip(batch, measured)
+            ]
+        )
+        measured_importance = (
+            F.component_importance(to_down, gram, count) * (scale / output_rms.clamp(min=1e-12))[:, None]
+        )
         importance = torch.where(torch.tensor(measured, device=down.device)[:, None], measured_importance, s_scaled)
     if not bool(F.is_finite(importance, s_scaled).all()):
         raise torch.linalg.LinAlgError("non-finite spectrum")
@@ -143,12 +119,19 @@ def _analyse(batch: Sequence[ACLoRAModule], down: torch.Tensor, up: torch.Tensor
     keep_all = torch.full(s.shape, True, device=s.device)
     new_down, new_up = F.component_factors(down, up, s, to_up, to_down, keep_all, down.shape[1])
     cpu = [t.cpu() for t in (s_scaled, importance, row_sq, std)]
-    spectra = [Spectrum(cpu[0][j], cpu[1][j], float(cpu[2][j]), float(cpu[3][j]), measured[j]) for j in range(len(batch))]
+    spectra = [
+        Spectrum(cpu[0][j], cpu[1][j], float(cpu[2][j]), float(cpu[3][j]), measured[j]) for j in range(len(batch))
+    ]
     return spectra, (new_down, new_up)
 
 
-def restart_kept(modules: Sequence[ACLoRAModule], spectra: Mapping[int, Spectrum], keeps: Mapping[int, torch.Tensor],
-                 seed: int, budget_bytes: Optional[int] = None) -> None:
+def restart_kept(
+    modules: Sequence[ACLoRAModule],
+    spectra: Mapping[int, Spectrum],
+    keeps: Mapping[int, torch.Tensor],
+    seed: int,
+    budget_bytes: Optional[int] = None,
+) -> None:
     """Apply keep masks to modules rebased by ``analyse_modules``: kept slots stay, freed slots restart."""
     chunk_no = 0
     with torch.no_grad():
@@ -176,14 +159,20 @@ def keeps_at_level(spectra: Mapping[int, Spectrum], level: float, min_rank: int)
     keeps every nonzero component until a decision that can judge it.
     """
     top = max((float(sp.importance.max()) for sp in spectra.values() if sp.measured), default=0.0)
-    threshold = 0.0 if level == math.inf else top * 10.0 ** -level
-    return {i: F.keep_above(sp.importance[None], threshold if sp.measured else 0.0, min_rank)[0]
-            for i, sp in spectra.items()}
+    threshold = 0.0 if level == math.inf else top * 10.0**-level
+    return {
+        i: F.keep_above(sp.importance[None], threshold if sp.measured else 0.0, min_rank)[0]
+        for i, sp in spectra.items()
+    }
 
 
-def restart_product(modules: Sequence[ACLoRAModule], stats: Mapping[str, InputStats],
-                    choose: Callable[[dict[int, Spectrum]], dict[int, torch.Tensor]], seed: int,
-                    budget_bytes: Optional[int] = None) -> tuple[dict[int, int], list[str]]:
+def restart_product(
+    modules: Sequence[ACLoRAModule],
+    stats: Mapping[str, InputStats],
+    choose: Callable[[dict[int, Spectrum]], dict[int, torch.Tensor]],
+    seed: int,
+    budget_bytes: Optional[int] = None,
+) -> tuple[dict[int, int], list[str]]:
     """Product-mode RESTART of every module in place: analyse (rebasing the factors), ``choose`` the keep
     masks from the spectra (the modules are in their SVD basis meanwhile, so ``choose`` may evaluate
     candidates by masking slots), apply them. Returns ({module index: new rank}, skipped module names)."""
