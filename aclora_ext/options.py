@@ -20,9 +20,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 RESTART_MODES = ("paper", "product", "off")
 ENERGY_RULES = ("squared", "linear")
-CUT_RULES = ("parsimony", "beat")
 LORA_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt")
-FREED_SLOTS = ("hold", "relearn")
 
 _TRUE = ("true", "1", "yes", "on")
 #: a block selection: "all", or the indices of the blocks that get a LoRA
@@ -141,15 +139,12 @@ OPTIONS: tuple[Option, ...] = (
     Option("loraplus_unet_lr_ratio", "float", None, "LoRA+ ratio for the U-Net only (overrides loraplus_lr_ratio).", minimum=0, min_inclusive=False),
     Option("loraplus_text_encoder_lr_ratio", "float", None, "LoRA+ ratio for the text encoder(s) only (overrides loraplus_lr_ratio).", minimum=0, min_inclusive=False),
     # --- RESTART ------------------------------------------------------------
-    Option("restart_mode", "choice", "product", "product: decide on each module's update up*down: keep the components whose importance (the RMS they add to the layer's output) clears one threshold shared by every module, chosen on a held-out loss when the training loop gives one (sd-scripts' --validation_split), else only at save time at min_importance; truncate exactly, and train at the kept rank after a held-out cut (freed_slots). paper: the paper's algorithm exactly (SVD of each factor, p = 1 - L^alpha from the training loss, Gaussian refill). off: never restart (a plain LoRA at the maximum rank).", choices=RESTART_MODES, optional=False),
+    Option("restart_mode", "choice", "product", "product: decide on each module's update up*down: keep the components whose importance (the RMS they add to the layer's output) clears one threshold shared by every module, chosen on a held-out loss when the training loop gives one (sd-scripts' --validation_split), else only at save time at min_importance; truncate exactly, and train at the kept rank after a held-out cut. paper: the paper's algorithm exactly (SVD of each factor, p = 1 - L^alpha from the training loss, Gaussian refill). off: never restart (a plain LoRA at the maximum rank).", choices=RESTART_MODES, optional=False),
     Option("restart_every", "int", None, "Epochs between RESTARTs. Unset: a tenth of the run (at least 1), as in the paper (every 10 of 100 epochs).", minimum=1),
     Option("restart_every_steps", "int", None, "Optimizer steps between RESTARTs, for runs counted in steps or with few epochs. Replaces restart_every.", minimum=1),
     Option("energy", "choice", "squared", "What the threshold p is a fraction of: squared = cumulative energy of squared singular values; linear = cumulative sum of singular values.", choices=ENERGY_RULES, optional=False),
     Option("min_rank", "int", 1, "Fewest components a module keeps at a RESTART.", minimum=1, optional=False),
     Option("fixed_p", "float", None, "Keep, in every module, the leading components carrying this share p of the energy at every RESTART (paper mode: instead of p = 1 - L^alpha, also what makes a RESTART run when no loss was captured; product mode: of the update's spectrum, instead of the importance threshold).", minimum=0, maximum=1, min_inclusive=False),
-    Option("cut_rule", "choice", "parsimony", "Product mode with a held-out loss: how it picks the threshold among its candidates. parsimony: the fewest components whose held-out loss is within one standard error of the best candidate's (paired item by item, or image by image when the held-out items' images are known); the file's own cut at save time must beat keeping everything by one standard error. beat: every cut must beat keeping everything by one standard error (running scores over RESTARTs; the rule before version 0.2).", choices=CUT_RULES, optional=False),
-    Option("freed_slots", "choice", "hold", "Product mode: what the slots a held-out cut frees do for the rest of the run. hold: they stay out of the forward, so the run trains at the kept rank and the next cut compares trained ranks, not cuts of a larger model. relearn: they restart like a fresh LoRA and learn again at once (the behaviour before version 0.2).", choices=FREED_SLOTS, optional=False),
-    Option("cut_without_heldout", "bool", False, "Product mode without a held-out loss: also cut at every RESTART during training, at min_importance (the behaviour before version 0.2). false: training is left alone until a held-out loss exists (nothing tells overfitting from learning: a plain LoRA at the maximum rank), and the file drops the components below min_importance at save time.", optional=False),
     Option("ranks_from", "path", None, "Train at the per-module ranks of this LoRA file (its aclora_ranks, else its tensor shapes), starting fresh: the second run of the two-run recipe (a first run with a validation split chooses the ranks, this one trains on every image at them). Unlike --dim_from_weights, no weights are loaded. Modules the file lacks keep the maximum rank. Product mode or off, not paper."),
     Option("min_importance", "float", 0.01, "Product mode without a held-out loss: keep the components whose importance is at least this fraction of the largest component's in the whole network (0 keeps every component).", minimum=0, maximum=1, max_inclusive=False, optional=False),
     Option("seed", "int", 0, "Seed of the RESTART noise (shared by all processes, so every GPU draws the same noise).", minimum=0, optional=False),
@@ -217,9 +212,6 @@ class ACLoRAConfig:
     energy: str = "squared"
     min_rank: int = 1
     fixed_p: Optional[float] = None
-    cut_rule: str = "parsimony"
-    freed_slots: str = "hold"
-    cut_without_heldout: bool = False
     ranks_from: Optional[str] = None
     min_importance: float = 0.01
     seed: int = 0
