@@ -24,7 +24,17 @@ from .tools.resize import resize_file, resize_state_dict
 from .version import __version__
 
 __all__ = [
-    "attach", "create_network", "create_network_from_weights", "ACLoRANetwork", "ACLoRAConfig", "OPTIONS",
-    "OptionError", "LoRAFileError", "RestartReport", "parse_network_args", "__version__", "resize_file",
+    "attach",
+    "create_network",
+    "create_network_from_weights",
+    "ACLoRANetwork",
+    "ACLoRAConfig",
+    "OPTIONS",
+    "OptionError",
+    "LoRAFileError",
+    "RestartReport",
+    "parse_network_args",
+    "__version__",
+    "resize_file",
     "resize_state_dict",
 ]

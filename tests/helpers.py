@@ -2,9 +2,43 @@
 
 from __future__ import annotations
 
+import importlib
+import os
+from types import ModuleType
+from typing import NoReturn
+
+import pytest
 import torch
 
 from aclora_ext import create_network
+
+
+def in_ci() -> bool:
+    """``CI=true`` (as CI sets it, and .ci/run too): every test must run, none may skip for want of something."""
+    return os.environ.get("CI", "").lower() == "true"
+
+
+def skip_or_fail(reason: str) -> NoReturn:
+    """Skip the test (or the module, at module level) with ``reason``; under ``CI=true`` fail instead.
+
+    For every skip that could hide a regression: a missing dependency, sd-scripts not where it should be, a
+    module that does not import. CI installs all of them, so there the cause is a broken set-up or a regression.
+    """
+    if in_ci():
+        pytest.fail(f"CI=true and this test cannot run: {reason}", pytrace=False)
+    try:
+        pytest.skip(reason, allow_module_level=True)
+    except pytest.skip.Exception as skipped:
+        skipped._use_item_location = True  # -rs names the test, not this line (as a skip mark does)
+        raise
+
+
+def import_or_fail(name: str, why: str = "") -> ModuleType:
+    """``pytest.importorskip`` that fails under ``CI=true`` (see ``skip_or_fail``)."""
+    try:
+        return importlib.import_module(name)
+    except ImportError as error:
+        skip_or_fail(f"{name} is not importable ({error}){': ' + why if why else ''}")
 
 
 def text_encoder_of(models):

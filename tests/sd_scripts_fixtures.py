@@ -28,7 +28,7 @@ TASKS = TESTS / "sd_scripts_tasks.py"
 STAND_INS = TESTS / "sd_scripts_stand_ins"
 # sd-scripts beside the repository (CI lays a snapshot there), or wherever ACLORA_SD_SCRIPTS points
 SD_SCRIPTS = Path(os.environ.get("ACLORA_SD_SCRIPTS") or REPO.parent / "shared" / "sd-scripts").resolve()
-SWITCH = "ACLORA_SD_SCRIPTS_E2E"  # "0": do not run these tests (CI's venv with current releases)
+SWITCH = "ACLORA_SD_SCRIPTS_E2E"  # "0": skip these tests (CI deselects them instead: -m "not sd_scripts")
 
 # What sd-scripts imports for LoRA training beyond torch (import name -> its requirements.txt line)
 SD_SCRIPTS_IMPORTS = {"diffusers": "diffusers", "transformers": "transformers", "accelerate": "accelerate",
@@ -42,12 +42,7 @@ INSTALL_HINT = ("Install them as .ci/run does for its sd-scripts venv (PINNED_ST
 SUBPROCESS_TIMEOUT = 900
 
 
-# --- is everything there? -------------------------------------------------------------------------
-def required() -> bool:
-    """In CI a missing sd-scripts or dependency fails these tests instead of skipping them."""
-    return os.environ.get("CI", "").lower() == "true"
-
-
+# --- is everything there? (what is missing skips these tests, fails them under CI=true: helpers.skip_or_fail) --
 def switched_off() -> bool:
     return os.environ.get(SWITCH, "") == "0"
 
@@ -82,7 +77,8 @@ def missing_requirements() -> list[str]:
     try:
         importlib.metadata.version("aclora")
     except importlib.metadata.PackageNotFoundError:
-        missing.append("this package installed (pip install -e .), as sd-scripts imports networks.aclora from site-packages")
+        missing.append("this package installed (pip install -e .), as sd-scripts imports networks.aclora from "
+                       "site-packages")
     return missing
 
 
@@ -147,8 +143,8 @@ def run(command: list[str], env: dict[str, str], log: Path, cwd: Path = SD_SCRIP
     """Run ``command`` from sd-scripts' folder; its output goes to ``log`` and into the result."""
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w", encoding="utf-8") as fh:
-        done = subprocess.run(command, cwd=cwd, env=env, stdout=fh, stderr=subprocess.STDOUT, timeout=SUBPROCESS_TIMEOUT,
-                              stdin=subprocess.DEVNULL)
+        done = subprocess.run(command, cwd=cwd, env=env, stdout=fh, stderr=subprocess.STDOUT,
+                              timeout=SUBPROCESS_TIMEOUT, stdin=subprocess.DEVNULL)
     return Result([str(c) for c in command], done.returncode, log.read_text(encoding="utf-8", errors="replace"))
 
 
@@ -159,6 +155,23 @@ def task(name: str, *args: object, env: dict[str, str], log: Path) -> Result:
 def tasks_digest() -> str:
     """Changes whenever the fixture builders change (names cached model folders)."""
     return hashlib.sha256(TASKS.read_bytes()).hexdigest()[:12]
+
+
+LARGE_FILE = 64 * 1024**2
+
+
+def free_disk(root: Path, builds: list[Path]) -> None:
+    """Once a module's end-to-end tests are done, delete from its temporary folder ``root`` the model folders
+    in ``builds`` (GBs: the SD1.x model and checkpoint 4 GB, the SDXL model 5 GB, FLUX.1 1-1.4 GB) and any other
+    file over LARGE_FILE; the logs and LoRA files stay for a look at a failure. A build outside ``root``
+    (ACLORA_E2E_CACHE) is kept for the next session."""
+    root = root.resolve()
+    for build in builds:
+        if build.resolve().is_relative_to(root):
+            shutil.rmtree(build, ignore_errors=True)
+    for path in root.rglob("*"):
+        if path.is_file() and not path.is_symlink() and path.stat().st_size > LARGE_FILE:
+            path.unlink(missing_ok=True)
 
 
 def build_once(folder: Path, build) -> Path:

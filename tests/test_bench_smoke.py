@@ -12,12 +12,15 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+from helpers import import_or_fail
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-pytest.importorskip("diffusers")
+import_or_fail("diffusers", "the benchmarks' smoke runs build diffusers models")
 
 
 def run_smoke(module, tmp_path: Path) -> dict:
@@ -164,11 +167,10 @@ def test_budget_allocation_runs_and_keeps_every_allocation_within_its_budget(tmp
     assert result["adversarial"]["exact_equals_brute_force"] == result["adversarial"]["trials"]
 
 
-def test_the_rank_search_lab_still_trains_cuts_and_scores(monkeypatch):
+def test_the_rank_search_lab_still_trains_cuts_and_scores():
     """bench/lab/ (the research behind the rank search) keeps running against the suite's tasks: a short
     held-out run at rank 8, cut to 2 at its one RESTART with the freed slots masked, then scored."""
-    monkeypatch.syspath_prepend(str(ROOT / "bench" / "lab"))
-    import lab
+    from bench.lab import lab
 
     def cut_to_two(adapters, ctx):
         for a in adapters:
@@ -179,3 +181,30 @@ def test_the_rank_search_lab_still_trains_cuts_and_scores(monkeypatch):
                                                              on_restart=cut_to_two))
     assert 0 < result["heldout"] < float("inf")
     assert result["ranks"] == [2, 2, 2]  # every layer of the MLP held at the cut
+
+
+def test_the_lab_sweep_runs_from_its_command_line_and_refuses_an_unknown_task(tmp_path, capsys):
+    from bench.lab import lab
+
+    out = tmp_path / "sweep.json"
+    results = lab.main(["--tasks", "mlp-small", "--seeds", "0", "--ranks", "1,2", "--epochs", "1", "--out", str(out)])
+    assert set(results) == {"mlp-small|0|fixed 1", "mlp-small|0|fixed 2", "mlp-small|0|fixed 1 on 12",
+                            "mlp-small|0|fixed 2 on 12"}
+    assert [r["ranks"] for r in results.values()] == [[1, 1, 1], [2, 2, 2], [1, 1, 1], [2, 2, 2]]
+    assert json.loads(out.read_text()) == results
+    assert "mlp-small|0|fixed 2 on 12: held-out error" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="unknown task 'mlp-tiny'"):
+        lab.main(["--tasks", "mlp-tiny"])
+
+
+def test_the_off_suite_tasks_are_other_networks_on_other_seeds():
+    """quality_suite's var-* tasks check that a rank rule is not tuned to the suite: other widths, and seeds
+    offset by 100, so that seed 0 of var-mid is not seed 0 of any suite task."""
+    from bench import quality_suite as qs
+
+    task = qs.build_task("var-mid", 0, "mse", 0, smoke=False)
+    assert [(m.in_features, m.out_features) for m in task.model.modules() if isinstance(m, torch.nn.Linear)] == [
+        (64, 200), (200, 80), (80, 144)]
+    same_config_seed_100 = qs.MLPTask(100, qs.VARIANT_REGIMES["var-mid"], "mse")
+    assert torch.equal(task.train_x, same_config_seed_100.train_x)
+    assert not torch.equal(task.train_x, qs.MLPTask(0, qs.VARIANT_REGIMES["var-mid"], "mse").train_x)

@@ -362,8 +362,8 @@ def test_fit_ranks_files_are_at_most_the_limit_and_their_size_is_predicted(tmp_p
         full = write(tmp_path / "f.safetensors", layouts, [min(c, len(w)) for c, w in zip(caps, worths)],
                      ranks_metadata({l.name: min(c, len(w)) for l, c, w in zip(layouts, caps, worths)}))
         max_size = rng.randint(smallest, max(smallest, full))
-        fit = fit_ranks(layouts, worths, max_size, min_ranks=lo, max_ranks=caps, metadata=ranks_metadata,
-                          method=rng.choice(allocation.METHODS))
+        fit = fit_ranks(sizes.FileLayout(layouts, ranks_metadata), worths, max_size, min_ranks=lo, max_ranks=caps,
+                        method=rng.choice(allocation.METHODS))
         size = write(tmp_path / f"{case}.safetensors", layouts, [fit.ranks[l.name] for l in layouts],
                      ranks_metadata(fit.ranks))
         assert size == fit.size <= max_size
@@ -381,7 +381,7 @@ def test_fit_ranks_leaves_no_room_for_one_more_component():
         full = sizes.saved_file_size(sizes.layout_tensors(layouts, [8] * len(layouts)),
                                  ranks_metadata({layout.name: 8 for layout in layouts}))
         max_size = rng.randint(smallest, full)
-        fit = fit_ranks(layouts, worths, max_size, metadata=ranks_metadata)
+        fit = fit_ranks(sizes.FileLayout(layouts, ranks_metadata), worths, max_size)
         assert fit.allocation.exact
         for i, layout in enumerate(layouts):
             if fit.ranks[layout.name] < 8:
@@ -395,10 +395,10 @@ def test_fit_ranks_keeps_everything_when_it_fits_and_the_minimum_at_the_smallest
     layouts = random_layouts(rng, 6)
     worths = [torch.rand(5, dtype=torch.float64) + 0.1 for _ in layouts]
     full = sizes.saved_file_size(sizes.layout_tensors(layouts, [5] * 6), ranks_metadata({l.name: 5 for l in layouts}))
-    assert list(fit_ranks(layouts, worths, full, metadata=ranks_metadata).ranks.values()) == [5] * 6
-    assert fit_ranks(layouts, worths, full - 1, metadata=ranks_metadata).size <= full - 1
-    smallest = fit_ranks(layouts, worths, full, min_ranks=2, metadata=ranks_metadata).smallest
-    fit = fit_ranks(layouts, worths, smallest, min_ranks=2, metadata=ranks_metadata)
+    assert list(fit_ranks(sizes.FileLayout(layouts, ranks_metadata), worths, full).ranks.values()) == [5] * 6
+    assert fit_ranks(sizes.FileLayout(layouts, ranks_metadata), worths, full - 1).size <= full - 1
+    smallest = fit_ranks(sizes.FileLayout(layouts, ranks_metadata), worths, full, min_ranks=2).smallest
+    fit = fit_ranks(sizes.FileLayout(layouts, ranks_metadata), worths, smallest, min_ranks=2)
     assert list(fit.ranks.values()) == [2] * 6 and fit.size == smallest
 
 
@@ -408,11 +408,11 @@ def test_fit_ranks_refuses_a_limit_below_the_smallest_file_saying_its_size(tmp_p
     worths = [torch.rand(6, dtype=torch.float64) for _ in layouts]
     smallest = write(tmp_path / "s.safetensors", layouts, [1] * 5, ranks_metadata({l.name: 1 for l in layouts}))
     with pytest.raises(allocation.BudgetError) as err:
-        fit_ranks(layouts, worths, smallest - 1, metadata=ranks_metadata)
+        fit_ranks(sizes.FileLayout(layouts, ranks_metadata), worths, smallest - 1)
     assert err.value.smallest == smallest
     message = str(err.value)
     assert options.format_size(smallest) in message and "smallest possible file" in message and "\n" not in message
-    assert fit_ranks(layouts, worths, smallest, metadata=ranks_metadata).size == smallest
+    assert fit_ranks(sizes.FileLayout(layouts, ranks_metadata), worths, smallest).size == smallest
 
 
 def test_fit_ranks_survives_metadata_that_grows_as_ranks_shrink(tmp_path):
@@ -426,7 +426,8 @@ def test_fit_ranks_survives_metadata_that_grows_as_ranks_shrink(tmp_path):
 
     full = sizes.saved_file_size(sizes.layout_tensors(layouts, [8] * 6), perverse({l.name: 8 for l in layouts}))
     for max_size in (full * 2 // 3, full // 2):
-        fit = fit_ranks(layouts, worths, max_size, metadata=perverse)
+        fit = fit_ranks(sizes.FileLayout(layouts, perverse), worths, max_size)
+        assert fit.tries > 1 and sum(fit.ranks.values()) > len(layouts)  # tightened, not the minimum-rank fallback
         assert write(tmp_path / "p.safetensors", layouts, list(fit.ranks.values()), perverse(fit.ranks)) \
             == fit.size <= max_size
 

@@ -778,9 +778,10 @@ class Runs:
         loss_before = sdcalls.fixed_batch_loss(None, models, data, sdxl, repeats=2)
         network_args = {"restart_mode": mode}
         path = str(self.directory / f"{name}.safetensors")
-        result = replay.replay_training(module, models, data, sdxl=sdxl, network_dim=RUN_DIM, network_alpha=RUN_ALPHA,
-                                        network_args=network_args, epochs=RUN_EPOCHS, lr=RUN_LR, batch_size=2,
-                                        save_path=path, seed=0)
+        result = replay.replay_training(module, models, data, sdxl=sdxl,
+                                        network=replay.NetworkSetup(dim=RUN_DIM, alpha=RUN_ALPHA, args=network_args),
+                                        schedule=replay.Schedule(epochs=RUN_EPOCHS, lr=RUN_LR, batch_size=2, seed=0),
+                                        saving=replay.Saving(path))
         loss_after = sdcalls.fixed_batch_loss(result.network, models, data, sdxl, repeats=2)
         return Run(sdxl, mode, models, data, dict(network_args or {}), base_outputs, loss_before, loss_after, result,
                    result.saved_files[-1])
@@ -880,9 +881,9 @@ def test_dim_from_weights_continues_training_at_the_files_ranks(runs):
 
     models = paper.fresh_models()
     result = replay.replay_training(importlib.import_module("networks.aclora"), models, data, sdxl=False,
-                                    network_dim=None, network_alpha=None, network_args={"restart_mode": "off"},
-                                    network_weights=path, dim_from_weights=True, epochs=2, lr=RUN_LR, batch_size=2,
-                                    seed=1)
+                                    network=replay.NetworkSetup(dim=None, alpha=None, args={"restart_mode": "off"},
+                                                                weights=path, dim_from_weights=True),
+                                    schedule=replay.Schedule(epochs=2, lr=RUN_LR, batch_size=2, seed=1))
     network = result.network
     assert {m.lora_name: m.rank for m in network.loras} == file_ranks
     assert sorted(result.load_info.loaded) == sorted(file_ranks)

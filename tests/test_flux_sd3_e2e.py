@@ -31,6 +31,9 @@ from safetensors import safe_open
 import dit_stand_ins as st
 import flux_sd3_fixtures as fx
 import sd_scripts_fixtures as e2e
+from helpers import skip_or_fail
+
+pytestmark = pytest.mark.sd_scripts  # CI runs them in sd-scripts' pinned stack only
 
 MAX_RANK, ALPHA = fx.MAX_RANK, fx.ALPHA
 MERGE_TOLERANCE = 1e-5
@@ -93,13 +96,18 @@ def workspace(tmp_path_factory) -> Workspace:
     missing = e2e.missing_requirements()
     if missing:
         message = f"the FLUX.1/SD3 end-to-end tests need {'; '.join(missing)}. {e2e.INSTALL_HINT}"
-        if e2e.required():
-            pytest.fail(f"CI=true and {message}", pytrace=False)
-        pytest.skip(message)
+        skip_or_fail(message)
     root = tmp_path_factory.mktemp("flux-sd3-e2e")
     cache = Path(os.environ["ACLORA_E2E_CACHE"]) / "flux-sd3" if os.environ.get("ACLORA_E2E_CACHE") else root
     env = fx.environment(root, progress_bars=False)
     return Workspace(root, fx.FluxSd3Fixtures(cache, env, root / "logs"))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _free_disk(workspace):
+    """The models go when the module is done (3 GB), whether its tests passed or not."""
+    yield
+    e2e.free_disk(workspace.root, [workspace.fixtures.cache])
 
 
 # --- the runs (each once per session) ------------------------------------------------------------------

@@ -7,13 +7,15 @@ is allowed, before any training starts.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
+import shlex
 from pathlib import Path
 
 import pytest
 
-from aclora_ext import OPTIONS, OptionError, create_network, parse_network_args
+from aclora_ext import OPTIONS, ACLoRAConfig, OptionError, create_network, parse_network_args
 from aclora_ext.options import markdown_table
 
 REPO = Path(__file__).resolve().parents[1]
@@ -83,6 +85,15 @@ def test_integer_options_reject_fractions_and_accept_integral_spellings(option):
     assert getattr(parse_network_args({option.name: "4.0"}), option.name) == 4
 
 
+def test_the_config_has_one_field_per_declared_option_defaulting_to_the_declared_default():
+    # the declarations and the dataclass live in different files: a default changed in one only would make the
+    # documented default a lie for everyone who leaves the option unset
+    fields = {f.name: f.default for f in dataclasses.fields(ACLoRAConfig)}
+    assert list(fields) == [o.name for o in OPTIONS]
+    assert {name: default for name, default in fields.items()} == {o.name: o.default for o in OPTIONS}
+    assert parse_network_args({}) == ACLoRAConfig()
+
+
 def test_an_unknown_key_is_named_and_every_valid_key_listed():
     with pytest.raises(OptionError) as caught:
         parse_network_args({"conv_dimm": "4"})
@@ -117,6 +128,95 @@ def test_choices_are_case_insensitive_and_values_typed():
     config = parse_network_args({"restart_mode": "Product", "conv_dim": "8", "conv_alpha": "2", "seed": "3"})
     assert (config.restart_mode, config.conv_dim, config.conv_alpha, config.seed) == ("product", 8, 2.0, 3)
     assert isinstance(config.conv_dim, int) and isinstance(config.conv_alpha, float)
+
+
+# --- arguments the kohya_ss GUI wraps in quotes ---------------------------------------------
+
+
+def as_sd_scripts_splits(*arguments: str, quote=shlex.quote) -> dict:
+    """The kwargs sd-scripts' train_network.py builds from ``--network_args`` pieces the kohya_ss GUI quoted
+    (each one through shlex.quote, run without a shell): split on the first "=", dropout added when absent."""
+    kwargs = dict(quote(argument).split("=", 1) for argument in arguments)
+    kwargs.setdefault("dropout", None)
+    return kwargs
+
+
+def test_a_path_with_backslashes_the_gui_wrapped_in_quotes_is_read_as_written_with_a_warning(tmp_path, caplog):
+    lora = tmp_path / "runs\\first.safetensors"  # a backslash in the name, as in a Windows path
+    lora.write_bytes(b"")
+    kwargs = as_sd_scripts_splits(f"ranks_from={lora}")
+    assert "'ranks_from" in kwargs  # what sd-scripts hands over
+    with caplog.at_level(logging.WARNING, logger="aclora_ext"):
+        config = parse_network_args(kwargs)
+    assert config.ranks_from == str(lora)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "quotes" in warnings[0] and f"ranks_from={lora}" in warnings[0]
+
+
+@pytest.mark.parametrize("quote", ["'", '"'])
+def test_every_quoted_argument_is_unwrapped_and_the_warning_given_once(quote, caplog):
+    kwargs = as_sd_scripts_splits(
+        "min_importance=0.05",
+        "network_reg_dims=_\\d+_=4",
+        "dropout=0.1",
+        quote=lambda argument: f"{quote}{argument}{quote}",
+    )
+    with caplog.at_level(logging.WARNING, logger="aclora_ext"):
+        config = parse_network_args(kwargs)
+    # sd-scripts added dropout=None beside the quoted dropout it did not recognise: the quoted one is the user's
+    assert (config.min_importance, config.network_reg_dims, config.dropout) == (0.05, (("_\\d+_", 4),), 0.1)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert all(name in warnings[0] for name in ("min_importance", "network_reg_dims", "dropout"))
+
+
+def test_a_quoted_regex_reaches_the_network_through_create_network(sd1_models):
+    # \d makes shlex.quote (the GUI) wrap the argument; the regex must still give every matching module rank 2
+    network = create(sd1_models, network_dim=4, **as_sd_scripts_splits("network_reg_dims=_\\d+_attn1=2"))
+    ranks = {m.lora_name: m.rank for m in network.loras}
+    assert {rank for name, rank in ranks.items() if re.search(r"_\d+_attn1", name)} == {2}
+    assert {rank for name, rank in ranks.items() if not re.search(r"_\d+_attn1", name)} == {4}
+
+
+@pytest.mark.parametrize(
+    "key, value",
+    [("'ranks_from", "out/x.safetensors"), ("'ranks_from", 'out/x.safetensors"'), ('"min_rank', "2'")],
+    ids=["no-closing-quote", "other-closing-quote", "single-closing-double-opening"],
+)
+def test_a_quote_without_its_match_is_an_unknown_key_named_with_its_value_and_every_allowed_key(key, value):
+    with pytest.raises(OptionError) as caught:
+        parse_network_args({key: value})
+    message = str(caught.value)
+    assert repr(key) in message and repr(value) in message and "quote" in message
+    assert all(option.name in message for option in OPTIONS)
+
+
+def test_a_quoted_unknown_key_is_named_with_its_value_the_argument_and_every_allowed_key():
+    with pytest.raises(OptionError) as caught:
+        parse_network_args(as_sd_scripts_splits("ranks_frm=C:\\runs\\x.safetensors"))
+    message = str(caught.value)
+    assert "unknown key 'ranks_frm'" in message and repr("C:\\runs\\x.safetensors") in message
+    assert repr("'ranks_frm=C:\\runs\\x.safetensors'") in message
+    assert all(option.name in message for option in OPTIONS)
+
+
+def test_a_quoted_bad_value_names_the_key_the_value_and_what_is_allowed():
+    option = next(o for o in OPTIONS if o.name == "min_importance")
+    with pytest.raises(OptionError) as caught:
+        parse_network_args({"'min_importance": "2'"})
+    assert "min_importance='2'" in str(caught.value) and option.allowed() in str(caught.value)
+
+
+def test_an_option_given_plainly_and_quoted_is_refused_naming_both():
+    with pytest.raises(OptionError) as caught:
+        parse_network_args({"conv_dim": "4", "'conv_dim": "8 '"})
+    message = str(caught.value)
+    assert "conv_dim=4" in message and "'conv_dim=8 '" in message and "twice" in message
+
+
+def test_a_python_value_under_a_quoted_key_is_not_unwrapped():
+    with pytest.raises(OptionError, match='unknown key "\'seed"'):
+        parse_network_args({"'seed": 3})
 
 
 # --- contradictions ------------------------------------------------------------------------
@@ -202,8 +302,10 @@ def test_the_documented_options_table_matches_the_declarations():
     text = (REPO / "docs" / "options.md").read_text(encoding="utf-8")
     generated = markdown_table().splitlines()
     missing = [row for row in generated if row not in text.splitlines()]
-    assert not missing, ("docs/options.md's options table is out of date; regenerate it with "
-                         "`aclora options`. Rows missing or different:\n" + "\n".join(missing))
+    assert not missing, (
+        "docs/options.md's options table is out of date; regenerate it with "
+        "`aclora options`. Rows missing or different:\n" + "\n".join(missing)
+    )
     documented = set(re.findall(r"^\|\s*`([a-z_0-9]+)`\s*\|", options_table(text), flags=re.MULTILINE))
     stale = documented - {o.name for o in OPTIONS}
     assert not stale, f"docs/options.md's options table lists options that do not exist: {sorted(stale)}"

@@ -135,12 +135,17 @@ def test_the_held_out_choice_reaches_the_file_and_its_metadata(tmp_path):
     model, network, plants = planted_setup([torch.linspace(2.0, 1.0, 3)], noise=0.5)
     network.set_validation(held_out_loss(model, [plants[0].truth]))
     path = tmp_path / "held-out.safetensors"
+    before = [(m.lora_down.weight.detach().clone(), m.lora_up.weight.detach().clone()) for m in network.loras]
     assert network.save_weights(str(path))
     assert load_file(path)[f"{network.loras[0].lora_name}.lora_down.weight"].shape[0] == 3
     decision = json.loads(read_metadata(str(path))["aclora_file_decision"])
     assert decision["source"] == "validation" and decision["candidates"] > 1
-    # deciding at save time changes nothing in training: the factors are the same as before
+    # deciding at save time changes nothing in training: the factors are the same as before (the analysis
+    # rebases them on their update's SVD to judge the candidates, and must put the trained ones back)
     assert network.ranks()[network.loras[0].lora_name] == R
+    for m, (down, up) in zip(network.loras, before):
+        assert torch.equal(m.lora_down.weight, down), f"{m.lora_name}: save_weights left lora_down changed"
+        assert torch.equal(m.lora_up.weight, up), f"{m.lora_name}: save_weights left lora_up changed"
 
 
 def test_the_held_out_loss_never_sees_the_training_statistics_or_the_training_mode():

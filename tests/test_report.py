@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from aclora_ext.tools.cli import main
 from aclora_ext.tools.inspect import DECIDED_BY
+from helpers import import_or_fail
 
 PS = (0.99, 0.9, 0.7)
 
@@ -158,7 +159,7 @@ def test_a_plain_kohya_file_with_sd_scripts_sdxl_names_is_read_without_complaint
 
 # --- the plot --------------------------------------------------------------------------------------------
 def test_plot_writes_a_png_with_and_without_history(capsys, sdxl_file, tmp_path):
-    pytest.importorskip("matplotlib")
+    import_or_fail("matplotlib", "the plot needs pip install aclora[plot]")
     _, path = sdxl_file
     kohya = tmp_path / "kohya.safetensors"
     kohya_file(kohya, SGM_SDXL)

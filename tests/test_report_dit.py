@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 from aclora_ext.tools.cli import main
 from aclora_ext.tools.dit_names import dit_model, family_from_names, locate_dit, model_from_metadata
 from aclora_ext.tools.inspect import read_report
+from helpers import import_or_fail
 
 FLUX_DOUBLE = ("img_mod_lin", "img_attn_qkv", "img_attn_proj", "img_mlp_0", "img_mlp_2",
                "txt_mod_lin", "txt_attn_qkv", "txt_attn_proj", "txt_mlp_0", "txt_mlp_2")
@@ -178,7 +179,7 @@ def test_an_sd3_file_is_reported_by_joint_blocks_context_then_x_the_emb_and_fina
 
 
 def test_a_dit_file_is_plotted(capsys, tmp_path):
-    pytest.importorskip("matplotlib")
+    import_or_fail("matplotlib", "the plot needs pip install aclora[plot]")
     for name, names in (("flux", flux_names()), ("sd3", sd3_names())):
         path, png = tmp_path / f"{name}.safetensors", tmp_path / f"{name}.png"
         write(path, names)

@@ -29,7 +29,7 @@ from aclora_ext.tools.cli import main as cli_main
 from aclora_ext.files.storage import model_hashes
 from aclora_ext.tools.inspect import read_report
 from aclora_ext.tools.resize import Criterion, ResizeError, resize_file, resize_state_dict
-from helpers import lora_network, text_encoder_of
+from helpers import lora_network, skip_or_fail, text_encoder_of
 from test_consumers import assert_diffusers_fuses_it_like_our_merge, tokenizer  # noqa: F401 (a fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -178,8 +178,8 @@ def test_product_core_pads_the_spectrum_when_the_rank_exceeds_a_side_of_the_laye
 def resize_lora():
     """sd-scripts' networks/resize_lora.py functions, run from the snapshot's source."""
     if not resize_speed.RESIZE_LORA.is_file():
-        pytest.skip(f"sd-scripts' resize_lora.py is not at {resize_speed.RESIZE_LORA} (set ACLORA_SD_SCRIPTS to a "
-                    "checkout): the comparison with the real script cannot run")
+        skip_or_fail(f"sd-scripts' resize_lora.py is not at {resize_speed.RESIZE_LORA} (set ACLORA_SD_SCRIPTS to a "
+                     "checkout): the comparison with the real script cannot run")
     return resize_speed.resize_lora_functions()
 
 
@@ -587,8 +587,8 @@ def test_bad_parameters_are_named_with_their_value_and_what_is_allowed(args, rea
     assert not (tmp_path / "out.safetensors").exists()
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given when CUDA is absent")
-def test_asking_for_cuda_without_a_gpu_is_a_clear_error(tmp_path, capsys):
+def test_asking_for_cuda_without_a_gpu_is_a_clear_error(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # runs on a GPU machine too
     source = tmp_path / "in.safetensors"
     save_file(_good(), str(source))
     assert cli_main(["resize", str(source), str(tmp_path / "out.safetensors"), "--device", "cuda"]) == 1
@@ -622,12 +622,13 @@ def test_the_api_refuses_an_output_that_is_not_safetensors(sd1_file, tmp_path):
 
 
 # --- the real script, end to end ------------------------------------------------------------------------
+@pytest.mark.sd_scripts  # runs sd-scripts' code, which imports its own requirements (cv2, ...)
 def test_the_real_resize_lora_script_writes_the_ranks_and_training_comment_we_write(tmp_path):
     """sd-scripts' resize_lora.py run as a program (it needs sd-scripts' own dependencies; skipped where it
     cannot start) on the same file: per-module ranks and the training comment's form agree."""
     script = resize_speed.RESIZE_LORA
     if not script.is_file():
-        pytest.skip(f"sd-scripts' resize_lora.py is not at {script}")
+        skip_or_fail(f"sd-scripts' resize_lora.py is not at {script}")
     source = tmp_path / "in.safetensors"
     save_file(sd1_conv_file(), str(source), {"ss_training_comment": "my style", "ss_network_dim": "8"})
     theirs, ours = tmp_path / "theirs.safetensors", tmp_path / "ours.safetensors"
@@ -640,8 +641,8 @@ def test_the_real_resize_lora_script_writes_the_ranks_and_training_comment_we_wr
                            "--dynamic_param", "0.9"], cwd=script.parents[1], env=env, capture_output=True, text=True,
                           timeout=600)
     if done.returncode != 0 and ("ModuleNotFoundError" in done.stderr or "ImportError" in done.stderr):
-        pytest.skip("resize_lora.py cannot start in this environment (sd-scripts' dependencies): "
-                    + done.stderr.strip().splitlines()[-1])
+        skip_or_fail("resize_lora.py cannot start in this environment (sd-scripts' dependencies): "
+                     + done.stderr.strip().splitlines()[-1])
     assert done.returncode == 0, done.stderr[-3000:]
     assert cli_main(["resize", str(source), str(ours), "--criterion", "sv_fro", "--param", "0.9", "--max-rank", "6",
                      "--max-conv-rank", "3"]) == 0

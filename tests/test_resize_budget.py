@@ -24,6 +24,7 @@ from aclora_ext.tools.cli import main as cli_main
 from aclora_ext.tools.resize import ResizeError, resize_file, resize_state_dict
 from aclora_ext.tools.resize.curve import TABLE_SHARES, size_curve
 from test_resize import SD1_MODULES, file_update, planted_file
+from helpers import import_or_fail
 
 RANK = 6
 #: one module of each kind: linear, 1x1 conv, 3x3 conv, and two linear ones of other shapes
@@ -257,7 +258,7 @@ def test_inspect_prints_the_curve_gives_it_in_json_and_draws_it(tmp_path, capsys
     assert [p["share"] for p in data["size_curve"]["points"]] == list(TABLE_SHARES)
     assert cli_main(["inspect", source, "--no-curve"]) == 0
     assert "size/quality" not in capsys.readouterr().out
-    pytest.importorskip("matplotlib")
+    import_or_fail("matplotlib", "the plot needs pip install aclora[plot]")
     assert cli_main(["inspect", source, "--plot", str(tmp_path / "p.png")]) == 0
     assert (tmp_path / "p.png").stat().st_size > 0
 

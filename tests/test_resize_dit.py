@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from aclora_ext.tools.cli import main as cli_main
 from aclora_ext.tools.inspect import read_report
 from aclora_ext.tools.resize import resize_file, resize_state_dict
+from helpers import skip_or_fail
 from test_resize import ROOT, add_module, file_update, ranks_of, relative, resize_speed
 
 # FLUX.1 / SD3 names with the real layers' aspect (qkv 3:1, mlp 4:1, mod 6:1, linear1 7:1, linear2 1:5), scaled
@@ -75,7 +76,7 @@ def dit_file(modules, rank: int = 8, seed: int = 0) -> dict:
 @pytest.fixture(scope="module")
 def resize_lora():
     if not resize_speed.RESIZE_LORA.is_file():
-        pytest.skip(f"sd-scripts' resize_lora.py is not at {resize_speed.RESIZE_LORA}")
+        skip_or_fail(f"sd-scripts' resize_lora.py is not at {resize_speed.RESIZE_LORA}")
     return resize_speed.resize_lora_functions()
 
 
@@ -115,11 +116,12 @@ def test_a_resized_dit_file_keeps_sd_scripts_metadata_and_reports_as_the_same_mo
                                                            min_importance=0.2).ranks
 
 
+@pytest.mark.sd_scripts  # runs sd-scripts' code, which imports its own requirements (cv2, ...)
 def test_the_real_resize_lora_script_agrees_on_a_flux_file_and_keeps_its_metadata(tmp_path):
     """sd-scripts' resize_lora.py run as a program on a FLUX-named file (skipped where it cannot start)."""
     script = resize_speed.RESIZE_LORA
     if not script.is_file():
-        pytest.skip(f"sd-scripts' resize_lora.py is not at {script}")
+        skip_or_fail(f"sd-scripts' resize_lora.py is not at {script}")
     source = tmp_path / "in.safetensors"
     save_file(dit_file(FLUX_MODULES), str(source), FLUX_META)
     theirs, ours = tmp_path / "theirs.safetensors", tmp_path / "ours.safetensors"
@@ -130,8 +132,8 @@ def test_the_real_resize_lora_script_agrees_on_a_flux_file_and_keeps_its_metadat
                            "--new_rank", "6", "--dynamic_method", "sv_fro", "--dynamic_param", "0.9"],
                           cwd=script.parents[1], env=env, capture_output=True, text=True, timeout=600)
     if done.returncode != 0 and ("ModuleNotFoundError" in done.stderr or "ImportError" in done.stderr):
-        pytest.skip("resize_lora.py cannot start in this environment (sd-scripts' dependencies): "
-                    + done.stderr.strip().splitlines()[-1])
+        skip_or_fail("resize_lora.py cannot start in this environment (sd-scripts' dependencies): "
+                     + done.stderr.strip().splitlines()[-1])
     assert done.returncode == 0, done.stderr[-3000:]
     assert cli_main(["resize", str(source), str(ours), "--criterion", "sv_fro", "--param", "0.9",
                      "--max-rank", "6"]) == 0

@@ -340,7 +340,8 @@ def test_a_keep_mask_need_not_be_a_prefix_and_freed_slots_are_the_unkept_ones():
     new_down, new_up, _ = product_restart(down, up, keep_second_and_fourth)
     u, s, vh = torch.linalg.svd(up @ down)
     expected = sum(s[j] * u[:, j:j + 1] @ vh[j:j + 1] for j in (1, 3))
-    assert torch.allclose(new_up @ new_down, expected, atol=1e-5)
+    # float32 products of entries up to ~10: 1e-5 absolute was below the rounding of some CPUs' SVD
+    assert torch.allclose(new_up @ new_down, expected, atol=1e-4)
     assert torch.count_nonzero(new_up[:, [0, 2] + list(range(4, R))]) == 0
 
 

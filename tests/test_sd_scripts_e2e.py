@@ -28,6 +28,9 @@ import pytest
 import torch
 
 import sd_scripts_fixtures as e2e
+from helpers import skip_or_fail
+
+pytestmark = pytest.mark.sd_scripts  # CI runs them in sd-scripts' pinned stack only
 
 MAX_RANK = 4
 ALPHA = 2
@@ -111,9 +114,7 @@ def workspace(tmp_path_factory) -> Workspace:
     missing = e2e.missing_requirements()
     if missing:
         message = f"the sd-scripts end-to-end tests need {'; '.join(missing)}. {e2e.INSTALL_HINT}"
-        if e2e.required():
-            pytest.fail(f"CI=true and {message}", pytrace=False)
-        pytest.skip(message)
+        skip_or_fail(message)
     root = tmp_path_factory.mktemp("sd-scripts-e2e")
     # ACLORA_E2E_CACHE keeps the models between sessions (the folder name changes with their builders)
     cache = Path(os.environ["ACLORA_E2E_CACHE"]) / e2e.tasks_digest() if os.environ.get("ACLORA_E2E_CACHE") else root
@@ -121,6 +122,13 @@ def workspace(tmp_path_factory) -> Workspace:
     tokenizers = e2e.build_once(cache / "tokenizers", lambda d: e2e.task("tokenizers", d, env=env,
                                                                           log=root / "logs" / "tokenizers.log"))
     return Workspace(root, cache, env, tokenizers, _dataset(root / "data"))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _free_disk(workspace):
+    """The models go when the module is done (9 GB), whether its tests passed or not."""
+    yield
+    e2e.free_disk(workspace.root, [workspace.cache / "sd1", workspace.cache / "sdxl"])
 
 
 def _dataset(root: Path) -> Path:

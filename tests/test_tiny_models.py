@@ -243,8 +243,9 @@ def test_replay_trains_the_stand_in_and_loss_goes_down(sdxl, sd1_models, sdxl_mo
     batch = sdcalls.collate(style_data[:8])
     before = sdcalls.fixed_batch_loss(None, models, batch, sdxl, seed=1, repeats=2)
     outputs_before = sdcalls.model_outputs(models, batch, sdxl, seed=1)
-    settings = {"network_dim": 4, "network_alpha": 4.0, "epochs": 6, "batch_size": 4, "lr": 1e-2}
-    result = replay.replay_training(stand_in_module(), models, style_data, sdxl=sdxl, **settings)
+    result = replay.replay_training(stand_in_module(), models, style_data, sdxl=sdxl,
+                                    network=replay.NetworkSetup(dim=4, alpha=4.0),
+                                    schedule=replay.Schedule(epochs=6, batch_size=4, lr=1e-2))
     after = sdcalls.fixed_batch_loss(result.network, models, batch, sdxl, seed=1, repeats=2)
     # SDXL learns less: like the real one, its full-resolution level has no attention to adapt.
     assert after < (0.95 if sdxl else 0.9) * before, (before, after)
@@ -260,13 +261,9 @@ def test_replay_calls_hooks_in_sd_scripts_order(sd1_models, style_data, tmp_path
         sd1_models,
         style_data,
         sdxl=False,
-        epochs=2,
-        batch_size=2,
-        gradient_accumulation_steps=2,
-        network_args={"foo": "1"},
-        scale_weight_norms=1.0,
-        save_path=str(tmp_path / "style.safetensors"),
-        save_every_n_epochs=1,
+        network=replay.NetworkSetup(args={"foo": "1"}),
+        schedule=replay.Schedule(epochs=2, batch_size=2, gradient_accumulation_steps=2, scale_weight_norms=1.0),
+        saving=replay.Saving(str(tmp_path / "style.safetensors"), every_n_epochs=1),
     )
     batches, steps_per_epoch = 8, 4
     expected_epoch = ["on_epoch_start"]
@@ -292,7 +289,7 @@ def test_replay_calls_hooks_in_sd_scripts_order(sd1_models, style_data, tmp_path
 
 
 def test_replay_stops_at_max_train_steps_and_is_deterministic(sd1_models, style_data):
-    kwargs = {"sdxl": False, "max_train_steps": 5, "batch_size": 4}
+    kwargs = {"sdxl": False, "schedule": replay.Schedule(max_train_steps=5, batch_size=4)}
     first = replay.replay_training(stand_in_module(), sd1_models, style_data, **kwargs)
     assert first.args.max_train_epochs is None and first.num_train_epochs == 2
     assert first.global_step == 5 and len(first.losses) == 5
@@ -325,7 +322,8 @@ def test_replay_falls_back_to_two_argument_prepare_optimizer_params(sd1_models, 
 
     module = _with_network_patch(stand_in_module(), two_arguments)
     result = replay.replay_training(
-        module, sd1_models, style_data, sdxl=False, max_train_steps=1, train_text_encoder=False, text_encoder_lr=5e-4
+        module, sd1_models, style_data, sdxl=False, network=replay.NetworkSetup(train_text_encoder=False),
+        schedule=replay.Schedule(max_train_steps=1, text_encoder_lr=5e-4)
     )
     assert received == [(5e-4, None)] and result.args.text_encoder_lr == [5e-4]
     assert result.lr_descriptions is None and result.global_step == 1
@@ -344,7 +342,8 @@ def test_replay_prefers_multiple_te_lrs_and_passes_the_list(sdxl_models, style_d
 
     module = _with_network_patch(stand_in_module(), multiple)
     replay.replay_training(
-        module, sdxl_models, style_data, sdxl=True, max_train_steps=1, text_encoder_lr=[1e-4, 2e-4], unet_lr=3e-4
+        module, sdxl_models, style_data, sdxl=True,
+        schedule=replay.Schedule(max_train_steps=1, text_encoder_lr=[1e-4, 2e-4], unet_lr=3e-4)
     )
     assert received == [([1e-4, 2e-4], 3e-4, 1e-3)]
 
@@ -352,11 +351,13 @@ def test_replay_prefers_multiple_te_lrs_and_passes_the_list(sdxl_models, style_d
 def test_replay_loads_network_weights_after_apply_to(sd1_models, style_data, tmp_path):
     path = str(tmp_path / "first.safetensors")
     first = replay.replay_training(
-        stand_in_module(), sd1_models, style_data, sdxl=False, max_train_steps=2, save_path=path
+        stand_in_module(), sd1_models, style_data, sdxl=False, schedule=replay.Schedule(max_train_steps=2),
+        saving=replay.Saving(path)
     )
     module = stand_in_module()
     second = replay.replay_training(
-        module, tiny.sd1_models(seed=0), style_data, sdxl=False, max_train_steps=1, lr=0.0, network_weights=path
+        module, tiny.sd1_models(seed=0), style_data, sdxl=False, network=replay.NetworkSetup(weights=path),
+        schedule=replay.Schedule(max_train_steps=1, lr=0.0)
     )
     assert module.calls[:4] == ["create_network", "prepare_network", "apply_to", "load_weights"]
     assert not second.load_info.unexpected_keys

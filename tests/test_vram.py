@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -25,6 +26,7 @@ from aclora_ext.harness import tiny
 from aclora_ext.tools import vram
 from aclora_ext.options import OptionError
 from aclora_ext.lora.batching import CHUNK_BYTES
+from helpers import import_or_fail
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "sample_configs"
@@ -282,13 +284,11 @@ def test_bad_network_args_are_refused_by_the_option_declarations():
         setup_of({"network_args": ["restart_mode=sometimes"]})
 
 
-def test_adamw8bit_without_bitsandbytes_says_what_is_missing():
-    pytest.importorskip("diffusers")
-    try:
-        import bitsandbytes  # noqa: F401
-        pytest.skip("bitsandbytes is importable here")
-    except ImportError:
-        pass
+def test_adamw8bit_without_bitsandbytes_says_what_is_missing(monkeypatch):
+    diffusers = import_or_fail("diffusers", "the tiny set-up builds diffusers models")
+    # diffusers' models import bitsandbytes where it is installed: load them first, then hide bitsandbytes
+    assert diffusers.UNet2DConditionModel and diffusers.AutoencoderKL and tiny_sd1_on("meta")
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # "import bitsandbytes" now fails, installed or not
     from aclora_ext.network import schedule
 
     setup = tiny_setup(optimizer="AdamW8bit", mixed_precision="bf16")
@@ -298,8 +298,9 @@ def test_adamw8bit_without_bitsandbytes_says_what_is_missing():
     assert not any(p.device.type == "meta" for network in list(schedule._listeners) for p in network.parameters())
 
 
+@pytest.mark.sd_scripts  # bitsandbytes comes with sd-scripts' requirements (CI: its pinned venv), not with ours
 def test_adamw8bit_keeps_bitsandbytes_own_state_one_byte_per_moment_for_large_tensors():
-    pytest.importorskip("bitsandbytes")
+    import_or_fail("bitsandbytes", "sd-scripts' requirements install it")
     setup = tiny_setup(optimizer="AdamW8bit", mixed_precision="bf16", train_text_encoder=False)
     result, _ = tiny_estimate(setup, block_bytes=1)
     expected = 2 * 256 * 4  # the two shared quantisation maps

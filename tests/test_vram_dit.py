@@ -22,8 +22,9 @@ from aclora_ext.harness import dit as D
 from aclora_ext.harness.architectures import flux_module_shapes, sd3_module_shapes
 from aclora_ext.tools import vram
 from aclora_ext.tools.vram.dit import build_dit_models, dit_targets, offloaded_weights, swapped_blocks
+from helpers import import_or_fail
 
-pytest.importorskip("transformers")
+import_or_fail("transformers", "the DiT text encoders are transformers models")
 ROOT = Path(__file__).resolve().parents[1]
 MiB = 1024**2
 

@@ -33,7 +33,7 @@ def is_sdxl(unet: nn.Module, text_encoders: Sequence[nn.Module]) -> bool:
 
 
 def model_family(names: Iterable[str]) -> Optional[str]:
-    """"FLUX.1", "SD3", "SDXL" or "SD1.x/2.x" from kohya module names, or None when the names do not tell.
+    """ "FLUX.1", "SD3", "SDXL" or "SD1.x/2.x" from kohya module names, or None when the names do not tell.
 
     The DiT blocks name FLUX.1 (double_blocks/single_blocks) and SD3 (joint_blocks) files; SD3 has
     three text encoders (lora_te1_/lora_te2_/lora_te3_), FLUX.1 two (lora_te1_, lora_te3_), SDXL two
@@ -64,9 +64,10 @@ def check_model_family(file_names: Iterable[str], model_names: Iterable[str], so
     ours, theirs = model_family(file_names), model_family(model_names)
     if ours and theirs and ours != theirs:
         article = "an" if ours.startswith("S") else "a"  # an SDXL, an SD3, a FLUX.1
-        raise LoRAFileError(f"{source}: this LoRA is for {article} {ours} model, but the model given is {theirs} "
-                            "(another model's LoRA cannot be loaded)")
+        raise LoRAFileError(
+            f"{source}: this LoRA is for {article} {ours} model, but the model given is {theirs} "
+            "(another model's LoRA cannot be loaded)"
+        )
 
 
-__all__ = ["FAMILIES", "Family", "Target", "check_model_family", "detect", "is_sdxl", "model_family",
-           "model_targets"]
+__all__ = ["FAMILIES", "Family", "Target", "check_model_family", "detect", "is_sdxl", "model_family", "model_targets"]

@@ -45,8 +45,9 @@ def lora_name(prefix: str, path: str) -> str:
     return f"{prefix}.{path}".replace(".", "_")
 
 
-def find_in_blocks(root: nn.Module, prefix: str, part: str, block_classes: Sequence[str],
-                   path_prefix: str = "", conv3x3: bool = False) -> list[Target]:
+def find_in_blocks(
+    root: nn.Module, prefix: str, part: str, block_classes: Sequence[str], path_prefix: str = "", conv3x3: bool = False
+) -> list[Target]:
     """Linear / Conv2d layers inside modules whose class name is in ``block_classes``.
 
     1x1 convs always count (they are linear); 3x3 convs only when ``conv3x3``.
@@ -67,7 +68,7 @@ def find_in_blocks(root: nn.Module, prefix: str, part: str, block_classes: Seque
     return list(found.values())
 
 
-def as_list(text_encoder: Optional[nn.Module | Sequence[nn.Module]]) -> list[nn.Module]:
+def as_list(text_encoder: Optional[nn.Module | list[nn.Module] | tuple[nn.Module, ...]]) -> list[nn.Module]:
     if text_encoder is None:
         return []
     if isinstance(text_encoder, (list, tuple)):
@@ -85,8 +86,9 @@ def _matches(path: str, patterns: Iterable[str]) -> bool:
     return False
 
 
-def find_by_patterns(model: nn.Module, include: Sequence[str] = ("*",), exclude: Sequence[str] = (),
-                     prefix: str = "lora") -> list[Target]:
+def find_by_patterns(
+    model: nn.Module, include: Sequence[str] = ("*",), exclude: Sequence[str] = (), prefix: str = "lora"
+) -> list[Target]:
     """Linear/Conv2d layers of any model whose module path matches a pattern.
 
     Patterns are shell globs (``"blocks.*.attn.*"``) or full regular expressions;
@@ -116,7 +118,6 @@ def check_patterns(patterns: Sequence[str], what: str) -> None:
             raise ValueError(f"{what}: {pattern!r} is not a pattern; allowed: non-empty glob or regex strings")
         if any(ch in pattern for ch in "()[]{}+^$|\\") and not _safe_regex(pattern):
             raise ValueError(f"{what}: {pattern!r} is not a valid regular expression")
-
 
 
 # --- the rank rules sd-scripts' lora_flux / lora_sd3 apply per layer ------------------------------------
@@ -149,8 +150,10 @@ def selected(selection: Any, index: int) -> bool:
 def check_selection(option: str, selection: Any, count: int, what: str) -> None:
     """Refuse block indices this model does not have, naming the option, the value and the range."""
     if selection != "all" and selection and max(selection) >= count:
-        raise OptionError(f"network_args: {option}={','.join(map(str, selection))} names block {max(selection)}, "
-                          f"but this model has {count} {what}; allowed: indices 0-{count - 1}, all or none")
+        raise OptionError(
+            f"network_args: {option}={','.join(map(str, selection))} names block {max(selection)}, "
+            f"but this model has {count} {what}; allowed: indices 0-{count - 1}, all or none"
+        )
 
 
 def with_rank(target: Target, rank: Optional[int]) -> Target:
@@ -186,8 +189,9 @@ class RecordedCall(NamedTuple):
     result: Any
 
 
-def output_is_prediction(output: Any, args: tuple, kwargs: dict, calls: Mapping[str, RecordedCall]
-                         ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+def output_is_prediction(
+    output: Any, args: tuple, kwargs: dict, calls: Mapping[str, RecordedCall]
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """SD1.x/2.x and SDXL: conditional_loss compares the U-Net's output itself (no loss weighting)."""
     prediction = getattr(output, "sample", output)
     if isinstance(prediction, (tuple, list)):

@@ -21,13 +21,26 @@ functions with the recorded arguments.
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence, cast
 
 import torch
 from torch import nn
 
-from .base import (Family, Prediction, RecordedCall, Target, block_index, check_selection, find_by_name,
-                   find_in_blocks, keep, regex_rank, selected, type_rank, with_rank)
+from .base import (
+    Family,
+    Prediction,
+    RecordedCall,
+    Target,
+    block_index,
+    check_selection,
+    find_by_name,
+    find_in_blocks,
+    keep,
+    regex_rank,
+    selected,
+    type_rank,
+    with_rank,
+)
 from .sd import TEXT_ENCODER_TARGETS, text_encoder_root_path
 
 DOUBLE_BLOCK, SINGLE_BLOCK = "DoubleStreamBlock", "SingleStreamBlock"
@@ -36,9 +49,16 @@ PREFIX_DIT, PREFIX_CLIP_L, PREFIX_T5 = "lora_unet", "lora_te1", "lora_te3"
 # in_dims, in its order: the words that pick each input layer's LoRA names
 IN_LAYERS = ("_img_in", "_time_in", "_vector_in", "_guidance_in", "_txt_in")
 # the per-type ranks, in lora_flux's order (the first rule that matches a name and is set wins)
-TYPE_RULES = (("img_attn_dim", ("img_attn",)), ("txt_attn_dim", ("txt_attn",)), ("img_mlp_dim", ("img_mlp",)),
-              ("txt_mlp_dim", ("txt_mlp",)), ("img_mod_dim", ("img_mod",)), ("txt_mod_dim", ("txt_mod",)),
-              ("single_dim", ("single_blocks", "linear")), ("single_mod_dim", ("modulation",)))
+TYPE_RULES = (
+    ("img_attn_dim", ("img_attn",)),
+    ("txt_attn_dim", ("txt_attn",)),
+    ("img_mlp_dim", ("img_mlp",)),
+    ("txt_mlp_dim", ("txt_mlp",)),
+    ("img_mod_dim", ("img_mod",)),
+    ("txt_mod_dim", ("txt_mod",)),
+    ("single_dim", ("single_blocks", "linear")),
+    ("single_mod_dim", ("modulation",)),
+)
 
 
 def recognises(unet: nn.Module, text_encoders: Sequence[Any]) -> bool:
@@ -54,8 +74,9 @@ def _text_encoder_targets(text_encoders: Sequence[Any], with_t5: bool) -> list[T
     clip_l, t5 = (list(text_encoders) + [None, None])[:2]
     found = []
     if clip_l is not None:
-        found += find_in_blocks(clip_l, PREFIX_CLIP_L, "te1", TEXT_ENCODER_TARGETS,
-                                path_prefix=text_encoder_root_path(clip_l))
+        found += find_in_blocks(
+            clip_l, PREFIX_CLIP_L, "te1", TEXT_ENCODER_TARGETS, path_prefix=text_encoder_root_path(clip_l)
+        )
     if with_t5 and t5 is not None:
         found += find_in_blocks(t5, PREFIX_T5, "te3", T5_TARGETS)
     return found
@@ -76,21 +97,32 @@ def layers(text_encoders: Sequence[Any], unet: nn.Module, conv3x3: bool) -> list
 
 def targets(text_encoders: Sequence[Any], unet: nn.Module, config: Any) -> list[Target]:
     """What lora_flux's create_network adapts with these options, each with the rank an option gives it."""
-    check_selection("train_double_block_indices", config.train_double_block_indices, len(unet.double_blocks),
-                    "double blocks")
-    check_selection("train_single_block_indices", config.train_single_block_indices, len(unet.single_blocks),
-                    "single blocks")
+    check_selection(
+        "train_double_block_indices",
+        config.train_double_block_indices,
+        len(cast(nn.ModuleList, unet.double_blocks)),
+        "double blocks",
+    )
+    check_selection(
+        "train_single_block_indices",
+        config.train_single_block_indices,
+        len(cast(nn.ModuleList, unet.single_blocks)),
+        "single blocks",
+    )
     reg = config.network_reg_dims
-    found = [with_rank(t, regex_rank(t.lora_name, reg))
-             for t in _text_encoder_targets(text_encoders, with_t5=config.train_t5xxl)]
+    found = [
+        with_rank(t, regex_rank(t.lora_name, reg))
+        for t in _text_encoder_targets(text_encoders, with_t5=config.train_t5xxl)
+    ]
     kinds = {"all": (DOUBLE_BLOCK, SINGLE_BLOCK), "double": (DOUBLE_BLOCK,), "single": (SINGLE_BLOCK,)}
     rules = [(words, getattr(config, option)) for option, words in TYPE_RULES]
     for t in _block_targets(unet, kinds[config.train_blocks]):
         rank = regex_rank(t.lora_name, reg)
         if rank is None:
             rank = type_rank(t.lora_name, rules)
-            selection = (config.train_double_block_indices if "double" in t.lora_name
-                         else config.train_single_block_indices)
+            selection = (
+                config.train_double_block_indices if "double" in t.lora_name else config.train_single_block_indices
+            )
             if rank != 0 and not selected(selection, block_index(t.lora_name)):
                 rank = 0
         found.append(with_rank(t, rank))
@@ -103,8 +135,9 @@ def targets(text_encoders: Sequence[Any], unet: nn.Module, config: Any) -> list[
     return keep(found)
 
 
-def _prediction(output: torch.Tensor, args: tuple, kwargs: dict, calls: Mapping[str, RecordedCall]
-                ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+def _prediction(
+    output: torch.Tensor, args: tuple, kwargs: dict, calls: Mapping[str, RecordedCall]
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """flux_train_network's get_noise_pred_and_target after the DiT call: unpack, then the prediction type
     (with its loss weighting), through sd-scripts' own functions and the recorded arguments."""
     unpack, apply = calls["unpack_latents"], calls["apply_model_prediction_type"]
@@ -113,6 +146,7 @@ def _prediction(output: torch.Tensor, args: tuple, kwargs: dict, calls: Mapping[
     return prediction, weighting
 
 
-PREDICTION = Prediction((("library.flux_utils", "unpack_latents"),
-                         ("library.flux_train_utils", "apply_model_prediction_type")), _prediction)
+PREDICTION = Prediction(
+    (("library.flux_utils", "unpack_latents"), ("library.flux_train_utils", "apply_model_prediction_type")), _prediction
+)
 FAMILY = Family("flux", recognises, name, targets, layers, PREDICTION, t5_part="te3")

@@ -19,13 +19,26 @@ The trainer calls ``mmdit(noisy_model_input, timesteps, context=..., y=...)`` an
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence, cast
 
 import torch
 from torch import nn
 
-from .base import (Family, Prediction, RecordedCall, Target, block_index, check_selection, find_by_name,
-                   find_in_blocks, keep, regex_rank, selected, type_rank, with_rank)
+from .base import (
+    Family,
+    Prediction,
+    RecordedCall,
+    Target,
+    block_index,
+    check_selection,
+    find_by_name,
+    find_in_blocks,
+    keep,
+    regex_rank,
+    selected,
+    type_rank,
+    with_rank,
+)
 from .flux import T5_TARGETS
 from .sd import TEXT_ENCODER_TARGETS, text_encoder_root_path
 
@@ -34,12 +47,23 @@ PREFIX_DIT = "lora_unet"
 TEXT_ENCODERS = (("lora_te1", "te1"), ("lora_te2", "te2"), ("lora_te3", "te3"))
 # emb_dims, in its order: the words that pick each layer's LoRA names ("_t_embedder": context_embedder
 # contains "t_embedder")
-EMB_LAYERS = ("context_embedder", "_t_embedder", "x_embedder", "y_embedder", "final_layer_adaLN_modulation",
-              "final_layer_linear")
+EMB_LAYERS = (
+    "context_embedder",
+    "_t_embedder",
+    "x_embedder",
+    "y_embedder",
+    "final_layer_adaLN_modulation",
+    "final_layer_linear",
+)
 CONV_EMB_LAYER = "x_embedder"
-TYPE_RULES = (("context_attn_dim", ("context_block", "attn")), ("context_mlp_dim", ("context_block", "mlp")),
-              ("context_mod_dim", ("context_block", "adaLN_modulation")), ("x_attn_dim", ("x_block", "attn")),
-              ("x_mlp_dim", ("x_block", "mlp")), ("x_mod_dim", ("x_block", "adaLN_modulation")))
+TYPE_RULES = (
+    ("context_attn_dim", ("context_block", "attn")),
+    ("context_mlp_dim", ("context_block", "mlp")),
+    ("context_mod_dim", ("context_block", "adaLN_modulation")),
+    ("x_attn_dim", ("x_block", "attn")),
+    ("x_mlp_dim", ("x_block", "mlp")),
+    ("x_mod_dim", ("x_block", "adaLN_modulation")),
+)
 
 
 def recognises(unet: nn.Module, text_encoders: Sequence[Any]) -> bool:
@@ -80,10 +104,14 @@ def layers(text_encoders: Sequence[Any], unet: nn.Module, conv3x3: bool) -> list
 
 def targets(text_encoders: Sequence[Any], unet: nn.Module, config: Any) -> list[Target]:
     """What lora_sd3's create_network adapts with these options, each with the rank an option gives it."""
-    check_selection("train_block_indices", config.train_block_indices, len(unet.joint_blocks), "joint blocks")
+    check_selection(
+        "train_block_indices", config.train_block_indices, len(cast(nn.ModuleList, unet.joint_blocks)), "joint blocks"
+    )
     reg = config.network_reg_dims
-    found = [with_rank(t, regex_rank(t.lora_name, reg))
-             for t in _text_encoder_targets(text_encoders, with_t5=config.train_t5xxl)]
+    found = [
+        with_rank(t, regex_rank(t.lora_name, reg))
+        for t in _text_encoder_targets(text_encoders, with_t5=config.train_t5xxl)
+    ]
     rules = [(words, getattr(config, option)) for option, words in TYPE_RULES]
     for t in find_in_blocks(unet, PREFIX_DIT, "unet", (DIT_BLOCK,)):
         rank = regex_rank(t.lora_name, reg)
@@ -103,8 +131,9 @@ def targets(text_encoders: Sequence[Any], unet: nn.Module, config: Any) -> list[
     return keep(found)
 
 
-def _prediction(output: torch.Tensor, args: tuple, kwargs: dict, calls: Mapping[str, RecordedCall]
-                ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+def _prediction(
+    output: torch.Tensor, args: tuple, kwargs: dict, calls: Mapping[str, RecordedCall]
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """sd3_train_network's preconditioning: out * (-t / 1000) + noisy input, and the recorded weighting."""
     noisy = args[0] if args else kwargs["x"]
     timesteps = args[1] if len(args) > 1 else kwargs["t"]

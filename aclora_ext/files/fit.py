@@ -17,15 +17,22 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
-from typing import Callable, Mapping, Optional, Sequence, Union
+from typing import Optional, Sequence, Union
 
 import torch
 
-from ..functional.allocation import DEFAULT_METHOD, DP_LIMIT, METHODS, Allocation, BudgetError, allocation_problem, solve
+from ..functional.allocation import (
+    DEFAULT_METHOD,
+    METHODS,
+    Allocation,
+    AllocationProblem,
+    BudgetError,
+    allocation_problem,
+    solve,
+)
 from ..options import format_size
-from .sizes import ModuleLayout, TensorSpec, layout_tensors, safetensors_size, saved_file_size
+from .sizes import FileLayout
 
-MetadataSource = Union[None, Mapping[str, str], Callable[[dict[str, int]], Mapping[str, str]]]
 #: allocations fit_ranks tries at most (the first, with the header bound, fits unless metadata shrinks with rank)
 MAX_TRIES = 6
 
@@ -43,65 +50,77 @@ class FileFit:
     tries: int  # allocations computed
 
 
-def fit_ranks(layouts: Sequence[ModuleLayout], worths: Sequence[torch.Tensor], max_size: int, *,
-              min_ranks: Union[int, Sequence[int]] = 1, max_ranks: Union[int, Sequence[int], None] = None,
-              metadata: MetadataSource = None, extra: Optional[Mapping[str, TensorSpec]] = None,
-              hashes: bool = True, method: str = DEFAULT_METHOD, dp_limit: int = DP_LIMIT) -> FileFit:
+def fit_ranks(
+    file: FileLayout,
+    worths: Sequence[torch.Tensor],
+    max_size: int,
+    *,
+    min_ranks: Union[int, Sequence[int]] = 1,
+    max_ranks: Union[int, Sequence[int], None] = None,
+    method: str = DEFAULT_METHOD,
+) -> FileFit:
     """Every module's rank so that the written file is at most ``max_size`` bytes, keeping the most worth.
 
-    ``layouts[i]`` / ``worths[i]``: module i's tensors and the worth of its components (see
-    :func:`allocate`; the cost of a component is ``layouts[i].component_bytes``). ``metadata``: the
-    metadata the file will carry: a dict, or a function of {module name: rank} returning exactly what
-    will be written (e.g. with ``aclora_ranks``). ``extra``: tensors of fixed shape also written.
-    ``hashes``: the file is written by ``files.save_state_dict`` (sshs hashes added), else by plain
-    ``safetensors.torch.save``. Raises BudgetError (a ValueError) saying the smallest possible size
-    when no choice fits.
+    ``file``: the modules' tensors and the metadata the file will carry; ``worths[i]``: the worth of
+    module i's components (see ``functional.allocation.allocate``; the cost of a component is
+    ``file.modules[i].component_bytes``). Raises BudgetError (a ValueError) saying the smallest
+    possible size when no choice fits.
     """
     if method not in METHODS:
         raise ValueError(f"method {method!r} is not known; allowed: {', '.join(METHODS)}")
     max_size = int(max_size)
-    layouts = list(layouts)
-    names = [layout.name for layout in layouts]
-    problem = allocation_problem(worths, [layout.component_bytes for layout in layouts], min_ranks, max_ranks, names)
-    extra = dict(extra or {})
-
-    def overhead(ranks: Sequence[int]) -> tuple[int, int]:
-        """(file size, bytes that are not component data: 8 + header + fixed tensors) at ``ranks``."""
-        tensors = layout_tensors(layouts, ranks, extra)
-        meta = metadata(dict(zip(names, (int(k) for k in ranks)))) if callable(metadata) else metadata
-        size = saved_file_size(tensors, meta) if hashes else safetensors_size(tensors, meta)
-        return size, size - sum(c * int(k) for c, k in zip(costs, ranks))
-
-    costs, lo, hi = problem.costs.tolist(), problem.lo.tolist(), problem.hi.tolist()
-    smallest, _ = overhead(lo)
+    costs = [layout.component_bytes for layout in file.modules]
+    problem = allocation_problem(worths, costs, min_ranks, max_ranks, file.names)
+    lo = problem.lo.tolist()
+    smallest = file.size(lo)
     if smallest > max_size:
-        low = sorted(set(lo))
-        ranks_text = f"rank {low[0]}" if len(low) == 1 else f"its minimum rank ({low[0]}..{low[-1]})"
-        raise BudgetError(f"no file fits in {format_size(max_size)}: the smallest possible file, every module at "
-                          f"{ranks_text} with its header and metadata, is {format_size(smallest)}", smallest)
-    _, header_bound = overhead(hi)  # header length only grows with the ranks: a bound for any choice
+        raise _nothing_fits(max_size, smallest, lo)
+    header_bound = _overhead(file, costs, problem.hi.tolist())  # header length only grows with the ranks
+    best, tries = _best_fit(file, problem, max_size, max_size - header_bound, method)
+    if best is None:  # pragma: no cover - needs metadata that shrinks as ranks grow, beyond MAX_TRIES
+        best = (solve(problem, problem.base_cost, method), smallest)
+    allocation, size = best
+    return FileFit(dict(zip(file.names, allocation.ranks)), allocation, size, max_size, smallest, header_bound, tries)
+
+
+def _overhead(file: FileLayout, costs: Sequence[int], ranks: Sequence[int]) -> int:
+    """Bytes of the file at ``ranks`` that are not component data: 8 + header (metadata included)."""
+    return file.size(ranks) - sum(c * int(k) for c, k in zip(costs, ranks))
+
+
+def _nothing_fits(max_size: int, smallest: int, lo: Sequence[int]) -> BudgetError:
+    low = sorted(set(lo))
+    ranks_text = f"rank {low[0]}" if len(low) == 1 else f"its minimum rank ({low[0]}..{low[-1]})"
+    return BudgetError(
+        f"no file fits in {format_size(max_size)}: the smallest possible file, every module at "
+        f"{ranks_text} with its header and metadata, is {format_size(smallest)}",
+        smallest,
+    )
+
+
+def _best_fit(
+    file: FileLayout, problem: AllocationProblem, max_size: int, budget: int, method: str
+) -> tuple[Optional[tuple[Allocation, int]], int]:
+    """The best allocation whose exact file fits ``max_size``, starting from a tensor ``budget`` (header
+    bound at the cap ranks), and the number of allocations tried: (allocation, its size) or None."""
+    costs = problem.costs.tolist()
     unit = functools.reduce(math.gcd, costs, 0) or 1
-    budget = max_size - header_bound
     best: Optional[tuple[Allocation, int]] = None
     tries = 0
     while tries < MAX_TRIES:
         tries += 1
-        allocation = solve(problem, max(budget, problem.base_cost), method, dp_limit)
-        size, used = overhead(allocation.ranks)
+        allocation = solve(problem, max(budget, problem.base_cost), method)
+        size = file.size(allocation.ranks)
         if size > max_size:  # metadata that grew as ranks shrank: tighten by the overshoot
             budget = min(budget, allocation.cost) - (size - max_size)
             continue
         if best is None or allocation.worth > best[0].worth:
             best = (allocation, size)
-        exact_budget = max_size - used  # the room with this choice's own header
+        exact_budget = max_size - (size - allocation.cost)  # the room with this choice's own header
         if exact_budget // unit <= budget // unit:  # every cost is a multiple of unit: nothing more can fit
             break
         budget = exact_budget
-    if best is None:  # pragma: no cover - needs metadata that shrinks as ranks grow, beyond MAX_TRIES
-        allocation = solve(problem, problem.base_cost, method, dp_limit)
-        best = (allocation, smallest)
-    allocation, size = best
-    return FileFit(dict(zip(names, allocation.ranks)), allocation, size, max_size, smallest, header_bound, tries)
+    return best, tries
 
 
-__all__ = ["FileFit", "fit_ranks", "MetadataSource", "MAX_TRIES"]
+__all__ = ["FileFit", "fit_ranks", "MAX_TRIES"]

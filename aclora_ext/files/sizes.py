@@ -8,8 +8,9 @@ tensor bytes in that order. :func:`saved_file_size` adds what ``storage.save_sta
 included; tests/test_budget.py checks that byte for byte against the installed serializer (0.8.0
 here; every file we write has one dtype, so only the order by name matters there).
 
-:class:`ModuleLayout` is the tensors one kohya module writes at rank k, what a component costs and
-what the module costs at any rank; the ranks a budget allows are ``fit.fit_ranks``'.
+:class:`ModuleLayout` is the tensors one kohya module writes at rank k and what a component costs;
+:class:`FileLayout` is the whole file (every module's tensors and the
+metadata) and its size at any ranks; the ranks a budget allows are ``fit.fit_ranks``'.
 """
 
 from __future__ import annotations
@@ -18,26 +19,58 @@ import functools
 import json
 import math
 from dataclasses import dataclass
-from typing import Mapping, Optional, Sequence, Union
+from typing import Callable, Mapping, Optional, Sequence, Union
 
 import torch
 
 # --- the safetensors layout ---------------------------------------------------------------------------------
 #: safetensors' dtype names
 DTYPE_NAMES = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
     torch.bool: "BOOL",
 }
-for _name, _attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"), ("F8_E4M3FNUZ", "float8_e4m3fnuz"),
-                     ("F8_E5M2FNUZ", "float8_e5m2fnuz"), ("C64", "complex64"), ("U64", "uint64"),
-                     ("U32", "uint32"), ("U16", "uint16")):
+for _name, _attr in (
+    ("F8_E4M3", "float8_e4m3fn"),
+    ("F8_E5M2", "float8_e5m2"),
+    ("F8_E4M3FNUZ", "float8_e4m3fnuz"),
+    ("F8_E5M2FNUZ", "float8_e5m2fnuz"),
+    ("C64", "complex64"),
+    ("U64", "uint64"),
+    ("U32", "uint32"),
+    ("U16", "uint16"),
+):
     if hasattr(torch, _attr):
         DTYPE_NAMES[getattr(torch, _attr)] = _name
 #: the order in which safetensors lays tensors out (its Dtype enum, largest first; then by name), as the
 #: installed serializer does it (safetensors 0.8.0; tests check it). F64 > F32 > BF16 > F16 in every version.
-SERIALIZE_ORDER = ("U64", "I64", "F64", "C64", "F32", "U32", "I32", "BF16", "F16", "U16", "I16",
-                   "F8_E5M2FNUZ", "F8_E4M3FNUZ", "F8_E4M3", "F8_E5M2", "I8", "U8", "BOOL")
+SERIALIZE_ORDER = (
+    "U64",
+    "I64",
+    "F64",
+    "C64",
+    "F32",
+    "U32",
+    "I32",
+    "BF16",
+    "F16",
+    "U16",
+    "I16",
+    "F8_E5M2FNUZ",
+    "F8_E4M3FNUZ",
+    "F8_E4M3",
+    "F8_E5M2",
+    "I8",
+    "U8",
+    "BOOL",
+)
 _RANK = {name: i for i, name in enumerate(SERIALIZE_ORDER)}
 #: the metadata ``storage.save_state_dict`` adds, and the length of each value (hex digests)
 HASH_KEYS = {"sshs_model_hash": 64, "sshs_legacy_hash": 8}
@@ -122,7 +155,7 @@ class ModuleLayout:
     """The tensors a kohya LoRA module writes at rank k, as ``resize`` and ``export`` write them.
 
     ``name.lora_down.weight`` (k, in) or (k, in, kh, kw), ``name.lora_up.weight`` (out, k) or
-    (out, k, 1, 1), and the scalar ``name.alpha`` (when ``alpha``), all in ``dtype``.
+    (out, k, 1, 1), and the scalar ``name.alpha``, all in ``dtype``.
     """
 
     name: str
@@ -130,41 +163,77 @@ class ModuleLayout:
     out_features: int
     kernel: tuple[int, ...] = ()
     dtype: torch.dtype = torch.float16
-    alpha: bool = True
 
     @classmethod
-    def from_shapes(cls, name: str, down_shape: Sequence[int], up_shape: Sequence[int],
-                    dtype: torch.dtype, alpha: bool = True) -> "ModuleLayout":
+    def from_shapes(
+        cls, name: str, down_shape: Sequence[int], up_shape: Sequence[int], dtype: torch.dtype
+    ) -> "ModuleLayout":
         """From the module's lora_down / lora_up shapes (any rank), as stored in a file."""
-        return cls(name, int(down_shape[1]), int(up_shape[0]), tuple(int(d) for d in down_shape[2:]), dtype, alpha)
+        return cls(name, int(down_shape[1]), int(up_shape[0]), tuple(int(d) for d in down_shape[2:]), dtype)
 
     def tensors(self, rank: int) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
         """{key: (dtype, shape)} at ``rank``."""
-        out = {f"{self.name}.lora_down.weight": (self.dtype, (rank, self.in_features) + self.kernel),
-               f"{self.name}.lora_up.weight": (self.dtype, (self.out_features, rank) + (1,) * len(self.kernel))}
-        if self.alpha:
-            out[f"{self.name}.alpha"] = (self.dtype, ())
-        return out
+        return {
+            f"{self.name}.lora_down.weight": (self.dtype, (rank, self.in_features) + self.kernel),
+            f"{self.name}.lora_up.weight": (self.dtype, (self.out_features, rank) + (1,) * len(self.kernel)),
+            f"{self.name}.alpha": (self.dtype, ()),
+        }
 
     @property
     def component_bytes(self) -> int:
         """Bytes one kept component costs: a row of down and a column of up."""
         return (self.in_features * math.prod(self.kernel) + self.out_features) * itemsize(self.dtype)
 
-    @property
-    def fixed_bytes(self) -> int:
-        """Bytes the module costs at any rank (its alpha)."""
-        return itemsize(self.dtype) if self.alpha else 0
 
-
-def layout_tensors(layouts: Sequence[ModuleLayout], ranks: Sequence[int],
-                   extra: Optional[Mapping[str, TensorSpec]] = None) -> dict[str, TensorSpec]:
-    """{key: (dtype, shape)} of the whole file at ``ranks`` (plus ``extra`` tensors of fixed shape)."""
-    out: dict[str, TensorSpec] = dict(extra or {})
+def layout_tensors(layouts: Sequence[ModuleLayout], ranks: Sequence[int]) -> dict[str, TensorSpec]:
+    """{key: (dtype, shape)} of the whole file at ``ranks``."""
+    out: dict[str, TensorSpec] = {}
     for layout, rank in zip(layouts, ranks):
         out.update(layout.tensors(int(rank)))
     return out
 
 
-__all__ = ["DTYPE_NAMES", "SERIALIZE_ORDER", "HASH_KEYS", "TensorSpec", "safetensors_header", "safetensors_size",
-           "tensor_bytes", "saved_metadata", "saved_file_size", "ModuleLayout", "layout_tensors", "itemsize"]
+#: a file's metadata: none, a dict, or a function of {module name: rank} returning exactly what is written
+MetadataSource = Union[None, Mapping[str, str], Callable[[dict[str, int]], Mapping[str, str]]]
+
+
+@dataclass(frozen=True)
+class FileLayout:
+    """What a LoRA file holds at any ranks: every module's tensors and its metadata, written by
+    ``storage.save_state_dict`` (sshs hashes added). ``metadata`` may depend on the ranks (e.g.
+    ``aclora_ranks``): a function of {module name: rank} that returns exactly what will be written."""
+
+    modules: Sequence[ModuleLayout]
+    metadata: MetadataSource = None
+
+    @property
+    def names(self) -> list[str]:
+        return [layout.name for layout in self.modules]
+
+    def metadata_at(self, ranks: Sequence[int]) -> Optional[Mapping[str, str]]:
+        """The metadata written with ``ranks`` (one per module, in order)."""
+        if callable(self.metadata):
+            return self.metadata(dict(zip(self.names, (int(k) for k in ranks))))
+        return self.metadata
+
+    def size(self, ranks: Sequence[int]) -> int:
+        """The exact size in bytes of the file at ``ranks``: header, metadata and hashes included."""
+        return saved_file_size(layout_tensors(self.modules, ranks), self.metadata_at(ranks))
+
+
+__all__ = [
+    "DTYPE_NAMES",
+    "SERIALIZE_ORDER",
+    "HASH_KEYS",
+    "TensorSpec",
+    "safetensors_header",
+    "safetensors_size",
+    "tensor_bytes",
+    "saved_metadata",
+    "saved_file_size",
+    "ModuleLayout",
+    "layout_tensors",
+    "MetadataSource",
+    "FileLayout",
+    "itemsize",
+]

@@ -62,16 +62,26 @@ def metadata_json(meta: Mapping[str, str], key: str, source: str, kind: type) ->
     except json.JSONDecodeError:
         raise LoRAFileError(f"{source}: metadata field {key} is not valid JSON ({raw[:40]!r}...)") from None
     if not isinstance(value, kind):
-        raise LoRAFileError(f"{source}: metadata field {key} should be a JSON {kind.__name__}, "
-                            f"found {type(value).__name__}")
+        raise LoRAFileError(
+            f"{source}: metadata field {key} should be a JSON {kind.__name__}, found {type(value).__name__}"
+        )
     return value
 
 
 def metadata_ranks(meta: Mapping[str, str], source: str) -> dict[str, int]:
-    """The ``aclora_ranks`` field (module name -> signal rank), {} when absent."""
-    ranks = metadata_json(meta, "aclora_ranks", source, dict) or {}
+    """Every module's signal rank (module name -> rank) from the metadata, {} when absent.
+
+    ``aclora_ranks`` holds the ranks as stored; a module that export padded to its part's common rank
+    is stored above its rank with zero components and ``aclora_padded`` holds its own rank: the one the
+    run chose, which ``ranks_from`` and loading must see.
+    """
+    return {**_rank_field(meta, "aclora_ranks", source), **_rank_field(meta, "aclora_padded", source)}
+
+
+def _rank_field(meta: Mapping[str, str], key: str, source: str) -> dict[str, int]:
+    ranks = metadata_json(meta, key, source, dict) or {}
     if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in ranks.values()):
-        raise LoRAFileError(f"{source}: metadata field aclora_ranks should map module names to positive integer ranks")
+        raise LoRAFileError(f"{source}: metadata field {key} should map module names to positive integer ranks")
     return ranks
 
 
@@ -116,7 +126,7 @@ def model_hashes(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str
 
     blob = save(dict(tensors), {k: v for k, v in metadata.items() if k.startswith("ss_")})
     (n,) = struct.unpack("<Q", blob[:8])
-    model_hash = hashlib.sha256(blob[8 + n:]).hexdigest()
+    model_hash = hashlib.sha256(blob[8 + n :]).hexdigest()
     legacy_hash = hashlib.sha256(blob[0x100000:0x110000]).hexdigest()[:8]
     return model_hash, legacy_hash
 
@@ -147,8 +157,12 @@ class OversizeError(LoRAFileError):
     ``sizes.saved_file_size`` no longer matches the installed serializer)."""
 
 
-def save_state_dict(path: str, tensors: Mapping[str, torch.Tensor], metadata: Optional[Mapping[str, str]],
-                    max_size: Optional[int] = None) -> None:
+def save_state_dict(
+    path: str,
+    tensors: Mapping[str, torch.Tensor],
+    metadata: Optional[Mapping[str, str]],
+    max_size: Optional[int] = None,
+) -> None:
     """Save LoRA tensors: safetensors with metadata and sshs hashes, or torch.save for other suffixes.
 
     ``max_size``: the safetensors file was sized to fit it (``fit.fit_ranks``); a larger one is not
@@ -163,8 +177,10 @@ def save_state_dict(path: str, tensors: Mapping[str, torch.Tensor], metadata: Op
         meta["sshs_model_hash"], meta["sshs_legacy_hash"] = model_hashes(tensors, meta)
         payload = save(tensors, meta)
         if max_size is not None and len(payload) > max_size:
-            raise OversizeError(f"{path}: not written: the file would be {len(payload):,} bytes, more than the "
-                                f"{max_size:,} bytes it was sized for")
+            raise OversizeError(
+                f"{path}: not written: the file would be {len(payload):,} bytes, more than the "
+                f"{max_size:,} bytes it was sized for"
+            )
         write_atomic(path, payload)
     else:
         buffer = io.BytesIO()

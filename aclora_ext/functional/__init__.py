@@ -13,9 +13,9 @@ Everything else is re-exported here, so ``from aclora_ext import functional as F
 
 from . import allocation, batching, levels, paper, product, resize_rules
 from .batching import *  # noqa: F401,F403
+from .levels import *  # noqa: F401,F403
 from .paper import *  # noqa: F401,F403
 from .product import *  # noqa: F401,F403
 from .resize_rules import *  # noqa: F401,F403
-from .levels import *  # noqa: F401,F403
 
-__all__ = [*paper.__all__, *product.__all__, *levels.__all__, *resize_rules.__all__, *batching.__all__]
+__all__ = ["allocation", *paper.__all__, *product.__all__, *levels.__all__, *resize_rules.__all__, *batching.__all__]

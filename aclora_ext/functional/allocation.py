@@ -91,6 +91,8 @@ class Allocation:
     def masks(self) -> list[torch.Tensor]:
         """Per module, a bool mask over its components in its own order: the ``rank`` ones of largest worth
         (a prefix when the worths were given in non-increasing order)."""
+        if self.order is None:
+            raise ValueError("Allocation.masks needs the components' order; an Allocation from solve() has it")
         out = []
         for i, (k, n) in enumerate(zip(self.ranks, self.lengths)):
             mask = torch.zeros(n, dtype=torch.bool)
@@ -126,8 +128,9 @@ class AllocationProblem:
         return int((self.costs * self.lo).sum())
 
 
-def allocation_problem(worths, costs, min_ranks=1, max_ranks=None, names: Optional[Sequence[str]] = None
-                       ) -> AllocationProblem:
+def allocation_problem(
+    worths, costs, min_ranks=1, max_ranks=None, names: Optional[Sequence[str]] = None
+) -> AllocationProblem:
     """The validated, sorted input of :func:`solve` (arguments as :func:`allocate`'s): built once when the
     same modules are solved at several budgets, as ``files.fit.fit_ranks`` does."""
     if isinstance(worths, torch.Tensor) and worths.dim() == 2:
@@ -168,9 +171,17 @@ def allocation_problem(worths, costs, min_ranks=1, max_ranks=None, names: Option
     return AllocationProblem(sorted_w, order, lengths.tolist(), costs, lo, hi)
 
 
-def allocate(worths, costs: Sequence[int], budget: int, *, min_ranks: Union[int, Sequence[int]] = 1,
-             max_ranks: Union[int, Sequence[int], None] = None, method: str = DEFAULT_METHOD,
-             dp_limit: int = DP_LIMIT, names: Optional[Sequence[str]] = None) -> Allocation:
+def allocate(
+    worths,
+    costs: Sequence[int],
+    budget: int,
+    *,
+    min_ranks: Union[int, Sequence[int]] = 1,
+    max_ranks: Union[int, Sequence[int], None] = None,
+    method: str = DEFAULT_METHOD,
+    dp_limit: int = DP_LIMIT,
+    names: Optional[Sequence[str]] = None,
+) -> Allocation:
     """Ranks maximising the kept worth with sum(cost_i * rank_i) <= ``budget`` bytes (see the module doc).
 
     ``worths``: per module a (n_i,) tensor of its components' worth (>= 0, finite), or one (M, n)
@@ -184,16 +195,20 @@ def allocate(worths, costs: Sequence[int], budget: int, *, min_ranks: Union[int,
     return solve(allocation_problem(worths, costs, min_ranks, max_ranks, names), int(budget), method, dp_limit)
 
 
-def solve(problem: AllocationProblem, budget: int, method: str = DEFAULT_METHOD, dp_limit: int = DP_LIMIT
-          ) -> Allocation:
+def solve(
+    problem: AllocationProblem, budget: int, method: str = DEFAULT_METHOD, dp_limit: int = DP_LIMIT
+) -> Allocation:
     """:func:`allocate` on a problem already validated (BudgetError when its minimum ranks exceed ``budget``)."""
     start = time.perf_counter()
     lo, hi, W = problem.lo, problem.hi, problem.worths
     count = len(lo)
     base_cost = problem.base_cost
     if base_cost > budget:
-        raise BudgetError(f"the minimum ranks alone need {format_size(base_cost)}, more than the budget of "
-                          f"{format_size(max(budget, 0))}", base_cost)
+        raise BudgetError(
+            f"the minimum ranks alone need {format_size(base_cost)}, more than the budget of "
+            f"{format_size(max(budget, 0))}",
+            base_cost,
+        )
     col = torch.arange(W.shape[1])[None, :]
     total = float(W.sum())
     base_worth = float(W[col < lo[:, None]].sum())
@@ -205,8 +220,17 @@ def solve(problem: AllocationProblem, budget: int, method: str = DEFAULT_METHOD,
     room = budget - base_cost
     taken, bound, critical, lp_in = _greedy(item_w, item_c, room)
     # everything fits (no critical component): the greedy answer is the optimum
-    result = Allocation([], 0, base_worth + float(item_w[taken].sum()), total, base_worth + bound, method,
-                        critical is None, order=problem.order, lengths=problem.lengths)
+    result = Allocation(
+        [],
+        0,
+        base_worth + float(item_w[taken].sum()),
+        total,
+        base_worth + bound,
+        method,
+        critical is None,
+        order=problem.order,
+        lengths=problem.lengths,
+    )
     if method == "exact" and critical is not None:
         taken = _exact(result, item_w, item_c, module_of, taken, lp_in, critical, room, bound, dp_limit)
         result.worth = base_worth + float(item_w[taken].sum())
@@ -254,8 +278,18 @@ def _greedy(w: torch.Tensor, c: torch.Tensor, room: int) -> tuple[torch.Tensor, 
     return taken, bound, critical, lp_in
 
 
-def _exact(result: Allocation, w: torch.Tensor, c: torch.Tensor, module_of: torch.Tensor, taken: torch.Tensor,
-           lp_in: torch.Tensor, critical: int, room: int, bound: float, dp_limit: int) -> torch.Tensor:
+def _exact(
+    result: Allocation,
+    w: torch.Tensor,
+    c: torch.Tensor,
+    module_of: torch.Tensor,
+    taken: torch.Tensor,
+    lp_in: torch.Tensor,
+    critical: int,
+    room: int,
+    bound: float,
+    dp_limit: int,
+) -> torch.Tensor:
     """An optimum from the greedy answer (a core algorithm); returns the taken mask over the optional items.
 
     With lambda the critical worth per byte, an item's reduced worth d = w - lambda*c is what the LP
@@ -305,8 +339,9 @@ def _exact(result: Allocation, w: torch.Tensor, c: torch.Tensor, module_of: torc
     return best
 
 
-def _core_dp(w: torch.Tensor, c: torch.Tensor, free: torch.Tensor, lp_in: torch.Tensor, room: int,
-             dp_limit: int) -> tuple[Optional[torch.Tensor], int]:
+def _core_dp(
+    w: torch.Tensor, c: torch.Tensor, free: torch.Tensor, lp_in: torch.Tensor, room: int, dp_limit: int
+) -> tuple[Optional[torch.Tensor], int]:
     """The best choice with items outside ``free`` at their LP decisions (None when over ``dp_limit``).
 
     Modules of equal cost form one chain (their free items merged by decreasing worth: taking the t best
@@ -343,10 +378,10 @@ def _core_dp(w: torch.Tensor, c: torch.Tensor, free: torch.Tensor, lp_in: torch.
         for u0 in range(0, longest + 1, rows):
             u1 = min(longest + 1, u0 + rows)
             view = padded.as_strided((u1 - u0, cells), (step, 1), u0 * step)
-            value, at = (view + gains.flip(0)[u0:u1, None]).max(dim=0)
+            value, row = (view + gains.flip(0)[u0:u1, None]).max(dim=0)
             better = value > best
             best = torch.where(better, value, best)
-            arg = torch.where(better, longest - (u0 + at), arg)
+            arg = torch.where(better, longest - (u0 + row), arg)
         dp = best
         choices.append((q, chain, arg))
     taken = fixed.clone()
@@ -364,5 +399,16 @@ def update_worths(singular_values: torch.Tensor, scale: float) -> torch.Tensor:
     return (singular_values.detach().to("cpu", torch.float64) * abs(float(scale))).square()
 
 
-__all__ = ["METHODS", "DEFAULT_METHOD", "CORE_ITEMS", "DP_LIMIT", "BudgetError", "Allocation", "AllocationProblem",
-           "allocation_problem", "allocate", "solve", "update_worths"]
+__all__ = [
+    "METHODS",
+    "DEFAULT_METHOD",
+    "CORE_ITEMS",
+    "DP_LIMIT",
+    "BudgetError",
+    "Allocation",
+    "AllocationProblem",
+    "allocation_problem",
+    "allocate",
+    "solve",
+    "update_worths",
+]

@@ -13,6 +13,8 @@ Tensor = torch.Tensor
 #: 10^-4 up to 10^0 = the largest itself (only min_rank components stay), a quarter of a decade apart
 LEVELS: tuple[float, ...] = (math.inf,) + tuple(4.0 - 0.25 * i for i in range(17))
 LEVEL_STEP = 0.25
+#: after a choice, the coarse levels within this many decades of it are evaluated again
+WINDOW_DECADES = 1.0
 
 
 #: the layer-output hook measures the output's mean square on one training forward in this many
@@ -22,8 +24,8 @@ OUTPUT_SAMPLE_EVERY = 4
 HELDOUT_STANDARD_ERRORS = 1.0
 
 
-def pessimistic_loss(items: Tensor, reference: Tensor, standard_errors: float = HELDOUT_STANDARD_ERRORS) -> float:
-    """A candidate's held-out loss plus ``standard_errors`` standard errors of its paired difference from
+def pessimistic_loss(items: Tensor, reference: Tensor) -> float:
+    """A candidate's held-out loss plus ``HELDOUT_STANDARD_ERRORS`` standard errors of its paired difference from
     ``reference`` (the loss of keeping everything, item by item on the same held-out items).
 
     A held-out set is a handful of images with fixed noise: among ~15 candidates,
@@ -41,12 +43,11 @@ def pessimistic_loss(items: Tensor, reference: Tensor, standard_errors: float = 
     reference = reference.detach().double().flatten().cpu()
     if items.numel() < 2 or items.shape != reference.shape or not bool(torch.isfinite(reference).all()):
         return mean
-    return mean + standard_errors * _standard_error(items - reference)
+    return mean + HELDOUT_STANDARD_ERRORS * _standard_error(items - reference)
 
 
-def paired_excess(items: Tensor, best: Tensor, groups: Optional[Tensor] = None,
-                  standard_errors: float = HELDOUT_STANDARD_ERRORS) -> float:
-    """How far a candidate's held-out loss is above the best candidate's beyond ``standard_errors`` standard
+def paired_excess(items: Tensor, best: Tensor, groups: Optional[Tensor] = None) -> float:
+    """How far a candidate's held-out loss is above the best candidate's beyond ``HELDOUT_STANDARD_ERRORS`` standard
     errors of their paired difference (<= 0: within the band, the one-standard-error rule's "as good").
 
     The difference is taken item by item; with ``groups`` (the held-out unit, e.g. the image, of every
@@ -61,7 +62,7 @@ def paired_excess(items: Tensor, best: Tensor, groups: Optional[Tensor] = None,
     if groups is not None and groups.numel() == difference.numel():  # one value per held-out unit
         _, unit, count = groups.cpu().unique(return_inverse=True, return_counts=True)
         difference = torch.zeros(len(count), dtype=difference.dtype).index_add_(0, unit, difference) / count
-    return float(difference.mean()) - standard_errors * _standard_error(difference)
+    return float(difference.mean()) - HELDOUT_STANDARD_ERRORS * _standard_error(difference)
 
 
 def _standard_error(difference: Tensor) -> float:
@@ -88,8 +89,9 @@ def parsimonious_choice(candidates: dict, groups: Optional[Tensor] = None, final
         raise ValueError("parsimonious_choice: no candidate has a finite held-out loss")
     everything = max(finite, key=sum)
     if final:
-        margin = {sig: paired_excess(finite[everything], items, groups) for sig, items in finite.items()
-                  if sig != everything}  # > 0: this cut beats keeping everything beyond the band
+        margin = {
+            sig: paired_excess(finite[everything], items, groups) for sig, items in finite.items() if sig != everything
+        }  # > 0: this cut beats keeping everything beyond the band
         chosen = max(margin, key=lambda sig: (margin[sig], -sum(sig)), default=everything)
         return chosen if margin.get(chosen, 0.0) > 0.0 else everything
     best = min(finite, key=lambda sig: float(finite[sig].double().mean()))
@@ -97,13 +99,13 @@ def parsimonious_choice(candidates: dict, groups: Optional[Tensor] = None, final
     return min(within, key=lambda sig: (sum(sig), float(finite[sig].double().mean())))
 
 
-def window_levels(center: Optional[float], width: float = 1.0) -> list[float]:
+def window_levels(center: Optional[float]) -> list[float]:
     """The coarse levels worth evaluating after a choice at ``center``: keeping everything, and those
-    within ``width`` decades of it (every level before any choice, ``center`` None, and after keeping
+    within ``WINDOW_DECADES`` of it (every level before any choice, ``center`` None, and after keeping
     everything, ``center`` inf: that choice says nothing about where a cut would go)."""
     if center is None or center == math.inf:  # nothing chosen yet, or everything kept: no hint where to cut
         return list(LEVELS)
-    return [LEVELS[0]] + [level for level in LEVELS[1:] if abs(level - center) <= width + 1e-9]
+    return [LEVELS[0]] + [level for level in LEVELS[1:] if abs(level - center) <= WINDOW_DECADES + 1e-9]
 
 
 def refine_levels(importances: list[Tensor], level: float, most: int = 4) -> list[float]:
@@ -129,6 +131,15 @@ def refine_levels(importances: list[Tensor], level: float, most: int = 4) -> lis
     return inside
 
 
-__all__ = ["LEVELS", "LEVEL_STEP", "OUTPUT_SAMPLE_EVERY", "HELDOUT_STANDARD_ERRORS", "pessimistic_loss", "paired_excess",
-           "parsimonious_choice",
-           "window_levels", "refine_levels"]
+__all__ = [
+    "LEVELS",
+    "LEVEL_STEP",
+    "WINDOW_DECADES",
+    "OUTPUT_SAMPLE_EVERY",
+    "HELDOUT_STANDARD_ERRORS",
+    "pessimistic_loss",
+    "paired_excess",
+    "parsimonious_choice",
+    "window_levels",
+    "refine_levels",
+]

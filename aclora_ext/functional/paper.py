@@ -127,8 +127,9 @@ def gaussian_refill(truncated: Tensor, sigma: Tensor, generator: Optional[torch.
     return noise.mul_(sigma.view(-1, *([1] * (truncated.ndim - 1)))).add_(truncated)
 
 
-def restart_paper(down: Tensor, up: Tensor, p: float, energy: str, min_rank: int,
-                  generator: Optional[torch.Generator]) -> tuple[Tensor, Tensor, Tensor]:
+def restart_paper(
+    down: Tensor, up: Tensor, p: float, energy: str, min_rank: int, generator: Optional[torch.Generator]
+) -> tuple[Tensor, Tensor, Tensor]:
     """RESTART of a batch of modules, the paper's way (Algorithm 1, lines 10-23).
 
     down: (B, R, n_in), up: (B, n_out, R). Each factor gets its own SVD and its own
@@ -146,6 +147,14 @@ def restart_paper(down: Tensor, up: Tensor, p: float, energy: str, min_rank: int
     return new_down, new_up, k
 
 
-
-__all__ = ["threshold_p", "signal_rank", "rank_side_svd", "keep_mask", "truncate_factor", "row_std",
-           "residual_std", "gaussian_refill", "restart_paper"]
+__all__ = [
+    "threshold_p",
+    "signal_rank",
+    "rank_side_svd",
+    "keep_mask",
+    "truncate_factor",
+    "row_std",
+    "residual_std",
+    "gaussian_refill",
+    "restart_paper",
+]

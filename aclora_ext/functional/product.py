@@ -35,14 +35,16 @@ def product_core(down: Tensor, up: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return s, to_up, to_down
 
 
-def component_factors(down: Tensor, up: Tensor, s: Tensor, to_up: Tensor, to_down: Tensor, keep: Tensor,
-                      slots: int) -> tuple[Tensor, Tensor]:
+def component_factors(
+    down: Tensor, up: Tensor, s: Tensor, to_up: Tensor, to_down: Tensor, keep: Tensor, slots: int
+) -> tuple[Tensor, Tensor]:
     """Factors (down (B, slots, in), up (B, out, slots)) of the kept components of up @ down (``product_core``).
 
     The kept components are packed into the first slots in order (descending
     singular value), each singular value split evenly between the two factors;
-    the other slots are zero. Built from the stored factors: component j's lora_up column is up @ to_up[:, j] / sqrt(s_j),
-    its lora_down row to_down[:, j]^T @ down / sqrt(s_j). A component whose
+    the other slots are zero. Built from the stored factors: component j's
+    lora_up column is up @ to_up[:, j] / sqrt(s_j), its lora_down row
+    to_down[:, j]^T @ down / sqrt(s_j). A component whose
     singular value is below rounding (R * eps * the largest) gets zero factors:
     dividing by its root would only amplify rounding errors.
     """
@@ -108,11 +110,9 @@ def keep_above(importance: Tensor, threshold: float | Tensor, min_rank: int = 1)
     return keep.scatter(1, top, True)
 
 
-#: coarse candidate thresholds, in decades below the largest importance: everything kept (inf), then
-
-
-def restart_slots(down: Tensor, up: Tensor, keep: Tensor, row_sq: Tensor, std: Tensor,
-                  generator: Optional[torch.Generator]) -> tuple[Tensor, Tensor]:
+def restart_slots(
+    down: Tensor, up: Tensor, keep: Tensor, row_sq: Tensor, std: Tensor, generator: Optional[torch.Generator]
+) -> tuple[Tensor, Tensor]:
     """The product mode's RESTART of a batch of modules whose factors are in their update's SVD basis.
 
     ``down`` (B, R, in) / ``up`` (B, out, R) hold one component of the update per
@@ -141,7 +141,18 @@ def truncation_error(s: Tensor, keep: Tensor) -> Tensor:
     energy = s * s
     total = energy.sum(dim=-1)
     kept = (energy * as_keep(keep, s.shape[-1]).to(energy.dtype)).sum(dim=-1)
-    return torch.where(total > 0, ((total - kept).clamp(min=0) / total.clamp(min=1e-30)).sqrt(), torch.zeros_like(total))
+    return torch.where(
+        total > 0, ((total - kept).clamp(min=0) / total.clamp(min=1e-30)).sqrt(), torch.zeros_like(total)
+    )
 
-__all__ = ["product_core", "component_factors", "as_keep", "packing_order", "component_importance", "keep_above",
-           "restart_slots", "truncation_error"]
+
+__all__ = [
+    "product_core",
+    "component_factors",
+    "as_keep",
+    "packing_order",
+    "component_importance",
+    "keep_above",
+    "restart_slots",
+    "truncation_error",
+]

@@ -45,9 +45,10 @@ def index_sv_cumulative(s: Tensor, target: float, size: int | Tensor) -> Tensor:
 
 
 def index_sv_fro(s: Tensor, target: float, size: int | Tensor) -> Tensor:
-    """resize_lora's ``index_sv_fro`` per module: the share ``target`` of the Frobenius norm (target^2 of the energy)."""
+    """resize_lora's ``index_sv_fro`` per module: the share ``target`` of the Frobenius norm (target^2 of the
+    energy)."""
     energy = s * s
-    return _index_of_share(torch.cumsum(energy, dim=-1) / energy.sum(dim=-1, keepdim=True), target ** 2, size)
+    return _index_of_share(torch.cumsum(energy, dim=-1) / energy.sum(dim=-1, keepdim=True), target**2, size)
 
 
 def index_sv_ratio(s: Tensor, target: float, size: int | Tensor) -> Tensor:
@@ -74,5 +75,11 @@ def resize_lora_rank(s: Tensor, method: str, target: float, size: int | Tensor, 
     return torch.where(s[:, 0] <= RESIZE_LORA_MIN_SV, torch.ones_like(rank), torch.minimum(rank, cap))
 
 
-__all__ = ["RESIZE_LORA_MIN_SV", "index_sv_cumulative", "index_sv_fro", "index_sv_ratio", "RESIZE_LORA_INDEX",
-           "resize_lora_rank"]
+__all__ = [
+    "RESIZE_LORA_MIN_SV",
+    "index_sv_cumulative",
+    "index_sv_fro",
+    "index_sv_ratio",
+    "RESIZE_LORA_INDEX",
+    "resize_lora_rank",
+]

@@ -139,7 +139,7 @@ def sdxl_module_shapes() -> List[ModuleShape]:
     download. Text-encoder names carry the ``text_model_`` level whatever
     transformers is installed, as existing LoRA consumers expect.
     """
-    from diffusers import UNet2DConditionModel
+    from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel  # typed (diffusers' lazy root is not)
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     with torch.device("meta"):

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor, nn
@@ -78,22 +78,41 @@ SD3_MEDIUM = SD3Config(pos_embed_max_size=192, qk_norm=None, x_block_self_attn_l
 SD35_MEDIUM = SD3Config()
 SD35_LARGE = SD3Config(depth=38, pos_embed_max_size=192, x_block_self_attn_layers=(), model_type="5-large")
 #: the DiT models by sd-scripts' name: FLUX "dev"/"schnell" (flux_models.configs), SD3 model_type
-DIT_CONFIGS = {"flux": {"dev": FLUX_DEV, "schnell": FLUX_SCHNELL},
-               "sd3": {"medium": SD3_MEDIUM, "5-medium": SD35_MEDIUM, "5-large": SD35_LARGE}}
+DIT_CONFIGS: dict[str, dict[str, FluxConfig | SD3Config]] = {
+    "flux": {"dev": FLUX_DEV, "schnell": FLUX_SCHNELL},
+    "sd3": {"medium": SD3_MEDIUM, "5-medium": SD35_MEDIUM, "5-large": SD35_LARGE},
+}
 
 # T5 v1.1 XXL's encoder as FLUX.1 and SD3 use it (transformers' T5Config keys)
 T5XXL_CONFIG: dict = {
-    "vocab_size": 32128, "d_model": 4096, "d_kv": 64, "d_ff": 10240, "num_layers": 24, "num_heads": 64,
-    "relative_attention_num_buckets": 32, "relative_attention_max_distance": 128, "dropout_rate": 0.1,
-    "layer_norm_epsilon": 1e-6, "feed_forward_proj": "gated-gelu", "is_encoder_decoder": False, "use_cache": False,
+    "vocab_size": 32128,
+    "d_model": 4096,
+    "d_kv": 64,
+    "d_ff": 10240,
+    "num_layers": 24,
+    "num_heads": 64,
+    "relative_attention_num_buckets": 32,
+    "relative_attention_max_distance": 128,
+    "dropout_rate": 0.1,
+    "layer_norm_epsilon": 1e-6,
+    "feed_forward_proj": "gated-gelu",
+    "is_encoder_decoder": False,
+    "use_cache": False,
     "tie_word_embeddings": False,
 }
 T5_TARGET_CLASSES = ("T5Attention", "T5DenseGatedActDense")
 # the FLUX.1 autoencoder and the SD3 VAE: the SD VAE's architecture with 16 latent channels, no quant convs
 DIT_VAE_CONFIG: dict = {
-    "in_channels": 3, "out_channels": 3, "down_block_types": ("DownEncoderBlock2D",) * 4,
-    "up_block_types": ("UpDecoderBlock2D",) * 4, "block_out_channels": (128, 256, 512, 512), "layers_per_block": 2,
-    "latent_channels": 16, "norm_num_groups": 32, "use_quant_conv": False, "use_post_quant_conv": False,
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ("DownEncoderBlock2D",) * 4,
+    "up_block_types": ("UpDecoderBlock2D",) * 4,
+    "block_out_channels": (128, 256, 512, 512),
+    "layers_per_block": 2,
+    "latent_channels": 16,
+    "norm_num_groups": 32,
+    "use_quant_conv": False,
+    "use_post_quant_conv": False,
 }
 DIT_LATENT_CHANNELS = 16
 
@@ -114,19 +133,26 @@ def timestep_embedding(t: Tensor, dim: int, time_factor: float = 1.0, max_period
     return emb.to(t) if torch.is_floating_point(t) else emb
 
 
-def checkpointed(module: nn.Module, fn, *args):
+class CheckpointedBlock(nn.Module):
+    """A block whose forward goes through :func:`checkpointed`: sd-scripts' ``gradient_checkpointing`` flag."""
+
+    gradient_checkpointing: bool = False
+    _inside: bool = False  # True while the checkpoint's recomputation calls the block
+
+
+def checkpointed(module: CheckpointedBlock, fn: Callable[..., Any], *args: Any) -> Any:
     """``fn(*args)``, through torch.utils.checkpoint (non-reentrant) when ``module`` trains with checkpointing.
 
     sd-scripts checkpoints the block's ``_forward``; here the checkpointed function calls the module itself
     (which then runs ``fn``), so that module hooks also see the recomputation during backward (``aclora
     vram`` keeps its CUDA policy on through them). What is saved and recomputed is the same.
     """
-    if module.training and getattr(module, "gradient_checkpointing", False) and not getattr(module, "_inside", False):
+    if module.training and module.gradient_checkpointing and not module._inside:
         return checkpoint(_through_call, module, *args, use_reentrant=False)
     return fn(*args)
 
 
-def _through_call(module: nn.Module, *args):
+def _through_call(module: CheckpointedBlock, *args: Any) -> Any:
     module._inside = True
     try:
         return module(*args)
@@ -140,6 +166,20 @@ def heads_first(x: Tensor, heads: int, parts: int) -> tuple[Tensor, ...]:
     return tuple(x.reshape(b, n, parts, heads, -1).permute(2, 0, 3, 1, 4).unbind(0))
 
 
-__all__ = ["FluxConfig", "SD3Config", "FLUX_DEV", "FLUX_SCHNELL", "SD3_MEDIUM", "SD35_MEDIUM", "SD35_LARGE",
-           "DIT_CONFIGS", "T5XXL_CONFIG", "T5_TARGET_CLASSES", "DIT_VAE_CONFIG", "DIT_LATENT_CHANNELS", "small",
-           "timestep_embedding", "checkpointed"]
+__all__ = [
+    "FluxConfig",
+    "SD3Config",
+    "FLUX_DEV",
+    "FLUX_SCHNELL",
+    "SD3_MEDIUM",
+    "SD35_MEDIUM",
+    "SD35_LARGE",
+    "DIT_CONFIGS",
+    "T5XXL_CONFIG",
+    "T5_TARGET_CLASSES",
+    "DIT_VAE_CONFIG",
+    "DIT_LATENT_CHANNELS",
+    "small",
+    "timestep_embedding",
+    "checkpointed",
+]

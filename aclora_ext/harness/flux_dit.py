@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from .dit import FLUX_DEV, FluxConfig, checkpointed, heads_first, timestep_embedding
+from .dit import FLUX_DEV, CheckpointedBlock, FluxConfig, checkpointed, heads_first, timestep_embedding
 
 
 class RMSNorm(nn.Module):
@@ -22,7 +22,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         wide = x.float()
-        return (wide * torch.rsqrt(torch.mean(wide ** 2, dim=-1, keepdim=True) + 1e-6) * self.scale.float()).to(x.dtype)
+        return (wide * torch.rsqrt(torch.mean(wide**2, dim=-1, keepdim=True) + 1e-6) * self.scale.float()).to(x.dtype)
 
 
 class QKNorm(nn.Module):
@@ -69,6 +69,7 @@ def rope(pos: Tensor, dim: int, theta: int) -> Tensor:
 
 def rope_attention(q: Tensor, k: Tensor, v: Tensor, pe: Tensor, mask: Optional[Tensor]) -> Tensor:
     """RoPE on q and k (in float32, back to their dtype), scaled dot-product attention, heads merged."""
+
     def rotate(x: Tensor) -> Tensor:
         pairs = x.float().reshape(*x.shape[:-1], -1, 1, 2)
         return (pe[..., 0] * pairs[..., 0] + pe[..., 1] * pairs[..., 1]).reshape(x.shape).type_as(x)
@@ -81,12 +82,13 @@ def rope_attention(q: Tensor, k: Tensor, v: Tensor, pe: Tensor, mask: Optional[T
 def _joint_mask(text_mask: Optional[Tensor], image_tokens: int, heads: int, queries: int) -> Optional[Tensor]:
     if text_mask is None:
         return None
-    keep = torch.cat([text_mask.to(torch.bool), text_mask.new_ones(text_mask.shape[0], image_tokens, dtype=torch.bool)],
-                     dim=1)
+    keep = torch.cat(
+        [text_mask.to(torch.bool), text_mask.new_ones(text_mask.shape[0], image_tokens, dtype=torch.bool)], dim=1
+    )
     return keep[:, None, None, :].expand(-1, heads, queries, -1)
 
 
-class DoubleStreamBlock(nn.Module):
+class DoubleStreamBlock(CheckpointedBlock):
     def __init__(self, c: FluxConfig) -> None:
         super().__init__()
         h = c.hidden_size
@@ -96,8 +98,11 @@ class DoubleStreamBlock(nn.Module):
             setattr(self, f"{stream}_norm1", nn.LayerNorm(h, elementwise_affine=False, eps=1e-6))
             setattr(self, f"{stream}_attn", SelfAttention(h, c.num_heads, c.qkv_bias))
             setattr(self, f"{stream}_norm2", nn.LayerNorm(h, elementwise_affine=False, eps=1e-6))
-            setattr(self, f"{stream}_mlp", nn.Sequential(nn.Linear(h, c.mlp_hidden), nn.GELU(approximate="tanh"),
-                                                         nn.Linear(c.mlp_hidden, h)))
+            setattr(
+                self,
+                f"{stream}_mlp",
+                nn.Sequential(nn.Linear(h, c.mlp_hidden), nn.GELU(approximate="tanh"), nn.Linear(c.mlp_hidden, h)),
+            )
         self.gradient_checkpointing = False
 
     def _forward(self, img: Tensor, txt: Tensor, vec: Tensor, pe: Tensor, mask: Optional[Tensor]):
@@ -109,7 +114,7 @@ class DoubleStreamBlock(nn.Module):
         (tq, tk, tv), (iq, ik, iv) = streams["txt"][0], streams["img"][0]
         q, k, v = torch.cat((tq, iq), dim=2), torch.cat((tk, ik), dim=2), torch.cat((tv, iv), dim=2)
         attn = rope_attention(q, k, v, pe, _joint_mask(mask, img.shape[1], self.num_heads, q.shape[2]))
-        out = {"txt": (txt, attn[:, : txt.shape[1]]), "img": (img, attn[:, txt.shape[1]:])}
+        out = {"txt": (txt, attn[:, : txt.shape[1]]), "img": (img, attn[:, txt.shape[1] :])}
         for name in ("img", "txt"):
             x, a = out[name]
             gate1, shift2, scale2, gate2 = streams[name][1]
@@ -122,7 +127,7 @@ class DoubleStreamBlock(nn.Module):
         return checkpointed(self, self._forward, img, txt, vec, pe, mask)
 
 
-class SingleStreamBlock(nn.Module):
+class SingleStreamBlock(CheckpointedBlock):
     def __init__(self, c: FluxConfig) -> None:
         super().__init__()
         h = c.hidden_size
@@ -137,8 +142,9 @@ class SingleStreamBlock(nn.Module):
 
     def _forward(self, x: Tensor, vec: Tensor, pe: Tensor, mask: Optional[Tensor]) -> Tensor:
         shift, scale, gate = self.modulation(vec)
-        qkv, mlp = torch.split(self.linear1((1 + scale) * self.pre_norm(x) + shift),
-                               [3 * self.hidden_size, self.mlp_hidden], dim=-1)
+        qkv, mlp = torch.split(
+            self.linear1((1 + scale) * self.pre_norm(x) + shift), [3 * self.hidden_size, self.mlp_hidden], dim=-1
+        )
         q, k, v = heads_first(qkv, self.num_heads, 3)
         q, k = self.norm(q, k, v)
         text = 0 if mask is None else mask.shape[1]
@@ -149,7 +155,7 @@ class SingleStreamBlock(nn.Module):
         return checkpointed(self, self._forward, x, vec, pe, mask)
 
 
-class MLPEmbedder(nn.Module):
+class MLPEmbedder(CheckpointedBlock):
     def __init__(self, in_dim: int, hidden: int) -> None:
         super().__init__()
         self.in_layer, self.silu, self.out_layer = nn.Linear(in_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden)
@@ -195,15 +201,26 @@ class Flux(nn.Module):
     def enable_gradient_checkpointing(self) -> None:
         """As sd-scripts: every block and the time/vector/guidance embedders."""
         for m in self.modules():
-            if hasattr(m, "gradient_checkpointing"):
+            if isinstance(m, CheckpointedBlock):
                 m.gradient_checkpointing = True
 
-    def forward(self, img: Tensor, img_ids: Tensor, txt: Tensor, txt_ids: Tensor, timesteps: Tensor, y: Tensor,
-                guidance: Optional[Tensor] = None, txt_attention_mask: Optional[Tensor] = None) -> Tensor:
+    def forward(
+        self,
+        img: Tensor,
+        img_ids: Tensor,
+        txt: Tensor,
+        txt_ids: Tensor,
+        timesteps: Tensor,
+        y: Tensor,
+        guidance: Optional[Tensor] = None,
+        txt_attention_mask: Optional[Tensor] = None,
+    ) -> Tensor:
         c = self.params
         img = self.img_in(img)
         vec = self.time_in(timestep_embedding(timesteps, 256, time_factor=1000.0))
         if c.guidance_embed:
+            if guidance is None:
+                raise ValueError("this FLUX.1 model embeds the guidance scale: pass guidance (a tensor per sample)")
             vec = vec + self.guidance_in(timestep_embedding(guidance, 256, time_factor=1000.0))
         vec = vec + self.vector_in(y)
         txt = self.txt_in(txt)
@@ -214,7 +231,7 @@ class Flux(nn.Module):
         x = torch.cat((txt, img), dim=1)
         for block in self.single_blocks:
             x = block(x, vec, pe, txt_attention_mask)
-        return self.final_layer(x[:, txt.shape[1]:, ...], vec)
+        return self.final_layer(x[:, txt.shape[1] :, ...], vec)
 
 
 __all__ = ["Flux", "DoubleStreamBlock", "SingleStreamBlock", "RMSNorm", "rope", "rope_attention"]

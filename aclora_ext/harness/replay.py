@@ -25,7 +25,7 @@ import math
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Union, cast
 
 import torch
 
@@ -47,6 +47,61 @@ MODELSPEC_ARCHITECTURE = {False: "stable-diffusion-v1/lora", True: "stable-diffu
 MODELSPEC_IMPLEMENTATION = {False: "diffusers", True: "https://github.com/Stability-AI/generative-models"}
 
 
+@dataclass(frozen=True)
+class NetworkSetup:
+    """The network sd-scripts is asked for: its ``--network_*`` options.
+
+    ``args`` values are passed as strings (``--network_args key=value``); ``weights``
+    (``--network_weights``) are loaded after ``apply_to``, or with ``dim_from_weights`` the network
+    is created from them; ``train_unet`` / ``train_text_encoder`` are the negations of
+    ``--network_train_text_encoder_only`` / ``--network_train_unet_only``.
+    """
+
+    dim: Optional[int] = 8
+    alpha: Optional[float] = 4.0
+    args: Optional[Mapping[str, Any]] = None
+    dropout: Optional[float] = None
+    weights: Optional[str] = None
+    dim_from_weights: bool = False
+    train_unet: bool = True
+    train_text_encoder: bool = True
+
+    def __post_init__(self) -> None:
+        if not (self.train_unet or self.train_text_encoder):
+            raise ValueError("at least one of train_unet and train_text_encoder must be True")
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """How sd-scripts steps: the run's length, batches, learning rates, gradient clipping, the seed.
+
+    The run length is ``epochs`` (sd-scripts' ``--max_train_epochs``) unless ``max_train_steps`` is
+    given. A float ``text_encoder_lr`` becomes a one-element list, as ``--text_encoder_lr 1e-4`` does
+    on sd-scripts' command line. ``max_grad_norm`` None turns clipping off (sd-scripts' 0.0).
+    """
+
+    epochs: Optional[int] = 2
+    max_train_steps: Optional[int] = None
+    batch_size: int = 2
+    gradient_accumulation_steps: int = 1
+    lr: float = 1e-3
+    text_encoder_lr: Union[None, float, List[float]] = None
+    unet_lr: Optional[float] = None
+    max_grad_norm: Optional[float] = 1.0
+    scale_weight_norms: Optional[float] = None
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Saving:
+    """Where ``save_weights`` writes: ``path`` is the final file; with ``every_n_epochs``
+    (``--save_every_n_epochs``) epoch files sit beside it as ``<stem>-<epoch:06d><suffix>``."""
+
+    path: str
+    every_n_epochs: Optional[int] = None
+    dtype: torch.dtype = torch.float32
+
+
 @dataclass
 class ReplayResult:
     """What a replayed run leaves behind, for assertions and reports.
@@ -60,15 +115,12 @@ class ReplayResult:
     network: Any
     losses: List[float]
     args: argparse.Namespace
-    accelerator: Any
     saved_files: List[str] = field(default_factory=list)
     metadata: Dict[str, str] = field(default_factory=dict)
     global_step: int = 0
     num_train_epochs: int = 0
-    net_kwargs: Dict[str, Any] = field(default_factory=dict)
     lr_descriptions: Optional[List[str]] = None
     load_info: Any = None
-    optimizer: Any = None
 
 
 # ---------------------------------------------------------------------------
@@ -194,6 +246,64 @@ def _save(network, args, metadata: Dict[str, str], name: str, steps: int, epoch_
     return path
 
 
+def sd_scripts_args(setup: NetworkSetup, schedule: Schedule, saving: Optional[Saving]) -> argparse.Namespace:
+    """The ``args`` sd-scripts' parser gives for these options; ``max_train_steps`` stays at sd-scripts'
+    default 1600 when the run length is in epochs (it becomes final only before the loop)."""
+    output_dir, output_name, extension = None, None, ".safetensors"
+    if saving is not None:
+        output_dir = os.path.dirname(os.path.abspath(saving.path))
+        output_name, extension = os.path.splitext(os.path.basename(saving.path))
+    text_encoder_lr = schedule.text_encoder_lr
+    by_steps = schedule.max_train_steps is not None
+    return make_args(
+        network_dim=setup.dim,
+        network_alpha=setup.alpha,
+        network_dropout=setup.dropout,
+        network_args=network_args_list(setup.args),
+        network_weights=setup.weights,
+        dim_from_weights=setup.dim_from_weights,
+        network_train_unet_only=not setup.train_text_encoder,
+        network_train_text_encoder_only=not setup.train_unet,
+        learning_rate=schedule.lr,
+        unet_lr=schedule.unet_lr,
+        text_encoder_lr=[text_encoder_lr] if isinstance(text_encoder_lr, (int, float)) else text_encoder_lr,
+        max_train_steps=schedule.max_train_steps if by_steps else SD_SCRIPTS_DEFAULT_MAX_TRAIN_STEPS,
+        max_train_epochs=None if by_steps else schedule.epochs,
+        train_batch_size=schedule.batch_size,
+        gradient_accumulation_steps=schedule.gradient_accumulation_steps,
+        max_grad_norm=0.0 if schedule.max_grad_norm is None else schedule.max_grad_norm,
+        scale_weight_norms=schedule.scale_weight_norms,
+        save_every_n_epochs=None if saving is None else saving.every_n_epochs,
+        save_model_as=extension.lstrip("."),
+        output_dir=output_dir,
+        output_name=output_name,
+        seed=schedule.seed,
+    )
+
+
+def _trains(args: argparse.Namespace) -> tuple[bool, bool]:
+    """(train_unet, train_text_encoder), as sd-scripts reads them from ``args``."""
+    return not args.network_train_text_encoder_only, not args.network_train_unet_only
+
+
+def build_network(network_module, args: argparse.Namespace, models: Mapping[str, Any], sdxl: bool):
+    """``create_network``, ``prepare_network``, ``apply_to`` and ``load_weights``, in sd-scripts' order.
+    Returns (network, net_kwargs, load_info: None without ``args.network_weights``)."""
+    network, net_kwargs = create_network(network_module, args, models, sdxl)
+    if hasattr(network, "prepare_network"):
+        network.prepare_network(args)
+    if args.scale_weight_norms and not hasattr(network, "apply_max_norm_regularization"):
+        logger.warning("scale_weight_norms is set but the network has no apply_max_norm_regularization")
+        args.scale_weight_norms = False
+    train_unet, train_text_encoder = _trains(args)
+    network.apply_to(text_encoder_argument(models, sdxl), models["unet"], train_text_encoder, train_unet)
+    load_info = None
+    if args.network_weights is not None:
+        load_info = network.load_weights(args.network_weights)
+        logger.info("load network weights from %s: %s", args.network_weights, load_info)
+    return network, net_kwargs, load_info
+
+
 def _prepare_base_models(accelerator, models, text_encoders, train_unet: bool, train_text_encoder: bool):
     """Freeze and place the base models as sd-scripts does after the optimizer exists:
     requires_grad False, prepared by accelerate when trained through, eval mode."""
@@ -214,191 +324,154 @@ def _prepare_base_models(accelerator, models, text_encoders, train_unet: bool, t
         encoder.eval()
 
 
+class _Loop:
+    """sd-scripts' training loop over what accelerate prepared: micro-batches, optimizer steps, losses.
+
+    Built after the optimizer and the loader exist, it freezes the base models, lets accelerate wrap
+    network, optimizer, loader and the (constant) scheduler, and calls ``prepare_grad_etc``.
+    """
+
+    def __init__(
+        self, accelerator, network, optimizer, loader, models: Mapping[str, Any], sdxl: bool, args: argparse.Namespace
+    ) -> None:
+        self.accelerator, self.models, self.sdxl, self.args = accelerator, models, sdxl, args
+        self.train_unet, self.train_text_encoder = _trains(args)
+        self.text_encoders = text_encoders_of(models, sdxl)
+        self.text_encoder = text_encoder_argument(models, sdxl)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+        _prepare_base_models(accelerator, models, self.text_encoders, self.train_unet, self.train_text_encoder)
+        prepared = accelerator.prepare(network, optimizer, loader, scheduler)
+        self.network, self.optimizer, self.loader, self.scheduler = prepared
+        self.unwrapped.prepare_grad_etc(self.text_encoder, models["unet"])
+        self.on_step_start = getattr(self.unwrapped, "on_step_start", None)
+        self.global_step = 0
+        self.losses: List[float] = []
+
+    @property
+    def unwrapped(self):
+        return self.accelerator.unwrap_model(self.network)
+
+    @property
+    def num_train_epochs(self) -> int:
+        steps_per_epoch = math.ceil(len(self.loader) / self.args.gradient_accumulation_steps)
+        return math.ceil(self.args.max_train_steps / steps_per_epoch)
+
+    def epoch(self) -> None:
+        """``on_epoch_start``, then the loader's micro-batches until it ends or ``max_train_steps`` is reached."""
+        self.unwrapped.on_epoch_start(self.text_encoder, self.models["unet"])
+        for batch in self.loader:
+            self.losses.append(self.step(batch).detach().item())
+            if self.global_step >= self.args.max_train_steps:
+                break
+
+    def step(self, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
+        """One micro-batch: ``on_step_start``, loss, backward, clipping when gradients sync, the optimizer
+        step; then max-norm regularisation. Returns the loss."""
+        accelerator, args = self.accelerator, self.args
+        with accelerator.accumulate(self.network):
+            if self.on_step_start is not None:
+                self.on_step_start(self.text_encoder, self.models["unet"])
+            loss = training_loss(
+                accelerator, self.models, self.text_encoders, batch, self.sdxl, self.train_unet, self.train_text_encoder
+            )
+            accelerator.backward(loss)
+            if accelerator.sync_gradients and args.max_grad_norm != 0.0:
+                accelerator.clip_grad_norm_(self.unwrapped.get_trainable_params(), args.max_grad_norm)
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        if args.scale_weight_norms:
+            self.unwrapped.apply_max_norm_regularization(args.scale_weight_norms, accelerator.device)
+        if accelerator.sync_gradients:
+            self.global_step += 1
+        return loss
+
+
+def _final_max_train_steps(args: argparse.Namespace, batches: int, num_processes: int) -> None:
+    """sd-scripts' run length in epochs becomes steps once the loader exists."""
+    if args.max_train_epochs is not None:
+        args.max_train_steps = args.max_train_epochs * math.ceil(
+            batches / num_processes / args.gradient_accumulation_steps
+        )
+
+
+def _epoch_file_due(args: argparse.Namespace, epoch_no: int, num_train_epochs: int) -> bool:
+    """sd-scripts' --save_every_n_epochs: a file after every n-th epoch but the last (the final save covers it)."""
+    every = args.save_every_n_epochs
+    return every is not None and epoch_no % every == 0 and epoch_no < num_train_epochs
+
+
 def replay_training(
     network_module,
     models: Mapping[str, Any],
     dataset: Sequence[Mapping[str, torch.Tensor]],
     *,
     sdxl: bool,
-    network_dim: Optional[int] = 8,
-    network_alpha: Optional[float] = 4.0,
-    network_args: Optional[Mapping[str, Any]] = None,
-    network_dropout: Optional[float] = None,
-    epochs: Optional[int] = 2,
-    max_train_steps: Optional[int] = None,
-    batch_size: int = 2,
-    gradient_accumulation_steps: int = 1,
-    lr: float = 1e-3,
-    text_encoder_lr: Union[None, float, List[float]] = None,
-    unet_lr: Optional[float] = None,
-    train_unet: bool = True,
-    train_text_encoder: bool = True,
-    network_weights: Optional[str] = None,
-    dim_from_weights: bool = False,
-    max_grad_norm: Optional[float] = 1.0,
-    scale_weight_norms: Optional[float] = None,
-    save_path: Optional[str] = None,
-    save_every_n_epochs: Optional[int] = None,
-    save_dtype: torch.dtype = torch.float32,
-    seed: int = 0,
-    accelerator=None,
-    log_fn: Optional[Callable[[Dict[str, Any]], None]] = None,
-    network_module_name: str = "networks.aclora",
+    network: Optional[NetworkSetup] = None,
+    schedule: Optional[Schedule] = None,
+    saving: Optional[Saving] = None,
 ) -> ReplayResult:
     """Train ``network_module``'s network on ``dataset`` the way sd-scripts' train_network.py would.
 
-    The run length is ``epochs`` (sd-scripts' --max_train_epochs) unless
-    ``max_train_steps`` is given. ``network_args`` values are passed as strings.
-    A float ``text_encoder_lr`` becomes a one-element list, as
-    ``--text_encoder_lr 1e-4`` does on sd-scripts' command line.
-    Files are written only with ``save_path`` (the final file; epoch files sit
-    beside it as ``<stem>-<epoch:06d><suffix>``). ``models`` are changed in
-    place (frozen, patched by the network), as in sd-scripts.
+    ``network`` and ``schedule`` are sd-scripts' options (defaults: :class:`NetworkSetup`,
+    :class:`Schedule`); files are written only with ``saving``. ``models`` are changed in place
+    (frozen, patched by the network), as in sd-scripts.
     """
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    if not (train_unet or train_text_encoder):
-        raise ValueError("at least one of train_unet and train_text_encoder must be True")
-    if accelerator is None:
-        accelerator = Accelerator(gradient_accumulation_steps=gradient_accumulation_steps)
-    elif accelerator.gradient_accumulation_steps != gradient_accumulation_steps:
-        raise ValueError(
-            f"accelerator accumulates {accelerator.gradient_accumulation_steps} steps, "
-            f"but gradient_accumulation_steps={gradient_accumulation_steps}"
-        )
-    set_seed(seed)
+    schedule = schedule or Schedule()
+    accelerator = Accelerator(gradient_accumulation_steps=schedule.gradient_accumulation_steps)
+    set_seed(schedule.seed)
+    args = sd_scripts_args(network or NetworkSetup(), schedule, saving)
 
-    output_dir, output_name, extension = None, None, ".safetensors"
-    if save_path is not None:
-        output_dir = os.path.dirname(os.path.abspath(save_path))
-        output_name, extension = os.path.splitext(os.path.basename(save_path))
-    args = make_args(
-        network_module=network_module_name,
-        network_dim=network_dim,
-        network_alpha=network_alpha,
-        network_dropout=network_dropout,
-        network_args=network_args_list(network_args),
-        network_weights=network_weights,
-        dim_from_weights=dim_from_weights,
-        network_train_unet_only=not train_text_encoder,
-        network_train_text_encoder_only=not train_unet,
-        learning_rate=lr,
-        unet_lr=unet_lr,
-        text_encoder_lr=[text_encoder_lr] if isinstance(text_encoder_lr, (int, float)) else text_encoder_lr,
-        max_train_steps=max_train_steps if max_train_steps is not None else SD_SCRIPTS_DEFAULT_MAX_TRAIN_STEPS,
-        max_train_epochs=None if max_train_steps is not None else epochs,
-        train_batch_size=batch_size,
-        gradient_accumulation_steps=gradient_accumulation_steps,
-        max_grad_norm=0.0 if max_grad_norm is None else max_grad_norm,
-        scale_weight_norms=scale_weight_norms,
-        save_every_n_epochs=save_every_n_epochs,
-        save_model_as=extension.lstrip("."),
-        output_dir=output_dir,
-        output_name=output_name,
-        seed=seed,
-    )
-    text_encoders = text_encoders_of(models, sdxl)
-    text_encoder = text_encoder_argument(models, sdxl)
-    unet = models["unet"]
-
-    network, net_kwargs = create_network(network_module, args, models, sdxl)
-    if hasattr(network, "prepare_network"):
-        network.prepare_network(args)
-    if args.scale_weight_norms and not hasattr(network, "apply_max_norm_regularization"):
-        logger.warning("scale_weight_norms is set but the network has no apply_max_norm_regularization")
-        args.scale_weight_norms = False
-    network.apply_to(text_encoder, unet, train_text_encoder, train_unet)
-    load_info = None
-    if args.network_weights is not None:
-        load_info = network.load_weights(args.network_weights)
-        logger.info("load network weights from %s: %s", args.network_weights, load_info)
-
-    param_groups, lr_descriptions, te_lr = prepare_optimizer_params(network, args)
+    built, net_kwargs, load_info = build_network(network_module, args, models, sdxl)
+    param_groups, lr_descriptions, te_lr = prepare_optimizer_params(built, args)
     optimizer = torch.optim.AdamW(param_groups, lr=args.learning_rate)
-    loader = torch.utils.data.DataLoader(list(dataset), batch_size=batch_size, shuffle=True, collate_fn=collate)
-    if args.max_train_epochs is not None:
-        args.max_train_steps = args.max_train_epochs * math.ceil(
-            len(loader) / accelerator.num_processes / args.gradient_accumulation_steps
-        )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    samples = cast("torch.utils.data.Dataset[Mapping[str, torch.Tensor]]", list(dataset))  # a list is a dataset
+    loader = torch.utils.data.DataLoader(samples, batch_size=args.train_batch_size, shuffle=True, collate_fn=collate)
+    _final_max_train_steps(args, len(loader), accelerator.num_processes)
+    loop = _Loop(accelerator, built, optimizer, loader, models, sdxl, args)
 
-    _prepare_base_models(accelerator, models, text_encoders, train_unet, train_text_encoder)
-    network, optimizer, loader, scheduler = accelerator.prepare(network, optimizer, loader, scheduler)
-    accelerator.unwrap_model(network).prepare_grad_etc(text_encoder, unet)
-
-    steps_per_epoch = math.ceil(len(loader) / args.gradient_accumulation_steps)
-    num_train_epochs = math.ceil(args.max_train_steps / steps_per_epoch)
-    metadata = training_metadata(args, net_kwargs, sdxl, num_train_epochs, len(loader), te_lr, len(dataset))
-    on_step_start = getattr(accelerator.unwrap_model(network), "on_step_start", None)
-
+    epochs = loop.num_train_epochs
+    metadata = training_metadata(args, net_kwargs, sdxl, epochs, len(loop.loader), te_lr, len(dataset))
     result = ReplayResult(
         network=None,
-        losses=[],
+        losses=loop.losses,
         args=args,
-        accelerator=accelerator,
         metadata=metadata,
-        num_train_epochs=num_train_epochs,
-        net_kwargs=net_kwargs,
+        num_train_epochs=epochs,
         lr_descriptions=lr_descriptions,
         load_info=load_info,
     )
-    global_step = 0
-    for epoch in range(num_train_epochs):
-        metadata["ss_epoch"] = str(epoch + 1)
-        accelerator.unwrap_model(network).on_epoch_start(text_encoder, unet)
-        for step, batch in enumerate(loader):
-            with accelerator.accumulate(network):
-                if on_step_start is not None:
-                    on_step_start(text_encoder, unet)
-                loss = training_loss(accelerator, models, text_encoders, batch, sdxl, train_unet, train_text_encoder)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and args.max_grad_norm != 0.0:
-                    trainable = accelerator.unwrap_model(network).get_trainable_params()
-                    accelerator.clip_grad_norm_(trainable, args.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            norm_stats = None
-            if args.scale_weight_norms:
-                norm_stats = accelerator.unwrap_model(network).apply_max_norm_regularization(
-                    args.scale_weight_norms, accelerator.device
-                )
-            if accelerator.sync_gradients:
-                global_step += 1
-            result.losses.append(loss.detach().item())
-            if log_fn is not None:
-                log_fn(
-                    {
-                        "epoch": epoch + 1,
-                        "step": step,
-                        "global_step": global_step,
-                        "loss": result.losses[-1],
-                        "sync_gradients": accelerator.sync_gradients,
-                        "max_norm": norm_stats,
-                    }
-                )
-            if global_step >= args.max_train_steps:
-                break
-        logger.debug("epoch %d/%d done, global step %d", epoch + 1, num_train_epochs, global_step)
+    for epoch_no in range(1, epochs + 1):
+        metadata["ss_epoch"] = str(epoch_no)
+        loop.epoch()
+        logger.debug("epoch %d/%d done, global step %d", epoch_no, epochs, loop.global_step)
         accelerator.wait_for_everyone()
-        if (
-            save_path is not None
-            and args.save_every_n_epochs is not None
-            and (epoch + 1) % args.save_every_n_epochs == 0
-            and (epoch + 1) < num_train_epochs
-        ):
-            name = f"{args.output_name}-{epoch + 1:06d}.{args.save_model_as}"
+        if saving is not None and _epoch_file_due(args, epoch_no, epochs):
+            name = f"{args.output_name}-{epoch_no:06d}.{args.save_model_as}"
             result.saved_files.append(
-                _save(accelerator.unwrap_model(network), args, metadata, name, global_step, epoch + 1, save_dtype)
+                _save(loop.unwrapped, args, metadata, name, loop.global_step, epoch_no, saving.dtype)
             )
 
-    network = accelerator.unwrap_model(network)
+    result.network, result.global_step = loop.unwrapped, loop.global_step
     accelerator.end_training()
-    if save_path is not None:
+    if saving is not None:
         name = f"{args.output_name}.{args.save_model_as}"
-        result.saved_files.append(_save(network, args, metadata, name, global_step, num_train_epochs, save_dtype))
-    result.network = network
-    result.global_step = global_step
-    result.optimizer = optimizer
+        result.saved_files.append(_save(result.network, args, metadata, name, loop.global_step, epochs, saving.dtype))
     return result
+
+
+__all__ = [
+    "NetworkSetup",
+    "Schedule",
+    "Saving",
+    "ReplayResult",
+    "replay_training",
+    "sd_scripts_args",
+    "build_network",
+    "create_network",
+    "prepare_optimizer_params",
+    "training_metadata",
+]

@@ -4,13 +4,15 @@ q/k RMSNorms of SD3.5; written here from the architecture (see ``harness.dit``).
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, cast
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from .dit import SD35_MEDIUM, SD3Config, checkpointed, timestep_embedding
+from .dit import SD35_MEDIUM, CheckpointedBlock, SD3Config, checkpointed, timestep_embedding
+
+QKV = tuple[Tensor, Tensor, Tensor]
 
 
 class SD3RMSNorm(nn.Module):
@@ -50,9 +52,45 @@ def sd3_attention(q: Tensor, k: Tensor, v: Tensor, head_dim: int) -> Tensor:
     return out.transpose(1, 2).reshape(b, n, -1)
 
 
+class _Mlp(nn.Module):
+    """``mlp.fc1``, ``mlp.act``, ``mlp.fc2``, as sd-scripts names them."""
+
+    def __init__(self, hidden: int, inner: int) -> None:
+        super().__init__()
+        self.fc1, self.act, self.fc2 = nn.Linear(hidden, inner), nn.GELU(approximate="tanh"), nn.Linear(inner, hidden)
+
+
+# the containers below hold submodules under sd-scripts' names (x_embedder.proj, t_embedder.mlp, final_layer.*)
+class _PatchEmbed(nn.Module):
+    def __init__(self, proj: nn.Conv2d) -> None:
+        super().__init__()
+        self.proj = proj
+
+
+class _Embedder(nn.Module):
+    def __init__(self, mlp: nn.Sequential) -> None:
+        super().__init__()
+        self.mlp = mlp
+
+
+class _FinalLayer(nn.Module):
+    def __init__(self, h: int, out: int) -> None:
+        super().__init__()
+        self.norm_final = nn.LayerNorm(h, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(h, out)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(h, 2 * h))
+
+
 class SingleDiTBlock(nn.Module):
-    def __init__(self, hidden: int, num_heads: int, mlp_ratio: float, pre_only: bool, qk_norm: Optional[str],
-                 x_block_self_attn: bool) -> None:
+    def __init__(
+        self,
+        hidden: int,
+        num_heads: int,
+        mlp_ratio: float,
+        pre_only: bool,
+        qk_norm: Optional[str],
+        x_block_self_attn: bool,
+    ) -> None:
         super().__init__()
         self.pre_only, self.x_block_self_attn = pre_only, x_block_self_attn
         self.norm1 = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
@@ -62,21 +100,19 @@ class SingleDiTBlock(nn.Module):
         if not pre_only:
             self.norm2 = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
             inner = int(hidden * mlp_ratio)
-            self.mlp = nn.Module()
-            self.mlp.fc1, self.mlp.act, self.mlp.fc2 = nn.Linear(hidden, inner), nn.GELU(approximate="tanh"), \
-                nn.Linear(inner, hidden)
+            self.mlp = _Mlp(hidden, inner)
         mods = 9 if x_block_self_attn else (2 if pre_only else 6)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden, mods * hidden))
 
     def _mlp(self, x: Tensor) -> Tensor:
         return self.mlp.fc2(self.mlp.act(self.mlp.fc1(x)))
 
-    def pre_attention(self, x: Tensor, c: Tensor):
+    def pre_attention(self, x: Tensor, c: Tensor) -> tuple[QKV, Optional[QKV], tuple[Tensor, tuple[Tensor, ...]]]:
         """(q, k, v), (q2, k2, v2) or None, and what the second half needs."""
         mods = self.adaLN_modulation(c).chunk(9 if self.x_block_self_attn else (2 if self.pre_only else 6), dim=-1)
         normed = self.norm1(x)
         qkv = self.attn.pre_attention(normed * (1 + mods[1].unsqueeze(1)) + mods[0].unsqueeze(1))
-        qkv2 = None
+        qkv2: Optional[QKV] = None
         if self.x_block_self_attn:
             qkv2 = self.attn2.pre_attention(normed * (1 + mods[7].unsqueeze(1)) + mods[6].unsqueeze(1))
         return qkv, qkv2, (x, mods)
@@ -90,52 +126,52 @@ class SingleDiTBlock(nn.Module):
         return x + gate_mlp.unsqueeze(1) * self._mlp(modulated)
 
 
-class MMDiTBlock(nn.Module):
+class MMDiTBlock(CheckpointedBlock):
     def __init__(self, c: SD3Config, index: int) -> None:
         super().__init__()
         last = index == c.depth - 1
         self.context_block = SingleDiTBlock(c.hidden_size, c.num_heads, c.mlp_ratio, last, c.qk_norm, False)
-        self.x_block = SingleDiTBlock(c.hidden_size, c.num_heads, c.mlp_ratio, False, c.qk_norm,
-                                      index in c.x_block_self_attn_layers)
+        self.x_block = SingleDiTBlock(
+            c.hidden_size, c.num_heads, c.mlp_ratio, False, c.qk_norm, index in c.x_block_self_attn_layers
+        )
         self.head_dim = c.hidden_size // c.num_heads
         self.gradient_checkpointing = False
 
-    def _forward(self, context: Tensor, x: Tensor, c: Tensor):
+    def _forward(self, context: Tensor, x: Tensor, c: Tensor) -> tuple[Optional[Tensor], Tensor]:
         ctx_qkv, _, ctx_rest = self.context_block.pre_attention(context, c)
         x_qkv, x_qkv2, x_rest = self.x_block.pre_attention(x, c)
         n = ctx_qkv[0].shape[1]
-        attn = sd3_attention(*(torch.cat((a, b), dim=1) for a, b in zip(ctx_qkv, x_qkv)), self.head_dim)
+        q, k, v = (torch.cat((a, b), dim=1) for a, b in zip(ctx_qkv, x_qkv))
+        attn = sd3_attention(q, k, v, self.head_dim)
         # sd-scripts passes attn2's head count where the head size goes (sd3_models.py:721): at SD3.5 medium
         # its self-attention runs 64 heads of 24, not 24 of 64; reproduced as it runs
         attn2 = sd3_attention(*x_qkv2, self.x_block.attn2.num_heads) if x_qkv2 is not None else None
         x = self.x_block.post_attention(attn[:, n:], attn2, *x_rest)
-        context = None if self.context_block.pre_only else self.context_block.post_attention(attn[:, :n], None,
-                                                                                            *ctx_rest)
-        return context, x
+        new_context = (
+            None if self.context_block.pre_only else self.context_block.post_attention(attn[:, :n], None, *ctx_rest)
+        )
+        return new_context, x
 
-    def forward(self, context: Tensor, x: Tensor, c: Tensor):
+    def forward(self, context: Tensor, x: Tensor, c: Tensor) -> tuple[Optional[Tensor], Tensor]:
         return checkpointed(self, self._forward, context, x, c)
 
 
 class MMDiT(nn.Module):
     """The SD3/SD3.5 transformer; ``forward(x, t, y, context)`` as sd-scripts calls it, latents in and out."""
 
+    pos_embed: Tensor  # a buffer
+
     def __init__(self, config: SD3Config = SD35_MEDIUM) -> None:
         super().__init__()
         c = self.params = config
         h = c.hidden_size
-        self.x_embedder = nn.Module()
-        self.x_embedder.proj = nn.Conv2d(c.in_channels, h, c.patch_size, c.patch_size)
-        self.t_embedder, self.y_embedder = nn.Module(), nn.Module()
-        self.t_embedder.mlp = nn.Sequential(nn.Linear(256, h), nn.SiLU(), nn.Linear(h, h))
-        self.y_embedder.mlp = nn.Sequential(nn.Linear(c.adm_in_channels, h), nn.SiLU(), nn.Linear(h, h))
+        self.x_embedder = _PatchEmbed(nn.Conv2d(c.in_channels, h, c.patch_size, c.patch_size))
+        self.t_embedder = _Embedder(nn.Sequential(nn.Linear(256, h), nn.SiLU(), nn.Linear(h, h)))
+        self.y_embedder = _Embedder(nn.Sequential(nn.Linear(c.adm_in_channels, h), nn.SiLU(), nn.Linear(h, h)))
         self.context_embedder = nn.Linear(c.context_in_features, h)
-        self.register_buffer("pos_embed", torch.zeros(1, c.pos_embed_max_size ** 2, h))
+        self.register_buffer("pos_embed", torch.zeros(1, c.pos_embed_max_size**2, h))
         self.joint_blocks = nn.ModuleList(MMDiTBlock(c, i) for i in range(c.depth))
-        self.final_layer = nn.Module()
-        self.final_layer.norm_final = nn.LayerNorm(h, elementwise_affine=False, eps=1e-6)
-        self.final_layer.linear = nn.Linear(h, c.patch_size ** 2 * c.in_channels)
-        self.final_layer.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(h, 2 * h))
+        self.final_layer = _FinalLayer(h, c.patch_size**2 * c.in_channels)
 
     @property
     def model_type(self) -> str:
@@ -144,7 +180,7 @@ class MMDiT(nn.Module):
     def enable_gradient_checkpointing(self) -> None:
         """As sd-scripts: every joint block."""
         for block in self.joint_blocks:
-            block.gradient_checkpointing = True
+            cast(MMDiTBlock, block).gradient_checkpointing = True
 
     def _pos_embed(self, h: int, w: int, dtype: torch.dtype) -> Tensor:
         c = self.params
@@ -153,7 +189,7 @@ class MMDiT(nn.Module):
         if h > size or w > size:
             raise ValueError(f"a {h * p}x{w * p} latent needs more than the model's {size}x{size} positions")
         top, left = (size - h) // 2, (size - w) // 2
-        grid = self.pos_embed.reshape(1, size, size, -1)[:, top: top + h, left: left + w, :]
+        grid = self.pos_embed.reshape(1, size, size, -1)[:, top : top + h, left : left + w, :]
         return grid.reshape(1, h * w, -1).to(dtype=dtype)
 
     def forward(self, x: Tensor, t: Tensor, y: Tensor, context: Tensor) -> Tensor:

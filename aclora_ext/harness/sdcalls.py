@@ -154,10 +154,10 @@ def _as_batch(batch: Batch) -> Dict[str, torch.Tensor]:
 def _eos_pool(text_encoder: nn.Module, last_hidden_state: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
     """te2's pooled embedding as sd-scripts computes it: the final hidden state at
     the first EOS token, through the text projection."""
-    eos_id = text_encoder.config.eos_token_id
-    positions = (input_ids == eos_id).int().argmax(dim=-1)
+    config: Any = text_encoder.config  # transformers' config (nn.Module types attributes as tensors or modules)
+    positions = (input_ids == config.eos_token_id).int().argmax(dim=-1)
     pooled = last_hidden_state[torch.arange(last_hidden_state.shape[0], device=positions.device), positions]
-    return text_encoder.text_projection(pooled)
+    return text_encoder.get_submodule("text_projection")(pooled)
 
 
 def encode_text(text_encoders: Sequence[nn.Module], input_ids: torch.Tensor, sdxl: bool) -> List[torch.Tensor]:

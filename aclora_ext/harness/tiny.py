@@ -38,7 +38,6 @@ TINY_TE2_PROJECTION = 32
 TINY_ADDITION_TIME_EMBED_DIM = 8
 
 
-
 # ---------------------------------------------------------------------------
 # U-Nets
 # ---------------------------------------------------------------------------
@@ -48,7 +47,7 @@ def tiny_sd1_unet(seed: int = 0) -> nn.Module:
     """A diffusers U-Net with SD1.x's layout (attention at the high resolution,
     plain blocks at the lowest, cross-attention mid block, 1x1-conv projections)
     shrunk to 32/64 channels so a training step costs milliseconds."""
-    from diffusers import UNet2DConditionModel
+    from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel  # typed (diffusers' lazy root is not)
 
     with _seeded(seed):
         unet = UNet2DConditionModel(
@@ -72,7 +71,7 @@ def tiny_sdxl_unet(seed: int = 0) -> nn.Module:
     """A diffusers U-Net with SDXL's layout: no attention at the first level,
     several transformer layers per block deeper down, linear projections, and the
     "text_time" added conditioning (pooled te2 embedding + 6 size/crop values)."""
-    from diffusers import UNet2DConditionModel
+    from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel  # typed (diffusers' lazy root is not)
 
     with _seeded(seed):
         unet = UNet2DConditionModel(
@@ -212,7 +211,7 @@ def as_transformers5_layout(model: nn.Module) -> nn.Module:
     """
     if _is_projection_model(model) or not has_text_model_level(model):
         return model
-    inner = model.text_model
+    inner = model.get_submodule("text_model")
     children = dict(inner.named_children())
     wrapper = CLIPTextModel(inner, children, model.config)
     wrapper.train(model.training)
@@ -230,7 +229,7 @@ def sd1_models(seed: int = 0, pretrained: bool = False) -> Dict[str, Any]:
     With ``pretrained`` the U-Net is a denoiser of generic latents (see
     :func:`pretrain_unet`) instead of random, so training losses start well below 1.
     """
-    models = {
+    models: Dict[str, Any] = {
         "unet": tiny_sd1_unet(seed),
         "text_encoder": tiny_clip_text_encoder(seed + 1, hidden_size=TINY_TE1_HIDDEN),
         "vae": None,
@@ -251,7 +250,7 @@ def sdxl_models(seed: int = 0, pretrained: bool = False) -> Dict[str, Any]:
     te2 = tiny_clip_text_encoder(
         seed + 2, hidden_size=TINY_TE2_HIDDEN, layers=2, with_projection=True, projection_dim=TINY_TE2_PROJECTION
     )
-    models = {"unet": tiny_sdxl_unet(seed), "text_encoders": [te1, te2], "vae": None}
+    models: Dict[str, Any] = {"unet": tiny_sdxl_unet(seed), "text_encoders": [te1, te2], "vae": None}
     if pretrained:
         models["unet"].load_state_dict(_pretrained_unet_state(True, seed))
     return models

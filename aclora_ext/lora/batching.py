@@ -5,7 +5,7 @@ keeps holding them)."""
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Iterable, Optional, Sequence
+from typing import Iterable, Optional, Sequence, TypeVar
 
 import torch
 
@@ -35,7 +35,10 @@ def chunk_budget(device: torch.device, budget_bytes: Optional[int] = None) -> in
     return CPU_CHUNK_BYTES if device.type == "cpu" else CHUNK_BYTES
 
 
-def chunks(indices: list[int], size: int) -> Iterable[list[int]]:
+_T = TypeVar("_T")
+
+
+def chunks(indices: list[_T], size: int) -> Iterable[list[_T]]:
     for start in range(0, len(indices), size):
         yield indices[start:start + size]
 

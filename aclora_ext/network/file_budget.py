@@ -23,7 +23,7 @@ import torch
 
 from .. import functional as F
 from ..files.fit import FileFit, fit_ranks
-from ..files.sizes import ModuleLayout, layout_tensors, saved_file_size
+from ..files.sizes import FileLayout, ModuleLayout, layout_tensors, saved_file_size
 from ..lora.module import ACLoRAModule
 from ..lora.product_restart import Spectrum, analyse_modules
 from ..options import OptionError, format_size
@@ -130,14 +130,8 @@ def fit_keeps(
         return metadata_of({m.lora_name: int(ranks[m.lora_name]) for m in modules}, found.errors(modules, keeps))
 
     counts = [int(mask.sum()) for mask in found.masks]
-    fit = fit_ranks(
-        layouts(modules, dtype),
-        found.worths,
-        max_size,
-        min_ranks=[min(min_rank, c) for c in counts],
-        max_ranks=counts,
-        metadata=metadata,
-    )
+    fit = fit_ranks(FileLayout(layouts(modules, dtype), metadata), found.worths, max_size,
+                    min_ranks=[min(min_rank, c) for c in counts], max_ranks=counts)
     keeps = found.keeps(modules, [fit.ranks[m.lora_name] for m in modules])
     return keeps, found.errors(modules, keeps), fit
 

@@ -281,7 +281,8 @@ def load_into(
             m.lora_down.weight[:k].copy_(down.to(m.lora_down.weight.dtype))
             m.lora_up.weight.zero_()
             m.lora_up.weight[:, :k].copy_((up.float() * factor).to(m.lora_up.weight.dtype))
-            signal[name] = min(int(saved_ranks.get(name, k)), k) if k == m.rank else k
+            # a padded module holds zero components above its own rank (aclora_padded, in saved_ranks)
+            signal[name] = min(int(saved_ranks.get(name, k)), k) if k == m.rank or name in padded else k
             (info.padded if k < m.rank else info.loaded).append(name)
     info.loaded += info.padded
     if info.unexpected:

@@ -25,25 +25,42 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="aclora", description="AC-LoRA (Auto Component LoRA) tools.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     inspect = commands.add_parser(
-        "inspect", help="rank report of a LoRA file",
+        "inspect",
+        help="rank report of a LoRA file",
         description="Per-block ranks (min/median/max), parameter count and file size against the same LoRA at its "
-                    "maximum rank, and the RESTART history of a LoRA file. Plain kohya LoRA files work too. Then "
-                    "the size/quality curve: the relative error of the whole update of the file `aclora resize "
-                    "--max-size` writes at 10%%, 25%%, 50%% and 75%% of this file's size.")
+        "maximum rank, and the RESTART history of a LoRA file. Plain kohya LoRA files work too. Then "
+        "the size/quality curve: the relative error of the whole update of the file `aclora resize "
+        "--max-size` writes at 10%%, 25%%, 50%% and 75%% of this file's size.",
+    )
     inspect.add_argument("file", metavar="FILE", help="a LoRA file (.safetensors)")
     inspect.add_argument("--json", action="store_true", help="print the report as JSON (for scripts)")
-    inspect.add_argument("--plot", metavar="OUT.png",
-                         help="also draw ranks per module and over RESTARTs, and the size/quality curve beside them, "
-                              "to this image (needs matplotlib)")
-    inspect.add_argument("--no-curve", action="store_true",
-                         help="skip the size/quality curve (it analyses every module: seconds for an SDXL file)")
+    inspect.add_argument(
+        "--plot",
+        metavar="OUT.png",
+        help="also draw ranks per module and over RESTARTs, and the size/quality curve beside them, "
+        "to this image (needs matplotlib)",
+    )
+    inspect.add_argument(
+        "--no-curve",
+        action="store_true",
+        help="skip the size/quality curve (it analyses every module: seconds for an SDXL file)",
+    )
     commands.add_parser("options", help="list every --network_args option (a Markdown table, as in the README)")
-    commands.add_parser("demo", add_help=False,
-                        help="train a tiny AC-LoRA on synthetic data and show its rank report (aclora demo --help)")
-    commands.add_parser("resize", add_help=False,
-                        help="pick the ranks of an existing LoRA file and write the resized file (aclora resize --help)")
-    commands.add_parser("vram", add_help=False,
-                        help="estimate the peak GPU memory of a training set-up, without a GPU (aclora vram --help)")
+    commands.add_parser(
+        "demo",
+        add_help=False,
+        help="train a tiny AC-LoRA on synthetic data and show its rank report (aclora demo --help)",
+    )
+    commands.add_parser(
+        "resize",
+        add_help=False,
+        help="pick the ranks of an existing LoRA file and write the resized file (aclora resize --help)",
+    )
+    commands.add_parser(
+        "vram",
+        add_help=False,
+        help="estimate the peak GPU memory of a training set-up, without a GPU (aclora vram --help)",
+    )
     return parser
 
 
@@ -70,8 +87,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from .resize.curve import PLOT_SHARES, TABLE_SHARES, size_curve
 
         shares = TABLE_SHARES + (PLOT_SHARES if args.plot else ())
-        return inspect.run(args.file, as_json=args.json, plot_to=args.plot,
-                           curve=None if args.no_curve else (lambda path: size_curve(path, shares, bool(args.plot))))
+        return inspect.run(
+            args.file,
+            as_json=args.json,
+            plot_to=args.plot,
+            curve=None if args.no_curve else (lambda path: size_curve(path, shares, bool(args.plot))),
+        )
     except BrokenPipeError:  # `aclora inspect FILE | head`: the reader left; say nothing more
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1

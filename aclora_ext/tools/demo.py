@@ -27,7 +27,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--sdxl", action="store_true", help="use the SDXL-like tiny model (two text encoders)")
     parser.add_argument("--epochs", type=int, default=20, help="training epochs (default 20: RESTART every 2)")
     parser.add_argument("--rank", type=int, default=32, help="maximum rank R (network_dim, default 32)")
-    parser.add_argument("--mode", choices=("product", "paper", "off"), default="product", help="restart_mode (default: product, the default of the network)")
+    parser.add_argument(
+        "--mode",
+        choices=("product", "paper", "off"),
+        default="product",
+        help="restart_mode (default: product, the default of the network)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     return parser
 
@@ -40,8 +45,10 @@ def _require_demo_dependencies() -> None:
         except ImportError:
             missing.append(name)
     if missing:
-        raise SystemExit(f"aclora demo needs {', '.join(missing)} (present in any sd-scripts environment); "
-                         "install them with: pip install 'aclora[demo]'")
+        raise SystemExit(
+            f"aclora demo needs {', '.join(missing)} (present in any sd-scripts environment); "
+            "install them with: pip install 'aclora[demo]'"
+        )
 
 
 def run(out: str, sdxl: bool = False, epochs: int = 20, rank: int = 32, mode: str = "product", seed: int = 0) -> str:
@@ -50,7 +57,7 @@ def run(out: str, sdxl: bool = False, epochs: int = 20, rank: int = 32, mode: st
     import networks.aclora as network_module
 
     from ..harness import tiny
-    from ..harness.replay import replay_training
+    from ..harness.replay import NetworkSetup, Saving, Schedule, replay_training
     from ..harness.sdcalls import collate, fixed_batch_loss
 
     if epochs < 1 or rank < 1:
@@ -61,18 +68,22 @@ def run(out: str, sdxl: bool = False, epochs: int = 20, rank: int = 32, mode: st
     data, held_out = tiny.style_split(n_train=15, n_holdout=5, seed=seed)
     before = fixed_batch_loss(None, models, collate(held_out), sdxl, seed=seed, repeats=8)
     path = os.path.join(out, f"aclora-demo-{'sdxl' if sdxl else 'sd1'}.safetensors")
-    print(f"AC-LoRA demo: tiny {'SDXL' if sdxl else 'SD1.x'}-like model, 15 synthetic style images, "
-          f"{epochs} epochs, maximum rank {rank}, restart_mode={mode}")
+    print(
+        f"AC-LoRA demo: tiny {'SDXL' if sdxl else 'SD1.x'}-like model, 15 synthetic style images, "
+        f"{epochs} epochs, maximum rank {rank}, restart_mode={mode}"
+    )
     start = time.perf_counter()
-    result = replay_training(network_module, models, data, sdxl=sdxl, network_dim=rank, network_alpha=rank / 2,
-                             network_args={"restart_mode": mode, "seed": str(seed)}, epochs=epochs, batch_size=3,
-                             lr=2e-3, save_path=path, seed=seed)
+    setup = NetworkSetup(dim=rank, alpha=rank / 2, args={"restart_mode": mode, "seed": str(seed)})
+    result = replay_training(network_module, models, data, sdxl=sdxl, network=setup,
+                             schedule=Schedule(epochs=epochs, batch_size=3, lr=2e-3, seed=seed), saving=Saving(path))
     seconds = time.perf_counter() - start
     network = result.network
     after = fixed_batch_loss(network, models, collate(held_out), sdxl, seed=seed, repeats=8)
     ranks = list(network.ranks().values())
-    print(f"trained {result.global_step} steps in {seconds:.1f}s; {len(network.history)} RESTARTs; "
-          f"ranks now {min(ranks)}..{max(ranks)} of {rank} over {len(ranks)} modules")
+    print(
+        f"trained {result.global_step} steps in {seconds:.1f}s; {len(network.history)} RESTARTs; "
+        f"ranks now {min(ranks)}..{max(ranks)} of {rank} over {len(ranks)} modules"
+    )
     print(f"loss on 5 held-out images of the style (fixed noise): base model {before:.4f}, with the LoRA {after:.4f}")
     print(f"wrote {path}\n")
     return path

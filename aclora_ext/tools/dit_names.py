@@ -20,8 +20,14 @@ from typing import Iterable, Mapping, Optional
 FLUX, SD3 = "FLUX.1", "SD3"
 #: parts of a DiT file, in the model's order (after the text encoders)
 DIT_PARTS = ("dit_in", "double", "single", "joint", "dit_out")
-DIT_PART_LABELS = {"te3": "text encoder 3", "dit_in": "DiT input layers", "double": "double blocks",
-                   "single": "single blocks", "joint": "joint blocks", "dit_out": "DiT final layer"}
+DIT_PART_LABELS = {
+    "te3": "text encoder 3",
+    "dit_in": "DiT input layers",
+    "double": "double blocks",
+    "single": "single blocks",
+    "joint": "joint blocks",
+    "dit_out": "DiT final layer",
+}
 #: what the text encoders of a DiT file are
 TEXT_ENCODERS = {FLUX: {"te1": "CLIP-L", "te3": "T5-XXL"}, SD3: {"te1": "CLIP-L", "te2": "CLIP-G", "te3": "T5-XXL"}}
 
@@ -54,7 +60,7 @@ def locate_dit(name: str) -> Optional[tuple[str, str]]:
         return "joint", f"joint_blocks.{found[1]}.{found[2]}"
     if not name.startswith("lora_unet_"):
         return None
-    rest = name[len("lora_unet_"):]
+    rest = name[len("lora_unet_") :]
     if _input_layer_of(rest):
         return "dit_in", "embedders"
     if rest.startswith("final_layer_"):
@@ -71,7 +77,7 @@ def family_from_names(names: Iterable[str]) -> Optional[str]:
     if any(_JOINT.match(n) for n in names):
         return SD3
     te = {n[5:8] for n in names if re.match(r"lora_te[123]_", n)}
-    unet = [n[len("lora_unet_"):] for n in names if n.startswith("lora_unet_")]
+    unet = [n[len("lora_unet_") :] for n in names if n.startswith("lora_unet_")]
     kinds = {"final" if r.startswith("final_layer_") else _input_layer_of(r) for r in unet}
     if kinds == {FLUX}:
         return FLUX
@@ -88,12 +94,12 @@ def model_from_metadata(meta: Mapping[str, str]) -> Optional[str]:
     arch = str(meta.get("modelspec.architecture", "")).split("/")[0].lower()
     base = str(meta.get("ss_base_model_version", "")).lower()
     if arch.startswith("flux-1"):
-        variant = arch[len("flux-1"):].strip("-")
+        variant = arch[len("flux-1") :].strip("-")
         return f"{FLUX} {variant}" if variant else FLUX
     if arch.startswith("chroma") or base == "chroma":
         return "Chroma (FLUX.1)"
     if arch.startswith("stable-diffusion-3"):
-        return _sd3_name(arch[len("stable-diffusion-3"):].strip("-"))
+        return _sd3_name(arch[len("stable-diffusion-3") :].strip("-"))
     if base == "flux1":
         return FLUX
     if base in ("medium", "5-medium", "5-large"):
@@ -114,8 +120,12 @@ def dit_model(names: Iterable[str], meta: Mapping[str, str]) -> Optional[str]:
     names = list(names)
     family = family_from_names(names)
     named = model_from_metadata(meta)
-    if named and (family is None or named.startswith(family) or (family == FLUX and named.startswith("Chroma"))
-                  or (family == SD3 and named.startswith("SD3"))):
+    if named and (
+        family is None
+        or named.startswith(family)
+        or (family == FLUX and named.startswith("Chroma"))
+        or (family == SD3 and named.startswith("SD3"))
+    ):
         return named
     if family == SD3 and any("_x_block_attn2_" in n for n in names):
         return "SD3.5 medium"
@@ -123,13 +133,25 @@ def dit_model(names: Iterable[str], meta: Mapping[str, str]) -> Optional[str]:
 
 
 def text_encoder_label(part: str, model: str) -> Optional[str]:
-    """"CLIP-L", "CLIP-G", "T5-XXL" for a text-encoder part of a FLUX.1/SD3 file; None for other files."""
+    """ "CLIP-L", "CLIP-G", "T5-XXL" for a text-encoder part of a FLUX.1/SD3 file; None for other files."""
     for family, encoders in TEXT_ENCODERS.items():
-        if model.startswith(family) or (family == SD3 and model.startswith("SD3")) or (
-                family == FLUX and model.startswith("Chroma")):
+        if (
+            model.startswith(family)
+            or (family == SD3 and model.startswith("SD3"))
+            or (family == FLUX and model.startswith("Chroma"))
+        ):
             return encoders.get(part)
     return None
 
 
-__all__ = ["FLUX", "SD3", "DIT_PARTS", "DIT_PART_LABELS", "locate_dit", "family_from_names", "model_from_metadata",
-           "dit_model", "text_encoder_label"]
+__all__ = [
+    "FLUX",
+    "SD3",
+    "DIT_PARTS",
+    "DIT_PART_LABELS",
+    "locate_dit",
+    "family_from_names",
+    "model_from_metadata",
+    "dit_model",
+    "text_encoder_label",
+]

@@ -5,13 +5,17 @@ suite's frozen models, trained exactly like ``bench/quality_suite.train_ours`` (
 lr 2e-3, 3 samples a step, 100 epochs, alpha = rank so the scale is 1, the same
 seeds, the same data order). Mechanisms are callbacks at epoch boundaries and
 per-step hooks, so each can be measured before it is ported into ``aclora_ext``.
+
+Run from the repository root: ``python -m bench.lab.lab --tasks mlp-mid --seeds 0,1`` trains the lab's
+fixed-rank sweep (every rank, on all 15 samples and on the 12 a held-out share leaves) and prints one line per run.
+The experiments built on it (version 0.2's research, listed in README.md) are in the project's history.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import math
-import os
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
@@ -19,12 +23,8 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import nn
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-
-from aclora_ext import functional as F  # noqa: E402
-from bench import quality_suite as qs  # noqa: E402
-
-torch.set_num_threads(1)
+from aclora_ext import functional as F
+from bench import quality_suite as qs
 
 
 class Adapter(nn.Module):
@@ -74,12 +74,14 @@ def attach(task: qs.Task, rank: int) -> list[Adapter]:
 
 def _match(name: str, pattern: str) -> bool:
     import fnmatch
+
     return fnmatch.fnmatch(name, pattern)
 
 
 @dataclass
 class Run:
     """One training run's knobs (defaults: the suite's)."""
+
     rank: int = 64
     epochs: int = 100
     per_step: int = 3
@@ -97,19 +99,30 @@ def train(task: qs.Task, seed: int, run: Run) -> dict:
     torch.manual_seed(seed + 7919)
     adapters = attach(task, run.rank)
     ids = list(range(qs.N_TRAIN))
-    train_ids = ids[:qs.N_TRAIN - qs.N_VAL] if run.held_out else ids
-    held = ids[qs.N_TRAIN - qs.N_VAL:]
+    train_ids = ids[: qs.N_TRAIN - qs.N_VAL] if run.held_out else ids
+    held = ids[qs.N_TRAIN - qs.N_VAL :]
     params = [p for a in adapters for p in (a.A, a.B)]
     opt = torch.optim.AdamW(params, lr=run.lr, weight_decay=0.0)
     g = torch.Generator().manual_seed(seed + 104729)
-    ctx = {"task": task, "opt": opt, "held": held, "train_ids": train_ids, "epoch": 0, "step": 0,
-           "epochs": run.epochs, "seed": seed, "run": run, "log": []}
+    ctx = {
+        "task": task,
+        "opt": opt,
+        "held": held,
+        "train_ids": train_ids,
+        "epoch": 0,
+        "step": 0,
+        "epochs": run.epochs,
+        "seed": seed,
+        "run": run,
+        "log": [],
+    }
     ctx["steps_per_epoch"] = math.ceil(len(train_ids) / run.per_step)
     ctx["total_steps"] = ctx["steps_per_epoch"] * run.epochs
 
     def heldout_items() -> torch.Tensor:
         with torch.no_grad():
             return task.selection_loss(held).detach().double().flatten()
+
     ctx["heldout_items"] = heldout_items
     with torch.no_grad():
         n_items = task.selection_loss(held).numel()
@@ -212,6 +225,7 @@ class Recorder:
             if torch.is_grad_enabled():
                 self.out_sq[a.name] += float(output.detach().pow(2).sum())
                 self.out_n[a.name] += output.numel()
+
         return hook
 
     def reset(self) -> None:
@@ -244,13 +258,15 @@ def analyse(a: Adapter, rec: Recorder) -> torch.Tensor:
         imp = torch.where(active, imp, torch.zeros_like(imp))
         # the SVD orders by s; importance may order differently: sort slots by importance
         order = torch.argsort(imp, descending=True)
-        a.A.copy_(a.A[order]); a.B.copy_(a.B[:, order]); a.mask.copy_(a.mask[order])
+        a.A.copy_(a.A[order])
+        a.B.copy_(a.B[:, order])
+        a.mask.copy_(a.mask[order])
         return imp[order]
 
 
 def level_keeps(imps: dict, level: float, min_rank: int = 1) -> dict:
     top = max(float(v.max()) for v in imps.values())
-    thr = 0.0 if level == math.inf else top * 10.0 ** -level
+    thr = 0.0 if level == math.inf else top * 10.0**-level
     out = {}
     for name, v in imps.items():
         keep = (v > thr) & (v > 0)
@@ -264,8 +280,9 @@ def set_masks(adapters: Sequence[Adapter], keeps: dict) -> None:
         a.step_mask = keeps[a.name].float() if keeps is not None else None
 
 
-def apply_keep(a: Adapter, keep: torch.Tensor, row_std: Optional[float] = None, g: Optional[torch.Generator] = None
-               ) -> None:
+def apply_keep(
+    a: Adapter, keep: torch.Tensor, row_std: Optional[float] = None, g: Optional[torch.Generator] = None
+) -> None:
     """Keep the slots in ``keep`` (a prefix after analyse), mask the others: B column zero, A row fresh."""
     with torch.no_grad():
         k = int(keep.sum())
@@ -291,3 +308,56 @@ LEVELS = F.LEVELS
 
 def pessimistic(items: torch.Tensor, ref: torch.Tensor, se: float = 1.0) -> float:
     return F.pessimistic_loss(items, ref, se)
+
+
+# --- the fixed-rank sweep -------------------------------------------------------------------------------------------
+SWEEP_RANKS = (1, 2, 4, 8, 16, 32, 64)
+
+
+def sweep(
+    tasks: Sequence[str], seeds: Sequence[int], ranks: Sequence[int] = SWEEP_RANKS, epochs: int = 100
+) -> dict[str, dict]:
+    """Held-out error of a plain LoRA at every rank, trained on every sample ("on 15") and without the held-out
+    share ("on 12"): the reference that README.md's tables divide by, and the cost of holding images out."""
+    results = {}
+    for task in tasks:
+        for seed in seeds:
+            for held in (False, True):
+                for rank in ranks:
+                    key = f"{task}|{seed}|fixed {rank}{' on 12' if held else ''}"
+                    run = train(make(task, seed), seed, Run(rank=rank, epochs=epochs, held_out=held))
+                    results[key] = {"heldout": run["heldout"], "cpu": run["cpu"], "ranks": run["ranks"]}
+                    print(f"{key}: held-out error {run['heldout']:.5f} ({run['cpu']:.1f} s CPU)", flush=True)
+    return results
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict[str, dict]:
+    p = argparse.ArgumentParser(description="The rank-search lab's fixed-rank sweep on the quality suite's tasks.")
+    p.add_argument("--tasks", default="mlp-mid", help="comma-separated task names of bench/quality_suite.py")
+    p.add_argument("--seeds", default="0", help="comma-separated seeds")
+    p.add_argument("--ranks", default=",".join(map(str, SWEEP_RANKS)), help="comma-separated ranks")
+    p.add_argument("--epochs", type=int, default=100)
+    p.add_argument("--out", default=None, help="write the results as JSON here")
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    tasks = args.tasks.split(",")
+    for task in tasks:
+        if task not in qs.MLP_REGIMES and task not in qs.VARIANT_REGIMES and task != "textures":
+            raise SystemExit(
+                f"--tasks: unknown task {task!r}; allowed: "
+                + ", ".join([*qs.MLP_REGIMES, "textures", *qs.VARIANT_REGIMES])
+            )
+    try:
+        seeds = [int(s) for s in args.seeds.split(",")]
+        ranks = [int(r) for r in args.ranks.split(",")]
+    except ValueError as error:
+        raise SystemExit(f"--seeds/--ranks: comma-separated integers expected ({error})") from None
+    results = sweep(tasks, seeds, ranks, args.epochs)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=1)
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -6,13 +6,27 @@
 ``resize_file``); ``result``: what it did; ``cli``: the command.
 """
 
-from .max_size import Budget
 from .cli import main
 from .core import resize_file, resize_state_dict, resized_metadata
 from .criteria import CRITERIA, Criterion, ResizeError
 from .inputs import check_kohya_lora
+from .max_size import Budget
 from .progress import Progress
 from .result import BlockError, ModuleResize, ResizeResult, result_summary
 
-__all__ = ["Budget", "CRITERIA", "Criterion", "ResizeError", "ResizeResult", "ModuleResize", "BlockError", "check_kohya_lora",
-           "resize_state_dict", "resize_file", "resized_metadata", "result_summary", "Progress", "main"]
+__all__ = [
+    "Budget",
+    "CRITERIA",
+    "Criterion",
+    "ResizeError",
+    "ResizeResult",
+    "ModuleResize",
+    "BlockError",
+    "check_kohya_lora",
+    "resize_state_dict",
+    "resize_file",
+    "resized_metadata",
+    "result_summary",
+    "Progress",
+    "main",
+]

@@ -28,10 +28,10 @@ from ...files.storage import LoRAFileError, load_state_dict, read_metadata, save
 from ...functional import median
 from ...lora.batching import chunk_budget, chunks
 from ...version import __version__
-from ..inspect import _reference_ranks
-from .max_size import Budget, budget_criterion, fit_budget, parse_max_size
+from ..rank_report import _reference_ranks
 from .criteria import Criterion, ResizeError
 from .inputs import _Module, _modules
+from .max_size import Budget, budget_criterion, fit_budget, parse_max_size
 from .progress import Progress, _wants_progress
 from .result import ModuleResize, ResizeResult
 
@@ -39,8 +39,15 @@ logger = logging.getLogger(__name__)
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 # metadata of the input that no longer describes the resized file (replaced, or dropped)
-STALE_KEYS = ("aclora_ranks", "aclora_full_rank", "aclora_file_decision", "aclora_truncation_error_mean",
-              "aclora_truncation_error_max", "aclora_resize", "aclora_version")
+STALE_KEYS = (
+    "aclora_ranks",
+    "aclora_full_rank",
+    "aclora_file_decision",
+    "aclora_truncation_error_mean",
+    "aclora_truncation_error_max",
+    "aclora_resize",
+    "aclora_version",
+)
 
 
 def _device(device: str | torch.device) -> torch.device:
@@ -72,10 +79,18 @@ def _groups(modules: list[_Module]) -> dict[tuple, list[_Module]]:
     return groups
 
 
-def resize_state_dict(tensors: Mapping[str, torch.Tensor], criterion: Criterion | str | None = None, *,
-                      dtype: Optional[str | torch.dtype] = None, device: str | torch.device = "cpu",
-                      progress: Optional[bool] = False, source: str = "weights", max_size: int | str | None = None,
-                      metadata: Optional[Mapping[str, str]] = None, **criterion_args) -> ResizeResult:
+def resize_state_dict(
+    tensors: Mapping[str, torch.Tensor],
+    criterion: Criterion | str | None = None,
+    *,
+    dtype: Optional[str | torch.dtype] = None,
+    device: str | torch.device = "cpu",
+    progress: Optional[bool] = False,
+    source: str = "weights",
+    max_size: int | str | None = None,
+    metadata: Optional[Mapping[str, str]] = None,
+    **criterion_args,
+) -> ResizeResult:
     """Resize a kohya LoRA state dict: the resized tensors (kohya keys, one alpha) and a per-module account.
 
     ``criterion``: a :class:`Criterion`, or its name with its parameters as
@@ -101,16 +116,28 @@ def resize_state_dict(tensors: Mapping[str, torch.Tensor], criterion: Criterion 
     max_rank = criterion.max_rank or max(m.rank for m in modules)
     max_conv_rank = criterion.max_conv_rank or max_rank
     if criterion.min_rank > max_rank or criterion.min_rank > max_conv_rank:
-        raise ResizeError(f"min_rank={criterion.min_rank} is larger than the largest rank allowed "
-                          f"({min(max_rank, max_conv_rank)})")
+        raise ResizeError(
+            f"min_rank={criterion.min_rank} is larger than the largest rank allowed ({min(max_rank, max_conv_rank)})"
+        )
     bar = Progress(2 * len(modules), _wants_progress(progress, len(modules)))
     try:
         spectra = _analyse(modules, dev, bar, source)
         ranks, threshold, top = _decide(modules, spectra, criterion, max_rank, max_conv_rank)
         alpha = _file_alpha(modules, out_dtype, source)
-        result = ResizeResult({}, [], criterion, alpha, max_rank, max_conv_rank, threshold, top, 0.0,
-                              str(out_dtype).replace("torch.", ""), {m.name: m.rank for m in modules},
-                              None if budget_bytes is None else Budget(budget_bytes, criterion_caps))
+        result = ResizeResult(
+            {},
+            [],
+            criterion,
+            alpha,
+            max_rank,
+            max_conv_rank,
+            threshold,
+            top,
+            0.0,
+            str(out_dtype).replace("torch.", ""),
+            {m.name: m.rank for m in modules},
+            None if budget_bytes is None else Budget(budget_bytes, criterion_caps),
+        )
         if result.budget is not None:
             ranks = _fit_budget(modules, spectra, ranks, result, out_dtype, metadata or {}, source)
         result.tensors = _write(modules, spectra, ranks, alpha, out_dtype, dev, bar)
@@ -119,22 +146,40 @@ def resize_state_dict(tensors: Mapping[str, torch.Tensor], criterion: Criterion 
         bar.close()
     bad = sorted({key.rsplit(".", 2)[0] for key, t in result.tensors.items() if not bool(torch.isfinite(t).all())})
     if bad:
-        raise LoRAFileError(f"{source}: the resized weights of {len(bad)} module(s) do not fit in "
-                            f"{str(out_dtype).replace('torch.', '')} (e.g. {bad[0]}); use a wider dtype (bf16 or fp32)")
+        raise LoRAFileError(
+            f"{source}: the resized weights of {len(bad)} module(s) do not fit in "
+            f"{str(out_dtype).replace('torch.', '')} (e.g. {bad[0]}); use a wider dtype (bf16 or fp32)"
+        )
     result.seconds = time.perf_counter() - start
     return result
 
 
-def _fit_budget(modules: list[_Module], spectra: dict[int, _Spectrum], ranks: dict[int, int], plan: ResizeResult,
-                dtype: torch.dtype, metadata: Mapping[str, str], source: str) -> dict[int, int]:
+def _fit_budget(
+    modules: list[_Module],
+    spectra: dict[int, _Spectrum],
+    ranks: dict[int, int],
+    plan: ResizeResult,
+    dtype: torch.dtype,
+    metadata: Mapping[str, str],
+    source: str,
+) -> dict[int, int]:
     """The ranks under ``plan.budget`` (``max_size.fit_budget``), the criterion's ``ranks`` as the caps, sized
     with the metadata :func:`resize_file` writes: ``plan`` (a result without tensors yet) with each candidate's
     accounts."""
+
     def metadata_of(chosen: dict[int, int]) -> dict[str, str]:
         return resized_metadata(metadata, replace(plan, modules=_accounts(modules, spectra, chosen)), source)
 
-    return fit_budget(modules, {m.index: spectra[m.index].s for m in modules}, ranks, plan.criterion.min_rank,
-                      plan.budget, dtype, metadata_of)
+    assert plan.budget is not None  # resize_state_dict fits only a plan that has a budget
+    return fit_budget(
+        modules,
+        {m.index: spectra[m.index].s for m in modules},
+        ranks,
+        plan.criterion.min_rank,
+        plan.budget,
+        dtype,
+        metadata_of,
+    )
 
 
 @dataclass
@@ -174,13 +219,15 @@ def _analyse(modules: list[_Module], dev: torch.device, bar: Progress, source: s
                 bar.advance(len(batch), "analysing")
     if non_finite:
         more = f" (and {len(non_finite) - 5} more)" if len(non_finite) > 5 else ""
-        raise LoRAFileError(f"{source}: NaN/Inf weights in {len(non_finite)} module(s): "
-                            f"{', '.join(non_finite[:5])}{more}")
+        raise LoRAFileError(
+            f"{source}: NaN/Inf weights in {len(non_finite)} module(s): {', '.join(non_finite[:5])}{more}"
+        )
     return spectra
 
 
-def _decide(modules: list[_Module], spectra: dict[int, _Spectrum], criterion: Criterion, max_rank: int,
-            max_conv_rank: int) -> tuple[dict[int, int], Optional[float], Optional[float]]:
+def _decide(
+    modules: list[_Module], spectra: dict[int, _Spectrum], criterion: Criterion, max_rank: int, max_conv_rank: int
+) -> tuple[dict[int, int], Optional[float], Optional[float]]:
     """Each module's new rank: {module index: rank}, and (threshold, top) for the importance criterion."""
     ranks: dict[int, int] = {}
     threshold = top = None
@@ -188,10 +235,10 @@ def _decide(modules: list[_Module], spectra: dict[int, _Spectrum], criterion: Cr
         importance = {m.index: spectra[m.index].s.double().cpu() * abs(m.scale) for m in modules}
         top = max(float(v[0]) for v in importance.values())
         threshold = criterion.min_importance * top
-    for (rank, cols, rows), members in _groups(modules).items():
+    for members in _groups(modules).values():
         s = torch.stack([spectra[m.index].s for m in members]).double().cpu()
         caps = torch.tensor([max_conv_rank if m.conv else max_rank for m in members])
-        if criterion.name == "importance":
+        if threshold is not None:  # the importance criterion
             keep = F.keep_above(torch.stack([importance[m.index] for m in members]), threshold, criterion.min_rank)
             chosen = torch.minimum(keep.sum(dim=1), caps)
         else:
@@ -223,12 +270,21 @@ def _accounts(modules: list[_Module], spectra: dict[int, _Spectrum], ranks: Mapp
         counts = torch.tensor([min(ranks[m.index], rank) for m in members])
         errors.update(zip((m.index for m in members), F.truncation_error(s, counts).tolist()))
         energies.update(zip((m.index for m in members), s.double().square().sum(dim=1).tolist()))
-    return [ModuleResize(m.name, m.kind, m.rank, ranks[m.index], errors[m.index], energies[m.index] * m.scale ** 2)
-            for m in modules]
+    return [
+        ModuleResize(m.name, m.kind, m.rank, ranks[m.index], errors[m.index], energies[m.index] * m.scale**2)
+        for m in modules
+    ]
 
 
-def _write(modules: list[_Module], spectra: dict[int, _Spectrum], ranks: dict[int, int], alpha: float,
-           dtype: torch.dtype, dev: torch.device, bar: Progress) -> dict[str, torch.Tensor]:
+def _write(
+    modules: list[_Module],
+    spectra: dict[int, _Spectrum],
+    ranks: dict[int, int],
+    alpha: float,
+    dtype: torch.dtype,
+    dev: torch.device,
+    bar: Progress,
+) -> dict[str, torch.Tensor]:
     """Pass 2: the kept components' factors, in batches; alpha/k * up @ down = the module's scaled rank-k part."""
     out: dict[str, torch.Tensor] = {}
     with torch.no_grad():
@@ -276,14 +332,16 @@ def resized_metadata(metadata: Mapping[str, str], result: ResizeResult, source: 
     linear, conv = _reference_ranks(dict(metadata), source, shapes)
     ranks = result.ranks
     errors = [m.error for m in result.modules]
-    meta.update({
-        "aclora_version": __version__,
-        "aclora_ranks": json.dumps(ranks, separators=(",", ":")),
-        "aclora_max_rank": str(linear),
-        "aclora_truncation_error_mean": f"{sum(errors) / len(errors):.6g}",
-        "aclora_truncation_error_max": f"{max(errors):.6g}",
-        "aclora_resize": json.dumps(_resize_record(result), separators=(",", ":")),
-    })
+    meta.update(
+        {
+            "aclora_version": __version__,
+            "aclora_ranks": json.dumps(ranks, separators=(",", ":")),
+            "aclora_max_rank": str(linear),
+            "aclora_truncation_error_mean": f"{sum(errors) / len(errors):.6g}",
+            "aclora_truncation_error_max": f"{max(errors):.6g}",
+            "aclora_resize": json.dumps(_resize_record(result), separators=(",", ":")),
+        }
+    )
     meta.setdefault("aclora_modules", json.dumps(list(ranks), separators=(",", ":")))
     if conv is not None:
         meta["aclora_conv_max_rank"] = str(conv)
@@ -292,8 +350,14 @@ def resized_metadata(metadata: Mapping[str, str], result: ResizeResult, source: 
 
 def _resize_record(result: ResizeResult) -> dict:
     c = result.criterion
-    record = {"criterion": c.name, "param": c.value, "max_rank": result.max_rank, "max_conv_rank": result.max_conv_rank,
-              "alpha": result.alpha, "dtype": result.dtype}
+    record = {
+        "criterion": c.name,
+        "param": c.value,
+        "max_rank": result.max_rank,
+        "max_conv_rank": result.max_conv_rank,
+        "alpha": result.alpha,
+        "dtype": result.dtype,
+    }
     if c.name == "importance":
         record.update(min_rank=c.min_rank, threshold=result.threshold, largest_singular_value=result.top)
     if result.budget is not None:
@@ -303,9 +367,17 @@ def _resize_record(result: ResizeResult) -> dict:
     return record
 
 
-def resize_file(source: str, target: str, criterion: Criterion | str | None = None, *,
-                dtype: Optional[str | torch.dtype] = None, device: str | torch.device = "cpu",
-                progress: Optional[bool] = None, max_size: int | str | None = None, **criterion_args) -> ResizeResult:
+def resize_file(
+    source: str,
+    target: str,
+    criterion: Criterion | str | None = None,
+    *,
+    dtype: Optional[str | torch.dtype] = None,
+    device: str | torch.device = "cpu",
+    progress: Optional[bool] = None,
+    max_size: int | str | None = None,
+    **criterion_args,
+) -> ResizeResult:
     """Resize the LoRA file ``source`` into ``target`` (.safetensors, written atomically).
 
     Nothing is written when anything fails: an existing ``target`` is only
@@ -321,11 +393,32 @@ def resize_file(source: str, target: str, criterion: Criterion | str | None = No
     budget_criterion(criterion, criterion_args, parse_max_size(max_size))  # bad parameters fail before reading
     tensors = load_state_dict(source)
     metadata = read_metadata(source)
-    result = resize_state_dict(tensors, criterion, dtype=dtype, device=device, progress=progress, source=source,
-                               max_size=max_size, metadata=metadata, **criterion_args)
-    save_state_dict(target, result.tensors, resized_metadata(metadata, result, source),
-                    max_size=result.budget.max_size if result.budget else None)
+    result = resize_state_dict(
+        tensors,
+        criterion,
+        dtype=dtype,
+        device=device,
+        progress=progress,
+        source=source,
+        max_size=max_size,
+        metadata=metadata,
+        **criterion_args,
+    )
+    save_state_dict(
+        target,
+        result.tensors,
+        resized_metadata(metadata, result, source),
+        max_size=result.budget.max_size if result.budget else None,
+    )
     ranks = list(result.ranks.values())
-    logger.info("resized %s -> %s with %s: %d modules, ranks %d..%d, %.2f s", source, target,
-                result.describe(), len(ranks), min(ranks), max(ranks), result.seconds)
+    logger.info(
+        "resized %s -> %s with %s: %d modules, ranks %d..%d, %.2f s",
+        source,
+        target,
+        result.describe(),
+        len(ranks),
+        min(ranks),
+        max(ranks),
+        result.seconds,
+    )
     return result

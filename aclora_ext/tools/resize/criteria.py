@@ -41,7 +41,8 @@ class Criterion:
     """How many components each module keeps (see the module docstring)."""
 
     name: str = "importance"
-    min_importance: float = DEFAULT_MIN_IMPORTANCE  # importance: the threshold, a fraction of the largest singular value
+    # importance: the threshold, a fraction of the largest singular value
+    min_importance: float = DEFAULT_MIN_IMPORTANCE
     param: Optional[float] = None  # sv_*: resize_lora's --dynamic_param
     min_rank: int = 1  # importance: fewest components a module keeps
     max_rank: Optional[int] = None  # cap (None: the largest rank in the file)
@@ -52,25 +53,38 @@ class Criterion:
             raise ResizeError(f"criterion {self.name!r} is not known; allowed: {', '.join(CRITERIA)}")
         if self.name == "importance":
             if self.param is not None:
-                raise ResizeError(f"param={self.param} is for the resize_lora criteria ({', '.join(CRITERIA[1:])}); "
-                                  "criterion importance takes min_importance")
+                raise ResizeError(
+                    f"param={self.param} is for the resize_lora criteria ({', '.join(CRITERIA[1:])}); "
+                    "criterion importance takes min_importance"
+                )
             if not 0.0 <= self.min_importance < 1.0:  # the range of training's min_importance option
-                raise ResizeError(f"min_importance={self.min_importance} is not valid; allowed: a number >= 0 and < 1 "
-                                  "(a fraction of the largest singular value of the file)")
+                raise ResizeError(
+                    f"min_importance={self.min_importance} is not valid; allowed: a number >= 0 and < 1 "
+                    "(a fraction of the largest singular value of the file)"
+                )
         else:
             if self.param is None:
-                raise ResizeError(f"criterion {self.name} needs param (resize_lora's --dynamic_param): "
-                                  + ("a ratio > 0 of the largest singular value" if self.name == "sv_ratio"
-                                     else "a fraction > 0 and <= 1"))
+                raise ResizeError(
+                    f"criterion {self.name} needs param (resize_lora's --dynamic_param): "
+                    + (
+                        "a ratio > 0 of the largest singular value"
+                        if self.name == "sv_ratio"
+                        else "a fraction > 0 and <= 1"
+                    )
+                )
             ok = self.param > 0 if self.name == "sv_ratio" else 0 < self.param <= 1
             if not ok or not math.isfinite(self.param):
-                raise ResizeError(f"param={self.param} is not valid for {self.name}; allowed: "
-                                  + ("a number > 0" if self.name == "sv_ratio" else "a number > 0 and <= 1"))
+                raise ResizeError(
+                    f"param={self.param} is not valid for {self.name}; allowed: "
+                    + ("a number > 0" if self.name == "sv_ratio" else "a number > 0 and <= 1")
+                )
             if self.min_importance != DEFAULT_MIN_IMPORTANCE:
                 raise ResizeError(f"min_importance={self.min_importance} is for criterion importance, not {self.name}")
             if self.min_rank != 1:
-                raise ResizeError(f"min_rank={self.min_rank} is for criterion importance; resize_lora's {self.name} "
-                                  "has no minimum rank")
+                raise ResizeError(
+                    f"min_rank={self.min_rank} is for criterion importance; resize_lora's {self.name} "
+                    "has no minimum rank"
+                )
         for key in ("min_rank", "max_rank", "max_conv_rank"):
             value = getattr(self, key)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
@@ -83,8 +97,11 @@ class Criterion:
     @property
     def value(self) -> float:
         """The criterion's parameter: min_importance, or resize_lora's dynamic_param."""
-        return self.min_importance if self.name == "importance" else float(self.param)
+        if self.name == "importance":
+            return self.min_importance
+        assert self.param is not None  # __post_init__ refuses an sv_* criterion without one
+        return float(self.param)
 
     def describe(self) -> str:
-        """"importance: 0.01", "sv_fro: 0.9": as resize_lora names its dynamic method in the training comment."""
+        """ "importance: 0.01", "sv_fro: 0.9": as resize_lora names its dynamic method in the training comment."""
         return f"{self.name}: {self.value}"

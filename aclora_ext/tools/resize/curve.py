@@ -19,10 +19,10 @@ import torch
 from ...files.storage import LoRAFileError, load_state_dict, read_metadata
 from ...functional import median
 from ...functional.allocation import BudgetError
-from .max_size import Budget
 from .core import _accounts, _analyse, _decide, _dtype, _file_alpha, _fit_budget
 from .criteria import Criterion
 from .inputs import _modules
+from .max_size import Budget
 from .progress import Progress
 from .result import ResizeResult
 
@@ -58,14 +58,22 @@ class SizeCurve:
         """The table of the shares in TABLE_SHARES (or the reason there is none)."""
         if self.unavailable:
             return f"size/quality curve: not available: {self.unavailable}"
-        rows = [[f"{p.share:.0%}", _mb(p.max_size)]
-                + ([_mb(p.size), "{}/{:g}/{}".format(*p.ranks), f"{p.error:.4g}"] if p.size is not None
-                   else ["-", "-", "no file fits"])
-                for p in self.points if p.share in TABLE_SHARES]
+        rows = [
+            [f"{p.share:.0%}", _mb(p.max_size)]
+            + (
+                [_mb(p.size), "{}/{:g}/{}".format(*p.ranks), f"{p.error:.4g}"]
+                if p.size is not None and p.ranks is not None  # set together, when a file fits
+                else ["-", "-", "no file fits"]
+            )
+            for p in self.points
+            if p.share in TABLE_SHARES
+        ]
         header = ["share", "max size", "file size", "ranks min/median/max", "rel. error"]
         widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
-        lines = ["size/quality: the file `aclora resize --max-size` writes at a share of this file's size, and the "
-                 "relative error of its whole update ||dW - dW'||_F / ||dW||_F (all modules together; MB = 10^6 bytes)"]
+        lines = [
+            "size/quality: the file `aclora resize --max-size` writes at a share of this file's size, and the "
+            "relative error of its whole update ||dW - dW'||_F / ||dW||_F (all modules together; MB = 10^6 bytes)"
+        ]
         lines += ["  " + "  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in [header] + rows]
         if self.smallest is not None:
             lines.append(f"  smallest possible file (every module at rank 1): {_mb(self.smallest)}")
@@ -73,18 +81,27 @@ class SizeCurve:
 
     def draw(self, ax) -> None:
         """The curve on a matplotlib axis: file size (MB) against the whole update's relative error."""
-        fitted = [p for p in self.points if p.size is not None]
+        fitted = [(p.size, p) for p in self.points if p.size is not None]
         if self.unavailable or not fitted:
-            ax.text(0.5, 0.5, "no size/quality curve:\n" + (self.unavailable or "no size fits"), ha="center",
-                    va="center", transform=ax.transAxes, fontsize=8, wrap=True)
+            ax.text(
+                0.5,
+                0.5,
+                "no size/quality curve:\n" + (self.unavailable or "no size fits"),
+                ha="center",
+                va="center",
+                transform=ax.transAxes,
+                fontsize=8,
+                wrap=True,
+            )
             ax.set_axis_off()
             return
         unit, scale = ("MB", 1e6) if self.file_bytes >= 1e6 else ("KB", 1e3)
-        ax.plot([p.size / scale for p in fitted], [p.error for p in fitted], marker="o", color="C3")
-        for p in fitted:
+        ax.plot([size / scale for size, _ in fitted], [p.error for _, p in fitted], marker="o", color="C3")
+        for size, p in fitted:
             if p.share in TABLE_SHARES:
-                ax.annotate(f"{p.share:.0%}", (p.size / scale, p.error), textcoords="offset points", xytext=(4, 4),
-                            fontsize=8)
+                ax.annotate(
+                    f"{p.share:.0%}", (size / scale, p.error), textcoords="offset points", xytext=(4, 4), fontsize=8
+                )
         ax.axvline(self.file_bytes / scale, color="0.3", lw=1, ls="--", label="this file")
         ax.set_xlabel(f"file size ({unit}, 1 {unit} = {scale:.0e} bytes)".replace("e+0", "e"))
         ax.set_ylabel("relative error of the whole update")
@@ -119,15 +136,27 @@ def size_curve(path: str, shares: Sequence[float] = TABLE_SHARES, with_smallest:
     criterion = Criterion("importance", min_importance=0.0)  # no criterion cap: only the sizes decide
     max_rank = max(m.rank for m in modules)
     caps, threshold, top = _decide(modules, spectra, criterion, max_rank, max_rank)
-    plan = ResizeResult({}, [], criterion, alpha, max_rank, max_rank, threshold, top, 0.0,
-                        str(dtype).replace("torch.", ""), {m.name: m.rank for m in modules})
+    plan = ResizeResult(
+        {},
+        [],
+        criterion,
+        alpha,
+        max_rank,
+        max_rank,
+        threshold,
+        top,
+        0.0,
+        str(dtype).replace("torch.", ""),
+        {m.name: m.rank for m in modules},
+    )
     sizes = {share: int(share * curve.file_bytes) for share in shares}
     if with_smallest:
         smallest = _smallest(modules, spectra, caps, plan, dtype, metadata, path)
         sizes[smallest / curve.file_bytes] = smallest
     for share, max_size in sorted(sizes.items()):
         point = CurvePoint(share, max_size)
-        budgeted = replace(plan, budget=Budget(point.max_size, False))
+        budget = Budget(point.max_size, False)
+        budgeted = replace(plan, budget=budget)
         try:
             ranks = _fit_budget(modules, spectra, caps, budgeted, dtype, metadata, path)
         except BudgetError as err:
@@ -135,7 +164,7 @@ def size_curve(path: str, shares: Sequence[float] = TABLE_SHARES, with_smallest:
             curve.points.append(point)
             continue
         kept = list(ranks.values())
-        point.size, curve.smallest = budgeted.budget.size, budgeted.budget.smallest
+        point.size, curve.smallest = budget.size, budget.smallest
         point.error = replace(plan, modules=_accounts(modules, spectra, ranks)).error
         point.ranks = (min(kept), median(kept), max(kept))
         curve.points.append(point)

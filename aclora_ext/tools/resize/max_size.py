@@ -24,7 +24,7 @@ import torch
 
 from ... import functional as F
 from ...files.fit import fit_ranks
-from ...files.sizes import ModuleLayout
+from ...files.sizes import FileLayout, ModuleLayout
 from ...options import SIZE_ALLOWED, parse_size
 from .criteria import Criterion, ResizeError
 from .inputs import _Module
@@ -61,8 +61,9 @@ def parse_max_size(value: Any) -> Optional[int]:
         raise ResizeError(f"max_size={value!r} is not valid; allowed: {SIZE_ALLOWED}") from None
 
 
-def budget_criterion(criterion: Criterion | str | None, criterion_args: Mapping[str, Any],
-                     max_size: Optional[int]) -> tuple[Criterion, bool]:
+def budget_criterion(
+    criterion: Criterion | str | None, criterion_args: Mapping[str, Any], max_size: Optional[int]
+) -> tuple[Criterion, bool]:
     """The resize's criterion, and whether its ranks cap the budget.
 
     None without a budget is the default criterion (importance). None with a budget, when no criterion
@@ -83,9 +84,15 @@ def module_layouts(modules: Sequence[_Module], dtype: torch.dtype) -> list[Modul
     return [ModuleLayout.from_shapes(m.name, m.down_shape, m.up_shape, dtype) for m in modules]
 
 
-def fit_budget(modules: Sequence[_Module], singular_values: Mapping[int, torch.Tensor], caps: Mapping[int, int],
-               min_rank: int, budget: Budget, dtype: torch.dtype,
-               metadata_of: Callable[[dict[int, int]], Mapping[str, str]]) -> dict[int, int]:
+def fit_budget(
+    modules: Sequence[_Module],
+    singular_values: Mapping[int, torch.Tensor],
+    caps: Mapping[int, int],
+    min_rank: int,
+    budget: Budget,
+    dtype: torch.dtype,
+    metadata_of: Callable[[dict[int, int]], Mapping[str, str]],
+) -> dict[int, int]:
     """Every module's rank under ``budget.max_size`` ({module index: rank}); fills in ``budget``'s outcome.
 
     ``singular_values[i]``: of module i's unscaled up @ down, descending; ``caps[i]``: its largest rank
@@ -97,9 +104,10 @@ def fit_budget(modules: Sequence[_Module], singular_values: Mapping[int, torch.T
     worths = [F.allocation.update_worths(singular_values[m.index], m.scale) for m in modules]
     limits = [min(int(caps[m.index]), m.rank) for m in modules]
     index = {m.name: m.index for m in modules}
-    fit = fit_ranks(module_layouts(modules, dtype), worths, budget.max_size,
-                    min_ranks=[min(min_rank, cap) for cap in limits], max_ranks=limits,
-                    metadata=lambda ranks: metadata_of({index[name]: k for name, k in ranks.items()}))
+    file = FileLayout(
+        module_layouts(modules, dtype), lambda ranks: metadata_of({index[n]: k for n, k in ranks.items()})
+    )
+    fit = fit_ranks(file, worths, budget.max_size, min_ranks=[min(min_rank, cap) for cap in limits], max_ranks=limits)
     total = sum(float(w.sum()) for w in worths)
     budget.size, budget.smallest = fit.size, fit.smallest
     budget.exact = fit.allocation.exact

@@ -27,8 +27,10 @@ class Progress:
             return
         self.drawn_at = now
         filled = self.width * self.done // self.total
-        self.stream.write(f"\raclora resize: [{'#' * filled}{'.' * (self.width - filled)}] "
-                          f"{100 * self.done // self.total:3d}% {label:<10}")
+        self.stream.write(
+            f"\raclora resize: [{'#' * filled}{'.' * (self.width - filled)}] "
+            f"{100 * self.done // self.total:3d}% {label:<10}"
+        )
         self.stream.flush()
 
     def close(self) -> None:

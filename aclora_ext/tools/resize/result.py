@@ -9,9 +9,9 @@ from typing import Optional
 import torch
 
 from ...functional import median
-from ..inspect import _block_order, locate
-from .max_size import Budget
+from ..rank_report import _block_order, locate
 from .criteria import Criterion
+from .max_size import Budget
 
 
 # --- the result ------------------------------------------------------------------------------------------
@@ -54,7 +54,7 @@ class ResizeResult:
     budget: Optional[Budget] = None  # max_size: what it asked for and gave
 
     def describe(self) -> str:
-        """"importance: 0.01", or with a budget "importance: 0.0, max_size: 50000000" (resize_lora's wording)."""
+        """ "importance: 0.01", or with a budget "importance: 0.0, max_size: 50000000" (resize_lora's wording)."""
         text = self.criterion.describe()
         return text if self.budget is None else f"{text}, max_size: {self.budget.max_size}"
 
@@ -62,7 +62,7 @@ class ResizeResult:
     def error(self) -> float:
         """Relative Frobenius error of the whole update, all modules together: ||dW - dW'|| / ||dW||."""
         total = sum(m.energy for m in self.modules)
-        return math.sqrt(sum(m.energy * m.error ** 2 for m in self.modules) / total) if total > 0 else 0.0
+        return math.sqrt(sum(m.energy * m.error**2 for m in self.modules) / total) if total > 0 else 0.0
 
     @property
     def ranks(self) -> dict[str, int]:
@@ -80,20 +80,37 @@ class ResizeResult:
         rows = []
         for (part, block), members in grouped.items():
             total = sum(m.energy for m in members)
-            dropped = sum(m.energy * m.error ** 2 for m in members)
+            dropped = sum(m.energy * m.error**2 for m in members)
             before = [m.rank_before for m in members]
             after = [m.rank_after for m in members]
-            rows.append(BlockError(part, block, len(members), (min(before), median(before), max(before)),
-                                   (min(after), median(after), max(after)),
-                                   math.sqrt(dropped / total) if total > 0 else 0.0, max(m.error for m in members)))
+            rows.append(
+                BlockError(
+                    part,
+                    block,
+                    len(members),
+                    (min(before), median(before), max(before)),
+                    (min(after), median(after), max(after)),
+                    math.sqrt(dropped / total) if total > 0 else 0.0,
+                    max(m.error for m in members),
+                )
+            )
         rows.sort(key=lambda b: _block_order(b.part, b.block))
         return rows
 
 
 def result_summary(result: ResizeResult) -> dict:
     """The result as plain JSON-able data (without the tensors)."""
-    return {"criterion": asdict(result.criterion), "alpha": result.alpha, "max_rank": result.max_rank,
-            "max_conv_rank": result.max_conv_rank, "threshold": result.threshold, "top": result.top,
-            "seconds": result.seconds, "dtype": result.dtype, "error": result.error,
-            "budget": asdict(result.budget) if result.budget else None, "modules": [asdict(m) for m in result.modules],
-            "blocks": [asdict(b) for b in result.blocks()]}
+    return {
+        "criterion": asdict(result.criterion),
+        "alpha": result.alpha,
+        "max_rank": result.max_rank,
+        "max_conv_rank": result.max_conv_rank,
+        "threshold": result.threshold,
+        "top": result.top,
+        "seconds": result.seconds,
+        "dtype": result.dtype,
+        "error": result.error,
+        "budget": asdict(result.budget) if result.budget else None,
+        "modules": [asdict(m) for m in result.modules],
+        "blocks": [asdict(b) for b in result.blocks()],
+    }

@@ -31,39 +31,103 @@ The parts: ``setup`` (one set-up), ``models`` (the frozen models), ``step`` (one
 ``config`` (reading sd-scripts' arguments), ``cli`` (the command).
 """
 
+from . import dit
 from .cli import arguments_from, build_parser, format_estimate, main
 from .config import KEYS, UNSUPPORTED, Key, read_config, setup_from_arguments
 from .counter import (
-                      ACTIVATIONS,
-                      BLOCK_BYTES,
-                      CATEGORIES,
-                      FROZEN_TE,
-                      FROZEN_UNET,
-                      FROZEN_VAE,
-                      GRADIENTS,
-                      LORA,
-                      OPTIMIZER_STATE,
-                      SET_UP,
-                      Block,
-                      Replay,
-                      StorageCounter,
+    ACTIVATIONS,
+    BLOCK_BYTES,
+    CATEGORIES,
+    FROZEN_TE,
+    FROZEN_UNET,
+    FROZEN_VAE,
+    GRADIENTS,
+    LORA,
+    OPTIMIZER_STATE,
+    SET_UP,
+    Block,
+    Replay,
+    StorageCounter,
 )
 from .cuda import CudaPolicy
-from .estimate import (
-                      CARD_SIZES_GIB,
-                      MARGIN_FIXED_BYTES,
-                      MARGIN_FRACTION,
-                      NOT_COUNTED,
-                      CountedStep,
-                      Estimate,
-                      GiB,
-                      estimate,
-                      restart_transient,
-)
-from .models import Models, build_models, prepare_models
-from .setup import ATTENTION, DTYPES, FAMILIES, MIXED_PRECISION, OPTIMIZERS, Setup, VramError
-from . import dit
 from .dit import build_dit_models, prepare_dit_models
 from .dit_step import DitTrainingStep
-from .setup import DIT_FAMILIES, VARIANTS, max_blocks_to_swap
+from .estimate import (
+    CARD_SIZES_GIB,
+    MARGIN_FIXED_BYTES,
+    MARGIN_FRACTION,
+    NOT_COUNTED,
+    CountedStep,
+    Estimate,
+    GiB,
+    estimate,
+    restart_transient,
+)
+from .models import Models, build_models, prepare_models
+from .setup import (
+    ATTENTION,
+    DIT_FAMILIES,
+    DTYPES,
+    FAMILIES,
+    MIXED_PRECISION,
+    OPTIMIZERS,
+    VARIANTS,
+    Setup,
+    VramError,
+    max_blocks_to_swap,
+)
 from .step import TrainingStep, make_optimizer
+
+__all__ = [
+    "dit",
+    "arguments_from",
+    "build_parser",
+    "format_estimate",
+    "main",
+    "KEYS",
+    "UNSUPPORTED",
+    "Key",
+    "read_config",
+    "setup_from_arguments",
+    "ACTIVATIONS",
+    "BLOCK_BYTES",
+    "CATEGORIES",
+    "FROZEN_TE",
+    "FROZEN_UNET",
+    "FROZEN_VAE",
+    "GRADIENTS",
+    "LORA",
+    "OPTIMIZER_STATE",
+    "SET_UP",
+    "Block",
+    "Replay",
+    "StorageCounter",
+    "CudaPolicy",
+    "build_dit_models",
+    "prepare_dit_models",
+    "DitTrainingStep",
+    "CARD_SIZES_GIB",
+    "MARGIN_FIXED_BYTES",
+    "MARGIN_FRACTION",
+    "NOT_COUNTED",
+    "CountedStep",
+    "Estimate",
+    "GiB",
+    "estimate",
+    "restart_transient",
+    "Models",
+    "build_models",
+    "prepare_models",
+    "ATTENTION",
+    "DIT_FAMILIES",
+    "DTYPES",
+    "FAMILIES",
+    "MIXED_PRECISION",
+    "OPTIMIZERS",
+    "VARIANTS",
+    "Setup",
+    "VramError",
+    "max_blocks_to_swap",
+    "TrainingStep",
+    "make_optimizer",
+]

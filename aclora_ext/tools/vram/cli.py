@@ -13,12 +13,40 @@ from .counter import CATEGORIES
 from .estimate import CARD_SIZES_GIB, NOT_COUNTED, Estimate, GiB, estimate
 from .setup import FAMILIES, VARIANTS, VramError
 
-BOOLEAN_FLAGS = ("v2", "network_train_unet_only", "network_train_text_encoder_only", "full_bf16", "full_fp16",
-                 "fp8_base", "no_half_vae", "gradient_checkpointing", "cache_latents", "cache_text_encoder_outputs",
-                 "sdpa", "xformers", "mem_eff_attn", "apply_t5_attn_mask")
-VALUE_FLAGS = ("pretrained_model_name_or_path", "resolution", "train_batch_size", "network_dim", "network_alpha",
-               "mixed_precision", "optimizer_type", "max_grad_norm", "max_token_length", "blocks_to_swap",
-               "t5xxl_max_token_length", "ae", "clip_l", "clip_g", "t5xxl", "model_prediction_type")
+BOOLEAN_FLAGS = (
+    "v2",
+    "network_train_unet_only",
+    "network_train_text_encoder_only",
+    "full_bf16",
+    "full_fp16",
+    "fp8_base",
+    "no_half_vae",
+    "gradient_checkpointing",
+    "cache_latents",
+    "cache_text_encoder_outputs",
+    "sdpa",
+    "xformers",
+    "mem_eff_attn",
+    "apply_t5_attn_mask",
+)
+VALUE_FLAGS = (
+    "pretrained_model_name_or_path",
+    "resolution",
+    "train_batch_size",
+    "network_dim",
+    "network_alpha",
+    "mixed_precision",
+    "optimizer_type",
+    "max_grad_norm",
+    "max_token_length",
+    "blocks_to_swap",
+    "t5xxl_max_token_length",
+    "ae",
+    "clip_l",
+    "clip_g",
+    "t5xxl",
+    "model_prediction_type",
+)
 LIST_FLAGS = ("network_args", "optimizer_args")
 
 
@@ -26,16 +54,25 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="aclora vram",
         description="Estimate the peak GPU memory of an AC-LoRA training run, counted on PyTorch's meta device "
-                    "(no GPU, no download; under a minute on a CPU). Give sd-scripts' --config_file and/or its arguments, "
-                    "spelled as sd-scripts spells them; arguments override the file, as in sd-scripts.")
-    parser.add_argument("--config_file", metavar="FILE.toml", help="an sd-scripts training config (sample_configs/*.toml)")
-    parser.add_argument("--family", choices=FAMILIES,
-                        help="the base model (default: sd2 with v2; flux / sd3 when the model path says so or --ae / "
-                             "--clip_g is given; sdxl when the model path contains 'xl'; else sd1)")
+        "(no GPU, no download; under a minute on a CPU). Give sd-scripts' --config_file and/or its arguments, "
+        "spelled as sd-scripts spells them; arguments override the file, as in sd-scripts.",
+    )
+    parser.add_argument(
+        "--config_file", metavar="FILE.toml", help="an sd-scripts training config (sample_configs/*.toml)"
+    )
+    parser.add_argument(
+        "--family",
+        choices=FAMILIES,
+        help="the base model (default: sd2 with v2; flux / sd3 when the model path says so or --ae / "
+        "--clip_g is given; sdxl when the model path contains 'xl'; else sd1)",
+    )
     variants = sorted({v for vs in VARIANTS.values() for v in vs})
-    parser.add_argument("--variant", choices=variants,
-                        help="flux: dev (default) or schnell; sd3: medium (SD3), 5-medium (SD3.5, default) or 5-large "
-                             "(default: from the model path)")
+    parser.add_argument(
+        "--variant",
+        choices=variants,
+        help="flux: dev (default) or schnell; sd3: medium (SD3), 5-medium (SD3.5, default) or 5-large "
+        "(default: from the model path)",
+    )
     for name in BOOLEAN_FLAGS:
         parser.add_argument(f"--{name}", action=argparse.BooleanOptionalAction, default=None)
     for name in VALUE_FLAGS:
@@ -62,20 +99,26 @@ def arguments_from(args: argparse.Namespace) -> tuple[dict[str, tuple[Any, str]]
 
 def format_estimate(result: Estimate, notes: Sequence[str] = ()) -> str:
     gib = lambda n: f"{n / GiB:6.2f}"  # noqa: E731
-    lines = [f"AC-LoRA VRAM estimate: {result.setup.describe()}",
-             f"{result.modules} LoRA modules, {result.lora_parameters / 1e6:.1f} M trainable parameters", "",
-             "  GiB   at the peak of the training step"]
+    lines = [
+        f"AC-LoRA VRAM estimate: {result.setup.describe()}",
+        f"{result.modules} LoRA modules, {result.lora_parameters / 1e6:.1f} M trainable parameters",
+        "",
+        "  GiB   at the peak of the training step",
+    ]
     for category in CATEGORIES:
         if result.breakdown.get(category):
             lines.append(f"{gib(result.breakdown[category])}  {category.replace('U-Net', result.setup.denoiser)}")
-    lines += [f"{gib(result.peak_bytes)}  peak allocated (estimate of torch.cuda.max_memory_allocated), during: "
-              f"{result.peak_phase}",
-              "        peak in each part of the step: "
-              + ", ".join(f"{phase} {value / GiB:.2f}" for phase, value in result.phase_peaks.items()),
-              f"{gib(result.restart_transient_bytes)}  RESTART transient, between steps (peak then: "
-              f"{result.restart_peak_bytes / GiB:.2f} GiB)",
-              f"{gib(result.margin_bytes)}  margin for what is not counted (below)",
-              f"{gib(result.with_margin_bytes)}  estimate with the margin", ""]
+    lines += [
+        f"{gib(result.peak_bytes)}  peak allocated (estimate of torch.cuda.max_memory_allocated), during: "
+        f"{result.peak_phase}",
+        "        peak in each part of the step: "
+        + ", ".join(f"{phase} {value / GiB:.2f}" for phase, value in result.phase_peaks.items()),
+        f"{gib(result.restart_transient_bytes)}  RESTART transient, between steps (peak then: "
+        f"{result.restart_peak_bytes / GiB:.2f} GiB)",
+        f"{gib(result.margin_bytes)}  margin for what is not counted (below)",
+        f"{gib(result.with_margin_bytes)}  estimate with the margin",
+        "",
+    ]
     verdicts = [f"{c} GiB: {'fits' if result.fits(c) else 'does not fit'}" for c in CARD_SIZES_GIB]
     lines.append("By this estimate, on a card with " + "; ".join(verdicts) + ".")
     lines += ["", NOT_COUNTED]

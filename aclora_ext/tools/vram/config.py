@@ -63,8 +63,15 @@ KEYS: dict[str, Key] = {
     "split_mode": Key("bool"),
 }
 # sd-scripts arguments that change memory in ways the estimate does not model: refused when switched on
-UNSUPPORTED = ("deepspeed", "fp8_base_unet", "fused_backward_pass", "use_lion_optimizer", "lowvram",
-               "cpu_offload_checkpointing", "train_text_encoder_only")
+UNSUPPORTED = (
+    "deepspeed",
+    "fp8_base_unet",
+    "fused_backward_pass",
+    "use_lion_optimizer",
+    "lowvram",
+    "cpu_offload_checkpointing",
+    "train_text_encoder_only",
+)
 _TRUE, _FALSE = (True, "true"), (False, "false")
 
 
@@ -130,16 +137,22 @@ def read_config(path: str) -> dict[str, Any]:
         if isinstance(value, dict):
             for inner, item in value.items():
                 if isinstance(item, dict):
-                    raise VramError(f"{path}: [{key}.{inner}] is nested two levels deep; sd-scripts reads one level of "
-                                    "[sections] only")
+                    raise VramError(
+                        f"{path}: [{key}.{inner}] is nested two levels deep; sd-scripts reads one level of "
+                        "[sections] only"
+                    )
                 flat[inner] = item
         else:
             flat[key] = value
     return flat
 
 
-def setup_from_arguments(arguments: Mapping[str, tuple[Any, str]], family: Optional[str] = None,
-                         base: Optional[Path] = None, variant: Optional[str] = None) -> tuple[Setup, list[str]]:
+def setup_from_arguments(
+    arguments: Mapping[str, tuple[Any, str]],
+    family: Optional[str] = None,
+    base: Optional[Path] = None,
+    variant: Optional[str] = None,
+) -> tuple[Setup, list[str]]:
     """A Setup from sd-scripts arguments ({key: (value, where it came from)}); also the notes on what was read.
     ``family`` / ``variant``: --family / --variant (else told from the arguments, see ``family_args``)."""
     notes: list[str] = []
@@ -177,27 +190,42 @@ def setup_from_arguments(arguments: Mapping[str, tuple[Any, str]], family: Optio
     precision = values.get("mixed_precision", "no")
     for key, wanted in (("full_bf16", "bf16"), ("full_fp16", "fp16")):
         if values.get(key) and precision != wanted:
-            raise VramError(f"full_bf16/full_fp16 must match mixed_precision={precision!r} ({key}=True needs "
-                            f"mixed_precision={wanted!r}, as train_network.py asserts)")
+            raise VramError(
+                f"full_bf16/full_fp16 must match mixed_precision={precision!r} ({key}=True needs "
+                f"mixed_precision={wanted!r}, as train_network.py asserts)"
+            )
     setup = Setup(
-        family=fam, width=resolution[0], height=resolution[1], batch_size=values.get("train_batch_size", 1),
-        rank=values.get("network_dim", 64), alpha=values.get("network_alpha", 1.0),
-        network_args=values.get("network_args", ()), mixed_precision=precision,
+        family=fam,
+        width=resolution[0],
+        height=resolution[1],
+        batch_size=values.get("train_batch_size", 1),
+        rank=values.get("network_dim", 64),
+        alpha=values.get("network_alpha", 1.0),
+        network_args=values.get("network_args", ()),
+        mixed_precision=precision,
         full_lora_precision=bool(values.get("full_bf16") or values.get("full_fp16")),
-        fp8_base=values.get("fp8_base", False), gradient_checkpointing=values.get("gradient_checkpointing", False),
+        fp8_base=values.get("fp8_base", False),
+        gradient_checkpointing=values.get("gradient_checkpointing", False),
         train_unet=not values.get("network_train_text_encoder_only", False),
-        train_text_encoder=not values.get("network_train_unet_only", False), optimizer=optimizer,
-        optimizer_args=values.get("optimizer_args", ()), max_grad_norm=values.get("max_grad_norm", 1.0),
+        train_text_encoder=not values.get("network_train_unet_only", False),
+        optimizer=optimizer,
+        optimizer_args=values.get("optimizer_args", ()),
+        max_grad_norm=values.get("max_grad_norm", 1.0),
         cache_latents=bool(values.get("cache_latents") or values.get("cache_latents_to_disk")),
-        cache_text_encoder_outputs=bool(values.get("cache_text_encoder_outputs")
-                                        or values.get("cache_text_encoder_outputs_to_disk")),
-        attention=attention, no_half_vae=values.get("no_half_vae", False),
-        max_token_length=75 if dit else values.get("max_token_length", 75), **dit)
+        cache_text_encoder_outputs=bool(
+            values.get("cache_text_encoder_outputs") or values.get("cache_text_encoder_outputs_to_disk")
+        ),
+        attention=attention,
+        no_half_vae=values.get("no_half_vae", False),
+        max_token_length=75 if dit else values.get("max_token_length", 75),
+        **dit,
+    )
     return setup, notes
 
 
-def _dit_fields(family: str, raw: Mapping[str, Any], values: dict[str, Any], variant: Optional[str],
-                notes: list[str]) -> dict[str, Any]:
+def _dit_fields(
+    family: str, raw: Mapping[str, Any], values: dict[str, Any], variant: Optional[str], notes: list[str]
+) -> dict[str, Any]:
     """The Setup fields of a FLUX.1/SD3 run ({} for SD families); notes for the arguments read and ignored."""
     found_variant = detect_variant(family, raw, variant, notes)
     if not found_variant:
@@ -207,16 +235,22 @@ def _dit_fields(family: str, raw: Mapping[str, Any], values: dict[str, Any], var
         swap = 18
         notes.append("split_mode = true without blocks_to_swap: sd-scripts sets blocks_to_swap 18")
     if values.get("max_token_length") is not None:
-        notes.append("max_token_length is not used by the FLUX.1/SD3 trainers (sd-scripts warns and ignores it); "
-                     "the T5 length is t5xxl_max_token_length")
+        notes.append(
+            "max_token_length is not used by the FLUX.1/SD3 trainers (sd-scripts warns and ignores it); "
+            "the T5 length is t5xxl_max_token_length"
+        )
     attention = [k for k in ("sdpa", "xformers", "mem_eff_attn") if values.get(k)]
     if attention:
         notes.append(f"{', '.join(attention)}: sd-scripts' DiTs always use scaled_dot_product_attention")
     given = sorted(k for k in DIT_IGNORED if k in raw)
     if given:
         notes.append("DiT trainer arguments that do not change the estimate: " + ", ".join(given))
-    return {"variant": found_variant, "blocks_to_swap": swap, "t5_tokens": values.get("t5xxl_max_token_length", 0),
-            "apply_t5_attn_mask": values.get("apply_t5_attn_mask", False)}
+    return {
+        "variant": found_variant,
+        "blocks_to_swap": swap,
+        "t5_tokens": values.get("t5xxl_max_token_length", 0),
+        "apply_t5_attn_mask": values.get("apply_t5_attn_mask", False),
+    }
 
 
 def _dataset_overrides(path: Optional[str], base: Optional[Path], notes: list[str]) -> dict[str, Any]:

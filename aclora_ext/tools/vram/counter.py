@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Optional
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -77,9 +77,13 @@ class StorageCounter(TorchDispatchMode):
                 return entry[0]
             self._free(key)  # resized in place: the old block goes, a new one comes
         block = Block(size, category, phase or self.phase)
-        self._live[key] = (block, weakref.ref(storage, lambda _ref, key=key: self._free(key)))
+        self._live[key] = (block, weakref.ref(storage, self._on_death(key)))
         self.events.append((block, 1))
         return block
+
+    def _on_death(self, key: int) -> Callable[[object], None]:
+        """The weakref callback that frees ``key``'s block when its storage dies."""
+        return lambda _ref: self._free(key)
 
     def _free(self, key: int) -> None:
         entry = self._live.pop(key, None)

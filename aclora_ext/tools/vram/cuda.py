@@ -25,23 +25,91 @@ def _functions(*names: str) -> set:
 
 
 # autocast's lists for CUDA (ATen's autocast_mode.h): operators run in the autocast dtype ...
-_LOWER = _functions("linear", "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d",
-                    "prelu", "addmm", "addmv", "addr", "matmul", "__matmul__", "__rmatmul__", "einsum", "mm", "mv",
-                    "addbmm", "baddbmm", "bmm", "chain_matmul", "multi_dot", "vecdot")
+_LOWER = _functions(
+    "linear",
+    "conv1d",
+    "conv2d",
+    "conv3d",
+    "conv_transpose1d",
+    "conv_transpose2d",
+    "conv_transpose3d",
+    "prelu",
+    "addmm",
+    "addmv",
+    "addr",
+    "matmul",
+    "__matmul__",
+    "__rmatmul__",
+    "einsum",
+    "mm",
+    "mv",
+    "addbmm",
+    "baddbmm",
+    "bmm",
+    "chain_matmul",
+    "multi_dot",
+    "vecdot",
+)
 # ... in float32 ...
-_FP32 = _functions("acos", "asin", "cosh", "erfinv", "exp", "expm1", "log", "log10", "log2", "log1p", "reciprocal",
-                   "rsqrt", "sinh", "tan", "pow", "__pow__", "__rpow__", "softplus", "layer_norm", "rms_norm",
-                   "group_norm", "cosine_similarity", "poisson_nll_loss", "cosine_embedding_loss", "nll_loss",
-                   "hinge_embedding_loss", "kl_div", "l1_loss", "smooth_l1_loss", "huber_loss", "mse_loss",
-                   "margin_ranking_loss", "multilabel_margin_loss", "soft_margin_loss", "triplet_margin_loss",
-                   "multi_margin_loss", "binary_cross_entropy_with_logits", "dist", "pdist", "cdist", "renorm",
-                   "logsumexp", "interpolate", "upsample", "upsample_nearest", "upsample_bilinear")
+_FP32 = _functions(
+    "acos",
+    "asin",
+    "cosh",
+    "erfinv",
+    "exp",
+    "expm1",
+    "log",
+    "log10",
+    "log2",
+    "log1p",
+    "reciprocal",
+    "rsqrt",
+    "sinh",
+    "tan",
+    "pow",
+    "__pow__",
+    "__rpow__",
+    "softplus",
+    "layer_norm",
+    "rms_norm",
+    "group_norm",
+    "cosine_similarity",
+    "poisson_nll_loss",
+    "cosine_embedding_loss",
+    "nll_loss",
+    "hinge_embedding_loss",
+    "kl_div",
+    "l1_loss",
+    "smooth_l1_loss",
+    "huber_loss",
+    "mse_loss",
+    "margin_ranking_loss",
+    "multilabel_margin_loss",
+    "soft_margin_loss",
+    "triplet_margin_loss",
+    "multi_margin_loss",
+    "binary_cross_entropy_with_logits",
+    "dist",
+    "pdist",
+    "cdist",
+    "renorm",
+    "logsumexp",
+    "interpolate",
+    "upsample",
+    "upsample_nearest",
+    "upsample_bilinear",
+)
 # ... or on their input's dtype with a float32 result
 _FP32_RESULT = _functions("softmax", "log_softmax", "cumsum", "cumprod", "prod", "sum", "vector_norm", "matrix_norm")
 
 
 def _is_castable(t: Any, device_type: str) -> bool:
-    return isinstance(t, torch.Tensor) and t.device.type == device_type and t.is_floating_point() and t.dtype != torch.float64
+    return (
+        isinstance(t, torch.Tensor)
+        and t.device.type == device_type
+        and t.is_floating_point()
+        and t.dtype != torch.float64
+    )
 
 
 class CudaPolicy(TorchFunctionMode):
@@ -106,8 +174,10 @@ class CudaPolicy(TorchFunctionMode):
         for model in models:
             if model is not None:
                 for module in model.modules():
-                    handles += [module.register_forward_pre_hook(before),
-                                module.register_forward_hook(after, always_call=True)]  # also when it raises
+                    handles += [
+                        module.register_forward_pre_hook(before),
+                        module.register_forward_hook(after, always_call=True),
+                    ]  # also when it raises
         try:
             yield
         finally:
@@ -136,8 +206,13 @@ class CudaPolicy(TorchFunctionMode):
         def cast(t: Any) -> Any:
             if not _is_castable(t, self.device_type) or t.dtype == dtype:
                 return t
-            cacheable = (not in_backward and dtype != torch.float32 and t.dtype == torch.float32 and t.is_leaf
-                         and t.requires_grad)
+            cacheable = (
+                not in_backward
+                and dtype != torch.float32
+                and t.dtype == torch.float32
+                and t.is_leaf
+                and t.requires_grad
+            )
             if not cacheable:
                 return t.to(dtype)
             hit = self._cache.get(id(t))
@@ -149,17 +224,18 @@ class CudaPolicy(TorchFunctionMode):
 
         return tree_map(cast, tree)
 
-    def _attention(self, dtype, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
-                   **rest):
+    def _attention(self, dtype, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **rest):
         if query.device.type != self.device_type:
-            return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
-                                                  is_causal=is_causal, scale=scale, **rest)
+            return F.scaled_dot_product_attention(
+                query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, **rest
+            )
         if dtype is not None:
             query, key, value, attn_mask = self._cast((query, key, value, attn_mask), dtype)
         head = query.shape[-1]
         if attn_mask is None and query.dtype in (torch.float16, torch.bfloat16) and head <= 256:
-            return torch.ops.aten._scaled_dot_product_flash_attention(query, key, value, dropout_p, is_causal, False,
-                                                                      scale=scale)[0]
+            return torch.ops.aten._scaled_dot_product_flash_attention(
+                query, key, value, dropout_p, is_causal, False, scale=scale
+            )[0]
         bias = None
         if attn_mask is not None:
             shape = (query.shape[0], query.shape[1], query.shape[2], key.shape[2])
@@ -168,5 +244,6 @@ class CudaPolicy(TorchFunctionMode):
             else:
                 bias = attn_mask.to(query.dtype).expand(shape)
         grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
-        return torch.ops.aten._scaled_dot_product_efficient_attention(query, key, value, bias, grad, dropout_p,
-                                                                      is_causal, scale=scale)[0]
+        return torch.ops.aten._scaled_dot_product_efficient_attention(
+            query, key, value, bias, grad, dropout_p, is_causal, scale=scale
+        )[0]

@@ -24,7 +24,7 @@ offloader selects them) off the device and changes nothing else.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, cast
 
 import torch
 from torch import nn
@@ -53,8 +53,13 @@ def clip_names(family: str) -> list[str]:
     return ["clip_l"] if family == "flux" else ["clip_l", "clip_g"]
 
 
-def build_dit_models(setup: Setup, device: str = "meta", config: Optional[FluxConfig | SD3Config] = None,
-                     text_configs: Optional[dict[str, dict]] = None, vae_config: Optional[dict] = None) -> Models:
+def build_dit_models(
+    setup: Setup,
+    device: str = "meta",
+    config: Optional[FluxConfig | SD3Config] = None,
+    text_configs: Optional[dict[str, dict]] = None,
+    vae_config: Optional[dict] = None,
+) -> Models:
     """The frozen models of a FLUX.1/SD3 set-up on ``device``, in sd-scripts' dtypes, holding only those that sit
     on the device (text encoders ``[clip_l, (clip_g,) t5xxl]``, fewer when cached); ``config``, ``text_configs``
     and ``vae_config`` replace the real ones (tiny models for tests)."""
@@ -65,7 +70,8 @@ def build_dit_models(setup: Setup, device: str = "meta", config: Optional[FluxCo
     texts = {**TEXT_CONFIGS, **(text_configs or {})}
     clips_on_device = not setup.cache_text_encoder_outputs or setup.train_text_encoder
     with torch.device(device):
-        dit = Flux(config or dit_config(setup)) if setup.family == "flux" else MMDiT(config or dit_config(setup))
+        c = config or dit_config(setup)
+        dit = Flux(c) if isinstance(c, FluxConfig) else MMDiT(c)
         encoders: list[nn.Module] = []
         if clips_on_device:
             for name in clip_names(setup.family):  # FLUX: CLIPTextModel; SD3: both with their projections
@@ -76,7 +82,7 @@ def build_dit_models(setup: Setup, device: str = "meta", config: Optional[FluxCo
         vae = None
         if not setup.cache_latents:
             try:
-                from diffusers import AutoencoderKL
+                from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL  # typed, unlike diffusers' root
             except ImportError:
                 _needs("diffusers")
             vae = AutoencoderKL(**(vae_config or DIT_VAE_CONFIG))
@@ -104,7 +110,7 @@ def prepare_dit_models(models: Models, setup: Setup) -> None:
 
 
 def text_encoder_kind(te: nn.Module) -> str:
-    """"clip" or "t5" (by class name, as sd-scripts' network modules tell them apart)."""
+    """ "clip" or "t5" (by class name, as sd-scripts' network modules tell them apart)."""
     return "t5" if type(te).__name__.startswith("T5") else "clip"
 
 
@@ -121,8 +127,9 @@ def dit_targets(models: Models, setup: Setup) -> list[Target]:
     ``lora_te2_`` CLIP-G). T5-XXL (``lora_te3_``, lora_flux's ``train_t5xxl``) is not modelled."""
     targets = find_in_blocks(models.unet, "lora_unet", "unet", DIT_TARGET_CLASSES[setup.family])
     for i, te in enumerate(trained_clips(models, setup)):
-        targets += find_in_blocks(te, f"lora_te{i + 1}", f"te{i + 1}", TEXT_ENCODER_TARGETS,
-                                  path_prefix=text_encoder_root_path(te))
+        targets += find_in_blocks(
+            te, f"lora_te{i + 1}", f"te{i + 1}", TEXT_ENCODER_TARGETS, path_prefix=text_encoder_root_path(te)
+        )
     return targets
 
 
@@ -131,16 +138,25 @@ def swapped_blocks(dit: nn.Module, setup: Setup) -> list[nn.Module]:
     n = setup.blocks_to_swap
     if not n:
         return []
+
+    def blocks_of(name: str) -> nn.ModuleList:
+        return cast(nn.ModuleList, dit.get_submodule(name))  # sd-scripts' DiTs hold their blocks in ModuleLists
+
     if setup.family == "flux":
-        groups = [(dit.double_blocks, n // 2, "double"), (dit.single_blocks, (n - n // 2) * 2, "single")]
+        groups = [
+            (blocks_of("double_blocks"), n // 2, "double"),
+            (blocks_of("single_blocks"), (n - n // 2) * 2, "single"),
+        ]
     else:
-        groups = [(dit.joint_blocks, n, "joint")]
+        groups = [(blocks_of("joint_blocks"), n, "joint")]
     found: list[nn.Module] = []
     for blocks, count, kind in groups:
         if count > len(blocks) - 2:
-            raise VramError(f"blocks_to_swap={n} swaps {count} {kind} blocks, but this model has {len(blocks)}; "
-                            f"allowed: at most {len(blocks) - 2} {kind} blocks (sd-scripts asserts count - 2)")
-        found += list(blocks)[len(blocks) - count:] if count else []
+            raise VramError(
+                f"blocks_to_swap={n} swaps {count} {kind} blocks, but this model has {len(blocks)}; "
+                f"allowed: at most {len(blocks) - 2} {kind} blocks (sd-scripts asserts count - 2)"
+            )
+        found += list(blocks)[len(blocks) - count :] if count else []
     return found
 
 
@@ -157,7 +173,8 @@ def offloaded_weights(dit: nn.Module, setup: Setup) -> list[torch.Tensor]:
 
 def lora_parameter_count(targets: list[Target], rank: int) -> int:
     """Parameters of rank-``rank`` LoRAs on ``targets``: rank x (in + out) per Linear, as kohya's LoRAModule."""
-    return sum(rank * (t.layer.in_features + t.layer.out_features) for t in targets)
+    linears = [cast(nn.Linear, t.layer) for t in targets]  # lora_flux / lora_sd3 adapt Linears only
+    return sum(rank * (layer.in_features + layer.out_features) for layer in linears)
 
 
 def describe_swap(dit: nn.Module, setup: Setup) -> Optional[str]:
@@ -167,20 +184,34 @@ def describe_swap(dit: nn.Module, setup: Setup) -> Optional[str]:
         return None
     weights = offloaded_weights(dit, setup)
     gib = sum(w.numel() * w.element_size() for w in weights) / 1024**3
-    return (f"blocks_to_swap {setup.blocks_to_swap}: {len(blocks)} blocks' weights ({gib:.2f} GiB) stay on the CPU; "
-            "the blocks swapped in reuse the device storage of those swapped out (sd-scripts' CUDA offloader), so "
-            "nothing more is counted for them; the copies' time is not estimated")
+    return (
+        f"blocks_to_swap {setup.blocks_to_swap}: {len(blocks)} blocks' weights ({gib:.2f} GiB) stay on the CPU; "
+        "the blocks swapped in reuse the device storage of those swapped out (sd-scripts' CUDA offloader), so "
+        "nothing more is counted for them; the copies' time is not estimated"
+    )
 
 
 def dit_notes(setup: Setup) -> list[str]:
     fused = "fused qkv and linear1" if setup.family == "flux" else "fused qkv"
-    notes = [f"the {setup.model_name} DiT is aclora's own literal build of sd-scripts' layout ({fused} as "
-             "sd-scripts has them), not sd-scripts' module" + ("" if setup.cache_latents else
-                                                                "; the autoencoder is diffusers' AutoencoderKL")]
+    notes = [
+        f"the {setup.model_name} DiT is aclora's own literal build of sd-scripts' layout ({fused} as "
+        "sd-scripts has them), not sd-scripts' module"
+        + ("" if setup.cache_latents else "; the autoencoder is diffusers' AutoencoderKL")
+    ]
     if setup.train_text_encoder:
         notes.append("text encoders trained: the CLIP LoRA only; T5-XXL's (network_args train_t5xxl) is not modelled")
     return notes
 
 
-__all__ = ["DIT_TARGET_CLASSES", "build_dit_models", "prepare_dit_models", "dit_targets", "swapped_blocks",
-           "offloaded_weights", "lora_parameter_count", "trained_clips", "text_encoder_kind", "dit_config"]
+__all__ = [
+    "DIT_TARGET_CLASSES",
+    "build_dit_models",
+    "prepare_dit_models",
+    "dit_targets",
+    "swapped_blocks",
+    "offloaded_weights",
+    "lora_parameter_count",
+    "trained_clips",
+    "text_encoder_kind",
+    "dit_config",
+]

@@ -30,8 +30,9 @@ class DitTrainingStep(TrainingStep):
         config = parse_network_args(dict(setup.network_args), max_rank=setup.rank)
         targets = dit_targets(self.models, setup)
         alpha = float(setup.alpha) or float(setup.rank)
-        return ACLoRANetwork(targets, {t.lora_name: setup.rank for t in targets},
-                             {t.lora_name: alpha for t in targets}, 1.0, config)
+        return ACLoRANetwork(
+            targets, {t.lora_name: setup.rank for t in targets}, {t.lora_name: alpha for t in targets}, 1.0, config
+        )
 
     def _trained_text_encoders(self) -> list[nn.Module]:
         return trained_clips(self.models, self.setup)
@@ -42,13 +43,13 @@ class DitTrainingStep(TrainingStep):
     def _constants(self) -> None:
         s, d = self.setup, self.device
         self.latent_shape = (s.batch_size, DIT_LATENT_CHANNELS, s.height // 8, s.width // 8)
-        self.token_ids = {}
+        self.encoder_token_ids: dict[int, torch.Tensor] = {}  # by id() of the text encoder
         for te in self.models.text_encoders:  # the tokens the dataset hands over
             length = s.t5_tokens if text_encoder_kind(te) == "t5" else CLIP_TOKENS
-            self.token_ids[id(te)] = torch.zeros((s.batch_size, length), dtype=torch.long, device=d)
+            self.encoder_token_ids[id(te)] = torch.zeros((s.batch_size, length), dtype=torch.long, device=d)
 
     def constants(self) -> list[torch.Tensor]:
-        return list(self.token_ids.values())
+        return list(self.encoder_token_ids.values())
 
     # --- text ------------------------------------------------------------------------------------------------------
     def _text_conditioning(self) -> list[torch.Tensor]:
@@ -62,10 +63,12 @@ class DitTrainingStep(TrainingStep):
         if clips or t5 is not None:
             self.phase("text encoders")
         with torch.set_grad_enabled(s.train_text_encoder), self.autocast():
-            clip_out = [te(self.token_ids[id(te)], output_hidden_states=True) for te in clips]
+            clip_out = [te(self.encoder_token_ids[id(te)], output_hidden_states=True) for te in clips]
         with torch.no_grad(), self.autocast():
-            t5_out = t5(self.token_ids[id(t5)], return_dict=False, output_hidden_states=True)[0] if t5 else None
-        c = self.models.unet.params  # the widths the DiT takes (4096 / 768 / 2048 at full size)
+            t5_out = t5(self.encoder_token_ids[id(t5)], return_dict=False, output_hidden_states=True)[0] if t5 else None
+        c: Any = (
+            self.models.unet.params
+        )  # FluxConfig or SD3Config: the widths the DiT takes (4096 / 768 / 2048 at full size)
         if t5_out is None:
             t5_out = torch.randn((b, t, c.context_in_dim if s.family == "flux" else c.context_in_features), device=d)
         if s.family == "flux":
@@ -80,7 +83,7 @@ class DitTrainingStep(TrainingStep):
             lg_pooled = torch.randn((b, c.adm_in_channels), device=d)
         return [lg_out, t5_out, lg_pooled]
 
-    # --- the DiT and the loss ---------------------------------------------------------------------------------------------
+    # --- the DiT and the loss -----------------------------------------------------------------------------------------
     def _loss(self, latents: torch.Tensor, conds: list[torch.Tensor]) -> torch.Tensor:
         s = self.setup
         noise = torch.randn_like(latents)
@@ -110,9 +113,16 @@ class DitTrainingStep(TrainingStep):
             img_ids.requires_grad_(True)
             guidance.requires_grad_(True)
         with self.autocast():
-            out = self.models.unet(img=packed, img_ids=img_ids, txt=t5_out, txt_ids=txt_ids, y=l_pooled,
-                                   timesteps=timesteps / 1000, guidance=guidance,
-                                   txt_attention_mask=mask if s.apply_t5_attn_mask else None)
+            out = self.models.unet(
+                img=packed,
+                img_ids=img_ids,
+                txt=t5_out,
+                txt_ids=txt_ids,
+                y=l_pooled,
+                timesteps=timesteps / 1000,
+                guidance=guidance,
+                txt_attention_mask=mask if s.apply_t5_attn_mask else None,
+            )
         out = out.reshape(b, h, w, DIT_LATENT_CHANNELS, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(noisy.shape)
         prediction = out * (-sigmas) + noisy  # --model_prediction_type sigma_scaled (the default)
         target = noise - latents

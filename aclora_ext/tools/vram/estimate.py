@@ -87,25 +87,42 @@ class Estimate:
     def as_dict(self) -> dict:
         gib = lambda n: round(n / GiB, 3)  # noqa: E731
         return {
-            "setup": asdict(self.setup), "peak_gib": gib(self.peak_bytes), "peak_phase": self.peak_phase,
+            "setup": asdict(self.setup),
+            "peak_gib": gib(self.peak_bytes),
+            "peak_phase": self.peak_phase,
             "breakdown_gib": {k: gib(v) for k, v in self.breakdown.items()},
             "phase_peaks_gib": {k: gib(v) for k, v in self.phase_peaks.items()},
-            "largest_gib": {k: gib(v) for k, v in self.largest.items()}, "before_step_gib": gib(self.before_step_bytes),
-            "persistent_gib": gib(self.persistent_bytes), "restart_transient_gib": gib(self.restart_transient_bytes),
-            "restart_peak_gib": gib(self.restart_peak_bytes), "margin_gib": gib(self.margin_bytes),
-            "with_margin_gib": gib(self.with_margin_bytes), "modules": self.modules,
-            "lora_parameters": self.lora_parameters, "fits_gib": {str(c): self.fits(c) for c in CARD_SIZES_GIB},
-            "seconds": round(self.seconds, 1), "notes": self.notes, "not_counted": NOT_COUNTED,
+            "largest_gib": {k: gib(v) for k, v in self.largest.items()},
+            "before_step_gib": gib(self.before_step_bytes),
+            "persistent_gib": gib(self.persistent_bytes),
+            "restart_transient_gib": gib(self.restart_transient_bytes),
+            "restart_peak_gib": gib(self.restart_peak_bytes),
+            "margin_gib": gib(self.margin_bytes),
+            "with_margin_gib": gib(self.with_margin_bytes),
+            "modules": self.modules,
+            "lora_parameters": self.lora_parameters,
+            "fits_gib": {str(c): self.fits(c) for c in CARD_SIZES_GIB},
+            "seconds": round(self.seconds, 1),
+            "notes": self.notes,
+            "not_counted": NOT_COUNTED,
         }
 
 
-class Counted:
-    """A training step with its gradients and optimizer state labelled for the counter (a mixin)."""
+class Counted(TrainingStep):
+    """A training step with its gradients and optimizer state labelled for the counter (a mixin, first in the
+    bases of :class:`CountedStep` and :class:`CountedDitStep`)."""
 
-    def __init__(self, counter: StorageCounter, *args: Any, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        counter: StorageCounter,
+        models: Models,
+        setup: Setup,
+        device: str = "meta",
+        policy: Optional[CudaPolicy] = None,
+    ) -> None:
         self.counter = counter
         self.with_gradient: set[int] = set()  # ids of the parameters the step gave a gradient
-        super().__init__(*args, phase=self._phase, **kwargs)
+        super().__init__(models, setup, device, policy, phase=self._phase)
 
     def _phase(self, name: str) -> None:
         self.counter.phase = name
@@ -137,8 +154,9 @@ class CountedDitStep(Counted, DitTrainingStep):
     """FLUX.1 and SD3's step, counted."""
 
 
-def estimate(setup: Setup, measure_restart: bool = True, models: Optional[Models] = None,
-             block_bytes: int = BLOCK_BYTES) -> Estimate:
+def estimate(
+    setup: Setup, measure_restart: bool = True, models: Optional[Models] = None, block_bytes: int = BLOCK_BYTES
+) -> Estimate:
     """Count one training step of ``setup`` on the meta device, with the optimizer state a first step leaves (the
     first step's optimizer step allocates that state while the gradients live: the same peak); the RESTART
     transient is measured on the CPU (see :func:`restart_transient`). ``models``: other models than the real
@@ -168,7 +186,9 @@ def estimate(setup: Setup, measure_restart: bool = True, models: Optional[Models
     persistent_bytes = sum(persistent[c] for c in (FROZEN_UNET, FROZEN_TE, FROZEN_VAE, LORA, OPTIMIZER_STATE))
     transient = restart_transient(run.network) if measure_restart else 0
     if run.accelerator is None:
-        notes.append("accelerate is not installed: the loss went to network.record_loss instead of Accelerator.backward")
+        notes.append(
+            "accelerate is not installed: the loss went to network.record_loss instead of Accelerator.backward"
+        )
     if setup.mixed_precision == "fp16":
         notes.append("fp16: the GradScaler's own tensors (a few bytes per step) are not simulated")
     if setup.attention == "none":
@@ -176,12 +196,26 @@ def estimate(setup: Setup, measure_restart: bool = True, models: Optional[Models
     if setup.is_dit:
         notes += dit_notes(setup) + [n for n in [describe_swap(models.unet, setup)] if n]
     else:
-        notes.append("the diffusers U-Net stands in for sd-scripts' own (same layers; both checkpoint every ResNet "
-                     "and transformer block, sd-scripts also its down- and upsamplers)")
+        notes.append(
+            "the diffusers U-Net stands in for sd-scripts' own (same layers; both checkpoint every ResNet "
+            "and transformer block, sd-scripts also its down- and upsamplers)"
+        )
     lora_params = sum(p.numel() for p in run.network.parameters())
-    return Estimate(setup, summary.peak, summary.at_peak, summary.phase, summary.by_phase, summary.largest,
-                    summary.before, persistent_bytes, transient, len(run.network.loras), lora_params,
-                    time.perf_counter() - start, notes)
+    return Estimate(
+        setup,
+        summary.peak,
+        summary.at_peak,
+        summary.phase,
+        summary.by_phase,
+        summary.largest,
+        summary.before,
+        persistent_bytes,
+        transient,
+        len(run.network.loras),
+        lora_params,
+        time.perf_counter() - start,
+        notes,
+    )
 
 
 def restart_transient(network: Any, p: float = 0.9) -> int:
@@ -205,8 +239,12 @@ def restart_transient(network: Any, p: float = 0.9) -> int:
         layer = sample.org_module
         for i in range(min(len(indices), Fn.chunk_size(rows, cols, rank, restart_module.CHUNK_BYTES))):
             with torch.device("meta"):  # the base layer is never run: no memory for it
-                org = (nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size, bias=False)
-                       if isinstance(layer, nn.Conv2d) else nn.Linear(layer.in_features, layer.out_features, bias=False))
+                org: nn.Module
+                if isinstance(layer, nn.Conv2d):
+                    kh, kw = layer.kernel_size
+                    org = nn.Conv2d(layer.in_channels, layer.out_channels, (kh, kw), bias=False)
+                else:
+                    org = nn.Linear(layer.in_features, layer.out_features, bias=False)
             name = f"{sample.lora_name}_sample_{i}"
             targets.append(Target(name, org, "unet"))
             ranks[name], alphas[name] = rank, sample.alpha_value

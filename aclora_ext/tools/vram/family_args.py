@@ -9,27 +9,72 @@ from typing import Any, Mapping, Optional
 
 from .setup import DEFAULT_VARIANT, DIT_FAMILIES, VramError
 
-SCRIPTS = {"sd1": "train_network.py", "sd2": "train_network.py --v2", "sdxl": "sdxl_train_network.py",
-           "flux": "flux_train_network.py", "sd3": "sd3_train_network.py"}
+SCRIPTS = {
+    "sd1": "train_network.py",
+    "sd2": "train_network.py --v2",
+    "sdxl": "sdxl_train_network.py",
+    "flux": "flux_train_network.py",
+    "sd3": "sd3_train_network.py",
+}
 SD_FAMILIES = ("sd1", "sd2", "sdxl")
 #: sd-scripts arguments that belong to some trainers only: {key: the families whose trainer has it}
 FAMILY_ONLY: dict[str, tuple[str, ...]] = {
-    "v2": ("sd1", "sd2"), "ae": ("flux",), "clip_l": DIT_FAMILIES, "t5xxl": DIT_FAMILIES, "clip_g": ("sd3",),
-    "blocks_to_swap": DIT_FAMILIES, "t5xxl_max_token_length": DIT_FAMILIES, "apply_t5_attn_mask": DIT_FAMILIES,
-    "model_type": ("flux",), "split_mode": ("flux",), "guidance_scale": ("flux",), "timestep_sampling": ("flux",),
-    "discrete_flow_shift": ("flux",), "model_prediction_type": ("flux",), "sigmoid_scale": ("flux",),
-    "training_shift": ("sd3",), "apply_lg_attn_mask": ("sd3",), "clip_l_dropout_rate": ("sd3",),
-    "clip_g_dropout_rate": ("sd3",), "t5_dropout_rate": ("sd3",), "pos_emb_random_crop_rate": ("sd3",),
-    "enable_scaled_pos_embed": ("sd3",), "t5xxl_device": DIT_FAMILIES, "t5xxl_dtype": DIT_FAMILIES,
-    "weighting_scheme": DIT_FAMILIES, "logit_mean": DIT_FAMILIES, "logit_std": DIT_FAMILIES,
+    "v2": ("sd1", "sd2"),
+    "ae": ("flux",),
+    "clip_l": DIT_FAMILIES,
+    "t5xxl": DIT_FAMILIES,
+    "clip_g": ("sd3",),
+    "blocks_to_swap": DIT_FAMILIES,
+    "t5xxl_max_token_length": DIT_FAMILIES,
+    "apply_t5_attn_mask": DIT_FAMILIES,
+    "model_type": ("flux",),
+    "split_mode": ("flux",),
+    "guidance_scale": ("flux",),
+    "timestep_sampling": ("flux",),
+    "discrete_flow_shift": ("flux",),
+    "model_prediction_type": ("flux",),
+    "sigmoid_scale": ("flux",),
+    "training_shift": ("sd3",),
+    "apply_lg_attn_mask": ("sd3",),
+    "clip_l_dropout_rate": ("sd3",),
+    "clip_g_dropout_rate": ("sd3",),
+    "t5_dropout_rate": ("sd3",),
+    "pos_emb_random_crop_rate": ("sd3",),
+    "enable_scaled_pos_embed": ("sd3",),
+    "t5xxl_device": DIT_FAMILIES,
+    "t5xxl_dtype": DIT_FAMILIES,
+    "weighting_scheme": DIT_FAMILIES,
+    "logit_mean": DIT_FAMILIES,
+    "logit_std": DIT_FAMILIES,
     "mode_scale": DIT_FAMILIES,
 }
 #: the DiT trainers' arguments that do not change the estimate (listed as such when given)
-DIT_IGNORED = ("ae", "clip_l", "t5xxl", "clip_g", "model_type", "guidance_scale", "timestep_sampling",
-               "discrete_flow_shift", "model_prediction_type", "sigmoid_scale", "training_shift", "apply_lg_attn_mask",
-               "clip_l_dropout_rate", "clip_g_dropout_rate", "t5_dropout_rate", "pos_emb_random_crop_rate",
-               "enable_scaled_pos_embed", "t5xxl_device", "t5xxl_dtype", "weighting_scheme", "logit_mean",
-               "logit_std", "mode_scale", "split_mode")
+DIT_IGNORED = (
+    "ae",
+    "clip_l",
+    "t5xxl",
+    "clip_g",
+    "model_type",
+    "guidance_scale",
+    "timestep_sampling",
+    "discrete_flow_shift",
+    "model_prediction_type",
+    "sigmoid_scale",
+    "training_shift",
+    "apply_lg_attn_mask",
+    "clip_l_dropout_rate",
+    "clip_g_dropout_rate",
+    "t5_dropout_rate",
+    "pos_emb_random_crop_rate",
+    "enable_scaled_pos_embed",
+    "t5xxl_device",
+    "t5xxl_dtype",
+    "weighting_scheme",
+    "logit_mean",
+    "logit_std",
+    "mode_scale",
+    "split_mode",
+)
 _SD3_PATH = re.compile(r"sd3|sd_3|stable[-_ ]?diffusion[-_ ]?3")
 _SD35_PATH = re.compile(r"3[._-]5|sd35")
 
@@ -60,9 +105,11 @@ def detect_family(arguments: Mapping[str, Any], notes: list[str]) -> str:
         return "sdxl"
     dit_only = sorted(k for k, fams in FAMILY_ONLY.items() if fams == DIT_FAMILIES and _given(arguments, k))
     if dit_only:
-        raise VramError(f"{dit_only[0]}={arguments[dit_only[0]]!r} belongs to flux_train_network.py and "
-                        "sd3_train_network.py, and nothing tells which: allowed: --family flux or --family sd3 "
-                        "(or 'flux' / 'sd3' in pretrained_model_name_or_path, or --ae / --clip_g)")
+        raise VramError(
+            f"{dit_only[0]}={arguments[dit_only[0]]!r} belongs to flux_train_network.py and "
+            "sd3_train_network.py, and nothing tells which: allowed: --family flux or --family sd3 "
+            "(or 'flux' / 'sd3' in pretrained_model_name_or_path, or --ae / --clip_g)"
+        )
     notes.append("family sd1 (no v2, no 'xl', 'flux' or 'sd3' in pretrained_model_name_or_path; --family to change)")
     return "sd1"
 
@@ -97,6 +144,8 @@ def check_family_arguments(family: str, arguments: Mapping[str, tuple[Any, str]]
         families = FAMILY_ONLY.get(key)
         if families and family not in families and raw not in (None, False, "false"):
             scripts = sorted({SCRIPTS[f].split()[0] for f in families})
-            raise VramError(f"{origin}: {key}={raw!r} is an argument of {' and '.join(scripts)}, not of "
-                            f"{SCRIPTS[family].split()[0]} (family {family!r}); allowed for family {family!r}: "
-                            "leave it unset, or choose the family it belongs to with --family")
+            raise VramError(
+                f"{origin}: {key}={raw!r} is an argument of {' and '.join(scripts)}, not of "
+                f"{SCRIPTS[family].split()[0]} (family {family!r}); allowed for family {family!r}: "
+                "leave it unset, or choose the family it belongs to with --family"
+            )

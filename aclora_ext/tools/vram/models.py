@@ -50,14 +50,18 @@ class Models:
 
 
 def _needs(package: str) -> None:
-    raise VramError(f"aclora vram builds the models with diffusers and transformers: {package} is not installed "
-                    "(pip install diffusers transformers accelerate)")
+    raise VramError(
+        f"aclora vram builds the models with diffusers and transformers: {package} is not installed "
+        "(pip install diffusers transformers accelerate)"
+    )
 
 
 def build_models(setup: Setup, device: str = "meta") -> Models:
     """The real architecture of ``setup.family`` on ``device`` in sd-scripts' dtypes, frozen; nothing initialised."""
     try:
-        from diffusers import AutoencoderKL, UNet2DConditionModel
+        # the modules, not diffusers' root: mypy reads its lazy __init__ as placeholder classes
+        from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
+        from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
     except ImportError:
         _needs("diffusers")
     try:
@@ -67,10 +71,11 @@ def build_models(setup: Setup, device: str = "meta") -> Models:
     attn = "eager" if setup.attention == "none" else "sdpa"
     with torch.device(device):
         unet = UNet2DConditionModel(**_unet_config(setup.family))
-        encoders = []
+        encoders: list[nn.Module] = []
         for i, config in enumerate(_text_encoder_configs(setup.family)):
             kind = CLIPTextModelWithProjection if (setup.family == "sdxl" and i == 1) else CLIPTextModel
-            encoders.append(kind(CLIPTextConfig(**config, attn_implementation=attn)))
+            # transformers 5 types the config's fields only; PretrainedConfig still takes attn_implementation
+            encoders.append(kind(CLIPTextConfig(**config, attn_implementation=attn)))  # type: ignore[call-arg]
         vae = None if setup.cache_latents else AutoencoderKL(**VAE_CONFIG)
     models = Models(setup.family, unet, encoders, vae)
     prepare_models(models, setup)
@@ -84,7 +89,8 @@ def prepare_models(models: Models, setup: Setup) -> None:
 
         for model in (models.unet, models.vae):
             if model is not None:
-                model.set_attn_processor(AttnProcessor())  # sd-scripts' own attention without xformers/sdpa
+                set_processor: Any = model.set_attn_processor  # diffusers' (nn.Module types it as a tensor)
+                set_processor(AttnProcessor())  # sd-scripts' own attention without xformers/sdpa
     models.unet.requires_grad_(False).to(dtype=setup.unet_dtype)
     for te in models.text_encoders:
         te.requires_grad_(False).to(dtype=setup.text_encoder_dtype)
@@ -104,5 +110,5 @@ def _text_model(te: nn.Module) -> nn.Module:
 
 def _enable_checkpointing(te: nn.Module) -> None:
     # what train_network.py calls (transformers 5 renamed it and deprecated the old name)
-    enable = getattr(te, "activation_checkpointing_enable", None) or getattr(te, "gradient_checkpointing_enable")
+    enable: Any = getattr(te, "activation_checkpointing_enable", None) or te.gradient_checkpointing_enable
     enable()

@@ -7,7 +7,7 @@ from typing import Any, Optional
 
 import torch
 
-from ...harness.dit import DIT_CONFIGS
+from ...harness.dit import DIT_CONFIGS, FluxConfig
 from ...options import parse_network_args
 
 #: sd1/sd2/sdxl: train_network.py / sdxl_train_network.py; flux: flux_train_network.py; sd3: sd3_train_network.py
@@ -31,7 +31,7 @@ def max_blocks_to_swap(family: str, variant: str) -> int:
     """The largest --blocks_to_swap sd-scripts accepts for the model (flux_models.py enable_block_swap: N//2 double
     and (N - N//2)*2 single blocks, each at most its count - 2; sd3_models.py: N <= depth - 2)."""
     config = DIT_CONFIGS[family][variant]
-    if family == "flux":
+    if isinstance(config, FluxConfig):
         n = 0
         while (n + 1) // 2 <= config.depth - 2 and (n + 1 - (n + 1) // 2) * 2 <= config.depth_single_blocks - 2:
             n += 1
@@ -96,27 +96,40 @@ class Setup:
             raise bad("max_grad_norm", self.max_grad_norm, "a number >= 0")
         # the checks sd-scripts makes before it trains
         if not (self.train_unet or self.train_text_encoder):
-            raise VramError("network_train_unet_only and network_train_text_encoder_only are both set: nothing would "
-                            "be trained; allowed: at most one of them")
+            raise VramError(
+                "network_train_unet_only and network_train_text_encoder_only are both set: nothing would "
+                "be trained; allowed: at most one of them"
+            )
         if self.full_lora_precision and self.mixed_precision == "no":
             raise VramError("full_bf16/full_fp16 need mixed_precision='bf16'/'fp16'; mixed_precision='no' is set")
         if self.fp8_base and self.mixed_precision == "no":
             raise VramError("fp8_base=True needs mixed_precision='fp16' or 'bf16'; mixed_precision='no' is set")
         if self.cache_text_encoder_outputs and self.family not in ("sdxl", *DIT_FAMILIES):
-            raise VramError(f"cache_text_encoder_outputs=True is an sdxl_train_network.py option (and "
-                            f"flux_train_network.py's and sd3_train_network.py's); family={self.family!r}")
+            raise VramError(
+                f"cache_text_encoder_outputs=True is an sdxl_train_network.py option (and "
+                f"flux_train_network.py's and sd3_train_network.py's); family={self.family!r}"
+            )
         if self.cache_text_encoder_outputs and self.train_text_encoder and self.family == "sdxl":
-            raise VramError("cache_text_encoder_outputs=True needs network_train_unet_only=True (text encoders cannot "
-                            "be trained from cached outputs), as sdxl_train_network.py asserts")
+            raise VramError(
+                "cache_text_encoder_outputs=True needs network_train_unet_only=True (text encoders cannot "
+                "be trained from cached outputs), as sdxl_train_network.py asserts"
+            )
         parse_network_args(dict(self.network_args), max_rank=self.rank)  # OptionError names the key and value
 
     def _check_dit(self, bad) -> None:
         """The FLUX.1/SD3 fields: a variant of the family, blocks_to_swap within what sd-scripts asserts."""
         if self.family not in DIT_FAMILIES:
-            for key, default in (("variant", ""), ("blocks_to_swap", 0), ("t5_tokens", 0), ("apply_t5_attn_mask", False)):
+            for key, default in (
+                ("variant", ""),
+                ("blocks_to_swap", 0),
+                ("t5_tokens", 0),
+                ("apply_t5_attn_mask", False),
+            ):
                 if getattr(self, key) != default:
-                    raise VramError(f"{key}={getattr(self, key)!r} is an option of flux_train_network.py and "
-                                    f"sd3_train_network.py; family={self.family!r} (allowed: family flux or sd3)")
+                    raise VramError(
+                        f"{key}={getattr(self, key)!r} is an option of flux_train_network.py and "
+                        f"sd3_train_network.py; family={self.family!r} (allowed: family flux or sd3)"
+                    )
             return
         variants = VARIANTS[self.family]
         object.__setattr__(self, "variant", self.variant or DEFAULT_VARIANT[self.family])
@@ -128,13 +141,23 @@ class Setup:
             raise bad("t5xxl_max_token_length", self.t5_tokens, "an integer >= 1")
         most = max_blocks_to_swap(self.family, self.variant)
         if not isinstance(self.blocks_to_swap, int) or not 0 <= self.blocks_to_swap <= most:
-            raise bad("blocks_to_swap", self.blocks_to_swap, f"an integer from 0 to {most} for {self.model_name} ("
-                      + ("it swaps N//2 double and (N - N//2)*2 single blocks, and sd-scripts asserts each is at most "
-                         "the block count - 2)" if self.family == "flux" else
-                         "sd-scripts asserts N <= the joint block count - 2)"))
+            raise bad(
+                "blocks_to_swap",
+                self.blocks_to_swap,
+                f"an integer from 0 to {most} for {self.model_name} ("
+                + (
+                    "it swaps N//2 double and (N - N//2)*2 single blocks, and sd-scripts asserts each is at most "
+                    "the block count - 2)"
+                    if self.family == "flux"
+                    else "sd-scripts asserts N <= the joint block count - 2)"
+                ),
+            )
         if self.attention != "sdpa":
-            raise bad("attention", self.attention, f"sdpa for family {self.family} (sd-scripts' DiTs always call "
-                      "scaled_dot_product_attention)")
+            raise bad(
+                "attention",
+                self.attention,
+                f"sdpa for family {self.family} (sd-scripts' DiTs always call scaled_dot_product_attention)",
+            )
 
     @property
     def is_dit(self) -> bool:
@@ -142,7 +165,7 @@ class Setup:
 
     @property
     def model_name(self) -> str:
-        """"FLUX.1 dev", "SD3.5 medium", "SDXL", ..."""
+        """ "FLUX.1 dev", "SD3.5 medium", "SDXL", ..."""
         if self.family == "sd3":
             return {"medium": "SD3 medium", "5-medium": "SD3.5 medium", "5-large": "SD3.5 large"}[self.variant]
         return FAMILY_NAMES[self.family] + (f" {self.variant}" if self.variant else "")
@@ -183,8 +206,11 @@ class Setup:
 
     def describe(self) -> str:
         net = self.denoiser
-        what = f"{net} and text encoder(s)" if self.train_unet and self.train_text_encoder else (
-            net if self.train_unet else "text encoder(s)")
+        what = (
+            f"{net} and text encoder(s)"
+            if self.train_unet and self.train_text_encoder
+            else (net if self.train_unet else "text encoder(s)")
+        )
         name = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", DTYPES["fp8"]: "fp8"}
         model = self.model_name if self.is_dit else self.family.upper()
         n = self.blocks_to_swap
@@ -195,10 +221,16 @@ class Setup:
             f"{net} weights {name[self.unet_dtype]}{swap}, LoRA {name[self.lora_dtype]}"
             + (f", {name[self.autocast_dtype]} autocast" if self.autocast_dtype else ", no autocast"),
             "gradient checkpointing" if self.gradient_checkpointing else "no gradient checkpointing",
-            self.optimizer + (" " + " ".join(f"{k}={v}" for k, v in self.optimizer_args) if self.optimizer_args else ""),
+            self.optimizer
+            + (" " + " ".join(f"{k}={v}" for k, v in self.optimizer_args) if self.optimizer_args else ""),
             "latents cached" if self.cache_latents else f"VAE on the GPU ({name[self.vae_dtype]})",
-            "text-encoder outputs cached" if self.cache_text_encoder_outputs else (
-                "text encoders trained" if self.train_text_encoder else f"text encoders on the GPU ({name[self.text_encoder_dtype]}, frozen)"),
+            "text-encoder outputs cached"
+            if self.cache_text_encoder_outputs
+            else (
+                "text encoders trained"
+                if self.train_text_encoder
+                else f"text encoders on the GPU ({name[self.text_encoder_dtype]}, frozen)"
+            ),
             f"attention: {self.attention}",
         ]
         if self.is_dit:

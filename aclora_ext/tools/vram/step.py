@@ -30,22 +30,37 @@ class TrainingStep:
     sd-scripts keeps its noise scheduler's tables there.
     """
 
-    def __init__(self, models: Models, setup: Setup, device: str = "meta", policy: Optional[CudaPolicy] = None,
-                 phase: Callable[[str], None] = lambda name: None) -> None:
+    def __init__(
+        self,
+        models: Models,
+        setup: Setup,
+        device: str = "meta",
+        policy: Optional[CudaPolicy] = None,
+        phase: Callable[[str], None] = lambda name: None,
+    ) -> None:
         self.models, self.setup, self.device = models, setup, torch.device(device)
         self.policy = policy or CudaPolicy("meta")
         self.phase = phase
         self.args = make_args(
-            network_dim=setup.rank, network_alpha=setup.alpha,
+            network_dim=setup.rank,
+            network_alpha=setup.alpha,
             network_args=[f"{k}={v}" for k, v in setup.network_args] or None,
             network_train_unet_only=not setup.train_text_encoder,
-            network_train_text_encoder_only=not setup.train_unet, train_batch_size=setup.batch_size,
-            gradient_checkpointing=setup.gradient_checkpointing, max_grad_norm=setup.max_grad_norm,
-            mixed_precision=setup.mixed_precision, full_bf16=setup.full_lora_precision and setup.mixed_precision == "bf16",
-            full_fp16=setup.full_lora_precision and setup.mixed_precision == "fp16", fp8_base=setup.fp8_base,
-            cache_latents=setup.cache_latents, cache_text_encoder_outputs=setup.cache_text_encoder_outputs,
-            max_token_length=None if setup.max_token_length == 75 else setup.max_token_length, v2=setup.family == "sd2",
-            optimizer_type=setup.optimizer, learning_rate=1e-4)
+            network_train_text_encoder_only=not setup.train_unet,
+            train_batch_size=setup.batch_size,
+            gradient_checkpointing=setup.gradient_checkpointing,
+            max_grad_norm=setup.max_grad_norm,
+            mixed_precision=setup.mixed_precision,
+            full_bf16=setup.full_lora_precision and setup.mixed_precision == "bf16",
+            full_fp16=setup.full_lora_precision and setup.mixed_precision == "fp16",
+            fp8_base=setup.fp8_base,
+            cache_latents=setup.cache_latents,
+            cache_text_encoder_outputs=setup.cache_text_encoder_outputs,
+            max_token_length=None if setup.max_token_length == 75 else setup.max_token_length,
+            v2=setup.family == "sd2",
+            optimizer_type=setup.optimizer,
+            learning_rate=1e-4,
+        )
         te_argument = models.text_encoder_argument
         with torch.device(self.device):
             network = self._create_network(te_argument)
@@ -64,8 +79,8 @@ class TrainingStep:
     def _create_network(self, te_argument: Any) -> Any:
         """``create_network`` as sd-scripts calls it (on the device in effect)."""
         setup = self.setup
-        return factory.create_network(1.0, setup.rank, setup.alpha, None, te_argument, self.models.unet,
-                                      **dict(setup.network_args))
+        network_args: dict[str, Any] = dict(setup.network_args)  # strings, as sd-scripts passes them
+        return factory.create_network(1.0, setup.rank, setup.alpha, None, te_argument, self.models.unet, **network_args)
 
     def _trained_text_encoders(self) -> list[nn.Module]:
         """The text encoders whose LoRA trains (sd-scripts' per-encoder train flags)."""
@@ -80,7 +95,8 @@ class TrainingStep:
         models, setup, te_argument = self.models, self.setup, self.models.text_encoder_argument
         network.to(self.device)  # its state buffers too, as accelerator.prepare(network) does
         if setup.gradient_checkpointing:
-            models.unet.enable_gradient_checkpointing()
+            unet: Any = models.unet  # diffusers' U-Net or the harness DiT, both with this method
+            unet.enable_gradient_checkpointing()
             for te in self._trained_text_encoders():
                 _enable_checkpointing(te)
             network.enable_gradient_checkpointing()
@@ -213,26 +229,27 @@ class TrainingStep:
             return torch.randn(self.latent_shape, device=self.device)  # the cached latents, moved to the device
         self.phase("VAE encode")
         images = torch.randn((s.batch_size, 3, s.height, s.width), device=self.device, dtype=s.vae_dtype)
+        vae: Any = self.models.vae  # diffusers' AutoencoderKL, there when latents are not cached
         with torch.no_grad():
-            latents = self.models.vae.encode(images).latent_dist.sample()
-        return latents * self.models.vae.config.scaling_factor
+            latents = vae.encode(images).latent_dist.sample()
+        return latents * vae.config.scaling_factor
 
     def _text_conditioning(self) -> list[torch.Tensor]:
         s, models = self.setup, self.models
         tokens = TOKENS_PER_CHUNK * s.chunks
-        dims = [te.config.hidden_size for te in models.text_encoders]
+        configs: list[Any] = [te.config for te in models.text_encoders]  # transformers' configs
+        dims = [c.hidden_size for c in configs]
         if s.cache_text_encoder_outputs:
             # what sdxl_train_network.py reads from the cache and moves to the device
             hidden = [torch.randn((s.batch_size, tokens, d), device=self.device, dtype=s.weight_dtype) for d in dims]
-            pooled = torch.randn((s.batch_size, models.text_encoders[1].config.projection_dim), device=self.device,
-                                 dtype=s.weight_dtype)
+            pooled = torch.randn((s.batch_size, configs[1].projection_dim), device=self.device, dtype=s.weight_dtype)
             return [*hidden, pooled]
         self.phase("text encoders")
         with torch.set_grad_enabled(s.train_text_encoder), self.autocast():
             conds = encode_text(models.text_encoders, self.token_ids, models.sdxl)
         batch = s.batch_size
         hidden = [c.reshape(batch, tokens, c.shape[-1]) for c in conds[: len(dims)]]
-        return hidden + [c[:: s.chunks] for c in conds[len(dims):]]
+        return hidden + [c[:: s.chunks] for c in conds[len(dims) :]]
 
     def _unet(self, noisy: torch.Tensor, timesteps: torch.Tensor, conds: list[torch.Tensor]) -> torch.Tensor:
         unet = self.models.unet
@@ -299,16 +316,20 @@ def make_optimizer(setup: Setup, groups: list) -> torch.optim.Optimizer:
             return Adafactor(groups, lr=1e-4, **kwargs)
         return _adamw8bit(groups, kwargs)
     except TypeError as err:
-        raise VramError(f"optimizer_args={[f'{k}={v}' for k, v in setup.optimizer_args]} is not valid for "
-                        f"optimizer_type={setup.optimizer!r}: {err}") from None
+        raise VramError(
+            f"optimizer_args={[f'{k}={v}' for k, v in setup.optimizer_args]} is not valid for "
+            f"optimizer_type={setup.optimizer!r}: {err}"
+        ) from None
 
 
 def _adamw8bit(groups: list, kwargs: dict) -> torch.optim.Optimizer:
     try:
         import bitsandbytes as bnb
     except ImportError:
-        raise VramError("optimizer_type='AdamW8bit' needs bitsandbytes, which is not importable here; allowed "
-                        "without it: AdamW, Adafactor") from None
+        raise VramError(
+            "optimizer_type='AdamW8bit' needs bitsandbytes, which is not importable here; allowed "
+            "without it: AdamW, Adafactor"
+        ) from None
 
     class StateOnly(bnb.optim.AdamW8bit):
         """bitsandbytes' own 8-bit state (uint8 moments, block-wise scales) without its CUDA update kernel,

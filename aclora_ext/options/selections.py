@@ -1,0 +1,103 @@
+"""The value kinds that select layers, as sd-scripts' networks.lora_flux / lora_sd3 spell them.
+
+``ints``: a fixed number of ranks ("4,0,8,0,0" or "[4,0,8,0,0]"); ``blocks``: "all", "none" or indices and
+inclusive ranges ("0,2-5"); ``regex_dims``: pattern=rank pairs ("double_blocks_0_=16,single=8"). A parser here
+raises ValueError, TypeError or re.error; :class:`~aclora_ext.options.option.Option` turns that into the
+message naming the key, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Mapping, Optional, Union
+
+#: the kinds of :class:`~aclora_ext.options.option.Option` parsed here
+LAYER_KINDS = ("ints", "blocks", "regex_dims")
+#: a block selection: "all", or the indices of the blocks that get a LoRA
+BlockSelection = Union[str, tuple[int, ...]]
+
+
+def layer_kind_allowed(kind: str, length: Optional[int]) -> str:
+    """What a value of ``kind`` may be, for messages and the options table."""
+    if kind == "ints":
+        return f"{length} integers >= 0, comma-separated, brackets optional (or none)"
+    if kind == "blocks":
+        return "all, none, or block indices and inclusive ranges, comma-separated (e.g. 0,2-5)"
+    return (
+        "comma-separated pattern=rank pairs, each pattern a regular expression and each rank an integer >= 0 (or none)"
+    )
+
+
+def parse_layer_kind(kind: str, raw: Any, length: Optional[int]) -> Any:
+    """``raw`` (a string from the command line, or a Python value) as a value of ``kind``."""
+    if kind == "blocks":
+        return parse_blocks(raw)
+    if kind == "ints":
+        return parse_ints(raw, length)
+    return parse_regex_dims(raw)
+
+
+def parse_blocks(raw: Any) -> BlockSelection:
+    """sd-scripts' block selection: "all", "none" or "" (no block), or indices and a-b ranges."""
+    if isinstance(raw, str):
+        text = raw.strip().lower()
+        if text == "all":
+            return "all"
+        if text in ("none", ""):
+            return ()
+        items = [part.strip() for part in text.split(",")]
+    else:
+        items = [str(int(v)) for v in raw]
+    chosen: set[int] = set()
+    for item in items:
+        start, _, end = item.partition("-")
+        first, last = _index(start), _index(end if end else start)
+        if last < first:
+            raise ValueError(item)
+        chosen.update(range(first, last + 1))
+    return tuple(sorted(chosen))
+
+
+def parse_ints(raw: Any, length: Optional[int]) -> tuple[int, ...]:
+    """``length`` integers >= 0, comma-separated, in optional brackets (or a sequence of ints)."""
+    if isinstance(raw, str):
+        text = raw.strip()
+        if text.startswith("[") and text.endswith("]"):
+            text = text[1:-1]
+        values = [_index(part) for part in text.split(",")]
+    else:
+        values = [v if isinstance(v, int) and not isinstance(v, bool) and v >= 0 else _index("x") for v in raw]
+    if length is not None and len(values) != length:
+        raise ValueError(raw)
+    return tuple(values)
+
+
+def parse_regex_dims(raw: Any) -> tuple[tuple[str, int], ...]:
+    """Comma-separated pattern=rank pairs (or a mapping), each pattern a valid regular expression."""
+    pairs: list[tuple[Any, Any]]
+    if isinstance(raw, Mapping):
+        pairs = list(raw.items())
+    elif isinstance(raw, str):
+        pairs = []
+        for part in raw.split(","):
+            if part.strip():
+                pattern, equals, rank = part.partition("=")
+                pairs.append((pattern, rank if equals else "x"))  # "x": a pair without a rank is refused below
+    else:
+        raise TypeError(raw)
+    parsed = []
+    for pattern, rank in pairs:
+        pattern = str(pattern).strip()
+        if not pattern:
+            raise ValueError(raw)
+        re.compile(pattern)
+        parsed.append((pattern, rank if isinstance(rank, int) and rank >= 0 else _index(str(rank))))
+    if not parsed:
+        raise ValueError(raw)
+    return tuple(parsed)
+
+
+def _index(text: str) -> int:
+    if not text.strip().isdigit():
+        raise ValueError(text)
+    return int(text)
