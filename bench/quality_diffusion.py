@@ -66,7 +66,8 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from aclora_ext.harness import tiny  # noqa: E402
-from aclora_ext.network.factory import attach, create_network_from_weights  # noqa: E402
+from aclora_ext.network.factory import create_network_from_weights  # noqa: E402
+from bench.rule_before import attach  # noqa: E402  (aclora_ext.attach, with version 0.1's rules)
 from bench import common  # noqa: E402
 from bench.quality_lowrank import (Method, factor_rank_diagnostic, methods, parse_quality_args,  # noqa: E402
                                    reusable_runs, summarise, train_adalora_loop, train_with_restarts, two_runs)

@@ -63,10 +63,10 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from aclora_ext import functional as F  # noqa: E402
-from aclora_ext.network.factory import attach  # noqa: E402
-from aclora_ext.files.storage import load_state_dict  # noqa: E402
 from aclora_ext.files.lora_dict import group_modules  # noqa: E402
+from aclora_ext.files.storage import load_state_dict  # noqa: E402
 from bench import common  # noqa: E402
+from bench.rule_before import attach  # noqa: E402  (aclora_ext.attach, with version 0.1's rules)
 
 NAME = "quality_lowrank"
 GOAL_TOLERANCE = 1.05  # "within 5% of the best fixed rank of the sweep"
@@ -125,17 +125,22 @@ def make_task(seed: int, config: TaskConfig) -> Task:
     d = config.width
     base = [torch.randn(d, d, generator=g) * config.base_gain / math.sqrt(d) for _ in config.planted_ranks]
     planted = [_low_rank(g, d, r, config.signal_scale) for r in config.planted_ranks]
-    exclusive = [[_low_rank(g, d, config.exclusive_rank, config.exclusive_scale) for _ in base]
-                 for _ in range(config.samples)]
+    exclusive = [
+        [_low_rank(g, d, config.exclusive_rank, config.exclusive_scale) for _ in base] for _ in range(config.samples)
+    ]
     style_basis = torch.randn(config.input_dim, d, generator=g) / math.sqrt(config.input_dim)
-    content_basis = (torch.randn(config.content_dim, d, generator=g) / math.sqrt(config.content_dim)
-                     * config.content_scale)
+    content_basis = (
+        torch.randn(config.content_dim, d, generator=g) / math.sqrt(config.content_dim) * config.content_scale
+    )
 
     def inputs(n: int) -> torch.Tensor:
         content = torch.randn(1, config.content_dim, generator=g)
         jitter = 0.1 * torch.randn(n, config.content_dim, generator=g)
-        return (torch.randn(n, config.input_dim, generator=g) @ style_basis + (content + jitter) @ content_basis
-                + config.isotropic * torch.randn(n, d, generator=g))
+        return (
+            torch.randn(n, config.input_dim, generator=g) @ style_basis
+            + (content + jitter) @ content_basis
+            + config.isotropic * torch.randn(n, d, generator=g)
+        )
 
     target = [w + p for w, p in zip(base, planted)]
     train_x = torch.stack([inputs(config.vectors_per_sample) for _ in range(config.samples)])
@@ -143,8 +148,9 @@ def make_task(seed: int, config: TaskConfig) -> Task:
     test_y = forward(target, test_x)
     scale = float(test_y.pow(2).mean())
     offsets = torch.randn(config.samples, 1, d, generator=g) * math.sqrt(config.exclusive_offset * scale)
-    train_y = torch.stack([forward([t + e for t, e in zip(target, exclusive[i])], train_x[i]) + offsets[i]
-                           for i in range(config.samples)])
+    train_y = torch.stack(
+        [forward([t + e for t, e in zip(target, exclusive[i])], train_x[i]) + offsets[i] for i in range(config.samples)]
+    )
     return Task(config, base, planted, train_x, train_y, test_x, test_y, scale)
 
 
@@ -209,7 +215,7 @@ class Method:
 
 def batches(g: torch.Generator, samples: int, per_step: int) -> list[torch.Tensor]:
     order = torch.randperm(samples, generator=g)
-    return [order[i:i + per_step] for i in range(0, samples, per_step)]
+    return [order[i : i + per_step] for i in range(0, samples, per_step)]
 
 
 def step_loss(model: nn.Module, task: Task, idx: torch.Tensor, g: torch.Generator) -> torch.Tensor:
@@ -241,8 +247,9 @@ def train_with_restarts(network, epochs: int, lr: float, seed: int, batches_of, 
     return losses, time.perf_counter() - start
 
 
-def train_adalora_loop(model, epochs: int, lr: float, seed: int, orth_reg_weight: float, batches_of,
-                       loss_of) -> tuple[list, float]:
+def train_adalora_loop(
+    model, epochs: int, lr: float, seed: int, orth_reg_weight: float, batches_of, loss_of
+) -> tuple[list, float]:
     """The same loop for a peft AdaLoRA model: its orthogonality penalty added to the loss (peft adds it
     only to a transformers-style ``outputs.loss``) and its rank allocator stepped after each update."""
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
@@ -267,10 +274,19 @@ def two_runs(train_one: Callable[[Method], dict], method: Method) -> dict:
     file's per-module ranks (``ranks_from``; restarts off, so the file keeps exactly those ranks) trains on
     every sample. The result is the second run's, its time both runs'."""
     first = train_one(replace(method, two_runs=False))
-    second = train_one(replace(method, kind="lora", held_out=0, fold_back=None, two_runs=False,
-                               ranks_from=tuple(zip(first["module_names"], first["ranks"]))))
-    second.update(seconds=first["seconds"] + second["seconds"], first_run=first["heldout"],
-                  first_run_ranks=first["ranks"])
+    second = train_one(
+        replace(
+            method,
+            kind="lora",
+            held_out=0,
+            fold_back=None,
+            two_runs=False,
+            ranks_from=tuple(zip(first["module_names"], first["ranks"])),
+        )
+    )
+    second.update(
+        seconds=first["seconds"] + second["seconds"], first_run=first["heldout"], first_run_ranks=first["ranks"]
+    )
     return second
 
 
@@ -306,14 +322,22 @@ def train_aclora(task: Task, method: Method, seed: int, train: TrainConfig, work
         held = list(range(trained, task.config.samples))
         x, y = task.train_x[held].reshape(-1, task.config.width), task.train_y[held].reshape(-1, task.config.width)
         rows = task.train_x.shape[1]
-        network.set_validation(lambda: (base(x) - y).pow(2).mean(dim=-1) / task.scale,  # per row
-                               until=method.fold_back, groups=torch.arange(len(held)).repeat_interleave(rows))
+        network.set_validation(
+            lambda: (base(x) - y).pow(2).mean(dim=-1) / task.scale,  # per row
+            until=method.fold_back,
+            groups=torch.arange(len(held)).repeat_interleave(rows),
+        )
     everything = task.config.samples
-    losses, seconds = train_with_restarts(network, train.epochs, train.lr, seed,
-                                          lambda g: batches(g, trained if network.validation_active or
-                                                            method.fold_back is None else everything,
-                                                            train.samples_per_step),
-                                          lambda idx, g: step_loss(base, task, idx, g))
+    losses, seconds = train_with_restarts(
+        network,
+        train.epochs,
+        train.lr,
+        seed,
+        lambda g: batches(
+            g, trained if network.validation_active or method.fold_back is None else everything, train.samples_per_step
+        ),
+        lambda idx, g: step_loss(base, task, idx, g),
+    )
     network.eval()
     with torch.no_grad():
         raw = float((base(task.test_x) - task.test_y).pow(2).mean()) / task.scale
@@ -330,14 +354,21 @@ def train_aclora(task: Task, method: Method, seed: int, train: TrainConfig, work
             file_ranks.append(k)
         os.remove(path)
         exported = relative_error(task, merged)
-        result = {"heldout": exported, "heldout_raw": raw, "ranks": file_ranks, "seconds": seconds,
-                  "module_names": [m.lora_name for m in network.loras]}
+        result = {
+            "heldout": exported,
+            "heldout_raw": raw,
+            "ranks": file_ranks,
+            "seconds": seconds,
+            "module_names": [m.lora_name for m in network.loras],
+        }
         tenth = max(1, len(losses) // 10)
         result["loss_first_tenth"] = float(torch.stack(losses[:tenth]).mean())
         result["loss_last_tenth"] = float(torch.stack(losses[-tenth:]).mean())
         if method.kind == "aclora":
-            result["restarts"] = [{"p": round(h["p"], 4), "loss": None if h["loss"] is None else round(h["loss"], 4),
-                                   "ranks": h["ranks"]} for h in network.history]
+            result["restarts"] = [
+                {"p": round(h["p"], 4), "loss": None if h["loss"] is None else round(h["loss"], 4), "ranks": h["ranks"]}
+                for h in network.history
+            ]
             result["factor_ranks"] = factor_rank_diagnostic(network)
         result["oracle_truncated"] = oracle_truncation(task, base, network)
     network.remove_from()
@@ -402,49 +433,109 @@ def train_adalora(task: Task, method: Method, seed: int, train: TrainConfig, wor
     steps = train.epochs * math.ceil(task.config.samples / train.samples_per_step)
     torch.manual_seed(seed + 7919)
     config = AdaLoraConfig(
-        init_r=method.rank, target_r=options["target_r"], lora_alpha=method.rank,
-        tinit=int(options["tinit"] * steps), tfinal=int(options["tfinal"] * steps), deltaT=options["deltaT"],
-        total_step=steps, target_modules=[f"layers.{i}" for i in range(len(task.base))], lora_dropout=0.0,
-        orth_reg_weight=options["orth_reg_weight"])
+        init_r=method.rank,
+        target_r=options["target_r"],
+        lora_alpha=method.rank,
+        tinit=int(options["tinit"] * steps),
+        tfinal=int(options["tfinal"] * steps),
+        deltaT=options["deltaT"],
+        total_step=steps,
+        target_modules=[f"layers.{i}" for i in range(len(task.base))],
+        lora_dropout=0.0,
+        orth_reg_weight=options["orth_reg_weight"],
+    )
     model = get_peft_model(BaseModel(task.base), config)
     inner = model.base_model.model
-    losses, seconds = train_adalora_loop(model, train.epochs, train.lr, seed, options["orth_reg_weight"],
-                                         lambda g: batches(g, task.config.samples, train.samples_per_step),
-                                         lambda idx, g: step_loss(inner, task, idx, g))
+    losses, seconds = train_adalora_loop(
+        model,
+        train.epochs,
+        train.lr,
+        seed,
+        options["orth_reg_weight"],
+        lambda g: batches(g, task.config.samples, train.samples_per_step),
+        lambda idx, g: step_loss(inner, task, idx, g),
+    )
     model.eval()
     with torch.no_grad():
         heldout = float((inner(task.test_x) - task.test_y).pow(2).mean()) / task.scale
         ranks = [int((layer.lora_E["default"] != 0).sum()) for layer in inner.layers]
     tenth = max(1, len(losses) // 10)
-    return {"heldout": heldout, "heldout_raw": heldout, "ranks": ranks, "seconds": seconds,
-            "loss_first_tenth": float(torch.stack(losses[:tenth]).mean()),
-            "loss_last_tenth": float(torch.stack(losses[-tenth:]).mean())}
+    return {
+        "heldout": heldout,
+        "heldout_raw": heldout,
+        "ranks": ranks,
+        "seconds": seconds,
+        "loss_first_tenth": float(torch.stack(losses[:tenth]).mean()),
+        "loss_last_tenth": float(torch.stack(losses[-tenth:]).mean()),
+    }
 
 
 # --- the benchmark -------------------------------------------------------------------------------------
-def methods(sweep: Sequence[int], max_rank: int, adalora: dict,
-            ablation: Sequence[tuple[str, float]] = ()) -> list[Method]:
+def methods(
+    sweep: Sequence[int], max_rank: int, adalora: dict, ablation: Sequence[tuple[str, float]] = ()
+) -> list[Method]:
     """The sweep, AC-LoRA in both modes (product mode, the default, also with 3 of the 15 training samples
     held out for its held-out loss), AdaLoRA, then AC-LoRA at fixed thresholds (mode, p)."""
     rows = [Method(f"LoRA rank {r}", "lora", r) for r in sweep]
     rows.append(Method(f"AC-LoRA paper R={max_rank}", "aclora", max_rank, (("restart_mode", "paper"),)))
     rows.append(Method(f"AC-LoRA product R={max_rank}", "aclora", max_rank, (("restart_mode", "product"),)))
-    rows.append(Method(f"AC-LoRA product R={max_rank}, 3 of 15 held out", "aclora", max_rank,
-                       (("restart_mode", "product"),), held_out=3))
-    rows.append(Method(f"AC-LoRA product R={max_rank}, 3 of 15 held out then folded back", "aclora", max_rank,
-                       (("restart_mode", "product"),), held_out=3, fold_back=0.7))
-    rows.append(Method(f"AC-LoRA product R={max_rank}, issue-9 rule (beat, relearn), 3 of 15 held out", "aclora",
-                       max_rank, (("restart_mode", "product"), ("cut_rule", "beat"), ("freed_slots", "relearn")),
-                       held_out=3))
-    rows.append(Method(f"AC-LoRA product R={max_rank}, two runs: 3 of 15 held out, then fresh at its ranks on all 15",
-                       "aclora", max_rank, (("restart_mode", "product"),), held_out=3, two_runs=True))
-    rows.append(Method(f"LoRA rank {max_rank}, trained on the same 12 of 15 (reference)", "lora", max_rank,
-                       held_out=3))
-    rows.append(Method(f"AdaLoRA init_r={adalora['init_r']} target_r={adalora['target_r']}", "adalora",
-                       adalora["init_r"], tuple((k, v) for k, v in adalora.items() if k != "init_r")))
+    rows.append(
+        Method(
+            f"AC-LoRA product R={max_rank}, 3 of 15 held out",
+            "aclora",
+            max_rank,
+            (("restart_mode", "product"),),
+            held_out=3,
+        )
+    )
+    rows.append(
+        Method(
+            f"AC-LoRA product R={max_rank}, 3 of 15 held out then folded back",
+            "aclora",
+            max_rank,
+            (("restart_mode", "product"),),
+            held_out=3,
+            fold_back=0.7,
+        )
+    )
+    rows.append(
+        Method(
+            f"AC-LoRA product R={max_rank}, issue-9 rule (beat, relearn), 3 of 15 held out",
+            "aclora",
+            max_rank,
+            (("restart_mode", "product"), ("cut_rule", "beat"), ("freed_slots", "relearn")),
+            held_out=3,
+        )
+    )
+    rows.append(
+        Method(
+            f"AC-LoRA product R={max_rank}, two runs: 3 of 15 held out, then fresh at its ranks on all 15",
+            "aclora",
+            max_rank,
+            (("restart_mode", "product"),),
+            held_out=3,
+            two_runs=True,
+        )
+    )
+    rows.append(Method(f"LoRA rank {max_rank}, trained on the same 12 of 15 (reference)", "lora", max_rank, held_out=3))
+    rows.append(
+        Method(
+            f"AdaLoRA init_r={adalora['init_r']} target_r={adalora['target_r']}",
+            "adalora",
+            adalora["init_r"],
+            tuple((k, v) for k, v in adalora.items() if k != "init_r"),
+        )
+    )
     for mode, p in ablation:
-        rows.append(Method(f"AC-LoRA {mode} R={max_rank} fixed_p={p:g}", "aclora", max_rank,
-                           (("restart_mode", mode), ("fixed_p", p)), ablation=True))
+        rows.append(
+            Method(
+                f"AC-LoRA {mode} R={max_rank} fixed_p={p:g}",
+                "aclora",
+                max_rank,
+                (("restart_mode", mode), ("fixed_p", p)),
+                ablation=True,
+            )
+        )
     return rows
 
 
@@ -484,12 +575,22 @@ def summarise(runs: list[dict], rows: Sequence[Method], sweep: Sequence[int]) ->
         err_m, err_s = mean_std([r["heldout"] for r in rs])
         raw_m, raw_s = mean_std([r["heldout_raw"] for r in rs])
         ranks = [statistics.fmean(r["ranks"][i] for r in rs) for i in range(len(rs[0]["ranks"]))]
-        table.append({"method": m.label, "kind": m.table_kind, "ablation": m.ablation,
-                      "heldout_mean": err_m, "heldout_std": err_s, "heldout_raw_mean": raw_m, "heldout_raw_std": raw_s,
-                      "ranks_mean": ranks,
-                      "runs": 1, "seconds_mean": statistics.fmean(r["seconds"] for r in rs),
-                      "loss_last_tenth": statistics.fmean(r["loss_last_tenth"] for r in rs),
-                      "oracle_truncated_mean": mean_std([r.get("oracle_truncated") for r in rs])[0]})
+        table.append(
+            {
+                "method": m.label,
+                "kind": m.table_kind,
+                "ablation": m.ablation,
+                "heldout_mean": err_m,
+                "heldout_std": err_s,
+                "heldout_raw_mean": raw_m,
+                "heldout_raw_std": raw_s,
+                "ranks_mean": ranks,
+                "runs": 1,
+                "seconds_mean": statistics.fmean(r["seconds"] for r in rs),
+                "loss_last_tenth": statistics.fmean(r["loss_last_tenth"] for r in rs),
+                "oracle_truncated_mean": mean_std([r.get("oracle_truncated") for r in rs])[0],
+            }
+        )
     sweep_rows = [t for t in table if t["kind"] == "lora"]
     best = min(sweep_rows, key=lambda t: t["heldout_mean"])
     median_err = statistics.median(t["heldout_mean"] for t in sweep_rows)
@@ -500,11 +601,19 @@ def summarise(runs: list[dict], rows: Sequence[Method], sweep: Sequence[int]) ->
         per_seed_best.append(pick["heldout"])
         per_seed_time.append(sum(r["seconds"] for r in rs))
         picks.append(pick["rank"])
-    sweep_row = {"method": f"rank sweep {min(sweep)}..{max(sweep)}, best per seed", "kind": "sweep",
-                 "heldout_mean": mean_std(per_seed_best)[0], "heldout_std": mean_std(per_seed_best)[1],
-                 "heldout_raw_mean": float("nan"), "heldout_raw_std": float("nan"),
-                 "ranks_mean": None, "picked_ranks": picks, "runs": len(sweep),
-                 "seconds_mean": statistics.fmean(per_seed_time), "loss_last_tenth": float("nan")}
+    sweep_row = {
+        "method": f"rank sweep {min(sweep)}..{max(sweep)}, best per seed",
+        "kind": "sweep",
+        "heldout_mean": mean_std(per_seed_best)[0],
+        "heldout_std": mean_std(per_seed_best)[1],
+        "heldout_raw_mean": float("nan"),
+        "heldout_raw_std": float("nan"),
+        "ranks_mean": None,
+        "picked_ranks": picks,
+        "runs": len(sweep),
+        "seconds_mean": statistics.fmean(per_seed_time),
+        "loss_last_tenth": float("nan"),
+    }
     table.insert(max(i for i, t in enumerate(table) if t["kind"] == "lora") + 1, sweep_row)
     goals = {}
     for t in table:
@@ -513,9 +622,15 @@ def summarise(runs: list[dict], rows: Sequence[Method], sweep: Sequence[int]) ->
         within = t["heldout_mean"] <= GOAL_TOLERANCE * best["heldout_mean"]
         better = t["heldout_mean"] < median_err
         goals[t["method"]] = {
-            "heldout": t["heldout_mean"], "best_fixed_rank": best["method"], "best_fixed": best["heldout_mean"],
-            "median_fixed": median_err, "ratio_to_best": t["heldout_mean"] / best["heldout_mean"],
-            "within_5pct_of_best": within, "better_than_median": better, "met": within and better}
+            "heldout": t["heldout_mean"],
+            "best_fixed_rank": best["method"],
+            "best_fixed": best["heldout_mean"],
+            "median_fixed": median_err,
+            "ratio_to_best": t["heldout_mean"] / best["heldout_mean"],
+            "within_5pct_of_best": within,
+            "better_than_median": better,
+            "met": within and better,
+        }
     return {"table": table, "best_fixed": best["method"], "median_fixed_heldout": median_err, "goals": goals}
 
 
@@ -523,34 +638,66 @@ def print_tables(summary: dict, runs: list[dict], planted: Sequence[int], info: 
     rows = []
     for t in summary["table"]:
         rs = [r for r in runs if r["method"] == t["method"]]
-        ranks = ("picked: " + ", ".join(str(p) for p in t["picked_ranks"])) if t["kind"] == "sweep" else \
-            "/".join(f"{x:.0f}" for x in t["ranks_mean"])
-        rows.append({
-            "method": t["method"] + (" (ablation)" if t.get("ablation") else ""),
-            "heldout": f"{t['heldout_mean']:.4f} ± {t['heldout_std']:.4f}",
-            "raw": "" if t["kind"] != "aclora" else f"{t['heldout_raw_mean']:.4f} ± {t['heldout_raw_std']:.4f}",
-            "ranks": ranks,
-            "runs": t["runs"],
-            "time": f"{t['seconds_mean']:.1f}",
-            "loss": "" if t["kind"] == "sweep" else f"{t['loss_last_tenth']:.3f}",
-            "oracle": "" if not rs or rs[0].get("oracle_truncated") is None
-            else pm([r["oracle_truncated"] for r in rs], 4),
-        })
+        ranks = (
+            ("picked: " + ", ".join(str(p) for p in t["picked_ranks"]))
+            if t["kind"] == "sweep"
+            else "/".join(f"{x:.0f}" for x in t["ranks_mean"])
+        )
+        rows.append(
+            {
+                "method": t["method"] + (" (ablation)" if t.get("ablation") else ""),
+                "heldout": f"{t['heldout_mean']:.4f} ± {t['heldout_std']:.4f}",
+                "raw": "" if t["kind"] != "aclora" else f"{t['heldout_raw_mean']:.4f} ± {t['heldout_raw_std']:.4f}",
+                "ranks": ranks,
+                "runs": t["runs"],
+                "time": f"{t['seconds_mean']:.1f}",
+                "loss": "" if t["kind"] == "sweep" else f"{t['loss_last_tenth']:.3f}",
+                "oracle": ""
+                if not rs or rs[0].get("oracle_truncated") is None
+                else pm([r["oracle_truncated"] for r in rs], 4),
+            }
+        )
     text = common.print_table(
-        f"{title} (planted ranks {'/'.join(map(str, planted))}; {common.describe_machine(info)})", rows,
+        f"{title} (planted ranks {'/'.join(map(str, planted))}; {common.describe_machine(info)})",
+        rows,
         ["method", "heldout", "raw", "ranks", "runs", "time", "loss", "oracle"],
-        ["method", "held-out error (exported file)", "raw training network", "ranks per layer (mean)",
-         "runs", "seconds to get there", "train loss, last 10%", "same run truncated to planted ranks"])
-    goal_rows = [{"method": k, "heldout": f"{v['heldout']:.4f}",
-                  "best": f"{v['best_fixed']:.4f} ({v['best_fixed_rank']})",
-                  "ratio": f"{v['ratio_to_best']:.3f}", "median": f"{v['median_fixed']:.4f}",
-                  "within": common.verdict(v["within_5pct_of_best"]), "better": common.verdict(v["better_than_median"])}
-                 for k, v in summary["goals"].items()]
+        [
+            "method",
+            "held-out error (exported file)",
+            "raw training network",
+            "ranks per layer (mean)",
+            "runs",
+            "seconds to get there",
+            "train loss, last 10%",
+            "same run truncated to planted ranks",
+        ],
+    )
+    goal_rows = [
+        {
+            "method": k,
+            "heldout": f"{v['heldout']:.4f}",
+            "best": f"{v['best_fixed']:.4f} ({v['best_fixed_rank']})",
+            "ratio": f"{v['ratio_to_best']:.3f}",
+            "median": f"{v['median_fixed']:.4f}",
+            "within": common.verdict(v["within_5pct_of_best"]),
+            "better": common.verdict(v["better_than_median"]),
+        }
+        for k, v in summary["goals"].items()
+    ]
     text += common.print_table(
-        "Goal: one run within 5% of the best fixed rank, and better than the median rank", goal_rows,
+        "Goal: one run within 5% of the best fixed rank, and better than the median rank",
+        goal_rows,
         ["method", "heldout", "best", "ratio", "median", "within", "better"],
-        ["method", "held-out", "best fixed rank", "ratio to best", "median of sweep", "within 5%",
-         "better than median"])
+        [
+            "method",
+            "held-out",
+            "best fixed rank",
+            "ratio to best",
+            "median of sweep",
+            "within 5%",
+            "better than median",
+        ],
+    )
     return text
 
 
@@ -570,10 +717,18 @@ def parse_quality_args(p, argv: Optional[Sequence[str]]):
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     p = common.parser(__doc__.split("\n\n")[0])
     p.add_argument("--seeds", type=int, default=None, help="seeds per method (quick 2, full 5)")
-    p.add_argument("--loss-floor", type=float, default=TaskConfig.loss_floor,
-                   help="irreducible target noise, relative to the clean outputs (0 = none)")
-    p.add_argument("--reuse", default=None, help="an earlier result JSON of the same settings: its runs are taken "
-                   "as they are, only the rows it lacks are trained")
+    p.add_argument(
+        "--loss-floor",
+        type=float,
+        default=TaskConfig.loss_floor,
+        help="irreducible target noise, relative to the clean outputs (0 = none)",
+    )
+    p.add_argument(
+        "--reuse",
+        default=None,
+        help="an earlier result JSON of the same settings: its runs are taken "
+        "as they are, only the rows it lacks are trained",
+    )
     args, quick, seeds = parse_quality_args(p, argv)
     sweep = [2, 32] if args.smoke else [2, 8, 32, 128] if quick else [2, 4, 8, 16, 32, 64, 128]
     max_rank = 32 if args.smoke else 128
@@ -583,8 +738,11 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         task_config = replace(task_config, width=64, vectors_per_sample=8, heldout_samples=8)
     train = TrainConfig(epochs=3 if args.smoke else 60 if quick else 100)
     default_task = args.loss_floor == TaskConfig.loss_floor
-    ablation = [(mode, p) for mode in ("paper", "product") for p in (0.5, 0.8, 0.9, 0.99)] \
-        if args.mode == "full" and not args.smoke and default_task else []
+    ablation = (
+        [(mode, p) for mode in ("paper", "product") for p in (0.5, 0.8, 0.9, 0.99)]
+        if args.mode == "full" and not args.smoke and default_task
+        else []
+    )
     rows = methods(sweep, max_rank, adalora, ablation)
     reused = reusable_runs(args.reuse, {"task": asdict(task_config), "training": asdict(train), "sweep": sweep})
     info = common.machine_info("cpu")
@@ -598,16 +756,33 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                 result = reused.get((m.label, seed)) or run_one(task, m, seed, train, workdir)
                 result["base_heldout"] = base_error
                 runs.append(result)
-                print(f"seed {seed} {m.label:<34} held-out {result['heldout']:.4f} (raw {result['heldout_raw']:.4f}) "
-                      f"ranks {result['ranks']} {result['seconds']:.1f}s", flush=True)
+                print(
+                    f"seed {seed} {m.label:<34} held-out {result['heldout']:.4f} (raw {result['heldout_raw']:.4f}) "
+                    f"ranks {result['ranks']} {result['seconds']:.1f}s",
+                    flush=True,
+                )
     summary = summarise(runs, rows, sweep)
     text = print_tables(summary, runs, task_config.planted_ranks, info, "3a: controlled low-rank personalisation")
     base_mean = statistics.fmean(r["base_heldout"] for r in runs)
-    print(f"base model (no adapter) held-out error: {base_mean:.4f}; total benchmark time "
-          f"{time.perf_counter() - start:.0f}s", flush=True)
-    result = common.payload(NAME, args, "cpu", task=asdict(task_config), training=asdict(train), sweep=sweep,
-                            max_rank=max_rank, adalora=adalora, base_heldout=base_mean, summary=summary, runs=runs,
-                            markdown=text)
+    print(
+        f"base model (no adapter) held-out error: {base_mean:.4f}; total benchmark time "
+        f"{time.perf_counter() - start:.0f}s",
+        flush=True,
+    )
+    result = common.payload(
+        NAME,
+        args,
+        "cpu",
+        task=asdict(task_config),
+        training=asdict(train),
+        sweep=sweep,
+        max_rank=max_rank,
+        adalora=adalora,
+        base_heldout=base_mean,
+        summary=summary,
+        runs=runs,
+        markdown=text,
+    )
     common.write_json(NAME if default_task else f"{NAME}-floor{args.loss_floor:g}", result, args.out)
     return result
 

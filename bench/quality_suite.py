@@ -43,7 +43,7 @@ file ``save_weights`` writes):
   trains at its file's per-module ranks on all 15 (``ranks_from``); its time
   is both runs';
 * ``AC-LoRA, the rule before``: version 0.1's rank search (``cut_rule=beat``,
-  ``freed_slots=relearn``, ``cut_without_heldout``), 3 held out;
+  ``freed_slots=relearn``, ``cut_without_heldout``; ``bench/rule_before.py``), 3 held out;
 * ``AC-LoRA paper``: ``restart_mode=paper``, all 15;
 * ``AdaLoRA``: peft's, init_r = R, target_r 8 (peft's default budget), all 15;
 * ``resize <method>``: the rank-R LoRA resized after training with sd-scripts'
@@ -85,11 +85,12 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from aclora_ext import functional as F  # noqa: E402
-from aclora_ext.network.factory import attach  # noqa: E402
-from aclora_ext.files.storage import load_state_dict  # noqa: E402
 from aclora_ext.files.lora_dict import group_modules  # noqa: E402
+from aclora_ext.files.storage import load_state_dict  # noqa: E402
 from bench import common  # noqa: E402
-from bench.quality_lowrank import BaseModel, forward as mlp_forward, orthogonality_penalty  # noqa: E402
+from bench.quality_lowrank import BaseModel, orthogonality_penalty  # noqa: E402
+from bench.quality_lowrank import forward as mlp_forward
+from bench.rule_before import attach  # noqa: E402  (aclora_ext.attach, with version 0.1's rules)
 
 NAME = "quality_suite"
 MAX_RANK = 64
@@ -98,13 +99,14 @@ GOAL_WORST = 1.05
 
 
 # --- the loss variants --------------------------------------------------------------------------------------------
-def loss_value(kind: str, pred: torch.Tensor, target: torch.Tensor, unit: float, per_row: bool = False
-               ) -> torch.Tensor:
+def loss_value(kind: str, pred: torch.Tensor, target: torch.Tensor, unit: float, per_row: bool = False) -> torch.Tensor:
     """The training (and held-out selection) loss: MSE relative to ``unit``, the same x10, or a Huber loss;
     with ``per_row``, one value per row (the held-out items the rank search pairs across candidates)."""
     if kind == "huber":
-        loss = nn.functional.huber_loss(pred / math.sqrt(unit), target / math.sqrt(unit), delta=0.1,
-                                        reduction="none") * 10.0
+        loss = (
+            nn.functional.huber_loss(pred / math.sqrt(unit), target / math.sqrt(unit), delta=0.1, reduction="none")
+            * 10.0
+        )
     else:
         loss = (pred - target).pow(2) / unit * (10.0 if kind == "mse_x10" else 1.0)
     return loss.mean(dim=-1) if per_row else loss.mean()
@@ -205,15 +207,25 @@ class MLPTask(Task):
         n_layers = len(d) - 1
         base = [torch.randn(d[i + 1], d[i], generator=g) * config.base_gain / math.sqrt(d[i]) for i in range(n_layers)]
         planted = [_planted(g, d[i + 1], d[i], _spectrum(config, i, min(d[i], d[i + 1]))) for i in range(n_layers)]
-        own = [[_planted(g, d[i + 1], d[i], config.sample_scale * torch.linspace(1, 0.5, config.sample_rank))
-                for i in range(n_layers)] for _ in range(N_TRAIN)]
+        own = [
+            [
+                _planted(g, d[i + 1], d[i], config.sample_scale * torch.linspace(1, 0.5, config.sample_rank))
+                for i in range(n_layers)
+            ]
+            for _ in range(N_TRAIN)
+        ]
         style = torch.randn(config.input_dim, d[0], generator=g) / math.sqrt(config.input_dim)
-        content = torch.randn(config.content_dim, d[0], generator=g) / math.sqrt(config.content_dim) * config.content_scale
+        content = (
+            torch.randn(config.content_dim, d[0], generator=g) / math.sqrt(config.content_dim) * config.content_scale
+        )
 
         def inputs(n: int) -> torch.Tensor:
             c = torch.randn(1, config.content_dim, generator=g) + 0.1 * torch.randn(n, config.content_dim, generator=g)
-            return (torch.randn(n, config.input_dim, generator=g) @ style + c @ content
-                    + config.isotropic * torch.randn(n, d[0], generator=g))
+            return (
+                torch.randn(n, config.input_dim, generator=g) @ style
+                + c @ content
+                + config.isotropic * torch.randn(n, d[0], generator=g)
+            )
 
         target = [w + p for w, p in zip(base, planted)]
         self.train_x = torch.stack([inputs(config.vectors) for _ in range(N_TRAIN)])
@@ -221,8 +233,9 @@ class MLPTask(Task):
         self.test_y = mlp_forward(target, self.test_x)
         self.unit = float(self.test_y.pow(2).mean())
         offsets = torch.randn(N_TRAIN, 1, d[-1], generator=g) * math.sqrt(config.sample_offset * self.unit)
-        self.train_y = torch.stack([mlp_forward([t + e for t, e in zip(target, own[i])], self.train_x[i]) + offsets[i]
-                                    for i in range(N_TRAIN)])
+        self.train_y = torch.stack(
+            [mlp_forward([t + e for t, e in zip(target, own[i])], self.train_x[i]) + offsets[i] for i in range(N_TRAIN)]
+        )
         self.config, self.loss_kind = config, loss_kind
         self.model = BaseModel(base)
 
@@ -248,8 +261,24 @@ class MLPTask(Task):
 
 
 # --- textures: real photographs ---------------------------------------------------------------------------------------
-TEXTURE_IMAGES = ("brick", "grass", "gravel", "moon", "coins", "camera", "text", "page", "cell", "clock",
-                  "chelsea", "coffee", "astronaut", "rocket", "immunohistochemistry", "hubble_deep_field")
+TEXTURE_IMAGES = (
+    "brick",
+    "grass",
+    "gravel",
+    "moon",
+    "coins",
+    "camera",
+    "text",
+    "page",
+    "cell",
+    "clock",
+    "chelsea",
+    "coffee",
+    "astronaut",
+    "rocket",
+    "immunohistochemistry",
+    "hubble_deep_field",
+)
 BASE_TEXTURES = 10  # the first ten pre-train the denoiser; seeds personalise to the others, in turn
 PATCH = 16
 T_STEPS = 1000
@@ -271,11 +300,11 @@ def texture_patches(name: str, count: int, g: torch.Generator) -> torch.Tensor:
     h, w = image.shape
     ys = torch.randint(0, h - PATCH, (count,), generator=g)
     xs = torch.randint(0, w - PATCH, (count,), generator=g)
-    return torch.stack([image[y:y + PATCH, x:x + PATCH].reshape(-1) for y, x in zip(ys.tolist(), xs.tolist())])
+    return torch.stack([image[y : y + PATCH, x : x + PATCH].reshape(-1) for y, x in zip(ys.tolist(), xs.tolist())])
 
 
 def _alphas() -> torch.Tensor:
-    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, T_STEPS, dtype=torch.float64) ** 2
+    betas = torch.linspace(0.00085**0.5, 0.012**0.5, T_STEPS, dtype=torch.float64) ** 2
     return torch.cumprod(1.0 - betas, dim=0).float()
 
 
@@ -318,7 +347,7 @@ def pretrained_denoiser(steps: int) -> tuple[Denoiser, torch.Tensor]:
         for _ in range(steps):
             which = torch.randint(0, BASE_TEXTURES, (1,), generator=g).item()
             x0 = data[which][torch.randint(0, len(data[which]), (64,), generator=g)]
-            loss = _denoising(model, x0, embeddings[which:which + 1], g, None)
+            loss = _denoising(model, x0, embeddings[which : which + 1], g, None)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -327,8 +356,15 @@ def pretrained_denoiser(steps: int) -> tuple[Denoiser, torch.Tensor]:
     return _PRETRAINED[steps]
 
 
-def _denoising(model: nn.Module, x0: torch.Tensor, cond: torch.Tensor, g: Optional[torch.Generator],
-               timesteps: Optional[torch.Tensor], loss_kind: str = "mse", per_row: bool = False) -> torch.Tensor:
+def _denoising(
+    model: nn.Module,
+    x0: torch.Tensor,
+    cond: torch.Tensor,
+    g: Optional[torch.Generator],
+    timesteps: Optional[torch.Tensor],
+    loss_kind: str = "mse",
+    per_row: bool = False,
+) -> torch.Tensor:
     noise = torch.randn(x0.shape, generator=g)
     t = torch.randint(0, T_STEPS, (x0.shape[0],), generator=g) if timesteps is None else timesteps
     a = ALPHAS[t][:, None]
@@ -344,7 +380,7 @@ class TextureTask(Task):
         g = torch.Generator().manual_seed(1000 + seed)
         patches = texture_patches(TEXTURE_IMAGES[new], N_TRAIN + heldout, g)
         self.train_x, self.test_x = patches[:N_TRAIN], patches[N_TRAIN:]
-        self.cond = embeddings[new:new + 1]
+        self.cond = embeddings[new : new + 1]
         self.loss_kind = loss_kind
         self.model = _Conditioned(copy_module(base), self.cond)
 
@@ -354,8 +390,12 @@ class TextureTask(Task):
     def _fixed(self, x0: torch.Tensor, loss_kind: str) -> torch.Tensor:
         """The loss of every (patch, timestep) pair at 4 fixed timesteps with fixed noise (1-D)."""
         g = torch.Generator().manual_seed(1234)
-        return torch.cat([_denoising(self.model.inner, x0, self.cond, g, torch.full((x0.shape[0],), t), loss_kind,
-                                     per_row=True) for t in (100, 300, 500, 700)])
+        return torch.cat(
+            [
+                _denoising(self.model.inner, x0, self.cond, g, torch.full((x0.shape[0],), t), loss_kind, per_row=True)
+                for t in (100, 300, 500, 700)
+            ]
+        )
 
     def selection_loss(self, idx):
         return self._fixed(self.train_x[torch.as_tensor(list(idx))].repeat(8, 1), self.loss_kind)
@@ -407,18 +447,34 @@ def methods(sweep: Sequence[int], adalora: bool = True) -> list[Method]:
         Method("AC-LoRA (defaults, 3 of 15 held out)", "aclora", MAX_RANK, held_out=True),
         Method("AC-LoRA (defaults, held out then folded back)", "aclora", MAX_RANK, held_out=True, fold_back=0.7),
         Method("AC-LoRA (defaults, no held-out loss: training left whole)", "aclora", MAX_RANK),
-        Method("AC-LoRA (no held-out loss, min_importance 0: keep every component)", "aclora", MAX_RANK,
-               (("min_importance", 0.0),)),
-        Method("AC-LoRA (defaults, two runs: held-out ranks, then fresh at them on all 15)", "aclora", MAX_RANK,
-               held_out=True, two_runs=True),
-        Method("AC-LoRA (the rule before: beat, relearn, cuts without held-out data; 3 of 15 held out)", "aclora", MAX_RANK,
-               (("cut_rule", "beat"), ("freed_slots", "relearn"), ("cut_without_heldout", True)), held_out=True),
+        Method(
+            "AC-LoRA (no held-out loss, min_importance 0: keep every component)",
+            "aclora",
+            MAX_RANK,
+            (("min_importance", 0.0),),
+        ),
+        Method(
+            "AC-LoRA (defaults, two runs: held-out ranks, then fresh at them on all 15)",
+            "aclora",
+            MAX_RANK,
+            held_out=True,
+            two_runs=True,
+        ),
+        Method(
+            "AC-LoRA (the rule before: beat, relearn, cuts without held-out data; 3 of 15 held out)",
+            "aclora",
+            MAX_RANK,
+            (("cut_rule", "beat"), ("freed_slots", "relearn"), ("cut_without_heldout", True)),
+            held_out=True,
+        ),
         Method("AC-LoRA paper", "aclora", MAX_RANK, (("restart_mode", "paper"),)),
     ]
     if adalora:
         rows.append(Method("AdaLoRA", "adalora", MAX_RANK))
-    rows += [Method(f"resize {m} {p:g}", "resize", MAX_RANK, resize=(m, p))
-             for m, p in (("sv_fro", 0.9), ("sv_cumulative", 0.9), ("sv_ratio", 20.0))]
+    rows += [
+        Method(f"resize {m} {p:g}", "resize", MAX_RANK, resize=(m, p))
+        for m, p in (("sv_fro", 0.9), ("sv_cumulative", 0.9), ("sv_ratio", 20.0))
+    ]
     rows += [Method(f"resize {m}", "resize", MAX_RANK, resize=(m, 0.0)) for m in ("noise-floor", "largest-gap")]
     return rows
 
@@ -439,10 +495,19 @@ def train_ours(task: Task, method: Method, seed: int, training: Training, workdi
     if method.two_runs:  # run 1: the rank search with its held-out share; run 2: fresh at its ranks, all 15
         first = train_ours(task, replace(method, two_runs=False), seed, training, workdir)
         names = first["module_names"]
-        second = train_ours(task, Method(method.label, "lora", MAX_RANK, ranks_from=dict(zip(names, first["ranks"]))),
-                            seed, training, workdir)
-        second.update(seconds=first["seconds"] + second["seconds"], cpu_seconds=first["cpu_seconds"] +
-                      second["cpu_seconds"], restarts=first.get("restarts"), first_run=first["heldout"])
+        second = train_ours(
+            task,
+            Method(method.label, "lora", MAX_RANK, ranks_from=dict(zip(names, first["ranks"]))),
+            seed,
+            training,
+            workdir,
+        )
+        second.update(
+            seconds=first["seconds"] + second["seconds"],
+            cpu_seconds=first["cpu_seconds"] + second["cpu_seconds"],
+            restarts=first.get("restarts"),
+            first_run=first["heldout"],
+        )
         second.pop("factors", None)
         return second
     torch.manual_seed(seed + 7919)
@@ -453,11 +518,12 @@ def train_ours(task: Task, method: Method, seed: int, training: Training, workdi
     if method.ranks_from:
         network.train_at_ranks(method.ranks_from)
     everything = list(range(N_TRAIN))
-    train_ids = everything[:N_TRAIN - N_VAL] if method.held_out else everything
+    train_ids = everything[: N_TRAIN - N_VAL] if method.held_out else everything
     if method.held_out:
-        held = everything[N_TRAIN - N_VAL:]
-        network.set_validation(lambda: task.selection_loss(held), until=method.fold_back,
-                               groups=task.selection_groups(held))
+        held = everything[N_TRAIN - N_VAL :]
+        network.set_validation(
+            lambda: task.selection_loss(held), until=method.fold_back, groups=task.selection_groups(held)
+        )
     steps_per_epoch = math.ceil(len(train_ids) / training.per_step)
     network.set_training_length(total_steps=training.epochs * steps_per_epoch)
     optimizer = torch.optim.AdamW(network.parameters(), lr=training.lr, weight_decay=0.0)
@@ -483,14 +549,22 @@ def train_ours(task: Task, method: Method, seed: int, training: Training, workdi
     raw_error = task.heldout_error()
     result = score_file(task, network, path)
     result["module_names"] = [m.lora_name for m in network.loras]
-    result.update(raw=raw_error, seconds=seconds, cpu_seconds=cpu,
-                  loss_last_tenth=float(torch.stack(losses[-max(1, len(losses) // 10):]).mean()))
+    result.update(
+        raw=raw_error,
+        seconds=seconds,
+        cpu_seconds=cpu,
+        loss_last_tenth=float(torch.stack(losses[-max(1, len(losses) // 10) :]).mean()),
+    )
     if method.kind == "aclora":
-        result["restarts"] = [{k: h.get(k) for k in ("p", "loss", "level", "source", "validation_loss")}
-                              | {"ranks": h["ranks"]} for h in network.history]
+        result["restarts"] = [
+            {k: h.get(k) for k in ("p", "loss", "level", "source", "validation_loss")} | {"ranks": h["ranks"]}
+            for h in network.history
+        ]
     if method.kind == "lora" and method.rank == MAX_RANK:
-        result["factors"] = {m.lora_name: (m.down_matrix().detach().clone(), m.up_matrix().detach().clone(), m.scale)
-                             for m in network.loras}
+        result["factors"] = {
+            m.lora_name: (m.down_matrix().detach().clone(), m.up_matrix().detach().clone(), m.scale)
+            for m in network.loras
+        }
     os.remove(path)
     network.remove_from()
     return result
@@ -507,8 +581,11 @@ def score_file(task: Task, network, path: str) -> dict:
             parts = modules[m.lora_name]
             down, up = parts["lora_down.weight"].float(), parts["lora_up.weight"].float()
             k = down.shape[0]
-            m.org_module.weight.add_((up.reshape(up.shape[0], k) @ down.reshape(k, -1) * (float(parts["alpha"]) / k))
-                                     .reshape(m.org_module.weight.shape))
+            m.org_module.weight.add_(
+                (up.reshape(up.shape[0], k) @ down.reshape(k, -1) * (float(parts["alpha"]) / k)).reshape(
+                    m.org_module.weight.shape
+                )
+            )
             params += down.numel() + up.numel()
             ranks.append(k)
         error = task.heldout_error()
@@ -556,7 +633,7 @@ def _resize_lora_rank(s: torch.Tensor, method: str, target: float) -> int:
     else:
         values = s if method == "sv_cumulative" else s.pow(2)
         cumulative = torch.cumsum(values, 0) / values.sum()
-        index = int(torch.searchsorted(cumulative, target if method == "sv_cumulative" else target ** 2)) + 1
+        index = int(torch.searchsorted(cumulative, target if method == "sv_cumulative" else target**2)) + 1
     return max(1, min(index, len(s) - 1)) + 1
 
 
@@ -585,9 +662,18 @@ def train_adalora(task: Task, method: Method, seed: int, training: Training) -> 
     steps = training.epochs * math.ceil(N_TRAIN / training.per_step)
     torch.manual_seed(seed + 7919)
     names = [n for n, m in task.model.named_modules() if isinstance(m, nn.Linear)]
-    config = AdaLoraConfig(init_r=method.rank, target_r=8, lora_alpha=method.rank, tinit=int(0.1 * steps),
-                           tfinal=int(0.3 * steps), deltaT=5, total_step=steps, target_modules=names,
-                           lora_dropout=0.0, orth_reg_weight=0.5)
+    config = AdaLoraConfig(
+        init_r=method.rank,
+        target_r=8,
+        lora_alpha=method.rank,
+        tinit=int(0.1 * steps),
+        tfinal=int(0.3 * steps),
+        deltaT=5,
+        total_step=steps,
+        target_modules=names,
+        lora_dropout=0.0,
+        orth_reg_weight=0.5,
+    )
     inner = task.model
     model = get_peft_model(inner, config)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=training.lr, weight_decay=0.0)
@@ -625,8 +711,17 @@ def build_task(name: str, seed: int, loss_kind: str, pretrain_steps: int, smoke:
     return MLPTask(seed + config.seed_offset, config, loss_kind)
 
 
-def run_task(name: str, loss_kind: str, seeds: Sequence[int], rows: Sequence[Method], training: Training,
-             pretrain_steps: int, smoke: bool, workdir: str, cache: Optional[dict] = None) -> list[dict]:
+def run_task(
+    name: str,
+    loss_kind: str,
+    seeds: Sequence[int],
+    rows: Sequence[Method],
+    training: Training,
+    pretrain_steps: int,
+    smoke: bool,
+    workdir: str,
+    cache: Optional[dict] = None,
+) -> list[dict]:
     """Every method on every seed of one task and loss. ``cache`` (the ``--cache`` file's runs) spares
     re-training the sweep and the peers while a rank rule is being changed: runs of the ``lora``,
     ``adalora`` and ``resize`` kinds found there (same task, loss, seed, method, epochs) are reused."""
@@ -635,10 +730,21 @@ def run_task(name: str, loss_kind: str, seeds: Sequence[int], rows: Sequence[Met
         full_rank_run = None
         for method in rows:
             key = f"{name}|{loss_kind}|{seed}|{method.label}|{training.epochs}" + _samples_key()
-            if cache is not None and key in cache and method.kind != "aclora" and \
-                    not (method.kind == "lora" and method.rank == MAX_RANK and any(m.kind == "resize" for m in rows)
-                         and not all(f"{name}|{loss_kind}|{seed}|{m.label}|{training.epochs}" + _samples_key() in cache
-                                     for m in rows if m.kind == "resize")):
+            if (
+                cache is not None
+                and key in cache
+                and method.kind != "aclora"
+                and not (
+                    method.kind == "lora"
+                    and method.rank == MAX_RANK
+                    and any(m.kind == "resize" for m in rows)
+                    and not all(
+                        f"{name}|{loss_kind}|{seed}|{m.label}|{training.epochs}" + _samples_key() in cache
+                        for m in rows
+                        if m.kind == "resize"
+                    )
+                )
+            ):
                 runs.append(cache[key])
                 continue
             task = build_task(name, seed, loss_kind, pretrain_steps, smoke)
@@ -646,23 +752,29 @@ def run_task(name: str, loss_kind: str, seeds: Sequence[int], rows: Sequence[Met
                 if full_rank_run is None:
                     continue
                 factors = full_rank_run["factors"]
-                result = score_resized(task, {n: n_path for n, n_path in _module_paths(task, factors)},
-                                       resize_factors(factors, *method.resize))
-                result.update(raw=result["heldout"], seconds=full_rank_run["seconds"],
-                              cpu_seconds=full_rank_run["cpu_seconds"])
+                result = score_resized(
+                    task,
+                    {n: n_path for n, n_path in _module_paths(task, factors)},
+                    resize_factors(factors, *method.resize),
+                )
+                result.update(
+                    raw=result["heldout"], seconds=full_rank_run["seconds"], cpu_seconds=full_rank_run["cpu_seconds"]
+                )
             elif method.kind == "adalora":
                 result = train_adalora(task, method, seed, training)
             else:
                 result = train_ours(task, method, seed, training, workdir)
                 if "factors" in result:
                     full_rank_run = result
-            result.update(task=name, loss=loss_kind, method=method.label, kind=method.kind, rank=method.rank,
-                          seed=seed)
+            result.update(task=name, loss=loss_kind, method=method.label, kind=method.kind, rank=method.rank, seed=seed)
             runs.append(result)
             if cache is not None and method.kind != "aclora":
                 cache[key] = {k: v for k, v in result.items() if k != "factors"}
-            print(f"{name:<10} {loss_kind:<8} seed {seed} {method.label:<48} held-out {result['heldout']:.5f} "
-                  f"ranks {_rank_text(result['ranks'])} {result['seconds']:.1f}s", flush=True)
+            print(
+                f"{name:<10} {loss_kind:<8} seed {seed} {method.label:<48} held-out {result['heldout']:.5f} "
+                f"ranks {_rank_text(result['ranks'])} {result['seconds']:.1f}s",
+                flush=True,
+            )
         if full_rank_run is not None:
             full_rank_run.pop("factors", None)
     return runs
@@ -701,16 +813,23 @@ def summarise(runs: list[dict], rows: Sequence[Method], sweep: Sequence[int]) ->
         for label, values in by.items():
             errors = [r["heldout"] for r in values]
             table[label] = {
-                "heldout": means[label], "std": statistics.stdev(errors) if len(errors) > 1 else 0.0,
-                "ratio": means[label] / fixed[best], "beats_median": means[label] < median,
+                "heldout": means[label],
+                "std": statistics.stdev(errors) if len(errors) > 1 else 0.0,
+                "ratio": means[label] / fixed[best],
+                "beats_median": means[label] < median,
                 "vs_plain": means[label] / plain if plain else None,
                 "size_ratio": statistics.fmean(r["params"] for r in values) / best_params,
                 "ranks": [statistics.fmean(r["ranks"][i] for r in values) for i in range(len(values[0]["ranks"]))]
-                if len({len(r["ranks"]) for r in values}) == 1 else None,
+                if len({len(r["ranks"]) for r in values}) == 1
+                else None,
                 "raw": statistics.fmean(r["raw"] for r in values),
             }
-        out[f"{key[0]}/{key[1]}"] = {"best_fixed": best, "best_fixed_error": fixed[best], "median_fixed": median,
-                                     "methods": table}
+        out[f"{key[0]}/{key[1]}"] = {
+            "best_fixed": best,
+            "best_fixed_error": fixed[best],
+            "median_fixed": median,
+            "methods": table,
+        }
     return out
 
 
@@ -730,7 +849,11 @@ def print_tables(summary: dict, info: dict) -> str:
         rows.append(row)
     text += common.print_table(
         f"Held-out error / best fixed rank's (mean over seeds; * = not better than the median rank; "
-        f"{common.describe_machine(info)})", rows, ["task", "best"] + labels, ["task / loss", "best fixed rank"] + labels)
+        f"{common.describe_machine(info)})",
+        rows,
+        ["task", "best"] + labels,
+        ["task / loss", "best fixed rank"] + labels,
+    )
     size_rows = []
     for key, entry in summary.items():
         row = {"task": key}
@@ -738,49 +861,71 @@ def print_tables(summary: dict, info: dict) -> str:
             m = entry["methods"].get(label)
             row[label] = "" if m is None else f"{m['size_ratio']:.2f}"
         size_rows.append(row)
-    text += common.print_table("File size (parameters) / the best fixed rank's file", size_rows,
-                               ["task"] + labels, ["task / loss"] + labels)
+    text += common.print_table(
+        "File size (parameters) / the best fixed rank's file", size_rows, ["task"] + labels, ["task / loss"] + labels
+    )
     return text
 
 
-def run_timing(tasks: Sequence[str], seeds: Sequence[int], rows: Sequence[Method], training: Training,
-               pretrain_steps: int, smoke: bool) -> list[dict]:
+def run_timing(
+    tasks: Sequence[str],
+    seeds: Sequence[int],
+    rows: Sequence[Method],
+    training: Training,
+    pretrain_steps: int,
+    smoke: bool,
+) -> list[dict]:
     """CPU seconds of the plain LoRA at R and of each AC-LoRA recipe (no split, the split, two runs: both
     runs counted), run alternately on the same seeds so that the machine's load hits them alike; medians,
     and each recipe's ratio to the plain LoRA."""
     plain = next(m for m in rows if m.kind == "lora" and m.rank == MAX_RANK)
-    recipes = {"no split": next(m for m in rows if m.kind == "aclora" and not m.held_out and not m.options),
-               "split": next(m for m in rows if m.kind == "aclora" and m.held_out and m.fold_back is None
-                             and not m.two_runs and not m.options),
-               "two runs": next(m for m in rows if m.two_runs)}
+    recipes = {
+        "no split": next(m for m in rows if m.kind == "aclora" and not m.held_out and not m.options),
+        "split": next(
+            m
+            for m in rows
+            if m.kind == "aclora" and m.held_out and m.fold_back is None and not m.two_runs and not m.options
+        ),
+        "two runs": next(m for m in rows if m.two_runs),
+    }
     table = []
     with tempfile.TemporaryDirectory() as workdir:
         for name in tasks:
             times = {label: [] for label in ("plain", *recipes)}
             for seed in seeds:
                 for label, method in (("plain", plain), *recipes.items()):
-                    result = train_ours(build_task(name, seed, "mse", pretrain_steps, smoke), method, seed, training,
-                                        workdir)
+                    result = train_ours(
+                        build_task(name, seed, "mse", pretrain_steps, smoke), method, seed, training, workdir
+                    )
                     times[label].append(result["cpu_seconds"])
             medians = {label: statistics.median(values) for label, values in times.items()}
             row = {"task": name, "plain": round(medians["plain"], 2)}
             for label in recipes:
                 row[label] = round(medians[label] / medians["plain"], 3)
             table.append(row)
-            print(f"timing {name}: plain {medians['plain']:.2f}s; " +
-                  ", ".join(f"{label} {row[label]:.2f}x" for label in recipes), flush=True)
+            print(
+                f"timing {name}: plain {medians['plain']:.2f}s; "
+                + ", ".join(f"{label} {row[label]:.2f}x" for label in recipes),
+                flush=True,
+            )
     return table
 
 
 def goal(summary: dict, label: str) -> dict:
     ratios = [entry["methods"][label]["ratio"] for entry in summary.values() if label in entry["methods"]]
     median_ok = all(entry["methods"][label]["beats_median"] for entry in summary.values() if label in entry["methods"])
-    plain = [entry["methods"][label]["vs_plain"] for entry in summary.values()
-             if label in entry["methods"] and entry["methods"][label]["vs_plain"] is not None]
-    return {"mean_ratio": statistics.fmean(ratios) if ratios else float("nan"),
-            "worst_vs_plain": max(plain) if plain else float("nan"),
-            "worst_ratio": max(ratios) if ratios else float("nan"), "beats_median_everywhere": median_ok,
-            "met": bool(ratios) and max(ratios) <= GOAL_WORST and all(r <= 1.0 for r in ratios) and median_ok}
+    plain = [
+        entry["methods"][label]["vs_plain"]
+        for entry in summary.values()
+        if label in entry["methods"] and entry["methods"][label]["vs_plain"] is not None
+    ]
+    return {
+        "mean_ratio": statistics.fmean(ratios) if ratios else float("nan"),
+        "worst_vs_plain": max(plain) if plain else float("nan"),
+        "worst_ratio": max(ratios) if ratios else float("nan"),
+        "beats_median_everywhere": median_ok,
+        "met": bool(ratios) and max(ratios) <= GOAL_WORST and all(r <= 1.0 for r in ratios) and median_ok,
+    }
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
@@ -791,16 +936,33 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                    + "; or the off-suite tasks " + ", ".join(VARIANT_REGIMES))
     p.add_argument("--losses", default=None, help="comma-separated subset of: " + ", ".join(LOSSES))
     p.add_argument("--no-adalora", action="store_true", help="leave peft's AdaLoRA out (it is the slowest peer)")
-    p.add_argument("--only", default=None, help="comma-separated substrings: run only the AC-LoRA rows whose label "
-                   "contains one (the sweep and peers still run, or come from --cache)")
-    p.add_argument("--cache", default=None, help="JSON file of sweep and peer runs to reuse and extend. The runs "
-                   "are deterministic on one thread: a cached row is the result a fresh run gives (checked), "
-                   "only its seconds are from another time")
-    p.add_argument("--samples", type=int, default=N_TRAIN, help="training samples per task (default 15); a fifth "
-                   "of them (rounded down) is the held-out share of the rows that hold some out. The regimes were "
-                   "set for 15: with more samples, capacity overfits less (the dataset-size study)")
-    p.add_argument("--timing", action="store_true", help="also time, per task (mse), the plain LoRA at R and "
-                   "AC-LoRA with its held-out share alternately on the same seeds: the run-time ratio")
+    p.add_argument(
+        "--only",
+        default=None,
+        help="comma-separated substrings: run only the AC-LoRA rows whose label "
+        "contains one (the sweep and peers still run, or come from --cache)",
+    )
+    p.add_argument(
+        "--cache",
+        default=None,
+        help="JSON file of sweep and peer runs to reuse and extend. The runs "
+        "are deterministic on one thread: a cached row is the result a fresh run gives (checked), "
+        "only its seconds are from another time",
+    )
+    p.add_argument(
+        "--samples",
+        type=int,
+        default=N_TRAIN,
+        help="training samples per task (default 15); a fifth "
+        "of them (rounded down) is the held-out share of the rows that hold some out. The regimes were "
+        "set for 15: with more samples, capacity overfits less (the dataset-size study)",
+    )
+    p.add_argument(
+        "--timing",
+        action="store_true",
+        help="also time, per task (mse), the plain LoRA at R and "
+        "AC-LoRA with its held-out share alternately on the same seeds: the run-time ratio",
+    )
     args = p.parse_args(argv)
     if args.threads is None:
         args.threads = 1
@@ -812,8 +974,11 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     logging.getLogger("aclora_ext").setLevel(logging.ERROR)
     quick = args.mode == "quick" or args.smoke
     seeds = list(range(args.seeds if args.seeds else 1 if args.smoke else 2 if quick else 5))
-    tasks = args.tasks.split(",") if args.tasks else (["mlp-small", "textures"] if args.smoke else
-                                                      [*MLP_REGIMES, "textures"])
+    tasks = (
+        args.tasks.split(",")
+        if args.tasks
+        else (["mlp-small", "textures"] if args.smoke else [*MLP_REGIMES, "textures"])
+    )
     losses = args.losses.split(",") if args.losses else (["mse"] if args.smoke else list(LOSSES))
     for name in tasks:
         if name not in MLP_REGIMES and name not in VARIANT_REGIMES and name != "textures":
@@ -848,22 +1013,44 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     if N_TRAIN != 15:
         text = f"{N_TRAIN} training samples, {N_VAL} held out by the rows that hold some out\n" + text
         print(text.splitlines()[0], flush=True)
-    timing = run_timing(tasks, seeds[:3], methods(sweep, adalora=False), training, pretrain_steps, args.smoke) \
-        if args.timing else None
+    timing = (
+        run_timing(tasks, seeds[:3], methods(sweep, adalora=False), training, pretrain_steps, args.smoke)
+        if args.timing
+        else None
+    )
     if timing:
-        text += common.print_table("Run time of each AC-LoRA recipe / one plain LoRA at R (CPU time, median of "
-                                   "the seeds, all alternated on the same seeds; two runs: both runs)", timing,
-                                   ["task", "plain", "no split", "split", "two runs"],
-                                   ["task (mse)", "plain LoRA at R, s", "no split", "split (3 of 15)", "two runs"])
+        text += common.print_table(
+            "Run time of each AC-LoRA recipe / one plain LoRA at R (CPU time, median of "
+            "the seeds, all alternated on the same seeds; two runs: both runs)",
+            timing,
+            ["task", "plain", "no split", "split", "two runs"],
+            ["task (mse)", "plain LoRA at R, s", "no split", "split (3 of 15)", "two runs"],
+        )
     goals = {m.label: goal(summary, m.label) for m in rows if m.kind != "lora"}
-    goal_rows = [{"method": k, "mean": f"{v['mean_ratio']:.3f}", "worst": f"{v['worst_ratio']:.3f}",
-                  "plain": f"{v['worst_vs_plain']:.3f}",
-                  "median": common.verdict(v["beats_median_everywhere"]), "met": common.verdict(v["met"])}
-                 for k, v in goals.items()]
-    text += common.print_table("Goal: mean and worst ratio to the best fixed rank over every task and loss", goal_rows,
-                               ["method", "mean", "worst", "plain", "median", "met"],
-                               ["method", "mean ratio", "worst ratio", f"worst / plain LoRA at R={MAX_RANK}",
-                                "better than the median rank everywhere", "goal (<= 1.00 everywhere, worst <= 1.05)"])
+    goal_rows = [
+        {
+            "method": k,
+            "mean": f"{v['mean_ratio']:.3f}",
+            "worst": f"{v['worst_ratio']:.3f}",
+            "plain": f"{v['worst_vs_plain']:.3f}",
+            "median": common.verdict(v["beats_median_everywhere"]),
+            "met": common.verdict(v["met"]),
+        }
+        for k, v in goals.items()
+    ]
+    text += common.print_table(
+        "Goal: mean and worst ratio to the best fixed rank over every task and loss",
+        goal_rows,
+        ["method", "mean", "worst", "plain", "median", "met"],
+        [
+            "method",
+            "mean ratio",
+            "worst ratio",
+            f"worst / plain LoRA at R={MAX_RANK}",
+            "better than the median rank everywhere",
+            "goal (<= 1.00 everywhere, worst <= 1.05)",
+        ],
+    )
     total = time.perf_counter() - start
     print(f"total benchmark time {total:.0f}s", flush=True)
     result = common.payload(NAME, args, "cpu", sweep=sweep, max_rank=MAX_RANK, training=asdict(training), timing=timing,

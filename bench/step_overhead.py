@@ -54,7 +54,7 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import nn
 
-from bench import common
+from bench import common, rule_before
 
 NAME = "step_overhead"
 VARIANTS = ("peft", "aclora-off", "aclora")
@@ -139,9 +139,9 @@ def attach_aclora(unet: nn.Module, size: Size, mode: str, total_steps: int):
     options: dict[str, Any] = {"restart_mode": mode}
     if mode != "off":
         options["restart_every_steps"] = size.restart_every
-    if mode == "product":  # the RESTART's work is what is measured (no held-out loss here)
-        options["cut_without_heldout"] = True
     network = create_network(1.0, size.rank, size.alpha, None, None, unet, **options)
+    if mode == "product":  # the RESTART's work is what is measured (no held-out loss here): cut at each one
+        rule_before.use(network, cut_without_heldout=True)
     network.apply_to(None, unet, apply_text_encoder=False, apply_unet=True)
     network.set_training_length(total_steps=total_steps)
     network.prepare_grad_etc(None, unet)
@@ -292,18 +292,20 @@ def summarize(runs: dict[str, list[dict]], memory_runs: dict[str, list[dict]], b
         walls = [t for r in results for t in r["step_wall_s"]]
         cpus = [t for r in results for t in r["step_cpu_s"]]
         restarts = [t for r in results for t in r["restart_s"]]
-        rows.append({
-            "variant": variant,
-            "step_ms": statistics.median(walls) * 1e3,
-            "step_cpu_ms": statistics.median(cpus) * 1e3,
-            "steps": len(walls),
-            "trainable_params": results[0]["trainable_params"],
-            "adapted_layers": results[0]["adapted_layers"],
-            "peak_growth_mb": statistics.median(memory),
-            "memory_runs_mb": memory,
-            "restarts": sum(r["restarts"] for r in results),
-            "restart_ms": statistics.median(restarts) * 1e3 if restarts else None,
-        })
+        rows.append(
+            {
+                "variant": variant,
+                "step_ms": statistics.median(walls) * 1e3,
+                "step_cpu_ms": statistics.median(cpus) * 1e3,
+                "steps": len(walls),
+                "trainable_params": results[0]["trainable_params"],
+                "adapted_layers": results[0]["adapted_layers"],
+                "peak_growth_mb": statistics.median(memory),
+                "memory_runs_mb": memory,
+                "restarts": sum(r["restarts"] for r in results),
+                "restart_ms": statistics.median(restarts) * 1e3 if restarts else None,
+            }
+        )
     peer = next(r for r in rows if r["variant"] == "peft")
     key = "step_cpu_ms" if basis == "cpu" else "step_ms"
     for row in rows:
@@ -314,13 +316,23 @@ def summarize(runs: dict[str, list[dict]], memory_runs: dict[str, list[dict]], b
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     parser = common.parser(__doc__.splitlines()[0])
-    parser.add_argument("--variant", choices=VARIANTS, default=None,
-                        help="run one variant in this process and print its JSON (used by the orchestrator)")
+    parser.add_argument(
+        "--variant",
+        choices=VARIANTS,
+        default=None,
+        help="run one variant in this process and print its JSON (used by the orchestrator)",
+    )
     parser.add_argument("--size", choices=tuple(SIZES), default=None, help=argparse_size_help())
-    parser.add_argument("--memory-pass", action="store_true",
-                        help="with --variant: the short memory run (start it under common.EXACT_RSS_ENV)")
-    parser.add_argument("--in-process", action="store_true",
-                        help="run the variants in this process (fast, but memory figures are then not comparable)")
+    parser.add_argument(
+        "--memory-pass",
+        action="store_true",
+        help="with --variant: the short memory run (start it under common.EXACT_RSS_ENV)",
+    )
+    parser.add_argument(
+        "--in-process",
+        action="store_true",
+        help="run the variants in this process (fast, but memory figures are then not comparable)",
+    )
     args = parser.parse_args(argv)
     device = common.setup(args)
     args.size = args.size or ("smoke" if args.smoke else args.mode)
@@ -333,10 +345,13 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     machine_before = common.machine_info(device)
     basis = "cpu" if device.type == "cpu" and torch.get_num_threads() == 1 else "wall"
     in_process = args.in_process or args.smoke
-    print(f"U-Net channels {size.channels}, latents {size.latent}x{size.latent}, batch {size.batch}, rank "
-          f"{size.rank}, alpha {size.alpha:g}; {size.rounds} round(s) x {size.steps} steps per variant; "
-          f"{'in-process' if in_process else 'one process per variant'}; ratios from "
-          f"{'CPU time (1 thread)' if basis == 'cpu' else 'wall time'}", flush=True)
+    print(
+        f"U-Net channels {size.channels}, latents {size.latent}x{size.latent}, batch {size.batch}, rank "
+        f"{size.rank}, alpha {size.alpha:g}; {size.rounds} round(s) x {size.steps} steps per variant; "
+        f"{'in-process' if in_process else 'one process per variant'}; ratios from "
+        f"{'CPU time (1 thread)' if basis == 'cpu' else 'wall time'}",
+        flush=True,
+    )
     runs: dict[str, list[dict]] = {v: [] for v in VARIANTS}
     for _ in range(size.rounds):
         for variant in VARIANTS:
@@ -346,8 +361,11 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     memory_runs: dict[str, list[dict]] = {v: [] for v in VARIANTS}
     for _ in range(1 if args.smoke or args.mode == "quick" else 2):
         for variant in VARIANTS:
-            result = (run_variant(variant, size, device, memory_pass=True) if in_process
-                      else variant_in_subprocess(variant, args, memory_pass=True))
+            result = (
+                run_variant(variant, size, device, memory_pass=True)
+                if in_process
+                else variant_in_subprocess(variant, args, memory_pass=True)
+            )
             memory_runs[variant].append(result)
             print(f"  {variant}: peak memory growth {peak_growth_mb(result):.1f} MiB", flush=True)
     rows = summarize(runs, memory_runs, basis)
@@ -358,39 +376,81 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     machine = common.machine_info(device)
     memory_label = "CUDA max allocated growth MiB" if device.type == "cuda" else "peak RSS growth MiB (exact pass)"
     common.print_table(
-        f"Step time and memory, U-Net LoRA at rank {size.rank} — {common.describe_machine(machine)}", rows,
-        ["variant", "step_ms", "step_cpu_ms", "step_x_peft", "steps", "peak_growth_mb", "memory_minus_peft_mb",
-         "trainable_params", "adapted_layers", "restarts", "restart_ms"],
-        ["variant", "step ms (median wall)", "step ms (median CPU)", "x peft", "steps timed", memory_label,
-         "vs peft MiB", "trainable params", "adapted layers", "RESTARTs (left out)", "RESTART ms"])
+        f"Step time and memory, U-Net LoRA at rank {size.rank} — {common.describe_machine(machine)}",
+        rows,
+        [
+            "variant",
+            "step_ms",
+            "step_cpu_ms",
+            "step_x_peft",
+            "steps",
+            "peak_growth_mb",
+            "memory_minus_peft_mb",
+            "trainable_params",
+            "adapted_layers",
+            "restarts",
+            "restart_ms",
+        ],
+        [
+            "variant",
+            "step ms (median wall)",
+            "step ms (median CPU)",
+            "x peft",
+            "steps timed",
+            memory_label,
+            "vs peft MiB",
+            "trainable params",
+            "adapted layers",
+            "RESTARTs (left out)",
+            "RESTART ms",
+        ],
+    )
     capture_rows = [{"what": k, "us": v} for k, v in capture.items()]
     common.print_table("Loss capture, per call", capture_rows, ["what", "us"], ["what", "microseconds"])
-    print(f"Capture overhead: {capture['capture overhead per step']:.1f} us per step = {capture_share:.3%} of an "
-          f"AC-LoRA step here.")
+    print(
+        f"Capture overhead: {capture['capture overhead per step']:.1f} us per step = {capture_share:.3%} of an "
+        f"AC-LoRA step here."
+    )
     targets = []
     for row in rows:
         if row["variant"] != "peft":
             ok_time = row["step_x_peft"] <= TARGET_STEP_RATIO
             ok_memory = row["memory_minus_peft_mb"] <= 0.0
-            targets.append({"variant": row["variant"],
-                            "step time": f"{row['step_x_peft']:.3f}x peft (target <= {TARGET_STEP_RATIO}: "
-                                         f"{common.verdict(ok_time)})",
-                            "memory": f"{row['memory_minus_peft_mb']:+.1f} MiB vs peft (target <= 0: "
-                                      f"{common.verdict(ok_memory)})"})
+            targets.append(
+                {
+                    "variant": row["variant"],
+                    "step time": f"{row['step_x_peft']:.3f}x peft (target <= {TARGET_STEP_RATIO}: "
+                    f"{common.verdict(ok_time)})",
+                    "memory": f"{row['memory_minus_peft_mb']:+.1f} MiB vs peft (target <= 0: "
+                    f"{common.verdict(ok_memory)})",
+                }
+            )
     common.print_table("Targets", targets, ["variant", "step time", "memory"])
     if in_process:
         print("In-process run (smoke or --in-process): memory figures are not comparable between variants.")
-    result = common.payload(NAME, args, device, size=size.__dict__, rows=rows, runs=runs, memory_runs=memory_runs,
-                            capture_us=capture,
-                            capture_share_of_step=capture_share, ratio_basis=basis, targets=targets,
-                            in_process=in_process, machine_before=machine_before)
+    result = common.payload(
+        NAME,
+        args,
+        device,
+        size=size.__dict__,
+        rows=rows,
+        runs=runs,
+        memory_runs=memory_runs,
+        capture_us=capture,
+        capture_share_of_step=capture_share,
+        ratio_basis=basis,
+        targets=targets,
+        in_process=in_process,
+        machine_before=machine_before,
+    )
     common.write_json(NAME, result, args.out)
     return result
 
 
 def argparse_size_help() -> str:
     return "model/batch size: " + "; ".join(
-        f"{k}: channels {s.channels}, latents {s.latent}^2, batch {s.batch}, rank {s.rank}" for k, s in SIZES.items())
+        f"{k}: channels {s.channels}, latents {s.latent}^2, batch {s.batch}, rank {s.rank}" for k, s in SIZES.items()
+    )
 
 
 if __name__ == "__main__":

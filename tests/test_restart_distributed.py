@@ -5,7 +5,7 @@ network, and then deliberately disagree: each feeds different losses and adds a
 different perturbation to its LoRA weights before the RESTART. Afterwards both
 must hold the same weights and ranks and have used the same threshold: paper
 mode's p computed from the loss averaged over both processes, product mode's
-level.
+fixed_p.
 """
 
 from __future__ import annotations
@@ -27,6 +27,9 @@ LOSSES = {0: [0.1, 0.3], 1: [0.5, 0.7]}  # per process; the mean over both is 0.
 TOTAL_STEPS = 10  # two losses recorded (= two optimizer steps) of ten: progress 0.2, alpha 1.2
 SIGNAL_RANK = {0: 2, 1: 5}  # each process plants a different signal in its weights
 MODES = ("paper", "product")
+#: product mode's energy share: without a held-out loss a product RESTART leaves training whole, so an explicit
+#: share makes it cut (each process from its own weights) and broadcast
+PRODUCT_P = 0.9
 
 
 def free_port() -> int:
@@ -51,7 +54,7 @@ def restart_once(rank: int, mode: str, out_dir: str) -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 16), nn.Linear(16, 16))
     network = attach(model, max_rank=8, restart_mode=mode, seed=7,
-                     **({"cut_without_heldout": True} if mode == "product" else {}))
+                     **({"fixed_p": PRODUCT_P} if mode == "product" else {}))
     network.set_training_length(total_steps=TOTAL_STEPS)
     g = torch.Generator().manual_seed(100 + rank)
     k = SIGNAL_RANK[rank]
@@ -75,7 +78,7 @@ HELD_FROM = ((None, 4), (3, 6), (5, None))
 
 def hold_differently(rank: int, out_dir: str) -> None:
     """Each process held other slots (its own held-out share decided): after the broadcast, rank 0's."""
-    from aclora_ext.network.restarts import broadcast_from_rank0
+    from aclora_ext.network.restart_runner import broadcast_from_rank0
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 16), nn.Linear(16, 16))
@@ -83,7 +86,7 @@ def hold_differently(rank: int, out_dir: str) -> None:
     for m, starts in zip(network.loras, HELD_FROM):
         if starts[rank] is not None:
             m.hold_slots(torch.arange(m.rank) >= starts[rank])
-    broadcast_from_rank0(network)
+    broadcast_from_rank0(network.loras, list(network.ranks().values()), list(network.parameters()))
     torch.save({"held": [m.held for m in network.loras],
                 "params": {n: p.detach().clone() for n, p in network.named_parameters()}},
                os.path.join(out_dir, f"held-rank{rank}.pt"))
@@ -106,8 +109,8 @@ def test_two_processes_end_a_restart_with_identical_weights_ranks_and_p(mode, re
         assert result["alpha"] == pytest.approx(1 + 2 / TOTAL_STEPS)
         if mode == "paper":  # p from the loss averaged over both processes
             assert result["p"] == pytest.approx(1 - mean ** (1 + 2 / TOTAL_STEPS))
-        else:  # no held-out loss: the default level, whatever the loss
-            assert result["level"] == pytest.approx(2.0)
+        else:  # the energy share fixed_p, whatever the loss
+            assert result["p"] == PRODUCT_P and result["level"] is None
     assert first["p"] == second["p"] or (first["p"] != first["p"] and second["p"] != second["p"])
     assert first["level"] == second["level"]
     assert first["ranks"] == second["ranks"]

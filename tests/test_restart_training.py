@@ -9,6 +9,7 @@ schedule (a tenth of the run) and the mode's rule decide every module's rank.
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 from safetensors import safe_open
@@ -36,9 +37,8 @@ def file_contents(path: str) -> tuple[dict[str, int], dict[str, int], dict[str, 
 def test_a_replayed_sdxl_run_restarts_on_schedule_and_saves_per_module_ranks_below_the_maximum(
         mode, sdxl_pretrained_models, style_data, sd_network_module, tmp_path):
     path = str(tmp_path / "style.safetensors")
-    network_args = {"cut_without_heldout": "true"} if mode == "product" else {"restart_mode": mode}
     result = replay.replay_training(sd_network_module, sdxl_pretrained_models, style_data[:SAMPLES], sdxl=True,
-                                    network=replay.NetworkSetup(dim=MAX_RANK, alpha=4.0, args=network_args),
+                                    network=replay.NetworkSetup(dim=MAX_RANK, alpha=4.0, args={"restart_mode": mode}),
                                     schedule=replay.Schedule(epochs=EPOCHS, batch_size=BATCH, lr=1e-3),
                                     saving=replay.Saving(path))
     network = result.network
@@ -53,13 +53,17 @@ def test_a_replayed_sdxl_run_restarts_on_schedule_and_saves_per_module_ranks_bel
         assert h["alpha"] == pytest.approx(1 + h["epoch"] / EPOCHS)
         if mode == "paper":  # p from the loss rule (the losses of a pretrained base are below 1)
             assert 0 < h["loss"] < 1 and h["p"] == pytest.approx(1 - h["loss"] ** h["alpha"])
-        else:  # the default (product mode, no held-out loss): the importance threshold min_importance
-            assert h["source"] == "prior" and h["level"] == pytest.approx(2.0) and h["p"] != h["p"]
+        else:  # the default (product mode, no held-out loss): training left whole, the file decided at save
+            assert h["source"] == "deferred" and h["level"] == math.inf and h["p"] != h["p"]
 
-    # the data chose the ranks: below R, not all the same
+    # paper mode: the data chose the ranks, below R and not all the same; product mode: every module trains
+    # at R until the save
     ranks = network.ranks()
     assert len(ranks) == len(network.loras) > 100
-    assert max(ranks.values()) < MAX_RANK and len(set(ranks.values())) > 1
+    if mode == "paper":
+        assert max(ranks.values()) < MAX_RANK and len(set(ranks.values())) > 1
+    else:
+        assert set(ranks.values()) == {MAX_RANK}
 
     # the file holds its ranks (paper mode: those of the last RESTART; product mode: decided again on the
     # final update), and its metadata explains them
@@ -77,3 +81,5 @@ def test_a_replayed_sdxl_run_restarts_on_schedule_and_saves_per_module_ranks_bel
     assert [(h["epoch"], h["step"]) for h in history] == [(h["epoch"], h["step"]) for h in network.history]
     modules = json.loads(meta["aclora_modules"])
     assert dict(zip(modules, history[-1]["ranks"])) == ranks
+    if mode == "product":
+        assert all(h["level"] is None for h in history)  # inf (keep everything) is null in JSON

@@ -74,7 +74,7 @@ class ACLoRAModule(nn.Module):
         self.rank_dropout = rank_dropout
         self.module_dropout = module_dropout
         self.enabled = True
-        # slots held out of the forward after a held-out cut (freed_slots=hold): 1 in use, 0 held; None: all in
+        # slots held out of the forward after a held-out cut: 1 in use, 0 held; None: all in
         # use. A buffer, so it follows the module to its device; not persistent (the network's state keeps it)
         self.register_buffer("slot_mask", None, persistent=False)
         # A plain list keeps the original layer out of this module's children and state_dict.

@@ -20,9 +20,16 @@ DEFAULT_MAX_RANK = 64
 DEFAULT_ALPHA = 1.0
 
 
-def create_network(multiplier: float, network_dim: Optional[int | str], network_alpha: Optional[float | str], vae: Any,
-                   text_encoder: Any, unet: nn.Module, neuron_dropout: Optional[float] = None,
-                   **kwargs: Any) -> ACLoRANetwork:
+def create_network(
+    multiplier: float,
+    network_dim: Optional[int | str],
+    network_alpha: Optional[float | str],
+    vae: Any,
+    text_encoder: Any,
+    unet: nn.Module,
+    neuron_dropout: Optional[float] = None,
+    **kwargs: Any,
+) -> ACLoRANetwork:
     """sd-scripts' entry point: an AC-LoRA network at maximum rank ``network_dim`` on the U-Net and text encoder(s)."""
     if network_dim is None:
         logger.info("AC-LoRA: network_dim not given; using maximum rank %d", DEFAULT_MAX_RANK)
@@ -42,32 +49,61 @@ def create_network(multiplier: float, network_dim: Optional[int | str], network_
     targets = family.targets(text_encoders, unet, config)
     model = family.name(unet, text_encoders)
     if not targets:
-        raise ValueError(f"AC-LoRA: no layer to adapt in the given {model} model and text encoder(s) (none of the "
-                         "layers sd-scripts' LoRA module targets there, or the options left none)")
+        raise ValueError(
+            f"AC-LoRA: no layer to adapt in the given {model} model and text encoder(s) (none of the "
+            "layers sd-scripts' LoRA module targets there, or the options left none)"
+        )
     ranks, alphas = {}, {}
     for t in targets:
         conv = t.is_conv3x3 and conv3x3  # a rank an option gives a layer comes with network_alpha
         rank = t.rank if t.rank is not None else config.conv_dim if conv else max_rank
         ranks[t.lora_name], alphas[t.lora_name] = rank, (config.conv_alpha or DEFAULT_ALPHA) if conv else alpha
-    logger.info("AC-LoRA: %s, maximum rank %d, alpha %g%s%s, %s", model, max_rank, alpha,
-                f", 3x3 conv rank {config.conv_dim}" if conv3x3 else "",
-                f", other ranks set by options on {sum(t.rank is not None for t in targets)} modules"
-                if any(t.rank is not None for t in targets) else "", _describe(config))
-    return ACLoRANetwork(targets, ranks, alphas, multiplier, config, is_sdxl=model == "SDXL",
-                         train_t5xxl=any(t.part == family.t5_part for t in targets), prediction=family.prediction)
+    logger.info(
+        "AC-LoRA: %s, maximum rank %d, alpha %g%s%s, %s",
+        model,
+        max_rank,
+        alpha,
+        f", 3x3 conv rank {config.conv_dim}" if conv3x3 else "",
+        f", other ranks set by options on {sum(t.rank is not None for t in targets)} modules"
+        if any(t.rank is not None for t in targets)
+        else "",
+        _describe(config),
+    )
+    return ACLoRANetwork(
+        targets,
+        ranks,
+        alphas,
+        multiplier,
+        config,
+        is_sdxl=model == "SDXL",
+        train_t5xxl=any(t.part == family.t5_part for t in targets),
+        prediction=family.prediction,
+    )
 
 
 def _describe(config) -> str:
     if config.restart_mode == "off":
         return "restarts off (plain LoRA)"
-    every = (f"every {config.restart_every_steps} steps" if config.restart_every_steps
-             else f"every {config.restart_every} epochs" if config.restart_every else "every tenth of the run")
+    every = (
+        f"every {config.restart_every_steps} steps"
+        if config.restart_every_steps
+        else f"every {config.restart_every} epochs"
+        if config.restart_every
+        else "every tenth of the run"
+    )
     return f"RESTART {config.restart_mode} mode {every}"
 
 
-def create_network_from_weights(multiplier: float, file: Optional[str], vae: Any, text_encoder: Any, unet: nn.Module,
-                                weights_sd: Optional[dict] = None, for_inference: bool = False,
-                                **kwargs: Any) -> tuple[ACLoRANetwork, dict]:
+def create_network_from_weights(
+    multiplier: float,
+    file: Optional[str],
+    vae: Any,
+    text_encoder: Any,
+    unet: nn.Module,
+    weights_sd: Optional[dict] = None,
+    for_inference: bool = False,
+    **kwargs: Any,
+) -> tuple[ACLoRANetwork, dict]:
     """A network whose modules and ranks are those of a LoRA file (ours or any kohya LoRA).
 
     Used by sd-scripts for ``--base_weights`` (then ``merge_to``) and
@@ -80,7 +116,9 @@ def create_network_from_weights(multiplier: float, file: Optional[str], vae: Any
     source = str(file) if file is not None else "weights_sd"
     meta = read_metadata(file) if file is not None and str(file).endswith(".safetensors") else {}
     modules = group_modules(weights_sd, source)
-    conv3x3 = any(p["lora_down.weight"].dim() == 4 and p["lora_down.weight"].shape[2:] != (1, 1) for p in modules.values())
+    conv3x3 = any(
+        p["lora_down.weight"].dim() == 4 and p["lora_down.weight"].shape[2:] != (1, 1) for p in modules.values()
+    )
     text_encoders = as_list(text_encoder)
     family = detect(unet, text_encoders)
     candidates = {t.lora_name: t for t in family.layers(text_encoders, unet, conv3x3)}
@@ -88,28 +126,49 @@ def create_network_from_weights(multiplier: float, file: Optional[str], vae: Any
     present = [name for name in modules if name in candidates]
     unknown = sorted(set(modules) - set(candidates))
     if not present:
-        raise LoRAFileError(f"{source}: none of its {len(modules)} LoRA modules exists in this model "
-                            f"(e.g. {unknown[0]}); is it for another model (SD1.x vs SDXL)?")
+        raise LoRAFileError(
+            f"{source}: none of its {len(modules)} LoRA modules exists in this model "
+            f"(e.g. {unknown[0]}); is it for another model (SD1.x vs SDXL)?"
+        )
     if unknown:
-        logger.warning("AC-LoRA: %d module(s) of %s do not exist in this model and are ignored: %s", len(unknown),
-                       source, ", ".join(unknown[:10]))
+        logger.warning(
+            "AC-LoRA: %d module(s) of %s do not exist in this model and are ignored: %s",
+            len(unknown),
+            source,
+            ", ".join(unknown[:10]),
+        )
     config = parse_network_args(kwargs, family=family.key)
     targets = [candidates[name] for name in present]
     ranks = {n: module_rank(modules[n]) for n in present}
     alphas = {n: module_alpha(modules[n]) for n in present}
     signal = metadata_ranks(meta, source)
-    network = ACLoRANetwork(targets, ranks, alphas, multiplier, config,
-                            is_sdxl=family.name(unet, text_encoders) == "SDXL", signal_ranks=signal,
-                            train_t5xxl=any(t.part == family.t5_part for t in targets),
-                            prediction=family.prediction)
-    check_shapes({n: modules[n] for n in present}, {m.lora_name: m for m in network.loras}, source,
-                 allow_smaller_rank=False)
+    network = ACLoRANetwork(
+        targets,
+        ranks,
+        alphas,
+        multiplier,
+        config,
+        is_sdxl=family.name(unet, text_encoders) == "SDXL",
+        signal_ranks=signal,
+        train_t5xxl=any(t.part == family.t5_part for t in targets),
+        prediction=family.prediction,
+    )
+    check_shapes(
+        {n: modules[n] for n in present}, {m.lora_name: m for m in network.loras}, source, allow_smaller_rank=False
+    )
     return network, weights_sd
 
 
-def attach(model: nn.Module, max_rank: int = DEFAULT_MAX_RANK, alpha: Optional[float] = None,
-           include: Sequence[str] = ("*",), exclude: Sequence[str] = (), multiplier: float = 1.0,
-           prefix: str = "lora", **options: Any) -> ACLoRANetwork:
+def attach(
+    model: nn.Module,
+    max_rank: int = DEFAULT_MAX_RANK,
+    alpha: Optional[float] = None,
+    include: Sequence[str] = ("*",),
+    exclude: Sequence[str] = (),
+    multiplier: float = 1.0,
+    prefix: str = "lora",
+    **options: Any,
+) -> ACLoRANetwork:
     """Attach AC-LoRA to the Linear/Conv2d layers of any model whose module path matches ``include``.
 
     ``options`` are the same as ``--network_args`` (e.g. ``restart_mode="product"``,
@@ -125,8 +184,10 @@ def attach(model: nn.Module, max_rank: int = DEFAULT_MAX_RANK, alpha: Optional[f
     config = parse_network_args(options, max_rank=rank)
     targets = find_by_patterns(model, include, exclude, prefix)
     if not targets:
-        raise ValueError(f"attach: no Linear/Conv2d layer of {type(model).__name__} matches include={list(include)} "
-                         f"exclude={list(exclude)}")
+        raise ValueError(
+            f"attach: no Linear/Conv2d layer of {type(model).__name__} matches include={list(include)} "
+            f"exclude={list(exclude)}"
+        )
     ranks = {t.lora_name: rank for t in targets}
     alphas = {t.lora_name: alpha_value for t in targets}
     network = ACLoRANetwork(targets, ranks, alphas, multiplier, config)

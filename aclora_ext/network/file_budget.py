@@ -24,8 +24,8 @@ import torch
 from .. import functional as F
 from ..files.fit import FileFit, fit_ranks
 from ..files.sizes import FileLayout, ModuleLayout, layout_tensors, saved_file_size
-from ..lora.product_restart import Spectrum, analyse_modules
 from ..lora.module import ACLoRAModule
+from ..lora.product_restart import Spectrum, analyse_modules
 from ..options import OptionError, format_size
 
 Keep = int | torch.Tensor  # a module's rank (its leading components) or a bool mask over its update's components
@@ -63,14 +63,21 @@ class Candidates:
         errors: dict[str, float] = {}
         for rank, members in by_rank.items():
             s = torch.stack([self.spectra[i] for i in members])
-            keep = torch.stack([F.as_keep(torch.tensor([k]), rank)[0] if isinstance(k, int) else k
-                                for k in (keeps[i] for i in members)])
+            keep = torch.stack(
+                [
+                    F.as_keep(torch.tensor([k]), rank)[0] if isinstance(k, int) else k
+                    for k in (keeps[i] for i in members)
+                ]
+            )
             errors.update(zip((modules[i].lora_name for i in members), F.truncation_error(s, keep).tolist()))
         return errors
 
 
-def candidates(modules: Sequence[ACLoRAModule], keeps: Sequence[Keep], product_spectra: Optional[dict[int, Spectrum]],
-               ) -> Candidates:
+def candidates(
+    modules: Sequence[ACLoRAModule],
+    keeps: Sequence[Keep],
+    product_spectra: Optional[dict[int, Spectrum]],
+) -> Candidates:
     """The candidates of every module: ``keeps`` are the run's decision; ``product_spectra`` the rank
     search's analysis of this save (product mode: worth = importance squared), or None (paper mode,
     ``restart_mode=off``: the updates are analysed here, worth = squared singular value)."""
@@ -79,8 +86,10 @@ def candidates(modules: Sequence[ACLoRAModule], keeps: Sequence[Keep], product_s
         spectra, _ = analyse_modules(modules, {}, rebase=False)
     missing = [m.lora_name for i, m in enumerate(modules) if i not in spectra]
     if missing:
-        raise ValueError(f"max_file_size: the update of {len(missing)} module(s) could not be decomposed (non-finite "
-                         f"weights?), e.g. {missing[0]}")
+        raise ValueError(
+            f"max_file_size: the update of {len(missing)} module(s) could not be decomposed (non-finite "
+            f"weights?), e.g. {missing[0]}"
+        )
     masks, worths, values = [], [], []
     for i, (m, keep) in enumerate(zip(modules, keeps)):
         mask = F.as_keep(torch.tensor([keep]), m.rank)[0] if isinstance(keep, int) else keep.cpu().bool()
@@ -93,15 +102,29 @@ def candidates(modules: Sequence[ACLoRAModule], keeps: Sequence[Keep], product_s
 
 def layouts(modules: Sequence[ACLoRAModule], dtype: Optional[torch.dtype]) -> list[ModuleLayout]:
     """The tensors every module writes (export and raw_modules: the saved dtype, else the module's)."""
-    return [ModuleLayout(m.lora_name, int(m.lora_down.weight.shape[1]), m.out_dim,
-                         tuple(int(d) for d in m.lora_down.weight.shape[2:]), dtype or m.lora_down.weight.dtype)
-            for m in modules]
+    return [
+        ModuleLayout(
+            m.lora_name,
+            int(m.lora_down.weight.shape[1]),
+            m.out_dim,
+            tuple(int(d) for d in m.lora_down.weight.shape[2:]),
+            dtype or m.lora_down.weight.dtype,
+        )
+        for m in modules
+    ]
 
 
-def fit_keeps(modules: Sequence[ACLoRAModule], found: Candidates, max_size: int, min_rank: int,
-              dtype: Optional[torch.dtype], metadata_of: MetadataOf) -> tuple[list[Keep], dict[str, float], FileFit]:
+def fit_keeps(
+    modules: Sequence[ACLoRAModule],
+    found: Candidates,
+    max_size: int,
+    min_rank: int,
+    dtype: Optional[torch.dtype],
+    metadata_of: MetadataOf,
+) -> tuple[list[Keep], dict[str, float], FileFit]:
     """The keeps of a file of at most ``max_size`` bytes, the truncation errors its metadata carries, and
     the fit. Raises ``F.allocation.BudgetError`` (with ``smallest``) when no file fits."""
+
     def metadata(ranks: dict[str, int]) -> dict[str, str]:
         keeps = found.keeps(modules, [ranks[m.lora_name] for m in modules])
         return metadata_of({m.lora_name: int(ranks[m.lora_name]) for m in modules}, found.errors(modules, keeps))
@@ -119,13 +142,16 @@ def smallest_bound(modules: Sequence[ACLoRAModule], min_rank: int, element_bytes
     sd-scripts' ss_* keys and the rest of ours come on top."""
     dtype = {2: torch.float16, 4: torch.float32, 8: torch.float64}[element_bytes]
     ranks = {m.lora_name: min(min_rank, m.rank) for m in modules}
-    metadata = {"aclora_ranks": json.dumps(ranks, separators=(",", ":")),
-                "aclora_modules": json.dumps(list(ranks), separators=(",", ":"))}
+    metadata = {
+        "aclora_ranks": json.dumps(ranks, separators=(",", ":")),
+        "aclora_modules": json.dumps(list(ranks), separators=(",", ":")),
+    }
     return saved_file_size(layout_tensors(layouts(modules, dtype), list(ranks.values())), metadata)
 
 
-def check_possible(modules: Sequence[ACLoRAModule], max_size: Optional[int], min_rank: int,
-                   save_precision: Optional[str]) -> None:
+def check_possible(
+    modules: Sequence[ACLoRAModule], max_size: Optional[int], min_rank: int, save_precision: Optional[str]
+) -> None:
     """Stop a run at start-up whose max_file_size no file can meet (OptionError naming the key and value).
 
     The bound counts weights of the saved precision when sd-scripts says it (``--save_precision``), else
@@ -136,10 +162,12 @@ def check_possible(modules: Sequence[ACLoRAModule], max_size: Optional[int], min
     element_bytes = 4 if save_precision == "float" else 2
     bound = smallest_bound(modules, min_rank, element_bytes)
     if bound > max_size:
-        raise OptionError(f"network_args: max_file_size={format_size(max_size)} is too small: the smallest file this "
-                          f"network can save ({len(modules)} modules at min_rank={min_rank}, {element_bytes}-byte "
-                          f"weights, before sd-scripts' metadata) is at least {format_size(bound)}; allowed: a size of "
-                          f"at least that, or fewer modules (e.g. --network_train_unet_only)")
+        raise OptionError(
+            f"network_args: max_file_size={format_size(max_size)} is too small: the smallest file this "
+            f"network can save ({len(modules)} modules at min_rank={min_rank}, {element_bytes}-byte "
+            f"weights, before sd-scripts' metadata) is at least {format_size(bound)}; allowed: a size of "
+            f"at least that, or fewer modules (e.g. --network_train_unet_only)"
+        )
 
 
 __all__ = ["Candidates", "candidates", "layouts", "fit_keeps", "smallest_bound", "check_possible"]

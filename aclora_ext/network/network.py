@@ -5,15 +5,17 @@ sd-scripts calls, in order: ``create_network`` → ``prepare_network(args)`` →
 ``prepare_grad_etc`` → per epoch ``on_epoch_start`` → per micro-batch
 ``on_step_start`` → ``save_weights``. RESTARTs run from the two hooks, between
 epochs (every ``restart_every`` epochs) or between optimizer steps
-(``restart_every_steps``). What a RESTART does is in ``restarts``, the files in
-``saving``, the resumable state in ``state``.
+(``restart_every_steps``). What a RESTART does is in ``restart_runner``, the files in
+``saving``, the resumable state in ``state``: the network passes each what it needs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import time
 import weakref
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 from torch import nn
@@ -25,8 +27,8 @@ from ..lora.norms import apply_max_norm
 from ..lora.report import RestartReport
 from ..options import ACLoRAConfig
 from ..ranksearch.rank_search import RankSearch
-from . import file_budget, restarts, saving, schedule, state
-from .saving import LoadInfo
+from . import file_budget, optimizer_groups, restart_runner, saving, schedule, state
+from .saving import Export, LoadInfo, RunRecord
 
 logger = logging.getLogger(__name__)
 
@@ -34,13 +36,22 @@ logger = logging.getLogger(__name__)
 class ACLoRANetwork(nn.Module):
     """LoRA modules on a set of layers, with per-module signal ranks decided by RESTART."""
 
-    def __init__(self, targets: Sequence[Target], ranks: dict[str, int], alphas: dict[str, float],
-                 multiplier: float = 1.0, config: ACLoRAConfig = ACLoRAConfig(), is_sdxl: bool = False,
-                 signal_ranks: Optional[dict[str, int]] = None, train_t5xxl: bool = False,
-                 prediction: Optional[Prediction] = None) -> None:
+    def __init__(
+        self,
+        targets: Sequence[Target],
+        ranks: dict[str, int],
+        alphas: dict[str, float],
+        multiplier: float = 1.0,
+        config: Optional[ACLoRAConfig] = None,
+        is_sdxl: bool = False,
+        signal_ranks: Optional[dict[str, int]] = None,
+        train_t5xxl: bool = False,
+        prediction: Optional[Prediction] = None,
+    ) -> None:
         """``train_t5xxl``: whether it has T5-XXL modules (FLUX.1/SD3 trainers read it); ``prediction``:
         how the model family's trainer makes its prediction from the denoiser's output (held-out replay)."""
         super().__init__()
+        config = ACLoRAConfig() if config is None else config
         if not targets:
             raise ValueError("AC-LoRA: the model has no layers to adapt (no Linear/Conv2d inside the target blocks)")
         self.config = config
@@ -51,8 +62,16 @@ class ACLoRANetwork(nn.Module):
         self.text_encoder_loras: list[ACLoRAModule] = []
         self.unet_loras: list[ACLoRAModule] = []
         for t in targets:
-            m = ACLoRAModule(t.lora_name, t.layer, ranks[t.lora_name], alphas[t.lora_name], multiplier,
-                             config.dropout, config.rank_dropout, config.module_dropout)
+            m = ACLoRAModule(
+                t.lora_name,
+                t.layer,
+                ranks[t.lora_name],
+                alphas[t.lora_name],
+                multiplier,
+                config.dropout,
+                config.rank_dropout,
+                config.module_dropout,
+            )
             (self.text_encoder_loras if t.is_text_encoder else self.unet_loras).append(m)
             self.add_module(t.lora_name, m)
         self._parts = {t.lora_name: t.part for t in targets}
@@ -61,15 +80,12 @@ class ACLoRANetwork(nn.Module):
         self.loss_meter = schedule.LossMeter()
         self._args: Any = None
         self._accelerator: Optional[weakref.ref] = None
-        self._warned: set[str] = set()
+        self.warnings = schedule.OnceWarnings(logger)
         self._signal = {m.lora_name: m.rank for m in self.loras}
         if signal_ranks:
             self._signal.update({k: min(v, self._module(k).rank) for k, v in signal_ranks.items() if k in self._signal})
-        self.history: list[dict] = []
-        me = weakref.ref(self)  # the rank search gets what it needs, not the network itself
-        self.rank_search = RankSearch(config, modules=lambda: me().loras, progress=lambda: me()._progress(),
-                                      set_training=lambda mode: me().train(mode),
-                                      warn_once=lambda *message: me()._warn_once(*message))
+        self.history: list[RestartReport] = []  # the RESTARTs that ran (applied), oldest first
+        self.rank_search = RankSearch(config, warn_once=self.warnings.warn)
         self.rank_search.watch(self.loras)
         self._register_state()
 
@@ -95,11 +111,13 @@ class ACLoRANetwork(nn.Module):
         finally:
             state.clear_transient(self)
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs):  # noqa: D401 - torch hook
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):  # noqa: D401 - torch hook
         variable = state.upgrade(state_dict, prefix)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
         state.read_buffers(self, state_dict, prefix, variable)
 
     # --- kohya contract: set-up ---------------------------------------------------------
@@ -117,8 +135,9 @@ class ACLoRANetwork(nn.Module):
             self.unet_loras = []
         if not self.loras:
             raise ValueError("AC-LoRA: apply_to left no modules (neither the text encoder nor the U-Net is trained)")
-        file_budget.check_possible(self.loras, self.config.max_file_size, self.config.min_rank,
-                              getattr(self._args, "save_precision", None))  # a hopeless max_file_size stops here
+        file_budget.check_possible(
+            self.loras, self.config.max_file_size, self.config.min_rank, getattr(self._args, "save_precision", None)
+        )  # a hopeless max_file_size stops here
         for m in self.loras:
             m.apply_to()
         if self.config.ranks_from is not None:
@@ -126,10 +145,16 @@ class ACLoRANetwork(nn.Module):
         self._register_state()
         schedule.listen(self)
         split = getattr(self._args, "validation_split", None)
-        self.rank_search.record_sd_scripts_validation(unet, expected=isinstance(split, (int, float)) and split > 0,
-                                                      prediction=self._prediction)
-        logger.info("AC-LoRA: %d text-encoder and %d U-Net modules, maximum rank %d, restart_mode=%s",
-                    len(self.text_encoder_loras), len(self.unet_loras), self.max_rank, self.config.restart_mode)
+        self.rank_search.record_sd_scripts_validation(
+            unet, expected=isinstance(split, (int, float)) and split > 0, prediction=self._prediction
+        )
+        logger.info(
+            "AC-LoRA: %d text-encoder and %d U-Net modules, maximum rank %d, restart_mode=%s",
+            len(self.text_encoder_loras),
+            len(self.unet_loras),
+            self.max_rank,
+            self.config.restart_mode,
+        )
 
     def _drop(self, modules: Sequence[ACLoRAModule]) -> None:
         for m in modules:
@@ -181,44 +206,16 @@ class ACLoRANetwork(nn.Module):
         encoder; a single value applies to both). Returns ``(groups, descriptions)``.
         """
         self.requires_grad_(True)
-        te_lrs = list(text_encoder_lr) if isinstance(text_encoder_lr, (list, tuple)) else [text_encoder_lr]
-        groups: list[dict] = []
-        descriptions: list[str] = []
-        te_parts = sorted({self._parts[m.lora_name] for m in self.text_encoder_loras})
-        for i, part in enumerate(te_parts):
-            lr = te_lrs[min(i, len(te_lrs) - 1)] if te_lrs else None
-            lr = default_lr if lr is None else lr
-            ratio = self.config.loraplus_text_encoder_lr_ratio or self.config.loraplus_lr_ratio
-            label = "textencoder" if len(te_parts) == 1 else f"textencoder {i + 1}"
-            self._add_groups(groups, descriptions, [m for m in self.text_encoder_loras if self._parts[m.lora_name] == part],
-                             lr, ratio, label)
-        if self.unet_loras:
-            lr = default_lr if unet_lr is None else unet_lr
-            ratio = self.config.loraplus_unet_lr_ratio or self.config.loraplus_lr_ratio
-            self._add_groups(groups, descriptions, self.unet_loras, lr, ratio, "unet")
-        return groups, descriptions
+        return optimizer_groups.param_groups(
+            self.text_encoder_loras, self.unet_loras, self._parts, self.config, text_encoder_lr, unet_lr, default_lr
+        )
 
     prepare_optimizer_params_with_multiple_te_lrs = prepare_optimizer_params
 
-    @staticmethod
-    def _add_groups(groups: list, descriptions: list, modules: list[ACLoRAModule], lr, ratio, label: str) -> None:
-        plain = [p for m in modules for name, p in m.named_parameters() if not (ratio and "lora_up" in name)]
-        plus = [p for m in modules for p in m.lora_up.parameters()] if ratio else []
-        for params, factor, suffix in ((plain, 1.0, ""), (plus, ratio, " plus")):
-            if not params:
-                continue
-            group: dict = {"params": params}
-            if lr is not None:
-                if float(lr) == 0:
-                    logger.info("AC-LoRA: lr 0 for %s%s, its parameters are not trained", label, suffix)
-                    continue
-                group["lr"] = float(lr) * factor
-            groups.append(group)
-            descriptions.append(label + suffix)
-
     # --- the product mode's held-out loss ----------------------------------------------------
-    def set_validation(self, loss_fn: Optional[Callable[[], Any]], until: Optional[float] = None,
-                       groups: Optional[Any] = None) -> None:
+    def set_validation(
+        self, loss_fn: Optional[Callable[[], Any]], until: Optional[float] = None, groups: Optional[Any] = None
+    ) -> None:
         """Give the product mode a held-out loss to choose ranks with (``None`` removes it).
 
         ``loss_fn()`` returns the loss of the current model on data the training
@@ -241,7 +238,7 @@ class ACLoRANetwork(nn.Module):
     def validation_active(self) -> bool:
         """True while the held-out loss decides the ranks: until then the loop must keep its held-out
         share out of training; afterwards it may train on it."""
-        return self.rank_search.validation_active()
+        return self.rank_search.validation_active(self._progress())
 
     # --- training hooks --------------------------------------------------------------------
     def on_epoch_start(self, text_encoder=None, unet=None) -> None:
@@ -300,68 +297,79 @@ class ACLoRANetwork(nn.Module):
             self.length = schedule.TrainingLength.from_args(self._args)
         return self.length
 
-    def _warn_once(self, key: str, message: str, *args: Any) -> None:
-        if key not in self._warned:
-            self._warned.add(key)
-            logger.warning(message, *args)
-
     def restart_interval_epochs(self) -> Optional[int]:
         """E: ``restart_every``, or a tenth of the run (at least 1) once the run length is known."""
-        if self.config.restart_every is not None:
-            return self.config.restart_every
-        total = self._length().total_epochs(self.clock.steps_per_epoch)
-        return max(1, round(total / 10)) if total else None
+        return schedule.interval_epochs(self.config, self.clock, self._length())
 
     def _epoch_restart_due(self) -> bool:
-        if self.config.restart_mode == "off" or self.config.restart_every_steps is not None:
-            return False
-        done = self.clock.epochs_completed
-        if done == 0:
-            return False
-        every = self.restart_interval_epochs()
-        total = self._length().total_epochs(self.clock.steps_per_epoch)
-        if every is None:
-            self._warn_once("length", "AC-LoRA: the run length is unknown (no max_train_steps/max_train_epochs); "
-                            "no RESTART runs. Set restart_every, or call set_training_length().")
-            return False
-        if total is not None and every >= total:
-            self._warn_once("too-long", "AC-LoRA: restart_every=%d epochs is not shorter than the run (%d epochs); "
-                            "no RESTART will run. Lower restart_every or use restart_every_steps.", every, total)
-        return done % every == 0 and (total is None or done < total)
+        return schedule.epoch_restart_due(self.config, self.clock, self._length(), self.warnings)
 
     def _step_restart_due(self) -> bool:
-        every = self.config.restart_every_steps
-        if self.config.restart_mode == "off" or every is None:
-            return False
-        total = self._length().max_train_steps
-        if total is not None and every >= total:  # checked before the step count: the interval is never reached
-            self._warn_once("too-long", "AC-LoRA: restart_every_steps=%d is not shorter than the run (%d steps); "
-                            "no RESTART will run.", every, total)
-            return False
-        steps = self.clock.optimizer_steps
-        if steps == 0 or steps % every or steps == self.clock.last_restart_step:
-            return False
-        return total is None or steps < total
+        return schedule.step_restart_due(self.config, self.clock, self._length(), self.warnings)
 
     def _progress(self) -> float:
         """Fraction of training done (Eq. 6's Epoch / TotalEpoch, in optimizer steps when known)."""
-        length = self._length()
-        if length.max_train_steps:
-            return self.clock.optimizer_steps / length.max_train_steps
-        total = length.total_epochs(self.clock.steps_per_epoch)
-        return self.clock.epochs_completed / total if total else 0.0
+        return schedule.progress(self.clock, self._length())
 
     # --- RESTART --------------------------------------------------------------------------
-    def restart(self, p: Optional[float] = None, loss: Optional[float] = None,
-                progress: Optional[float] = None) -> RestartReport:
-        """Run one RESTART now on every module and return its report (see ``restarts.run_restart``).
+    def restart(
+        self, p: Optional[float] = None, loss: Optional[float] = None, progress: Optional[float] = None
+    ) -> RestartReport:
+        """Run one RESTART now on every module and return its report (see ``restart_runner.run``).
 
         Paper mode (and an explicit call with ``restart_mode=off``): ``p`` is the energy share, or
         ``fixed_p``, or p = 1 - L^alpha from ``loss`` or the mean training loss since the previous
         RESTART. Product mode: ``p`` or ``fixed_p`` keep that energy share of each module's update;
         otherwise one importance threshold over every module, from the rank search.
         """
-        return restarts.run_restart(self, p, loss, progress)
+        start = time.perf_counter()
+        mean_loss = self._mean_loss() if loss is None else float(loss)
+        done = self._progress()
+        index = self.clock.restarts + 1
+        inputs = restart_runner.RestartInputs(
+            self.loras,
+            self.config,
+            index,
+            self.clock.epochs_completed,
+            self.clock.optimizer_steps,
+            done if progress is None else progress,
+            done,
+            self.ranks(),
+            [t.data for t in self.parameters()],
+        )
+        with self._deciding():
+            report = restart_runner.run(inputs, p, mean_loss, self.rank_search, self.warnings.warn)
+        self._signal.update(report.ranks)
+        self.clock.mark_restart(index)
+        self.loss_meter.reset()
+        report.seconds = time.perf_counter() - start
+        if report.applied:
+            self.history.append(report)
+        logger.info(report.line())
+        accelerator = self._accelerator() if self._accelerator is not None else None
+        restart_runner.log_to_trackers(accelerator, report, self.warnings.warn)
+        return report
+
+    def _mean_loss(self) -> Optional[float]:
+        """The mean training loss since the last RESTART (the one host read of the loss bookkeeping)."""
+        mean, _, bad = self.loss_meter.read()
+        if bad:
+            logger.warning("AC-LoRA: %d non-finite loss value(s) since the last RESTART were left out of L", bad)
+        return mean
+
+    @contextlib.contextmanager
+    def _deciding(self) -> Iterator[None]:
+        """Around a product-mode decision: the network in eval mode while the rank search may evaluate the
+        held-out loss (the loop's ``loss_fn`` sees it so), then back in the mode it was in."""
+        if self.config.restart_mode != "product":
+            yield
+            return
+        was_training = self.training
+        self.train(False)
+        try:
+            yield
+        finally:
+            self.train(was_training)
 
     def ranks(self) -> dict[str, int]:
         """Current signal rank of every module (its maximum rank before the first RESTART)."""
@@ -373,45 +381,98 @@ class ACLoRANetwork(nn.Module):
         second run of the two-run recipe (``ranks_from``). Modules not named keep every slot."""
         named = [m for m in self.loras if m.lora_name in ranks]
         if not named:
-            raise LoRAFileError(f"network_args: ranks_from={self.config.ranks_from!r} names none of this model's "
-                                f"{len(self.loras)} modules (e.g. {self.loras[0].lora_name}); allowed: a file for "
-                                "this model")
+            raise LoRAFileError(
+                f"network_args: ranks_from={self.config.ranks_from!r} names none of this model's "
+                f"{len(self.loras)} modules (e.g. {self.loras[0].lora_name}); allowed: a file for "
+                "this model"
+            )
         for m in named:
             k = min(max(int(ranks[m.lora_name]), 1), m.rank)
             with torch.no_grad():
                 m.lora_up.weight.zero_()
             m.hold_slots(torch.arange(m.rank) >= k)
             self._signal[m.lora_name] = k
-        logger.info("AC-LoRA: training %d modules at the ranks of %s (min/max %d/%d)", len(named),
-                    self.config.ranks_from, min(self._signal[m.lora_name] for m in named),
-                    max(self._signal[m.lora_name] for m in named))
+        logger.info(
+            "AC-LoRA: training %d modules at the ranks of %s (min/max %d/%d)",
+            len(named),
+            self.config.ranks_from,
+            min(self._signal[m.lora_name] for m in named),
+            max(self._signal[m.lora_name] for m in named),
+        )
 
     # --- files -----------------------------------------------------------------------------
-    def metadata(self, ranks: dict[str, int], errors: Optional[dict[str, float]] = None,
-                 padded: Optional[dict[str, int]] = None) -> dict[str, str]:
+    def run_record(self) -> RunRecord:
+        """What a file's metadata says about this run (``saving.metadata``)."""
+        return RunRecord(self.config, tuple(self.history), self.rank_search.file_decision)
+
+    def metadata(
+        self, ranks: dict[str, int], errors: Optional[dict[str, float]] = None, padded: Optional[dict[str, int]] = None
+    ) -> dict[str, str]:
         """Our own metadata keys: enough for a file to explain how its ranks came about."""
-        return saving.metadata(self, ranks, errors, padded)
+        return saving.metadata(self.loras, self.run_record(), ranks, errors, padded)
 
     def state_for_export(self, dtype: Optional[torch.dtype] = None, metadata: Optional[dict] = None):
         """(tensors, metadata, truncation errors) of the variable-rank export; ValueError on NaN/Inf weights
         (and, with max_file_size, BudgetError when no file fits with sd-scripts' ``metadata``)."""
-        return saving.state_for_export(self, dtype, metadata)
+        exported = self._export(dtype, metadata)
+        return exported.tensors, exported.metadata, exported.errors
+
+    def _export(self, dtype: Optional[torch.dtype], sd_metadata: Optional[dict]) -> Export:
+        """The file at the run's decision: the last RESTART's ranks, or (product mode) the rank search's
+        decision on the final update, then ``max_file_size``."""
+        for m in self.loras:  # held slots add nothing: the file must not carry what the optimiser left there
+            m.clear_held()
+        keeps: list = [self._signal[m.lora_name] for m in self.loras]
+        self.rank_search.file_decision = None
+        spectra = None
+        if self.config.restart_mode == "product":
+            with self._deciding():
+                keeps = self.rank_search.file_keeps(self.loras, keeps, self._progress())
+            spectra = self.rank_search.file_spectra
+        exported = saving.export(self.loras, keeps, self.run_record(), dtype, sd_metadata, spectra)
+        if exported.unpadded:
+            self.warnings.warn(
+                "pad-budget",
+                "AC-LoRA: max_file_size leaves no room to pad %d module(s) to their "
+                "part's common rank; diffusers 0.32 may read this file at a wrong scale (later "
+                "releases read it right)",
+                exported.unpadded,
+            )
+        return exported
 
     def save_weights(self, file: str, dtype: Optional[torch.dtype] = None, metadata: Optional[dict] = None) -> bool:
-        """Write the variable-rank LoRA file (atomically). Returns False, keeping any old file, on NaN/Inf weights."""
-        return saving.save_weights(self, file, dtype, metadata)
+        """Write the variable-rank LoRA file (atomically). Returns False, keeping any old file, on NaN/Inf weights
+        or when no file fits ``max_file_size`` (training goes on)."""
+        max_size = self.config.max_file_size
+        try:
+            exported = self._export(dtype, metadata)
+        except ValueError as err:  # non-finite weights; BudgetError (a ValueError): no file fits
+            return saving.refuse(file, err, max_size)
+        if not saving.write(file, exported, max_size):
+            return False
+        if self.config.save_full_rank:
+            saving.write_full_rank(file, self.loras, self.run_record(), self.ranks(), dtype, metadata)
+        return True
 
     def load_weights(self, file: str) -> LoadInfo:
         """Load a LoRA file into this network; smaller per-module ranks are padded to this network's rank."""
-        return saving.load_weights(self, file)
+        weights, meta = saving.read_file(file)
+        return self.load_state(weights, meta, source=str(file))
 
-    def load_state(self, weights: dict[str, torch.Tensor], meta: Optional[dict] = None, source: str = "weights") -> LoadInfo:
-        return saving.load_state(self, weights, meta, source)
+    def load_state(
+        self, weights: dict[str, torch.Tensor], meta: Optional[dict] = None, source: str = "weights"
+    ) -> LoadInfo:
+        """Load LoRA ``weights`` (with the file's metadata ``meta``) into this network (``saving.load_into``)."""
+        info, signal = saving.load_into(self.loras, weights, meta, source)
+        self._signal.update(signal)
+        return info
 
-    def merge_to(self, text_encoder=None, unet=None, weights_sd: Optional[dict] = None, dtype=None, device=None) -> None:
+    def merge_to(
+        self, text_encoder=None, unet=None, weights_sd: Optional[dict] = None, dtype=None, device=None
+    ) -> None:
         """Add multiplier * alpha/rank * up @ down of ``weights_sd`` into the base layers; without
         ``weights_sd``, exactly what this network adds now (its training factors, nothing truncated)."""
-        saving.merge_to(self, weights_sd, dtype, device)
+        saving.merge_to(self.loras, self.multiplier, weights_sd, dtype, device)
 
     def apply_max_norm_regularization(self, max_norm_value: float, device=None):
         """sd-scripts' --scale_weight_norms: (keys_scaled, mean_norm, max_norm)."""

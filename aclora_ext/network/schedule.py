@@ -70,7 +70,11 @@ class LossMeter:
 
 
 def distributed() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+    return (
+        torch.distributed.is_available()
+        and torch.distributed.is_initialized()
+        and torch.distributed.get_world_size() > 1
+    )
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
@@ -85,6 +89,19 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
         work = work.cpu()
     torch.distributed.all_reduce(work)
     return work.to(t.device)
+
+
+class OnceWarnings:
+    """Warnings logged once per key (a run would repeat them at every RESTART or save)."""
+
+    def __init__(self, log: logging.Logger) -> None:
+        self.log = log
+        self.seen: set[str] = set()
+
+    def warn(self, key: str, message: str, *args: Any) -> None:
+        if key not in self.seen:
+            self.seen.add(key)
+            self.log.warning(message, *args)
 
 
 @dataclass
@@ -110,6 +127,12 @@ class Clock:
     def load_list(self, values: list[int]) -> None:
         for f, v in zip(fields(self), values):
             setattr(self, f.name, int(v))
+
+    def mark_restart(self, index: int) -> None:
+        """RESTART number ``index`` ran now."""
+        self.restarts = index
+        self.last_restart_step = self.optimizer_steps
+        self.last_restart_epoch = self.epochs_completed
 
     @property
     def epochs_completed(self) -> int:
@@ -144,6 +167,70 @@ class TrainingLength:
         if self.max_train_steps and steps_per_epoch > 0:
             return math.ceil(self.max_train_steps / steps_per_epoch)
         return self.max_train_epochs
+
+
+# --- when a RESTART is due ------------------------------------------------------------
+def interval_epochs(config: Any, clock: Clock, length: TrainingLength) -> Optional[int]:
+    """E: ``restart_every``, or a tenth of the run (at least 1) once the run length is known."""
+    if config.restart_every is not None:
+        return config.restart_every
+    total = length.total_epochs(clock.steps_per_epoch)
+    return max(1, round(total / 10)) if total else None
+
+
+def epoch_restart_due(config: Any, clock: Clock, length: TrainingLength, warnings: OnceWarnings) -> bool:
+    """At an epoch's start: whether the epochs completed call for a RESTART (``restart_every``)."""
+    if config.restart_mode == "off" or config.restart_every_steps is not None:
+        return False
+    done = clock.epochs_completed
+    if done == 0:
+        return False
+    every = interval_epochs(config, clock, length)
+    total = length.total_epochs(clock.steps_per_epoch)
+    if every is None:
+        warnings.warn(
+            "length",
+            "AC-LoRA: the run length is unknown (no max_train_steps/max_train_epochs); no "
+            "RESTART runs. Set restart_every, or call set_training_length().",
+        )
+        return False
+    if total is not None and every >= total:
+        warnings.warn(
+            "too-long",
+            "AC-LoRA: restart_every=%d epochs is not shorter than the run (%d epochs); no "
+            "RESTART will run. Lower restart_every or use restart_every_steps.",
+            every,
+            total,
+        )
+    return done % every == 0 and (total is None or done < total)
+
+
+def step_restart_due(config: Any, clock: Clock, length: TrainingLength, warnings: OnceWarnings) -> bool:
+    """At a micro-batch's start: whether the optimizer steps done call for a RESTART (``restart_every_steps``)."""
+    every = config.restart_every_steps
+    if config.restart_mode == "off" or every is None:
+        return False
+    total = length.max_train_steps
+    if total is not None and every >= total:  # checked before the step count: the interval is never reached
+        warnings.warn(
+            "too-long",
+            "AC-LoRA: restart_every_steps=%d is not shorter than the run (%d steps); no RESTART will run.",
+            every,
+            total,
+        )
+        return False
+    steps = clock.optimizer_steps
+    if steps == 0 or steps % every or steps == clock.last_restart_step:
+        return False
+    return total is None or steps < total
+
+
+def progress(clock: Clock, length: TrainingLength) -> float:
+    """Fraction of training done (Eq. 6's Epoch / TotalEpoch, in optimizer steps when known)."""
+    if length.max_train_steps:
+        return clock.optimizer_steps / length.max_train_steps
+    total = length.total_epochs(clock.steps_per_epoch)
+    return clock.epochs_completed / total if total else 0.0
 
 
 # --- capture of accelerator.backward --------------------------------------------------

@@ -10,12 +10,13 @@ cast with ``.to(dtype)`` keeps them exact.
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
 from .. import functional as F
 from ..lora.batching import held_slots, hold_from
+from ..lora.report import RestartReport
 from . import schedule
 
 HISTORY_CAPACITY = 128  # restarts kept in the resumable state (the oldest are dropped beyond it)
@@ -40,7 +41,7 @@ def register_buffers(network) -> None:
     # product mode: the activation statistics since the last RESTART (RankSearch.stats_state); empty
     # between saves, so no device memory is held for it
     network.register_buffer("aclora_input_stats", torch.zeros(0, dtype=torch.int64))
-    # product mode, freed_slots=hold: every module's held slots (1 = held), concatenated; empty when none is held
+    # product mode: every module's held slots (1 = held), concatenated; empty when none is held
     network.register_buffer("aclora_held", torch.zeros(0, dtype=torch.int64))
 
 
@@ -50,18 +51,13 @@ def write_buffers(network) -> None:
     network.aclora_ranks.copy_(torch.tensor([network._signal[m.lora_name] for m in network.loras]))
     network.aclora_history_ranks.zero_()
     network.aclora_history_stats.zero_()
-    for row, entry in enumerate(network.history[-HISTORY_CAPACITY:]):
-        network.aclora_history_ranks[row] = torch.tensor(entry["ranks"], dtype=torch.int32)
-        level, val = entry.get("level"), entry.get("validation_loss")
-        network.aclora_history_stats[row] = torch.tensor([
-            entry["index"], entry["epoch"], entry["step"], _fixed(entry["p"]), _fixed(entry["loss"]),
-            round(entry["alpha"] * FIXED_POINT), round(entry["seconds"] * 1e6), 1,
-            _fixed(None if level is None else min(level, 1e6)), SOURCES.index(entry.get("source", "loss")),
-            _fixed(val)])
+    for row, report in enumerate(network.history[-HISTORY_CAPACITY:]):
+        network.aclora_history_ranks[row] = torch.tensor(list(report.ranks.values()), dtype=torch.int32)
+        network.aclora_history_stats[row] = torch.tensor(history_row(report))
     network.aclora_loss.copy_(network.loss_meter.state().to(network.aclora_loss.device).view(torch.int64))
     network.aclora_levels.copy_(network.rank_search.state().view(torch.int64))
     network.aclora_input_stats = network.rank_search.stats_state(network.loras).view(torch.int64)
-    if network.rank_search.holding():
+    if network.rank_search.holding(network.loras):
         network.aclora_held = held_slots(network.loras)
 
 
@@ -86,8 +82,9 @@ def upgrade(state_dict: dict, prefix: str) -> tuple[Optional[torch.Tensor], Opti
     return variable
 
 
-def read_buffers(network, state_dict: dict, prefix: str,
-                 variable: tuple[Optional[torch.Tensor], Optional[torch.Tensor]]) -> None:
+def read_buffers(
+    network, state_dict: dict, prefix: str, variable: tuple[Optional[torch.Tensor], Optional[torch.Tensor]]
+) -> None:
     """After torch loaded the buffers: rebuild the network's Python-side state from them (``variable``:
     what ``upgrade`` took out)."""
     input_stats, held = variable
@@ -107,20 +104,51 @@ def read_buffers(network, state_dict: dict, prefix: str,
         network.rank_search.load_stats_state(network.loras, input_stats.cpu().view(torch.float64))
     if isinstance(held, torch.Tensor) and held.numel() == sum(m.rank for m in network.loras):
         hold_from(network.loras, held)
-    network.history = []
-    stats_rows = network.aclora_history_stats.tolist()
-    for ranks, stats in zip(network.aclora_history_ranks.tolist(), stats_rows):
-        if stats[7] != 1:
-            continue
-        stats = stats + [-1, 0, -1][len(stats) - 8:]  # a state saved before the product-mode columns
-        entry = {"index": stats[0], "epoch": stats[1], "step": stats[2], "p": _unfixed(stats[3]),
-                 "loss": _unfixed(stats[4]), "alpha": stats[5] / FIXED_POINT, "seconds": stats[6] / 1e6,
-                 "ranks": ranks, "source": SOURCES[stats[9]]}
-        level = _unfixed(stats[8])
-        if level is not None:
-            entry["level"] = math.inf if level >= 1e6 else level
-            entry["validation_loss"] = _unfixed(stats[10])
-        network.history.append(entry)
+    names = [m.lora_name for m in network.loras]
+    network.history = [
+        history_record(stats, ranks, names, network.config.restart_mode, network.max_rank)
+        for ranks, stats in zip(network.aclora_history_ranks.tolist(), network.aclora_history_stats.tolist())
+        if stats[7] == 1
+    ]
+
+
+def history_row(report: RestartReport) -> list[int]:
+    """A RESTART as the 11 integers of its row in ``aclora_history_stats``: index, epoch, step, p, L, alpha,
+    microseconds, 1 (the row is used), level (capped at 1e6: keep everything), source, held-out loss."""
+    return [
+        report.index,
+        report.epoch,
+        report.step,
+        _fixed(report.p),
+        _fixed(report.loss),
+        round(report.alpha * FIXED_POINT),
+        round(report.seconds * 1e6),
+        1,
+        _fixed(None if report.level is None else min(report.level, 1e6)),
+        SOURCES.index(report.p_source),
+        _fixed(report.validation_loss),
+    ]
+
+
+def history_record(stats: list[int], ranks: list[int], names: list[str], mode: str, max_rank: int) -> RestartReport:
+    """A used row back as the RESTART it stores (``stats`` of 8 columns: saved by version 0.1)."""
+    stats = stats + [-1, 0, -1][len(stats) - 8 :]  # a state saved before the product-mode columns
+    level = _unfixed(stats[8])
+    entry: dict[str, Any] = {
+        "index": stats[0],
+        "epoch": stats[1],
+        "step": stats[2],
+        "p": _unfixed(stats[3]),
+        "loss": _unfixed(stats[4]),
+        "alpha": stats[5] / FIXED_POINT,
+        "seconds": stats[6] / 1e6,
+        "ranks": ranks,
+        "source": SOURCES[stats[9]],
+    }
+    if level is not None:
+        entry["level"] = math.inf if level >= 1e6 else level
+        entry["validation_loss"] = _unfixed(stats[10])
+    return RestartReport.from_entry(entry, names, mode, max_rank)
 
 
 def _fixed(value: Optional[float]) -> int:
@@ -130,4 +158,3 @@ def _fixed(value: Optional[float]) -> int:
 
 def _unfixed(value: int) -> Optional[float]:
     return None if value < 0 else value / FIXED_POINT
-

@@ -9,7 +9,7 @@ table of docs/options.md is generated from :data:`OPTIONS` (``aclora options``) 
 from __future__ import annotations
 
 from .aclora_config import ACLoRAConfig, validate
-from .declared import CUT_RULES, ENERGY_RULES, FAMILIES, FREED_SLOTS, LAYER_OPTIONS, OPTIONS, RESTART_MODES
+from .declared import ENERGY_RULES, FAMILIES, LAYER_OPTIONS, OPTIONS, RESTART_MODES
 from .network_args import parse_network_args, parse_positive
 from .option import LORA_FILE_SUFFIXES, Option, OptionError
 from .selections import BlockSelection
@@ -19,10 +19,8 @@ from .table import markdown_table
 __all__ = [
     "ACLoRAConfig",
     "BlockSelection",
-    "CUT_RULES",
     "ENERGY_RULES",
     "FAMILIES",
-    "FREED_SLOTS",
     "LAYER_OPTIONS",
     "LORA_FILE_SUFFIXES",
     "OPTIONS",

@@ -29,9 +29,6 @@ class ACLoRAConfig:
     energy: str = "squared"
     min_rank: int = 1
     fixed_p: Optional[float] = None
-    cut_rule: str = "parsimony"
-    freed_slots: str = "hold"
-    cut_without_heldout: bool = False
     ranks_from: Optional[str] = None
     min_importance: float = 0.01
     seed: int = 0

@@ -137,8 +137,9 @@ def _install_function_wrapper(module_name: str, name: str) -> bool:
 class SdScriptsValidation:
     """Records the calls of sd-scripts' validation pass and replays them as a held-out loss (callable)."""
 
-    def __init__(self, recording: Callable[[], bool], unet: nn.Module, loss_fn: Any,
-                 prediction: Optional[Prediction] = None) -> None:
+    def __init__(
+        self, recording: Callable[[], bool], unet: nn.Module, loss_fn: Any, prediction: Optional[Prediction] = None
+    ) -> None:
         """``recording()``: True while the network is in sd-scripts' validation pass (eval mode) and the
         rank search is not replaying it; ``prediction``: the model family's (default: the output is the
         prediction, as for SD1.x/2.x and SDXL)."""
@@ -151,13 +152,20 @@ class SdScriptsValidation:
         self.failed: Optional[str] = None  # why the recording cannot be used (a rebuilt prediction was wrong)
         self._pending: Optional[_Pending] = None
         self._wanted = {name for _, name in self.prediction.functions}
-        self._handles = [unet.register_forward_pre_hook(self._pre_hook, with_kwargs=True),
-                         unet.register_forward_hook(self._post_hook)]
+        self._handles = [
+            unet.register_forward_pre_hook(self._pre_hook, with_kwargs=True),
+            unet.register_forward_hook(self._post_hook),
+        ]
         _listeners.add(self)
 
     @classmethod
-    def attach(cls, recording: Callable[[], bool], unet: Optional[nn.Module], expected: bool = False,
-               prediction: Optional[Prediction] = None) -> Optional["SdScriptsValidation"]:
+    def attach(
+        cls,
+        recording: Callable[[], bool],
+        unet: Optional[nn.Module],
+        expected: bool = False,
+        prediction: Optional[Prediction] = None,
+    ) -> Optional["SdScriptsValidation"]:
         """A recorder for this network's U-Net, or None outside sd-scripts (its loss function is not
         loaded; said in the log when ``expected``, i.e. sd-scripts' args asked for a validation split)."""
         if unet is None:
@@ -165,16 +173,17 @@ class SdScriptsValidation:
         original = _install_loss_wrapper()
         if original is None:
             if expected:
-                logger.info("AC-LoRA: validation_split is set but sd-scripts' library.train_util.conditional_loss "
-                            "is not loaded; the rank search runs without a held-out loss")
+                logger.info(
+                    "AC-LoRA: validation_split is set but sd-scripts' library.train_util.conditional_loss "
+                    "is not loaded; the rank search runs without a held-out loss"
+                )
             return None
-        for module_name, name in (prediction.functions if prediction else ()):
+        for module_name, name in prediction.functions if prediction else ():
             _install_function_wrapper(module_name, name)  # a missing one fails the first call's check, loudly
         return cls(recording, unet, original, prediction)
 
     def _recording(self) -> bool:
-        return (self._network_recording() and not self.complete and self.failed is None
-                and len(self.calls) < MAX_CALLS)
+        return self._network_recording() and not self.complete and self.failed is None and len(self.calls) < MAX_CALLS
 
     def _pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if not self._recording():
@@ -189,8 +198,13 @@ class SdScriptsValidation:
     def on_function(self, name: str, function: Callable[..., Any], args: tuple, kwargs: dict, result: Any) -> None:
         """A call of one of the family's functions: kept for the pending denoiser call (its first only)."""
         pending = self._pending
-        if pending is not None and pending.output is not None and name in self._wanted \
-                and name not in pending.functions and self._recording():
+        if (
+            pending is not None
+            and pending.output is not None
+            and name in self._wanted
+            and name not in pending.functions
+            and self._recording()
+        ):
             pending.functions[name] = RecordedCall(function, _detached(args), _detached(kwargs), _detached(result))
 
     def on_loss(self, target: torch.Tensor, loss_type: Any, huber_c: Any, model_pred: Any = None) -> None:
@@ -198,14 +212,23 @@ class SdScriptsValidation:
         pending, self._pending = self._pending, None
         if pending is None or pending.output is None or not self._recording():
             return
-        call = _Call(pending.args, pending.kwargs, pending.autocast, target.detach(), loss_type, _detached(huber_c),
-                     pending.functions)
+        call = _Call(
+            pending.args,
+            pending.kwargs,
+            pending.autocast,
+            target.detach(),
+            loss_type,
+            _detached(huber_c),
+            pending.functions,
+        )
         problem = self._check(call, pending.output, model_pred)
         if problem is not None:
             self.failed = problem
             self.calls.clear()
-            logger.warning("AC-LoRA: cannot replay sd-scripts' validation pass (%s); the rank search runs without "
-                           "a held-out loss", problem)
+            logger.warning(
+                "AC-LoRA: cannot replay sd-scripts' validation pass (%s); the rank search runs without a held-out loss",
+                problem,
+            )
             return
         self.calls.append(call)
         if len(self.calls) == 1:
@@ -244,7 +267,7 @@ class SdScriptsValidation:
         (image, timestep) items: sd-scripts calls the model ``CALLS_PER_BATCH`` times per validation batch,
         in a row. None (items counted as independent) when the recording does not have that shape."""
         sizes = [int(call.target.shape[0]) if call.target.dim() > 0 else 1 for call in self.calls]
-        runs = [sizes[i:i + CALLS_PER_BATCH] for i in range(0, len(sizes), CALLS_PER_BATCH)]
+        runs = [sizes[i : i + CALLS_PER_BATCH] for i in range(0, len(sizes), CALLS_PER_BATCH)]
         if not runs or len(sizes) % CALLS_PER_BATCH or any(len(set(run)) != 1 for run in runs):
             return None
         groups, first = [], 0
@@ -259,8 +282,9 @@ class SdScriptsValidation:
         losses = []
         prepare_block_swap = getattr(self.unet, "prepare_block_swap_before_forward", None)
         for call in self.calls:
-            context = torch.autocast(call.autocast[0], dtype=call.autocast[1]) if call.autocast \
-                else contextlib.nullcontext()
+            context = (
+                torch.autocast(call.autocast[0], dtype=call.autocast[1]) if call.autocast else contextlib.nullcontext()
+            )
             with context:
                 output = self.unet(*call.args, **call.kwargs)
             if callable(prepare_block_swap):

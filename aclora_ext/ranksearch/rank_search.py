@@ -1,8 +1,9 @@
 """The product mode's rank search: what it records in training, the held-out loss, and each decision.
 
 One ``RankSearch`` serves one network, which passes in what it needs: the
-options, its modules, the fraction of training done, a way to switch its
-training mode, and a warning logger (no reference back to the network). In
+options and a warning logger when it builds it, its modules and the fraction of
+training done with each call (no reference back to the network; the network
+puts itself in eval mode around a decision that evaluates the held-out loss). In
 training, forward hooks record what every module's components act on
 (``InputStats``: the LoRA activations' h h^T and the layer output's mean
 square, on the device, no host read). At a RESTART or a save,
@@ -25,8 +26,8 @@ import torch
 from torch import nn
 
 from .. import functional as F
-from ..lora.product_restart import InputStats, Spectrum, analyse_modules, keeps_at_level, restart_product
 from ..lora.module import ACLoRAModule
+from ..lora.product_restart import InputStats, Spectrum, analyse_modules, keeps_at_level, restart_product
 from ..options import ACLoRAConfig, OptionError
 from .heldout import SdScriptsValidation
 
@@ -38,17 +39,10 @@ Keeps = dict[int, torch.Tensor]
 class RankSearch:
     """The product mode's state between RESTARTs and its decisions (see the module docstring)."""
 
-    def __init__(self, config: ACLoRAConfig, modules: Callable[[], Sequence[ACLoRAModule]],
-                 progress: Callable[[], float], set_training: Callable[[bool], Any],
-                 warn_once: Callable[..., None]) -> None:
-        """``modules()``: the network's modules now, in order (keep masks are indexed by position);
-        ``progress()``: the fraction of training done; ``set_training(mode)``: switch the whole network
-        between training and eval mode (the held-out loss runs in eval mode); ``warn_once(key, message,
-        *args)``: a warning logged once per key."""
+    def __init__(self, config: ACLoRAConfig, warn_once: Callable[..., None]) -> None:
+        """``warn_once(key, message, *args)``: a warning logged once per key. The methods that decide take
+        the network's modules in order (keep masks are indexed by position) and the fraction of training done."""
         self.config = config
-        self._modules = modules
-        self._progress = progress
-        self._set_training = set_training
         self._warn_once = warn_once
         self.training = True  # the network's mode, kept up to date by the network (``set_mode``)
         self.stats: dict[str, InputStats] = {}
@@ -57,7 +51,9 @@ class RankSearch:
         self.loss_fn: Optional[Callable[[], Any]] = None
         self.until: Optional[float] = None
         self.groups: Optional[torch.Tensor] = None  # the held-out unit (image) of each item loss_fn returns
-        self.scores: dict[float, float] = {}  # running held-out score of every coarse level
+        # a running held-out score per coarse level: kept in the resumable state (``state``); the rule of
+        # version 0.1 (bench/rule_before.py) fills it
+        self.scores: dict[float, float] = {}
         self.frozen_level: Optional[float] = None  # the last level the held-out loss chose
         self.explicit_p: Optional[float] = None  # the energy share of the last RESTART, when one was given
         self.file_decision: Optional[dict] = None  # how the last saved file's ranks were chosen
@@ -67,8 +63,10 @@ class RankSearch:
     # --- what training records ------------------------------------------------------------------
     def watch(self, modules: Sequence[ACLoRAModule]) -> None:
         for m in modules:
-            self._hooks[m.lora_name] = (m.lora_down.register_forward_hook(self._activation_hook(m.lora_name)),
-                                        m.org_module.register_forward_hook(self._output_hook(m.lora_name)))
+            self._hooks[m.lora_name] = (
+                m.lora_down.register_forward_hook(self._activation_hook(m.lora_name)),
+                m.org_module.register_forward_hook(self._output_hook(m.lora_name)),
+            )
 
     def forget(self, modules: Sequence[ACLoRAModule], validation: bool = False) -> None:
         """Take the hooks off these modules (and the sd-scripts recorder off the U-Net with ``validation``)."""
@@ -80,12 +78,12 @@ class RankSearch:
             self.loss_fn.remove()
 
     def _recording_now(self, layer: nn.Module) -> bool:
-        return (self.recording and layer.training and torch.is_grad_enabled()
-                and self.config.restart_mode == "product")
+        return self.recording and layer.training and torch.is_grad_enabled() and self.config.restart_mode == "product"
 
     def _activation_hook(self, name: str):
         """On lora_down: adds h h^T of its activations while training (the inputs' energy along each
         component), and applies the slot mask of a candidate while one is evaluated."""
+
         def hook(layer: nn.Module, inputs: Any, output: torch.Tensor):
             mask = self.masks.get(name)
             if mask is not None:
@@ -98,12 +96,14 @@ class RankSearch:
             hidden = hidden.reshape(-1, hidden.shape[-1]).float()
             stats = self.stats.get(name)
             if stats is None or stats.gram.device != hidden.device:
-                stats = self.stats[name] = InputStats(torch.zeros(hidden.shape[1], hidden.shape[1],
-                                                                  device=hidden.device))
+                stats = self.stats[name] = InputStats(
+                    torch.zeros(hidden.shape[1], hidden.shape[1], device=hidden.device)
+                )
             # under gradient checkpointing the forward runs twice: both sums double, their ratio does not
             stats.gram.addmm_(hidden.T, hidden)
             stats.count += hidden.shape[0]
             return None
+
         return hook
 
     def _output_hook(self, name: str):
@@ -112,6 +112,7 @@ class RankSearch:
         forwards: one number per module and RESTART, estimated from hundreds of steps, needs no pass over
         every output (each pass reads the whole output: taken on every forward, the hooks made a step of
         bench/step_overhead.py 1.07x peft's; sampled, 1.00x)."""
+
         def hook(layer: nn.Module, inputs: Any, output: Any):
             stats = self.stats.get(name)
             if stats is None or not isinstance(output, torch.Tensor) or not self._recording_now(self):
@@ -124,35 +125,46 @@ class RankSearch:
             stats.out_sq.add_(torch.linalg.vector_norm(output.detach(), dtype=torch.float32).square())
             stats.out_numel += output.numel()
             return None
+
         return hook
 
     # --- the held-out loss ------------------------------------------------------------------------
-    def set_validation(self, loss_fn: Optional[Callable[[], Any]], until: Optional[float],
-                       groups: Optional[Any] = None) -> None:
+    def set_validation(
+        self, loss_fn: Optional[Callable[[], Any]], until: Optional[float], groups: Optional[Any] = None
+    ) -> None:
         if loss_fn is not None and not callable(loss_fn):
-            raise OptionError(f"set_validation: loss_fn={loss_fn!r} is not valid; allowed: a callable returning "
-                              "the held-out loss, or None")
+            raise OptionError(
+                f"set_validation: loss_fn={loss_fn!r} is not valid; allowed: a callable returning "
+                "the held-out loss, or None"
+            )
         if until is not None and not (isinstance(until, (int, float)) and 0 < until <= 1):
-            raise OptionError(f"set_validation: until={until!r} is not valid; allowed: a fraction of training "
-                              "> 0 and <= 1, or None")
+            raise OptionError(
+                f"set_validation: until={until!r} is not valid; allowed: a fraction of training > 0 and <= 1, or None"
+            )
         if loss_fn is not None and self.config.restart_mode != "product":
-            raise OptionError(f"set_validation: restart_mode={self.config.restart_mode} does not use a held-out "
-                              "loss (paper mode chooses from the training loss, off never restarts); "
-                              "use restart_mode=product")
+            raise OptionError(
+                f"set_validation: restart_mode={self.config.restart_mode} does not use a held-out "
+                "loss (paper mode chooses from the training loss, off never restarts); "
+                "use restart_mode=product"
+            )
         if loss_fn is not None and self.config.fixed_p is not None:
-            raise OptionError(f"set_validation: fixed_p={self.config.fixed_p} fixes every module's energy share, so "
-                              "a held-out loss would choose nothing; remove fixed_p to let it choose")
+            raise OptionError(
+                f"set_validation: fixed_p={self.config.fixed_p} fixes every module's energy share, so "
+                "a held-out loss would choose nothing; remove fixed_p to let it choose"
+            )
         self.loss_fn = loss_fn
         self.until = None if until is None else float(until)
         self.groups = None if groups is None else _as_groups(groups)
 
-    def record_sd_scripts_validation(self, unet: Optional[nn.Module], expected: bool,
-                                     prediction: Optional[Any] = None) -> None:
+    def record_sd_scripts_validation(
+        self, unet: Optional[nn.Module], expected: bool, prediction: Optional[Any] = None
+    ) -> None:
         """Under sd-scripts, record its validation pass as the held-out loss (``heldout``), unless the loop
         gave one or the mode would not use it. ``prediction``: the model family's (``families.base.Prediction``)."""
         if self.loss_fn is None and self.config.restart_mode == "product" and self.config.fixed_p is None:
-            recorder = SdScriptsValidation.attach(lambda: not self.training and self.recording, unet, expected,
-                                                  prediction)
+            recorder = SdScriptsValidation.attach(
+                lambda: not self.training and self.recording, unet, expected, prediction
+            )
             if recorder is not None:
                 self.set_validation(recorder, None)
 
@@ -163,24 +175,32 @@ class RankSearch:
         if training and isinstance(self.loss_fn, SdScriptsValidation) and self.recording:
             self.loss_fn.end_pass()
 
-    def holding(self) -> bool:
-        """True once a held-out cut has taken slots out of the forward (``freed_slots=hold``)."""
-        return any(m.slot_mask is not None for m in self._modules())
+    @staticmethod
+    def holding(modules: Sequence[ACLoRAModule]) -> bool:
+        """True once a held-out cut has taken slots out of the forward (the run trains at the kept rank)."""
+        return any(m.slot_mask is not None for m in modules)
 
     def item_groups(self) -> Optional[torch.Tensor]:
         """The held-out unit of each item: the loop's (``set_validation(groups=...)``), else the recorder's."""
         return self.groups if self.groups is not None else getattr(self.loss_fn, "groups", None)
 
-    def validation_active(self) -> bool:
+    def validation_active(self, progress: float) -> bool:
+        """True while the held-out loss decides (``progress``: the fraction of training done)."""
         if self.loss_fn is None or self.config.fixed_p is not None or not getattr(self.loss_fn, "ready", True):
             return False
-        return self.until is None or self._progress() < self.until
+        return self.until is None or progress < self.until
+
+    def defers(self, p: Optional[float], progress: float) -> bool:
+        """True when a RESTART leaves training alone: no energy share ``p`` and no held-out evidence (yet)
+        nor an earlier held-out choice, so nothing tells overfitting from learning; the file's ranks are
+        then decided at save time."""
+        return p is None and not self.validation_active(progress) and self.frozen_level is None
 
     def held_out_losses(self) -> torch.Tensor:
-        """The held-out loss of the network as it is now (with the candidate's masks), eval mode, no grad:
-        the items ``loss_fn`` returned (a 1-D float64 tensor on the CPU; one item for a scalar)."""
-        was_training = self.training
-        self._set_training(False)
+        """The held-out loss of the network as it is now (with the candidate's masks), no grad, nothing
+        recorded: the items ``loss_fn`` returned (a 1-D float64 tensor on the CPU; one item for a scalar).
+        The network is in eval mode around the decision that calls it."""
+        assert self.loss_fn is not None  # validation_active() said so
         self.recording = False
         try:
             with torch.no_grad():
@@ -190,18 +210,24 @@ class RankSearch:
             return torch.tensor([float(value)], dtype=torch.float64)
         finally:
             self.recording = True
-            self._set_training(was_training)
 
-    def _set_masks(self, keeps: Optional[Keeps]) -> None:
+    def _set_masks(self, modules: Sequence[ACLoRAModule], keeps: Optional[Keeps]) -> None:
         """Route module forwards through the kept slots only (None: every slot again)."""
         self.masks.clear()
         for i, keep in (keeps or {}).items():
-            m = self._modules()[i]
+            m = modules[i]
             mask = keep.to(m.lora_down.weight.device, torch.float32)
             self.masks[m.lora_name] = mask.view(-1, 1, 1) if m.is_conv else mask
 
     # --- decisions ----------------------------------------------------------------------------------
-    def decide(self, spectra: dict[int, Spectrum], p: Optional[float], final: bool = False) -> tuple[Keeps, dict]:
+    def decide(
+        self,
+        modules: Sequence[ACLoRAModule],
+        spectra: dict[int, Spectrum],
+        p: Optional[float],
+        progress: float,
+        final: bool = False,
+    ) -> tuple[Keeps, dict]:
         """Which components each module keeps: (keep masks, how it was decided).
 
         An explicit energy share ``p`` (``restart(p=...)``, ``fixed_p``) keeps, per
@@ -216,21 +242,26 @@ class RankSearch:
         """
         min_rank = self.config.min_rank
         if p is not None:
-            keeps = {i: F.as_keep(F.signal_rank(sp.s[None], p, self.config.energy, min_rank), sp.s.shape[0])[0]
-                     for i, sp in spectra.items()}
+            keeps = {
+                i: F.as_keep(F.signal_rank(sp.s[None], p, self.config.energy, min_rank), sp.s.shape[0])[0]
+                for i, sp in spectra.items()
+            }
             return keeps, {"level": None}
         unmeasured = sum(not sp.measured for sp in spectra.values())
         if unmeasured:
-            logger.info("AC-LoRA: %d module(s) saw no training step since the last RESTART or resume; they keep "
-                        "their components until the next decision", unmeasured)
-        if self.validation_active():
-            choice = self._parsimonious(spectra, final) if self.config.cut_rule == "parsimony" \
-                else self._validated(spectra)
+            logger.info(
+                "AC-LoRA: %d module(s) saw no training step since the last RESTART or resume; they keep "
+                "their components until the next decision",
+                unmeasured,
+            )
+        if self.validation_active(progress):
+            choice = self._choose_on_heldout(modules, spectra, final)
             if choice is not None:
                 return choice
-            self._warn_once("validation-nan", "AC-LoRA: the held-out loss was never finite; ranks use "
-                                    "the default level")
-        if self.holding() and (self.frozen_level is not None or self.config.ranks_from is not None):
+            self._warn_once(
+                "validation-nan", "AC-LoRA: the held-out loss was never finite; ranks use the default level"
+            )
+        if self.holding(modules) and (self.frozen_level is not None or self.config.ranks_from is not None):
             # the run trains at ranks already chosen (a held-out cut, or ranks_from's file): no further cut
             # without held-out evidence
             return keeps_at_level(spectra, math.inf, min_rank), {"level": math.inf, "source": "frozen"}
@@ -241,72 +272,14 @@ class RankSearch:
             source = "prior"
         return keeps_at_level(spectra, level, min_rank), {"level": level, "source": source}
 
-    def _validated(self, spectra: dict[int, Spectrum]) -> Optional[tuple[Keeps, dict]]:
-        """Choose the threshold on the held-out loss (None if no loss was finite).
-
-        Coarse, then fine. The coarse candidates are ``F.LEVELS`` (a quarter of a
-        decade apart): all of them the first time and after a choice that kept
-        everything, otherwise those within a decade of the last choice
-        (``F.window_levels``: each candidate costs one held-out evaluation, and
-        ranks move little between RESTARTs). A held-out share of 15 images is
-        small: one evaluation carries the idiosyncrasies of those few images and of the current
-        weights, and a choice that swings between RESTARTs trains the model at one
-        rank and saves it at another. So every candidate is judged by its
-        pessimistic loss (``F.pessimistic_loss``: its mean plus one standard error
-        of its item-by-item difference from keeping everything, when ``loss_fn``
-        returns per-item losses), each coarse candidate's excess over the
-        evaluation's best loss goes into a running score that halves at every
-        evaluation, and the coarse level with the lowest score wins (ties: the
-        fewer components). The fine step then tries the cuts between that level's
-        neighbours where the kept set really changes (``F.refine_levels``) and
-        keeps the best of them and the coarse choice.
-        """
-        seen: dict[tuple, tuple[float, float]] = {}  # kept ranks -> (pessimistic loss, mean loss)
-        reference: list[torch.Tensor] = []  # the items of keeping everything
-
-        def evaluate(level: float) -> float:
-            keeps = keeps_at_level(spectra, level, self.config.min_rank)
-            signature = tuple(int(k.sum()) for k in keeps.values())
-            if signature not in seen:
-                self._set_masks(keeps)
-                items = self.held_out_losses()
-                if not reference:
-                    reference.append(items)
-                mean = float(items.mean()) if items.numel() else math.nan
-                seen[signature] = (F.pessimistic_loss(items, reference[0]), mean)
-            return seen[signature][0]
-
-        try:
-            levels = F.window_levels(self.frozen_level)  # keeping everything first: the paired reference
-            values = {level: evaluate(level) for level in levels}
-            finite = [v for v in values.values() if math.isfinite(v)]
-            if not finite:
-                return None
-            best = min(finite)
-            scale = abs(best) if best != 0 else 1.0
-            for level, value in values.items():
-                excess = (value - best) / scale if math.isfinite(value) else math.inf
-                self.scores[level] = 0.5 * self.scores.get(level, 0.0) + excess
-            coarse = min(values, key=lambda lv: (self.scores[lv], -lv))
-            importances = [sp.importance for sp in spectra.values() if sp.measured]
-            level, value = coarse, values[coarse]
-            for fine in F.refine_levels(importances, coarse):
-                candidate = evaluate(fine)
-                if math.isfinite(candidate) and candidate < value:
-                    level, value = fine, candidate
-        finally:
-            self._set_masks(None)
-        self.frozen_level = level
-        keeps = keeps_at_level(spectra, level, self.config.min_rank)
-        mean = seen[tuple(int(k.sum()) for k in keeps.values())][1]
-        return keeps, {"level": level, "source": "validation", "validation_loss": mean, "candidates": len(seen)}
-
-    def _parsimonious(self, spectra: dict[int, Spectrum], final: bool) -> Optional[tuple[Keeps, dict]]:
+    def _choose_on_heldout(
+        self, modules: Sequence[ACLoRAModule], spectra: dict[int, Spectrum], final: bool
+    ) -> Optional[tuple[Keeps, dict]]:
         """The threshold by the one-standard-error rule (``F.parsimonious_choice``; None if no loss was finite).
 
         Every coarse candidate around the last choice (``F.window_levels``), then the cuts between the best
-        one's neighbours (``F.refine_levels``), is evaluated once per distinct kept set. With
-        ``freed_slots=hold`` the run then trains at the chosen rank.
+        one's neighbours (``F.refine_levels``), is evaluated once per distinct kept set. The run then trains
+        at the chosen rank (``restart``).
         """
         seen: dict[tuple, tuple[float, torch.Tensor]] = {}  # kept ranks -> (level, items)
 
@@ -314,7 +287,7 @@ class RankSearch:
             keeps = keeps_at_level(spectra, level, self.config.min_rank)
             signature = tuple(int(k.sum()) for k in keeps.values())
             if signature not in seen:
-                self._set_masks(keeps)
+                self._set_masks(modules, keeps)
                 seen[signature] = (level, self.held_out_losses())
 
         def mean(signature: tuple) -> float:
@@ -330,13 +303,17 @@ class RankSearch:
             for fine in F.refine_levels(importances, seen[min(finite, key=mean)][0]):
                 evaluate(fine)
         finally:
-            self._set_masks(None)
+            self._set_masks(modules, None)
         chosen = F.parsimonious_choice({sig: items for sig, (_, items) in seen.items()}, self.item_groups(), final)
         level = seen[chosen][0]
         if not final:
             self.frozen_level = level
         return keeps_at_level(spectra, level, self.config.min_rank), {
-            "level": level, "source": "validation", "validation_loss": mean(chosen), "candidates": len(seen)}
+            "level": level,
+            "source": "validation",
+            "validation_loss": mean(chosen),
+            "candidates": len(seen),
+        }
 
     def reset_stats(self) -> None:
         """Start the activation statistics anew (a RESTART that changed nothing: the next importances come
@@ -344,13 +321,14 @@ class RankSearch:
         for stats in self.stats.values():
             stats.reset()
 
-    def restart(self, modules: Sequence[ACLoRAModule], p: Optional[float], seed: int
-                ) -> tuple[dict[int, int], list[str], dict]:
+    def restart(
+        self, modules: Sequence[ACLoRAModule], p: Optional[float], seed: int, progress: float
+    ) -> tuple[dict[int, int], list[str], dict]:
         """A product-mode RESTART of ``modules``: (new rank per module index, skipped names, the decision)."""
         decision: dict = {}
 
         def choose(spectra: dict[int, Spectrum]) -> Keeps:
-            keeps, made = self.decide(spectra, p)
+            keeps, made = self.decide(modules, spectra, p, progress)
             decision.update(made, keeps=keeps)
             return keeps
 
@@ -358,35 +336,44 @@ class RankSearch:
             m.clear_held()
         new_ranks, skipped = restart_product(modules, self.stats, choose, seed)
         keeps = decision.pop("keeps", {})
-        if self.config.freed_slots == "hold" and (decision.get("source") == "validation" or self.holding()):
+        if self._holds_after(modules, decision):
             for i, keep in keeps.items():  # the run trains at the kept rank from now on
                 modules[i].hold_slots(~keep.cpu())
         self.explicit_p = p
         self.reset_stats()  # the factors changed basis: the next importances come from what follows
         return new_ranks, skipped, decision
 
-    def file_keeps(self, modules: Sequence[ACLoRAModule], ranks: list) -> list:
+    def _holds_after(self, modules: Sequence[ACLoRAModule], decision: dict) -> bool:
+        """Whether the slots this RESTART freed stay out of the forward: after a held-out cut, and once held."""
+        return decision.get("source") == "validation" or self.holding(modules)
+
+    def file_keeps(self, modules: Sequence[ACLoRAModule], ranks: list, progress: float) -> list:
         """The file's ranks, decided on the final update with the same rule as a RESTART (so nothing learned
         since the last one is dropped) without changing the training state. A module that keeps every
         component is written as it is (its rank: exactly the training factors); one whose analysis
         fails keeps ``ranks[i]``. Records ``file_decision``."""
         for m in modules:
             m.clear_held()
-        validating = self.validation_active() and self.explicit_p is None
-        saved = [(m.lora_down.weight.detach().clone(), m.lora_up.weight.detach().clone()) for m in modules] \
-            if validating else None
+        validating = self.validation_active(progress) and self.explicit_p is None
+        saved = (
+            [(m.lora_down.weight.detach().clone(), m.lora_up.weight.detach().clone()) for m in modules]
+            if validating
+            else None
+        )
         try:
             spectra, _ = analyse_modules(modules, self.stats, rebase=validating)
             self.file_spectra = spectra
-            keeps, self.file_decision = self.decide(spectra, self.explicit_p, final=True)
+            keeps, self.file_decision = self.decide(modules, spectra, self.explicit_p, progress, final=True)
         finally:
             if saved is not None:
                 with torch.no_grad():
                     for m, (down, up) in zip(modules, saved):
                         m.lora_down.weight.copy_(down)
                         m.lora_up.weight.copy_(up)
-        return [k if i not in keeps else (m.rank if bool(keeps[i].all()) else keeps[i])
-                for i, (m, k) in enumerate(zip(modules, ranks))]
+        return [
+            k if i not in keeps else (m.rank if bool(keeps[i].all()) else keeps[i])
+            for i, (m, k) in enumerate(zip(modules, ranks))
+        ]
 
     # --- resumable state -------------------------------------------------------------------------------
     def state(self) -> torch.Tensor:
@@ -426,9 +413,12 @@ class RankSearch:
             count, out_sq, out_numel = part[-3:].tolist()
             if count > 0 and out_numel > 0:
                 device = m.lora_down.weight.device
-                self.stats[m.lora_name] = InputStats(part[:-3].view(m.rank, m.rank).float().to(device), int(count),
-                                                     torch.tensor(out_sq, dtype=torch.float32, device=device),
-                                                     int(out_numel))
+                self.stats[m.lora_name] = InputStats(
+                    part[:-3].view(m.rank, m.rank).float().to(device),
+                    int(count),
+                    torch.tensor(out_sq, dtype=torch.float32, device=device),
+                    int(out_numel),
+                )
 
 
 def _as_groups(groups: Any) -> torch.Tensor:
@@ -438,7 +428,8 @@ def _as_groups(groups: Any) -> torch.Tensor:
     except (TypeError, ValueError, RuntimeError):
         tensor = None
     if tensor is None or tensor.dim() != 1 or tensor.is_floating_point() or tensor.is_complex():
-        raise OptionError(f"set_validation: groups={groups!r} is not valid; allowed: a 1-D sequence of integers, "
-                          "the held-out unit (e.g. image) of each item the loss returns")
+        raise OptionError(
+            f"set_validation: groups={groups!r} is not valid; allowed: a 1-D sequence of integers, "
+            "the held-out unit (e.g. image) of each item the loss returns"
+        )
     return tensor.long().cpu()
-

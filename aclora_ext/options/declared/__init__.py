@@ -5,7 +5,7 @@ from __future__ import annotations
 from ..option import Option
 from .family_layers import FAMILIES, LAYER_OPTIONS
 from .kohya import KOHYA_OPTIONS
-from .rank_choice import CUT_RULES, FREED_SLOTS, RANK_CHOICE_OPTIONS
+from .rank_choice import RANK_CHOICE_OPTIONS
 from .restart_rules import ENERGY_RULES, RESTART_MODES, RESTART_OPTIONS, SEED
 from .saved_file import SAVED_FILE_OPTIONS
 
@@ -16,10 +16,8 @@ BY_NAME: dict[str, Option] = {o.name: o for o in OPTIONS}
 
 __all__ = [
     "BY_NAME",
-    "CUT_RULES",
     "ENERGY_RULES",
     "FAMILIES",
-    "FREED_SLOTS",
     "LAYER_OPTIONS",
     "OPTIONS",
     "RESTART_MODES",

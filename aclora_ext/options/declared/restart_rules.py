@@ -15,7 +15,7 @@ RESTART_OPTIONS: tuple[Option, ...] = (
         "product: decide on each module's update up*down: keep the components whose importance (the RMS they add "
         "to the layer's output) clears one threshold shared by every module, chosen on a held-out loss when the "
         "training loop gives one (sd-scripts' --validation_split), else only at save time at min_importance; "
-        "truncate exactly, and train at the kept rank after a held-out cut (freed_slots). "
+        "truncate exactly, and train at the kept rank after a held-out cut. "
         "paper: the paper's algorithm exactly (SVD of each factor, p = 1 - L^alpha from the training loss, "
         "Gaussian refill). "
         "off: never restart (a plain LoRA at the maximum rank).",
