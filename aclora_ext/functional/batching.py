@@ -33,6 +33,7 @@ def is_finite(*tensors: Tensor) -> Tensor:
             suspect = (~item).nonzero().flatten()
             item[suspect] = torch.isfinite(flat[suspect]).all(dim=1)
         ok = item if ok is None else ok & item
+    assert ok is not None, "is_finite needs at least one tensor"
     return ok
 
 
@@ -41,5 +42,6 @@ def median(values: list[int]) -> float:
     ordered = sorted(values)
     mid = len(ordered) // 2
     return float(ordered[mid]) if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2.0
+
 
 __all__ = ["chunk_size", "is_finite", "median"]

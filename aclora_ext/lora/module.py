@@ -15,7 +15,7 @@ dropout is drawn on the CPU.
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Any, Callable, Optional, cast
 
 import torch
 from torch import nn
@@ -36,6 +36,12 @@ def effective_alpha(alpha: Optional[float], rank: int) -> float:
 class ACLoRAModule(nn.Module):
     """LoRA factors for one layer, at rank ``rank`` (the module's maximum rank R while training)."""
 
+    lora_down: nn.Conv2d | nn.Linear
+    lora_up: nn.Conv2d | nn.Linear
+    alpha: torch.Tensor  # a buffer
+    slot_mask: Optional[torch.Tensor]  # a buffer
+    _org_forward: Optional[Callable[..., Any]]
+
     def __init__(
         self,
         lora_name: str,
@@ -55,12 +61,15 @@ class ACLoRAModule(nn.Module):
         if isinstance(org_module, nn.Conv2d):
             self.is_conv = True
             in_dim, out_dim = org_module.in_channels, org_module.out_channels
-            self.lora_down = nn.Conv2d(in_dim, rank, org_module.kernel_size, org_module.stride, org_module.padding,
-                                       dilation=org_module.dilation, bias=False)
+            conv = cast(Any, org_module)  # its kernel_size/stride/padding/dilation are 2-tuples, as typed below
+            self.lora_down = nn.Conv2d(
+                in_dim, rank, conv.kernel_size, conv.stride, conv.padding, dilation=conv.dilation, bias=False
+            )
             self.lora_up = nn.Conv2d(rank, out_dim, (1, 1), (1, 1), bias=False)
         else:
             self.is_conv = False
-            in_dim, out_dim = org_module.in_features, org_module.out_features
+            linear = cast(nn.Linear, org_module)  # is_targetable: a Linear when not a Conv2d
+            in_dim, out_dim = linear.in_features, linear.out_features
             self.lora_down = nn.Linear(in_dim, rank, bias=False)
             self.lora_up = nn.Linear(rank, out_dim, bias=False)
         self.in_dim, self.out_dim = in_dim, out_dim
@@ -102,11 +111,13 @@ class ACLoRAModule(nn.Module):
             self.alpha.fill_(value)
         self._alpha = value
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs):  # noqa: D401 - torch hook
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):  # noqa: D401 - torch hook
         """load_state_dict (--resume, accelerate's load_state) sets the buffer: the scale follows it here."""
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
         value = state_dict.get(prefix + "alpha")
         if isinstance(value, torch.Tensor) and value.numel() == 1 and value.device.type != "meta":
             self._alpha = effective_alpha(float(value), self.rank)  # once per load, never per step
@@ -124,7 +135,7 @@ class ACLoRAModule(nn.Module):
             self._org_forward = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        base = self._org_forward(x)
+        base = self._org_forward(x)  # type: ignore[misc]  # set by apply_to, before any forward
         if not self.enabled or self.multiplier == 0:
             return base
         # drawn on the CPU (reading a CPU tensor does not wait for the device), like networks.lora
@@ -186,4 +197,4 @@ class ACLoRAModule(nn.Module):
     def delta_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """multiplier-free update alpha/r * up @ down, shaped like the original weight."""
         delta = self.up_matrix().to(dtype) @ self.down_matrix().to(dtype) * self.scale
-        return delta.reshape(self.org_module.weight.shape)
+        return delta.reshape(cast(torch.Tensor, self.org_module.weight).shape)

@@ -41,6 +41,12 @@ class InputStats:
     out_numel: int = 0
     out_calls: int = 0  # training forwards seen by the output hook (it samples them, see ranksearch)
 
+    def output_rms(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """The RMS of the layer's outputs seen (only when ``measured``)."""
+        if self.out_sq is None:
+            raise ValueError("no layer output was recorded")
+        return (self.out_sq.to(device, dtype) / self.out_numel).sqrt()
+
     def reset(self) -> None:
         self.gram.zero_()
         self.count = 0
@@ -102,7 +108,7 @@ def _analyse(
         )
         output_rms = torch.stack(
             [
-                (stats[m.lora_name].out_sq.to(down.device, down.dtype) / stats[m.lora_name].out_numel).sqrt()
+                stats[m.lora_name].output_rms(down.device, down.dtype)
                 if ok
                 else torch.ones((), dtype=down.dtype, device=down.device)
                 for m, ok in zip(batch, measured)

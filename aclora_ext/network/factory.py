@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import logging
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, cast
 
+import torch
 from torch import nn
 
 from ..families import check_model_family, detect
@@ -53,10 +54,12 @@ def create_network(
             f"AC-LoRA: no layer to adapt in the given {model} model and text encoder(s) (none of the "
             "layers sd-scripts' LoRA module targets there, or the options left none)"
         )
-    ranks, alphas = {}, {}
+    ranks: dict[str, int] = {}
+    alphas: dict[str, float] = {}
+    conv_rank = config.conv_dim if config.conv_dim is not None else max_rank  # conv3x3: conv_dim is set
     for t in targets:
         conv = t.is_conv3x3 and conv3x3  # a rank an option gives a layer comes with network_alpha
-        rank = t.rank if t.rank is not None else config.conv_dim if conv else max_rank
+        rank = t.rank if t.rank is not None else conv_rank if conv else max_rank
         ranks[t.lora_name], alphas[t.lora_name] = rank, (config.conv_alpha or DEFAULT_ALPHA) if conv else alpha
     logger.info(
         "AC-LoRA: %s, maximum rank %d, alpha %g%s%s, %s",
@@ -191,7 +194,9 @@ def attach(
     ranks = {t.lora_name: rank for t in targets}
     alphas = {t.lora_name: alpha_value for t in targets}
     network = ACLoRANetwork(targets, ranks, alphas, multiplier, config)
-    network.to(targets[0].layer.weight.device)  # the factors live beside the layers (they stay float32)
+    network.to(
+        cast(torch.Tensor, targets[0].layer.weight).device
+    )  # the factors live beside the layers (they stay float32)
     network.apply_to(None, None, True, True)
     return network
 

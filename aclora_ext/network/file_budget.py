@@ -130,8 +130,13 @@ def fit_keeps(
         return metadata_of({m.lora_name: int(ranks[m.lora_name]) for m in modules}, found.errors(modules, keeps))
 
     counts = [int(mask.sum()) for mask in found.masks]
-    fit = fit_ranks(FileLayout(layouts(modules, dtype), metadata), found.worths, max_size,
-                    min_ranks=[min(min_rank, c) for c in counts], max_ranks=counts)
+    fit = fit_ranks(
+        FileLayout(layouts(modules, dtype), metadata),
+        found.worths,
+        max_size,
+        min_ranks=[min(min_rank, c) for c in counts],
+        max_ranks=counts,
+    )
     keeps = found.keeps(modules, [fit.ranks[m.lora_name] for m in modules])
     return keeps, found.errors(modules, keeps), fit
 

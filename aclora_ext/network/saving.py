@@ -8,7 +8,7 @@ import logging
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, cast
 
 import torch
 
@@ -162,7 +162,8 @@ def export(
     errors = errors if budgeted is None else budgeted  # the errors the file was sized with (the same spectra's)
     ours, written = described(ranks, errors, padded)
     unpadded = 0
-    if padded and budgeted is not None and saved_file_size(tensors, written) > config.max_file_size:
+    budget = config.max_file_size
+    if padded and budgeted is not None and budget is not None and saved_file_size(tensors, written) > budget:
         unpadded = len(padded)  # padding would break the budget: the budget wins
         tensors, ranks, _, bad, padded = _tensors(modules, keeps, dtype, pad=False)
         ours, written = described(ranks, errors, padded)
@@ -210,7 +211,7 @@ def refuse(file: str, err: ValueError, max_size: Optional[int]) -> bool:
         logger.error(
             "AC-LoRA: NOT saving %s: max_file_size=%s: %s. The previous file (if any) is kept; training goes on.",
             file,
-            format_size(max_size),
+            format_size(max_size) if max_size is not None else "unset",
             err,
         )
     else:  # non-finite weights; LoRAFileError from a size check
@@ -345,7 +346,7 @@ def merge_to(
             parts = modules.get(m.lora_name)
             if parts is None:
                 continue
-            weight = m.org_module.weight
+            weight = cast(torch.Tensor, m.org_module.weight)
             target = torch.device(device) if device is not None else weight.device
             down = parts["lora_down.weight"].to(target, torch.float32)
             up = parts["lora_up.weight"].to(target, torch.float32)

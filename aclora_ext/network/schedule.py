@@ -30,34 +30,28 @@ class LossMeter:
         self.reset()
 
     def reset(self) -> None:
-        self._sum: Optional[torch.Tensor] = None
-        self._count: Optional[torch.Tensor] = None
-        self._bad: Optional[torch.Tensor] = None
+        self._totals: Optional[torch.Tensor] = None  # (sum of finite values, their count, non-finite count)
 
     def add(self, loss: torch.Tensor | float) -> None:
         value = torch.as_tensor(loss).detach().float().mean()
         finite = torch.isfinite(value)
-        if self._sum is None:
-            self._sum = torch.zeros((), dtype=torch.float64, device=value.device)
-            self._count = torch.zeros((), dtype=torch.float64, device=value.device)
-            self._bad = torch.zeros((), dtype=torch.float64, device=value.device)
-        elif self._sum.device != value.device:  # e.g. sums restored on another device: keep them
-            self._sum, self._count, self._bad = (t.to(value.device) for t in (self._sum, self._count, self._bad))
-        self._sum += torch.where(finite, value, torch.zeros_like(value)).double()
-        self._count += finite.double()
-        self._bad += (~finite).double()
+        if self._totals is None:
+            self._totals = torch.zeros(3, dtype=torch.float64, device=value.device)
+        elif self._totals.device != value.device:  # e.g. sums restored on another device: keep them
+            self._totals = self._totals.to(value.device)
+        self._totals += torch.stack([torch.where(finite, value, torch.zeros_like(value)), finite, ~finite]).double()
 
     def state(self) -> torch.Tensor:
         """(sum, count, non-finite count) as a float64 tensor (on the loss's device; CPU zeros before any loss)."""
-        if self._sum is None:
+        if self._totals is None:
             return torch.zeros(3, dtype=torch.float64)
-        return torch.stack([self._sum, self._count, self._bad])
+        return self._totals.clone()
 
     def load(self, values: torch.Tensor) -> None:
         """Continue from ``state()``'s values."""
         self.reset()
         if bool((values != 0).any()):
-            self._sum, self._count, self._bad = (v.clone() for v in values.to(torch.float64))
+            self._totals = values.to(torch.float64).clone()
 
     def read(self) -> tuple[Optional[float], int, int]:
         """(mean of the finite values, how many, how many non-finite), summed over processes.

@@ -96,7 +96,7 @@ def _install_loss_wrapper() -> Optional[Any]:
     """
     module = sys.modules.get("library.train_util")
     original = getattr(module, "conditional_loss", None)
-    if original is None:
+    if module is None or original is None:
         return None
     if getattr(original, "_aclora_wrapped", False):
         return original.__wrapped__
@@ -108,7 +108,7 @@ def _install_loss_wrapper() -> Optional[Any]:
         return original(model_pred, target, loss_type, reduction, huber_c)
 
     conditional_loss._aclora_wrapped = True  # type: ignore[attr-defined]
-    module.conditional_loss = conditional_loss
+    module.conditional_loss = conditional_loss  # type: ignore[attr-defined]  # sd-scripts' library.train_util
     return original
 
 

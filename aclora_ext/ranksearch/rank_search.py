@@ -77,8 +77,10 @@ class RankSearch:
         if validation and isinstance(self.loss_fn, SdScriptsValidation):
             self.loss_fn.remove()
 
-    def _recording_now(self, layer: nn.Module) -> bool:
-        return self.recording and layer.training and torch.is_grad_enabled() and self.config.restart_mode == "product"
+    def _recording_now(self, training: bool) -> bool:
+        """Whether a hook records now: in product mode, in a training forward (``training``: the mode of what
+        the hook sits on) with gradients, outside the held-out evaluation."""
+        return self.recording and training and torch.is_grad_enabled() and self.config.restart_mode == "product"
 
     def _activation_hook(self, name: str):
         """On lora_down: adds h h^T of its activations while training (the inputs' energy along each
@@ -88,7 +90,7 @@ class RankSearch:
             mask = self.masks.get(name)
             if mask is not None:
                 return output * mask.to(output.dtype)
-            if not self._recording_now(layer):
+            if not self._recording_now(layer.training):
                 return None
             hidden = output.detach()
             if hidden.dim() == 4:  # conv: (batch, rank, height, width)
@@ -115,7 +117,8 @@ class RankSearch:
 
         def hook(layer: nn.Module, inputs: Any, output: Any):
             stats = self.stats.get(name)
-            if stats is None or not isinstance(output, torch.Tensor) or not self._recording_now(self):
+            # the network's mode, not the adapted layer's (a frozen model's layers may be in eval mode)
+            if stats is None or not isinstance(output, torch.Tensor) or not self._recording_now(self.training):
                 return None
             stats.out_calls += 1
             if (stats.out_calls - 1) % F.OUTPUT_SAMPLE_EVERY:
@@ -401,7 +404,10 @@ class RankSearch:
             if stats is None or stats.gram.shape != (m.rank, m.rank):
                 parts.append(torch.zeros(m.rank * m.rank + 3, dtype=torch.float64))
                 continue
-            totals = torch.tensor([stats.count, float(stats.out_sq), stats.out_numel], dtype=torch.float64)
+            totals = torch.tensor(
+                [stats.count, 0.0 if stats.out_sq is None else float(stats.out_sq), stats.out_numel],
+                dtype=torch.float64,
+            )
             parts.append(torch.cat([stats.gram.detach().double().cpu().flatten(), totals]))
         return torch.cat(parts)
 

@@ -74,8 +74,15 @@ def run(out: str, sdxl: bool = False, epochs: int = 20, rank: int = 32, mode: st
     )
     start = time.perf_counter()
     setup = NetworkSetup(dim=rank, alpha=rank / 2, args={"restart_mode": mode, "seed": str(seed)})
-    result = replay_training(network_module, models, data, sdxl=sdxl, network=setup,
-                             schedule=Schedule(epochs=epochs, batch_size=3, lr=2e-3, seed=seed), saving=Saving(path))
+    result = replay_training(
+        network_module,
+        models,
+        data,
+        sdxl=sdxl,
+        network=setup,
+        schedule=Schedule(epochs=epochs, batch_size=3, lr=2e-3, seed=seed),
+        saving=Saving(path),
+    )
     seconds = time.perf_counter() - start
     network = result.network
     after = fixed_batch_loss(network, models, collate(held_out), sdxl, seed=seed, repeats=8)
