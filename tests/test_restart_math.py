@@ -487,3 +487,21 @@ def test_the_batched_restart_equals_restarting_each_module_on_its_own(mode, chun
         assert torch.allclose(m.down_matrix()[:rows], one_down[:rows], atol=1e-5)
         assert torch.allclose(m.up_matrix(), one_up, atol=1e-5)
     assert len(set(ranks)) > 1  # the modules really differ
+
+
+def test_restart_slots_rescales_a_lone_kept_row_of_small_norm_exactly_and_keeps_its_component():
+    """Edges of the kept rows' rescaling (mutation survivors): one kept slot, rows whose squared norm is far
+    below 1, and a module whose kept rows are all zero (nothing to rescale: left as it is, no division by 0)."""
+    from aclora_ext import functional as F
+
+    g = torch.Generator().manual_seed(3)
+    down = torch.randn(2, 4, 6, generator=g, dtype=torch.float64) * 1e-3
+    up = torch.randn(2, 5, 4, generator=g, dtype=torch.float64)
+    down[1, 0] = 0.0  # module 1: its one kept row is zero
+    keep = torch.tensor([[True, False, False, False], [True, False, False, False]])
+    row_sq = torch.tensor([0.25, 0.25], dtype=torch.float64)
+    new_down, new_up = F.restart_slots(down, up, keep, row_sq, torch.tensor([0.1, 0.1], dtype=torch.float64), g)
+    assert torch.allclose(new_down[0, 0].pow(2).sum(), row_sq[0])  # the old rows' mean square norm, exactly
+    assert torch.allclose(torch.outer(new_up[0, :, 0], new_down[0, 0]), torch.outer(up[0, :, 0], down[0, 0]))
+    assert torch.equal(new_down[1, 0], down[1, 0]) and torch.equal(new_up[1, :, 0], up[1, :, 0])
+    assert bool(torch.isfinite(new_down).all() and torch.isfinite(new_up).all())
