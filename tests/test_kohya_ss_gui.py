@@ -105,6 +105,8 @@ FLUX1_VALUE_FIELDS = (
 NETWORK_ARGS_FIELDS = {
     "Standard": STANDARD_BLOCK_FIELDS + DROPOUT_AND_LORAPLUS,
     "Flux1": FLUX1_VALUE_FIELDS + ("train_lora_ggpo", "split_mode", "split_qkv", "train_t5xxl") + DROPOUT_AND_LORAPLUS,
+    # the types of the Anima, Lumina and HunyuanImage-2.1 checkboxes (lora_gui.py 1930-1946)
+    **{lora_type: DROPOUT_AND_LORAPLUS for lora_type in ("Anima", "Lumina", "HunyuanImage-2.1")},
 }  # (Flux1's ggpo_beta and ggpo_sigma enter only with train_lora_ggpo)
 
 
@@ -138,6 +140,8 @@ def gui_network_args(preset: dict[str, Any]) -> list[str]:
         entries += ["train_blocks=single"] if value("split_mode") else []
         entries += ["split_qkv=True"] if value("split_qkv") else []
         entries += ["train_t5xxl=True"] if value("train_t5xxl") and value("flux1_checkbox") else []
+        entries += [f"{k}={value(k)}" for k in ("rank_dropout", "module_dropout") if float(value(k) or 0) > 0]
+    elif lora_type in ("Anima", "Lumina", "HunyuanImage-2.1"):
         entries += [f"{k}={value(k)}" for k in ("rank_dropout", "module_dropout") if float(value(k) or 0) > 0]
     else:
         raise AssertionError(f"LoRA type {lora_type!r} is no route of sample_configs/kohya_ss_gui.md")
@@ -274,6 +278,47 @@ def test_preset_matches_the_training_config_it_mirrors(name: str) -> None:
     assert preset_settings(preset)["network_args"] == twin["network_args"]
     # a 0 text-encoder lr is how the GUI writes network_train_unet_only (lora_gui.py 2109-2115)
     assert (preset["text_encoder_lr"] == 0) == bool(twin.get("network_train_unet_only"))
+
+
+# --- the doc's table of families ---------------------------------------------------------------------------
+
+
+# The sample configs the page names for the families added beside this page (Chroma, Anima, Lumina 2,
+# HunyuanImage-2.1); they live in sample_configs/ once those families are in.
+CONFIGS_OF_THE_NEW_FAMILIES = {
+    "chroma_style_24gb.toml",
+    "anima_style_24gb.toml",
+    "lumina2_style_24gb.toml",
+    "hunyuan_image_style_24gb.toml",
+}
+
+
+def doc_family_rows() -> list[list[str]]:
+    """The rows of the table in section 2 of the GUI page (family, checkbox, LoRA type, trainer, module, preset)."""
+    text = GUI_DOC.read_text(encoding="utf-8")
+    table = text[text.index("| family | model checkbox |") :].split("\n\n", 1)[0].splitlines()[2:]
+    return [[cell.strip() for cell in row.strip("|").split("|")] for row in table]
+
+
+def test_the_docs_family_table_names_the_trainer_and_module_the_gui_uses_and_a_preset_or_config_that_exists():
+    rows = doc_family_rows()
+    assert len(rows) == len(GUI_MODULE_OF_TRAINER) + 1  # Chroma shares flux_train_network.py with FLUX.1
+    for family, _, _, trainer, module, preset in rows:
+        script = re.search(r"`(\w+\.py)`", trainer)[1]
+        assert f"`{GUI_MODULE_OF_TRAINER[script]}`" == module, family
+        named = re.findall(r"`([\w.]+\.(?:json|toml))`", preset)
+        assert all((SAMPLES / n).is_file() or n in CONFIGS_OF_THE_NEW_FAMILIES for n in named), family
+        for name in (n for n in named if n in PRESETS):
+            assert PRESETS[name][0] == script, family
+    assert {n for row in rows for n in re.findall(r"`(kohya_ss_gui\w+\.json)`", row[5])} == set(PRESETS)
+
+
+def test_every_sample_file_the_page_names_is_in_sample_configs():
+    named = set(re.findall(r"`(\w+\.(?:toml|json))`", GUI_DOC.read_text(encoding="utf-8")))
+    assert {"dataset_style_15.toml", "sdxl_style_24gb.toml", *PRESETS} <= named
+    # pyproject.toml: the one of this repository, which the install section names
+    missing = sorted(n for n in named - CONFIGS_OF_THE_NEW_FAMILIES - {"pyproject.toml"} if not (SAMPLES / n).is_file())
+    assert not missing
 
 
 # --- the Additional parameters the doc gives ----------------------------------------------------------------
