@@ -11,11 +11,12 @@ from typing import Any, Iterable, Optional, Sequence
 from torch import nn
 
 from ..files.storage import LoRAFileError
-from . import flux, sd, sd3
+from . import flux, lumina, sd, sd3
 from .base import Family, Target
+from .lumina import FILE_PREFIXES as LUMINA_PREFIXES
 
 #: the registered families, the most specific first (``sd`` takes whatever the others do not recognise)
-FAMILIES: tuple[Family, ...] = (flux.FAMILY, sd3.FAMILY, sd.FAMILY)
+FAMILIES: tuple[Family, ...] = (flux.FAMILY, sd3.FAMILY, lumina.FAMILY, sd.FAMILY)
 
 
 def detect(unet: nn.Module, text_encoders: Sequence[Any]) -> Family:
@@ -50,10 +51,14 @@ def model_family(names: Iterable[str]) -> Optional[str]:
         return "SD3"
     if has("lora_unet_double_blocks_", "lora_unet_single_blocks_"):
         return "FLUX.1"
+    if has(*LUMINA_PREFIXES):
+        return "Lumina 2"
     if has("lora_te3_"):
         return None
     if has("lora_te2_", "lora_unet_input_blocks_", "lora_unet_middle_block_", "lora_unet_output_blocks_"):
         return "SDXL"
+    if has("lora_te_layers_"):  # a decoder LM's layers (Lumina 2's Gemma2), not CLIP's text_model
+        return None
     if has("lora_te_"):
         return "SD1.x/2.x"
     return None
