@@ -144,3 +144,14 @@ def test_a_resized_lumina_file_keeps_sd_scripts_metadata_and_reports_as_lumina(t
     assert {m.part for m in report.modules} == {"te", "dit_in", "refiners", "layers", "dit_out"}
     assert ranks_of(load_file(str(target))) == resize_file(source, tmp_path / "again.safetensors",
                                                            min_importance=0.2).ranks
+
+
+# --- aclora vram ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("argv", [["--config_file", str(test_resize_dit.ROOT / "sample_configs" /
+                                                        "lumina2_style_24gb.toml")],
+                                  ["--family", "flux", "--pretrained_model_name_or_path", "/x/lumina2.safetensors"]])
+def test_aclora_vram_refuses_a_lumina_run_saying_it_is_not_modelled(capsys, argv):
+    assert cli_main(["vram", *argv]) == 2
+    err = capsys.readouterr().err
+    assert "this is a Lumina 2 run (lumina_train_network.py: " in err
+    assert "aclora vram does not model Lumina 2 yet; allowed: runs of train_network.py" in err
