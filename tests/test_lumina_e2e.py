@@ -60,7 +60,8 @@ class Workspace:
         m, out_dir = self.models, self.root / "out" / name
         result = self.launch(
             name, "train", "--pretrained_model_name_or_path", m / "dit.safetensors", "--gemma2",
-            m / "gemma2.safetensors", "--ae", m / "ae.safetensors", "--tokenizer_cache_dir", m / "hf-cache", "--train_data_dir", m / "data",
+            m / "gemma2.safetensors", "--ae", m / "ae.safetensors", "--tokenizer_cache_dir", m / "hf-cache",
+            "--train_data_dir", m / "data",
             "--output_dir", out_dir, "--output_name", name, "--network_module", "networks.aclora", "--network_dim",
             str(MAX_RANK), "--network_alpha", "2", "--resolution", "64,64", "--caption_extension", ".txt",
             "--learning_rate", "1e-3", "--optimizer_type", "AdamW", "--train_batch_size", "1", "--save_model_as",
