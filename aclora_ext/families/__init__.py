@@ -1,6 +1,6 @@
 """Model families: which layers of a model get a LoRA and how they are named, one adapter file per
-family (``sd``: SD1.x/2.x and SDXL; ``flux``: FLUX.1; ``sd3``: SD3/SD3.5), on the shared rules of
-``base``. A family is recognised from the model sd-scripts hands over (class names and attributes,
+family (``sd``: SD1.x/2.x and SDXL; ``flux``: FLUX.1; ``sd3``: SD3/SD3.5; ``lumina``: Lumina 2), on the
+shared rules of ``base``. A family is recognised from the model sd-scripts hands over (class names and attributes,
 never by importing sd-scripts). Nothing outside this folder knows an architecture.
 """
 
@@ -11,11 +11,12 @@ from typing import Any, Iterable, Optional, Sequence
 from torch import nn
 
 from ..files.storage import LoRAFileError
-from . import flux, sd, sd3
+from . import flux, lumina, sd, sd3
 from .base import Family, Target
+from .lumina import FILE_PREFIXES as LUMINA_PREFIXES
 
 #: the registered families, the most specific first (``sd`` takes whatever the others do not recognise)
-FAMILIES: tuple[Family, ...] = (flux.FAMILY, sd3.FAMILY, sd.FAMILY)
+FAMILIES: tuple[Family, ...] = (flux.FAMILY, sd3.FAMILY, lumina.FAMILY, sd.FAMILY)
 
 
 def detect(unet: nn.Module, text_encoders: Sequence[Any]) -> Family:
@@ -33,13 +34,14 @@ def is_sdxl(unet: nn.Module, text_encoders: Sequence[nn.Module]) -> bool:
 
 
 def model_family(names: Iterable[str]) -> Optional[str]:
-    """ "FLUX.1", "SD3", "SDXL" or "SD1.x/2.x" from kohya module names, or None when the names do not tell.
+    """ "FLUX.1", "SD3", "Lumina 2", "SDXL" or "SD1.x/2.x" from kohya module names, or None when they do not tell.
 
     The DiT blocks name FLUX.1 (double_blocks/single_blocks) and SD3 (joint_blocks) files; SD3 has
     three text encoders (lora_te1_/lora_te2_/lora_te3_), FLUX.1 two (lora_te1_, lora_te3_), SDXL two
     (lora_te1_, lora_te2_) and, from sd-scripts' own U-Net, input_blocks/middle_block/output_blocks;
     SD1.x/2.x files have one text encoder, lora_te_. A file of lora_te1_ modules alone could be any
-    of the last three.
+    of the last three. Lumina 2 files name its blocks (lora_unet_layers_, ..._refiner_) or caption embedder; a
+    file of Gemma2 modules alone (lora_te_layers_: a decoder LM's, not CLIP's text_model) does not tell.
     """
     names = list(names)
 
@@ -50,17 +52,22 @@ def model_family(names: Iterable[str]) -> Optional[str]:
         return "SD3"
     if has("lora_unet_double_blocks_", "lora_unet_single_blocks_"):
         return "FLUX.1"
+    if has(*LUMINA_PREFIXES):
+        return "Lumina 2"
     if has("lora_te3_"):
         return None
     if has("lora_te2_", "lora_unet_input_blocks_", "lora_unet_middle_block_", "lora_unet_output_blocks_"):
         return "SDXL"
+    if has("lora_te_layers_"):  # a decoder LM's layers (Lumina 2's Gemma2), not CLIP's text_model
+        return None
     if has("lora_te_"):
         return "SD1.x/2.x"
     return None
 
 
 def check_model_family(file_names: Iterable[str], model_names: Iterable[str], source: str) -> None:
-    """Refuse, by name, a file for one model family given to a model of another (SD1.x/2.x, SDXL, FLUX.1, SD3)."""
+    """Refuse, by name, a file for one model family given to a model of another (SD1.x/2.x, SDXL, FLUX.1, SD3,
+    Lumina 2)."""
     ours, theirs = model_family(file_names), model_family(model_names)
     if ours and theirs and ours != theirs:
         article = "an" if ours.startswith("S") else "a"  # an SDXL, an SD3, a FLUX.1

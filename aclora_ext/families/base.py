@@ -156,6 +156,14 @@ def check_selection(option: str, selection: Any, count: int, what: str) -> None:
         )
 
 
+def check_choice(option: str, value: str, allowed: Sequence[str], model: str) -> None:
+    """Refuse a choice another family's option of the same name has, naming the option, the value and the choices."""
+    if value not in allowed:
+        raise OptionError(
+            f"network_args: {option}={value} is not a choice for {model} models; allowed: {', '.join(allowed)}"
+        )
+
+
 def with_rank(target: Target, rank: Optional[int]) -> Target:
     return Target(target.lora_name, target.layer, target.part, rank)
 

@@ -32,6 +32,7 @@ from .base import (
     RecordedCall,
     Target,
     block_index,
+    check_choice,
     check_selection,
     find_by_name,
     find_in_blocks,
@@ -97,6 +98,7 @@ def layers(text_encoders: Sequence[Any], unet: nn.Module, conv3x3: bool) -> list
 
 def targets(text_encoders: Sequence[Any], unet: nn.Module, config: Any) -> list[Target]:
     """What lora_flux's create_network adapts with these options, each with the rank an option gives it."""
+    check_choice("train_blocks", config.train_blocks, ("all", "double", "single"), "FLUX.1")
     check_selection(
         "train_double_block_indices",
         config.train_double_block_indices,

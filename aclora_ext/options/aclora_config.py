@@ -55,6 +55,11 @@ class ACLoRAConfig:
     x_mod_dim: Optional[int] = None
     emb_dims: Optional[tuple[int, ...]] = None
     train_block_indices: BlockSelection = "all"
+    attn_dim: Optional[int] = None
+    mlp_dim: Optional[int] = None
+    mod_dim: Optional[int] = None
+    refiner_dim: Optional[int] = None
+    embedder_dims: Optional[tuple[int, ...]] = None
     train_t5xxl: bool = False
     split_qkv: bool = False
     network_reg_dims: Optional[tuple[tuple[str, int], ...]] = None
@@ -103,8 +108,9 @@ def _validate_layers(config: ACLoRAConfig) -> ACLoRAConfig:
         raise OptionError(
             "network_args: split_qkv=True is refused; allowed: false. sd-scripts' split_qkv trains separate "
             "q/k/v factors and saves them merged into one module with alpha unchanged, so every "
-            "consumer applies a third (FLUX.1 single blocks: a quarter) of the trained update; AC-LoRA "
-            "gives the fused layer the rank it needs instead"
+            "consumer applies a third (FLUX.1 single blocks: a quarter) of the trained update (Lumina 2's "
+            "lora_lumina merges with the q/k/v widths of the 2B model hard-coded, 2304/768/768, and never splits "
+            "its modules, so its save fails); AC-LoRA gives the fused layer the rank it needs instead"
         )
     for o in LAYER_OPTIONS:
         value = getattr(config, o.name)

@@ -24,13 +24,14 @@ from ..files.lora_dict import group_modules
 from ..files.storage import LoRAFileError, load_state_dict, metadata_json, metadata_ranks, read_metadata
 from ..functional import median
 from .dit_names import DIT_PART_LABELS, DIT_PARTS, dit_model, locate_dit, text_encoder_label
+from .lumina_names import LUMINA_PART_LABELS, LUMINA_PARTS, locate_lumina, lumina_model, lumina_text_encoder
 
 
 class ReportError(Exception):
     """The report cannot be drawn or written (matplotlib missing for ``--plot``, an unwritable path)."""
 
 
-PARTS = ("te", "te1", "te2", "te3", "input", "middle", "output", *DIT_PARTS, "other")
+PARTS = ("te", "te1", "te2", "te3", "input", "middle", "output", *DIT_PARTS[:-1], *LUMINA_PARTS, DIT_PARTS[-1], "other")
 PART_LABELS = {
     "te": "text encoder",
     "te1": "text encoder 1",
@@ -40,6 +41,7 @@ PART_LABELS = {
     "output": "U-Net output",
     "other": "other",
     **DIT_PART_LABELS,
+    **LUMINA_PART_LABELS,
 }
 _UNET_BLOCK = re.compile(r"(down_blocks|input_blocks|up_blocks|output_blocks)_(\d+)_")
 
@@ -139,7 +141,7 @@ def locate(name: str) -> tuple[str, str]:
     te = re.match(r"lora_(te[123]?)_", name)
     if te:
         return te[1], te[1]
-    dit = locate_dit(name)
+    dit = locate_lumina(name) or locate_dit(name)
     if dit:
         return dit
     if not name.startswith("lora_unet_"):
@@ -274,7 +276,7 @@ def read_report(path: str) -> RankReport:
     rows.sort(key=lambda m: (_block_order(m.part, m.block), m.name))
 
     is_ours = any(key.startswith("aclora_") for key in meta)
-    model = dit_model(modules, meta) or model_family(modules)
+    model = dit_model(modules, meta) or lumina_model(modules, meta) or model_family(modules)
     if model is None:
         base = meta.get("ss_base_model_version", "")
         model = (
@@ -310,5 +312,5 @@ def _float(meta: dict, key: str) -> Optional[float]:
 
 def part_label(part: str, model: str) -> str:
     """How the report names a part: "text encoder 1 (CLIP-L)" in a FLUX.1/SD3 file, else PART_LABELS."""
-    encoder = text_encoder_label(part, model)
+    encoder = text_encoder_label(part, model) or lumina_text_encoder(part, model)
     return f"{PART_LABELS[part]} ({encoder})" if encoder else PART_LABELS[part]

@@ -2,8 +2,8 @@
 
 The sample-config tests check every key of ``sample_configs/*.toml`` against
 the arguments that sd-scripts' LoRA trainers (``train_network.py``,
-``sdxl_train_network.py``, ``flux_train_network.py``, ``sd3_train_network.py``)
-accept. CI has no sd-scripts, so that list is stored as test data; run this
+``sdxl_train_network.py``, ``flux_train_network.py``, ``sd3_train_network.py``,
+``lumina_train_network.py``) accept. CI has no sd-scripts, so that list is stored as test data; run this
 again when sd-scripts changes::
 
     python tests/data/make_sd_scripts_args.py /path/to/sd-scripts
@@ -14,7 +14,9 @@ Names come from each action's ``dest``, so ``dest=`` overrides and the
 arguments added by ``library/*`` helpers are all covered.
 
 Each line is ``name kind [choices=a|b|...] [# only: script.py ...]``: the
-comment lists the scripts that accept the name when not all of them do.
+comment lists the scripts that accept the name when not all of them do. A name that
+trainers declare with the same kind but different choices (``timestep_sampling``) has one line per
+declaration, each naming its scripts.
 ``kind`` is the TOML type a ``--config_file`` value must have, because
 sd-scripts hands config-file values to the script as they are, without
 argparse's type conversion or choices check: bool (a store_true flag), int,
@@ -30,7 +32,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-SCRIPTS = ("train_network", "sdxl_train_network", "flux_train_network", "sd3_train_network")
+SCRIPTS = ("train_network", "sdxl_train_network", "flux_train_network", "sd3_train_network", "lumina_train_network")
 DEFAULT_OUTPUT = Path(__file__).with_name("sd_scripts_args.txt")
 ONLY_MARK = "# only:"
 
@@ -50,6 +52,11 @@ def describe(action: argparse.Action) -> str:
     text = f"{action.dest}  {value_kind(action)}"
     choices = [str(c) for c in action.choices or () if c is not None]
     return text + (f"  choices={'|'.join(choices)}" if choices else "")
+
+
+def kind_of(line: str) -> str:
+    """A line's name and kind (what every trainer must declare alike; the choices may differ)."""
+    return " ".join(line.split()[:2])
 
 
 def parser_lines(module_name: str) -> dict[str, str]:
@@ -75,9 +82,11 @@ def render(commit: str, parsers: dict[str, dict[str, str]]) -> str:
     names = sorted(set().union(*parsers.values()))
     for name in names:
         having = [script for script, lines_of in parsers.items() if name in lines_of]
-        line = parsers[having[0]][name]
-        only = "" if len(having) == len(parsers) else f"  {ONLY_MARK} {' '.join(f'{s}.py' for s in having)}"
-        lines.append(line + only)
+        declarations = dict.fromkeys(parsers[script][name] for script in having)
+        for line in declarations:
+            these = [script for script in having if parsers[script][name] == line]
+            only = "" if len(these) == len(parsers) else f"  {ONLY_MARK} {' '.join(f'{s}.py' for s in these)}"
+            lines.append(line + only)
     return "\n".join(lines) + "\n"
 
 
@@ -94,7 +103,7 @@ def main(argv: list[str] | None = None) -> None:
     # every trainer extends train_network.py's parser, and a name two of them share is declared alike
     for name, lines in parsers.items():
         for other, other_lines in parsers.items():
-            clash = [n for n in lines.keys() & other_lines.keys() if lines[n] != other_lines[n]]
+            clash = [n for n in lines.keys() & other_lines.keys() if kind_of(lines[n]) != kind_of(other_lines[n])]
             if clash:
                 raise SystemExit(f"{name}.py and {other}.py declare {clash[0]} differently")
         if parsers[SCRIPTS[0]].keys() - lines.keys():

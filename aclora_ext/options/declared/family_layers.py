@@ -5,9 +5,13 @@ from __future__ import annotations
 
 from ..option import Option
 
+#: lora_lumina's train_blocks beside "all" (families/lumina.py selects by them)
+LUMINA_TRAIN_BLOCKS = ("transformer", "refiners", "noise_refiner", "context_refiner")
+
 #: the model families (families/ adapters) by their option key, as messages name them
-FAMILIES = {"sd": "SD1.x/2.x/SDXL", "flux": "FLUX.1", "sd3": "SD3/SD3.5"}
+FAMILIES = {"sd": "SD1.x/2.x/SDXL", "flux": "FLUX.1", "sd3": "SD3/SD3.5", "lumina": "Lumina 2"}
 _FLUX, _SD3, _DIT = ("flux",), ("sd3",), ("flux", "sd3")
+_LUMINA = ("lumina",)
 
 
 def _dim(name: str, what: str, families: tuple[str, ...]) -> Option:
@@ -45,10 +49,11 @@ FLUX_OPTIONS: tuple[Option, ...] = (
         "train_blocks",
         "choice",
         "all",
-        "Which blocks get a LoRA: all, single (single-stream blocks only) or double (double-stream blocks only).",
-        choices=("all", "single", "double"),
+        "Which blocks get a LoRA: all; FLUX.1: single (single-stream blocks only) or double (double-stream "
+        "blocks only); Lumina 2: transformer (the main blocks), refiners, noise_refiner or context_refiner.",
+        choices=("all", "single", "double", *LUMINA_TRAIN_BLOCKS),
         optional=False,
-        families=_FLUX,
+        families=(*_FLUX, *_LUMINA),
     ),
     Option("train_double_block_indices", "blocks", "all", "Which double-stream blocks get a LoRA.", families=_FLUX),
     Option("train_single_block_indices", "blocks", "all", "Which single-stream blocks get a LoRA.", families=_FLUX),
@@ -75,6 +80,23 @@ SD3_OPTIONS: tuple[Option, ...] = (
     Option("train_block_indices", "blocks", "all", "Which joint blocks get a LoRA.", families=_SD3),
 )
 
+LUMINA_OPTIONS: tuple[Option, ...] = (
+    _dim("attn_dim", 'layers whose LoRA name has "attention" (attention.qkv, attention.out)', _LUMINA),
+    _dim("mlp_dim", 'layers whose LoRA name has "mlp" (only t_embedder\'s MLP, with embedder_dims)', _LUMINA),
+    _dim("mod_dim", 'layers whose LoRA name has "modulation" (adaLN_modulation.1, final layer\'s too)', _LUMINA),
+    _dim("refiner_dim", "noise and context refiner blocks (after attn_dim, mlp_dim, mod_dim)", _LUMINA),
+    Option(
+        "embedder_dims",
+        "ints",
+        None,
+        "Maximum ranks of x_embedder, t_embedder (its MLP), cap_embedder (0: no LoRA there). "
+        "Unset: none of them gets a LoRA.",
+        minimum=0,
+        families=_LUMINA,
+        length=3,
+    ),
+)
+
 #: options of both diffusion-transformer families, and of every family
 SHARED_OPTIONS: tuple[Option, ...] = (
     Option(
@@ -91,10 +113,11 @@ SHARED_OPTIONS: tuple[Option, ...] = (
         "bool",
         False,
         "Only false is accepted: sd-scripts saves split_qkv's q/k/v factors merged into one module with alpha "
-        "unchanged, so every consumer applies a third (FLUX.1 single blocks: a quarter) of the trained update; "
-        "AC-LoRA gives the fused layer the rank it needs instead.",
+        "unchanged, so every consumer applies a third (FLUX.1 single blocks: a quarter) of the trained update "
+        "(Lumina 2: with q/k/v widths hard-coded for the 2B model); AC-LoRA gives the fused layer the rank it "
+        "needs instead.",
         optional=False,
-        families=_DIT,
+        families=(*_DIT, *_LUMINA),
     ),
     Option(
         "network_reg_dims",
@@ -106,4 +129,4 @@ SHARED_OPTIONS: tuple[Option, ...] = (
     ),
 )
 
-LAYER_OPTIONS: tuple[Option, ...] = FLUX_OPTIONS + SD3_OPTIONS + SHARED_OPTIONS
+LAYER_OPTIONS: tuple[Option, ...] = FLUX_OPTIONS + SD3_OPTIONS + LUMINA_OPTIONS + SHARED_OPTIONS

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Mapping, Optional
 
 from ...harness.architectures import NATIVE_RESOLUTION
-from .family_args import DIT_IGNORED, check_family_arguments, detect_family, detect_variant
+from .family_args import DIT_IGNORED, check_family_arguments, detect_family, detect_variant, refuse_unmodelled
 from .setup import OPTIMIZERS, Setup, VramError
 
 
@@ -175,6 +175,7 @@ def setup_from_arguments(
         notes.append("arguments that do not change the estimate: " + ", ".join(sorted(ignored)))
     values.update(_dataset_overrides(values.get("dataset_config"), base, notes))
     raw = {key: value for key, (value, _) in arguments.items()}
+    refuse_unmodelled(raw)
     fam = family or detect_family(raw, notes)
     check_family_arguments(fam, arguments)
     dit = _dit_fields(fam, raw, values, variant, notes)

@@ -83,6 +83,18 @@ def _given(arguments: Mapping[str, Any], key: str) -> bool:
     return arguments.get(key) not in (None, False, "", 0, "false")
 
 
+def refuse_unmodelled(arguments: Mapping[str, Any]) -> None:
+    """Stop on a run of a trainer aclora vram does not model (Lumina 2: lumina_train_network.py's --gemma2)."""
+    model = str(arguments.get("pretrained_model_name_or_path", ""))
+    if _given(arguments, "gemma2") or "lumina" in model.lower():
+        why = f"gemma2={arguments['gemma2']!r} is given" if _given(arguments, "gemma2") else f"model {model!r}"
+        raise VramError(
+            f"this is a Lumina 2 run (lumina_train_network.py: {why}), and aclora vram does not model Lumina 2 "
+            "yet; allowed: runs of train_network.py, sdxl_train_network.py, flux_train_network.py, "
+            "sd3_train_network.py (docs/lumina.md lists the memory savers sd-scripts has for it)"
+        )
+
+
 def detect_family(arguments: Mapping[str, Any], notes: list[str]) -> str:
     """The family from the arguments (v2; the model path; the DiT trainers' own arguments), with a note why."""
     model = str(arguments.get("pretrained_model_name_or_path", ""))
