@@ -431,3 +431,21 @@ def test_fit_ranks_survives_metadata_that_grows_as_ranks_shrink(tmp_path):
         assert write(tmp_path / "p.safetensors", layouts, list(fit.ranks.values()), perverse(fit.ranks)) \
             == fit.size <= max_size
 
+
+
+# --- the allocation's input and messages (aclora_ext.functional.allocation) ---------------------------------------
+def test_allocate_names_the_module_of_a_bad_worth_and_lists_the_methods():
+    from aclora_ext.functional.allocation import allocate
+
+    with pytest.raises(ValueError, match=r"^unet\.mid: worths must be finite and >= 0$"):
+        allocate([torch.tensor([1.0]), torch.tensor([-1.0])], [4, 4], 100, names=["unet.down", "unet.mid"])
+    with pytest.raises(ValueError, match=r"^method 'best' is not known; allowed: exact, greedy$"):
+        allocate([torch.tensor([1.0])], [4], 100, method="best")
+
+
+def test_update_worths_are_the_squared_singular_values_of_the_scaled_update_in_float64():
+    from aclora_ext.functional.allocation import update_worths
+
+    worths = update_worths(torch.tensor([3.0, 1.0, 0.1]), scale=-0.5)
+    assert worths.dtype == torch.float64
+    assert worths.tolist() == pytest.approx([2.25, 0.25, 0.0025], rel=1e-7)  # (0.5 s)^2: float32 0.1, squared

@@ -349,3 +349,13 @@ def test_an_unusable_file_raises_a_lora_file_error_saying_why(make, reason, entr
     assert reason in str(caught.value)
     assert os.path.basename(path) in str(caught.value)
     assert_clean_error(caught.value)
+
+
+def test_the_data_bytes_are_elements_times_item_size_and_an_unstorable_dtype_is_named():
+    from aclora_ext.files import sizes
+
+    assert sizes.tensor_bytes({"a": torch.zeros(3, 4, dtype=torch.float16), "b": torch.zeros(5)}) == 24 + 20
+    two = {"y": torch.zeros(2, dtype=torch.complex128), "x": torch.zeros(2, dtype=torch.complex32), "z": torch.zeros(2)}
+    named = r"^dtype\(s\) torch\.complex128, torch\.complex32 cannot be stored in safetensors$"
+    with pytest.raises(ValueError, match=named):
+        sizes.safetensors_size(two)

@@ -464,3 +464,67 @@ def test_held_slots_survive_save_state_and_resume():
     _, fresh, _ = planted_setup([torch.linspace(2.0, 1.0, 3)], noise=0.5)
     fresh.load_state_dict(state)
     assert torch.equal(fresh.loras[0].held, network.loras[0].held)
+
+
+# --- the one-standard-error rule and the fine levels at their edges (aclora_ext.functional.levels) ---------------
+TWO_IMAGES = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
+#: a paired difference of mean 0.15: beyond one standard error of eight items (0.094), within one of two images (0.25)
+IMAGE_SHIFT = torch.tensor([0.4, 0.41, 0.39, 0.4, -0.1, -0.09, -0.11, -0.1], dtype=torch.float64)
+
+
+def test_training_keeps_the_fewest_components_within_the_band_by_default_and_counts_images_when_grouped():
+    from aclora_ext.functional import parsimonious_choice
+
+    best = torch.tensor([1.0, 1.1, 0.9, 1.0], dtype=torch.float64)
+    within = {(8,): best, (4,): best + torch.tensor([0.03, -0.03, 0.02, -0.01], dtype=torch.float64)}
+    assert parsimonious_choice(within) == (4,)  # the default is the training rule, not the file's
+    assert parsimonious_choice(within, final=True) == (8,)
+    tied = {(8,): best, (4,): best.clone()}  # an excess of exactly 0 is within the band
+    assert parsimonious_choice(tied) == (4,)
+    ones = torch.ones(8, dtype=torch.float64)
+    grouped = {(8,): ones, (4,): ones + IMAGE_SHIFT}
+    assert parsimonious_choice(grouped) == (8,)  # eight items: the cut is beyond the band
+    assert parsimonious_choice(grouped, TWO_IMAGES) == (4,)  # two images: within it
+    # signatures that do not nest: the fewest components in total, not the first in tuple order
+    flat = torch.ones(3, dtype=torch.float64)
+    assert parsimonious_choice({(4, 4): flat, (1, 5): flat.clone(), (3, 1): flat.clone()}) == (3, 1)
+
+
+def test_the_files_own_cut_edges_one_candidate_an_exact_tie_equal_margins_and_image_groups():
+    from aclora_ext.functional import parsimonious_choice
+
+    x = torch.tensor([1.0, 1.1, 0.9, 1.0], dtype=torch.float64)
+    assert parsimonious_choice({(8,): x}, final=True) == (8,)  # nothing to cut
+    assert parsimonious_choice({(8,): x, (4,): x.clone()}, final=True) == (8,)  # a margin of 0 is no win
+    same = x - 0.1
+    assert parsimonious_choice({(8,): x, (4,): same, (2,): same.clone()}, final=True) == (2,)  # tie: fewer
+    ones = torch.ones(8, dtype=torch.float64)
+    grouped = {(8,): ones + IMAGE_SHIFT, (4,): ones}
+    assert parsimonious_choice(grouped, final=True) == (4,)
+    assert parsimonious_choice(grouped, TWO_IMAGES, final=True) == (8,)
+    # "everything" is the signature of the largest total: (3, 5), not (5, 1), which comes first in tuple order
+    band = torch.tensor([0.0, 0.4, -0.4, 0.0], dtype=torch.float64)
+    candidates = {(3, 5): x, (5, 1): x - 0.05 + band, (1, 1): x - 0.03}
+    assert parsimonious_choice(candidates, final=True) == (1, 1)
+
+
+def test_no_finite_candidate_is_an_error_naming_the_rule():
+    from aclora_ext.functional import parsimonious_choice
+
+    with pytest.raises(ValueError, match=r"^parsimonious_choice: no candidate has a finite held-out loss$"):
+        parsimonious_choice({(8,): torch.tensor([math.nan])})
+
+
+def test_fine_levels_edges_strictly_inside_the_window_never_the_level_itself_and_four_by_default():
+    from aclora_ext.functional import refine_levels
+
+    assert refine_levels([], 1.0) == [] and refine_levels([torch.zeros(3)], 1.0) == []  # nothing to cut
+    pair = [torch.tensor([100.0, 60.0])]  # two importances: one cut, at log10(100/60) / 2
+    assert refine_levels(pair, 0.25) == pytest.approx([0.5 * math.log10(100 / 60)], abs=1e-6)
+    apart = [torch.tensor([100.0, 1.0])]  # levels 0 and 2: the cut at exactly 1.0
+    assert refine_levels(apart, 1.0) == []  # the level itself
+    assert refine_levels(apart, 1.25) == [] and refine_levels(apart, 0.75) == []  # a coarse neighbour
+    assert refine_levels(apart, 1.1) == [1.0]
+    # levels 0, 0.05, ..., 0.5: ten cuts 0.025 .. 0.475 inside (0, 0.5); four of them by default, evenly spread
+    ladder = [torch.tensor([100.0 * 10 ** (-0.05 * j) for j in range(11)], dtype=torch.float64)]
+    assert refine_levels(ladder, 0.25) == pytest.approx([0.025, 0.175, 0.325, 0.475], abs=1e-9)

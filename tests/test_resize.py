@@ -679,3 +679,39 @@ def test_resizing_on_cuda_gives_the_cpu_result():
         assert relative(file_update(cuda.tensors, name), file_update(cpu.tensors, name)) < 1e-4
     assert all(t.device.type == "cpu" for t in cuda.tensors.values())
 
+
+
+# --- resize_lora.py's rank rules, batched, against the rules written out on the full spectrum -----------------------
+def _kohya_rank(spectrum: list[float], method: str, target: float, size: int, max_rank: int) -> int:
+    """The rule resize_lora.py states, on the full min(out, in) spectrum (zeros past the computed part):
+    searchsorted (left) of the cumulative shares, or the count above the largest / target; +1, clamped
+    to [1, size - 1]; the rank is that + 1, at most max_rank, and 1 when the largest is at most MIN_SV."""
+    import bisect
+
+    full = [float(v) for v in spectrum] + [0.0] * (size - len(spectrum))
+    if method == "sv_ratio":
+        index = sum(1 for v in full if v > full[0] / target)
+    else:
+        weights = [v * v for v in full] if method == "sv_fro" else full
+        total, running, shares = sum(weights), 0.0, []
+        for v in weights:
+            running += v
+            shares.append(running / total)
+        index = bisect.bisect_left(shares, target**2 if method == "sv_fro" else target) + 1
+    index = max(1, min(index, size - 1))
+    return 1 if full[0] <= F.RESIZE_LORA_MIN_SV else min(index + 1, max_rank)
+
+
+@pytest.mark.parametrize("method, target", [("sv_cumulative", 0.5), ("sv_cumulative", 0.9), ("sv_fro", 0.5 ** 0.5),
+                                            ("sv_fro", 0.95), ("sv_ratio", 4.0), ("sv_cumulative", 1.0)])
+def test_the_batched_resize_rules_give_each_module_the_rank_of_resize_lora_s_rule(method, target):
+    """Exact shares (equal singular values: cumulative shares 1/4, 1/2, ... hit the targets exactly), spectra whose
+    last share reaches the target only past the computed part, a module of one component, one at MIN_SV, and
+    one below it, batched; each module's rank against the rule computed on its own full spectrum."""
+    spectra = [[1.0, 1.0, 1.0, 1.0], [4.0, 3.0, 2.0, 1.0], [5.0, 0.0, 0.0, 0.0], [1e-6, 5e-7, 0.0, 0.0],
+               [9e-7, 1e-7, 0.0, 0.0], [3.0, 2.9, 0.1, 0.05], [2.0, 1.0, 1.0, 0.5]]
+    sizes = [4, 12, 6, 8, 8, 5, 3]
+    s = torch.tensor(spectra, dtype=torch.float64)
+    for max_rank in (16, 2):
+        got = F.resize_lora_rank(s, method, target, torch.tensor(sizes), max_rank).tolist()
+        assert got == [_kohya_rank(sp, method, target, n, max_rank) for sp, n in zip(spectra, sizes)], max_rank

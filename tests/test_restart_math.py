@@ -505,3 +505,59 @@ def test_restart_slots_rescales_a_lone_kept_row_of_small_norm_exactly_and_keeps_
     assert torch.allclose(torch.outer(new_up[0, :, 0], new_down[0, 0]), torch.outer(up[0, :, 0], down[0, 0]))
     assert torch.equal(new_down[1, 0], down[1, 0]) and torch.equal(new_up[1, :, 0], up[1, :, 0])
     assert bool(torch.isfinite(new_down).all() and torch.isfinite(new_up).all())
+
+
+# --- exact draws and edges (each pins what a mutation of the math changed unseen) ----------------------------
+
+def test_p_one_keeps_exactly_the_nonzero_components_even_where_the_running_sum_rounds_below_the_total():
+    """Eq. 3 at p = 1 over 300 random float32 spectra with zero tails: the energy before a zero component can
+    round below the total (cumsum and sum add in different orders); a zero component is never kept."""
+    g = gen(40)
+    s = torch.rand(300, 12, generator=g)
+    nonzero = torch.randint(1, 12, (300,), generator=g)
+    s = torch.where(torch.arange(12)[None, :] < nonzero[:, None], s, 0.0).sort(dim=1, descending=True).values
+    assert F.signal_rank(s, 1.0).tolist() == nonzero.tolist()
+
+
+def test_a_per_module_threshold_gives_each_module_the_count_of_its_own_p():
+    """p as a (B,) tensor: energies 4,3,2,1 (total 10) in both rows; p = 0.4 keeps 1 (4 reaches 4), p = 0.75
+    keeps 3 (4 + 3 = 7 is still below 7.5)."""
+    s = torch.tensor([[4.0, 3.0, 2.0, 1.0]] * 2, dtype=torch.float64).sqrt()
+    assert F.signal_rank(s, torch.tensor([0.4, 0.75], dtype=torch.float64)).tolist() == [1, 3]
+
+
+def test_gaussian_refill_adds_the_generators_standard_normal_draws_times_sigma_in_the_factors_dtype():
+    """Planted: the refill is truncated + sigma_b * N(0, 1) drawn from the given generator in float64."""
+    truncated = torch.randn(2, 5, 7, generator=gen(41), dtype=torch.float64)
+    sigma = torch.tensor([0.5, 2.0], dtype=torch.float64)
+    refilled = F.gaussian_refill(truncated, sigma, gen(42))
+    expected = truncated + sigma[:, None, None] * torch.randn(2, 5, 7, generator=gen(42), dtype=torch.float64)
+    assert refilled.dtype == torch.float64
+    assert torch.allclose(refilled, expected, rtol=0, atol=1e-15)
+
+
+def test_restart_slots_refills_the_freed_rows_with_the_generators_draws_times_std_in_the_factors_dtype():
+    """Planted: a freed lora_down row is std * N(0, 1) from the given generator (float64 draws), added, and its
+    lora_up column is zero; a kept slot whose row already has the mean square norm is left exactly."""
+    down = torch.randn(1, 4, 6, generator=gen(43), dtype=torch.float64)
+    up = torch.randn(1, 5, 4, generator=gen(44), dtype=torch.float64)
+    keep = torch.tensor([[True, False, True, False]])
+    row_sq = down[:, [0, 2]].pow(2).sum(dim=2).mean(dim=1)  # the kept rows' own mean: scale 1
+    std = torch.tensor([0.3], dtype=torch.float64)
+    new_down, new_up = F.restart_slots(down, up, keep, row_sq, std, gen(45))
+    draws = torch.randn(1, 4, 6, generator=gen(45), dtype=torch.float64)
+    assert new_down.dtype == torch.float64
+    assert torch.allclose(new_down[0, [1, 3]], 0.3 * draws[0, [1, 3]], rtol=0, atol=1e-15)
+    assert torch.allclose(new_down[0, [0, 2]], down[0, [0, 2]], rtol=0, atol=1e-14)
+    assert torch.count_nonzero(new_up[0, :, [1, 3]]) == 0
+
+
+def test_the_importance_of_one_recorded_input_is_the_size_of_what_each_component_adds_to_it():
+    """count = 1: the mean over one input is that input's square, so importance_j = |t_j . h| (no halving)."""
+    down = torch.randn(1, 3, 8, generator=gen(46), dtype=torch.float64)
+    up = torch.randn(1, 6, 3, generator=gen(47), dtype=torch.float64)
+    x = torch.randn(8, generator=gen(48), dtype=torch.float64)
+    h = down[0] @ x
+    _, _, to_down = F.product_core(down, up)
+    importance = F.component_importance(to_down, torch.outer(h, h)[None], torch.tensor([1]))
+    assert torch.allclose(importance[0], (to_down[0].T @ h).abs(), rtol=1e-12)
