@@ -312,3 +312,52 @@ def test_export_leaves_out_only_the_non_finite_module_of_a_chunk():
     assert result.non_finite == [names[1]]
     assert set(result.ranks) == {names[0], names[2]}
     assert f"{names[0]}.lora_down.weight" in result.tensors and f"{names[1]}.lora_down.weight" not in result.tensors
+
+
+# --- pad_lone_ranks: the one rank layout diffusers 0.32 misreads -----------------------------------------------
+def lora_tensors(name: str, rank: int, out_dim: int, in_dim: int, kernel: tuple, seed: int) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return {f"{name}.lora_down.weight": torch.randn((rank, in_dim) + kernel, generator=g),
+            f"{name}.lora_up.weight": torch.randn((out_dim, rank) + ((1, 1) if kernel else ()), generator=g),
+            f"{name}.alpha": torch.tensor(2.0)}
+
+
+def test_a_part_with_one_lone_rank_is_padded_to_the_common_rank_with_the_same_updates():
+    """Per model part: exactly one module's rank differs -> the lower-rank module(s) are stored at the higher rank,
+    zero rows in lora_down and zero columns in lora_up (conv shapes kept), and every update alpha/k * up @ down
+    the file encodes is unchanged. A lone module of the higher rank pads the others; a part with more than two
+    ranks, or with one rank, is left alone."""
+    from aclora_ext.lora.export import pad_lone_ranks
+
+    tensors = {}
+    # lora_unet: two rank-4 modules (a Linear, a 3x3 conv) and one 3x3 conv at rank 2: the conv is padded to 4
+    tensors |= lora_tensors("lora_unet_a", 4, 6, 5, (), 1) | lora_tensors("lora_unet_b", 4, 6, 3, (3, 3), 2)
+    tensors |= lora_tensors("lora_unet_c", 2, 6, 3, (3, 3), 3)
+    # lora_te1: one module at rank 5, two at rank 3: the two are padded to 5
+    tensors |= lora_tensors("lora_te1_a", 5, 4, 4, (), 4) | lora_tensors("lora_te1_b", 3, 4, 4, (), 5)
+    tensors |= lora_tensors("lora_te1_c", 3, 4, 4, (), 6)
+    # lora_te2: three ranks, none lone against one common rank: left alone
+    for i, rank in enumerate((1, 2, 3)):
+        tensors |= lora_tensors(f"lora_te2_{i}", rank, 4, 4, (), 7 + i)
+    names = sorted({key.rsplit(".", 2)[0] for key in tensors if key.endswith(".weight")})
+    before = {name: file_update(tensors, name) for name in names}
+    stored = {key: value.clone() for key, value in tensors.items()}
+
+    padded = pad_lone_ranks(tensors)
+
+    assert padded == {"lora_unet_c": 2, "lora_te1_b": 3, "lora_te1_c": 3}
+    for name in names:
+        assert torch.allclose(file_update(tensors, name), before[name], rtol=1e-6, atol=1e-7), name
+        down, up = tensors[f"{name}.lora_down.weight"], tensors[f"{name}.lora_up.weight"]
+        assert down.dtype == up.dtype == torch.float32
+        if name not in padded:
+            assert torch.equal(down, stored[f"{name}.lora_down.weight"]), name
+            assert torch.equal(up, stored[f"{name}.lora_up.weight"]), name
+            continue
+        rank, target = padded[name], {"lora_unet_c": 4}.get(name, 5)
+        old_down = stored[f"{name}.lora_down.weight"]
+        assert down.shape == (target,) + tuple(old_down.shape[1:]) and up.shape[1] == target
+        assert up.dim() == stored[f"{name}.lora_up.weight"].dim()
+        assert torch.equal(down[:rank], old_down) and float(down[rank:].abs().sum()) == 0.0
+        assert float(up[:, rank:].abs().sum()) == 0.0
+        assert float(tensors[f"{name}.alpha"]) == 2.0

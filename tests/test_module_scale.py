@@ -101,3 +101,76 @@ def test_a_bf16_network_keeps_the_exact_scale_as_networks_lora_does(sd1_models):
     network.to(torch.bfloat16)  # --full_bf16
     assert float(network.loras[0].alpha) != 0.7  # the buffer rounds ...
     assert network.loras[0].scale == 0.7 / 3  # ... the scale does not
+
+
+# --- sd-scripts' --scale_weight_norms (apply_max_norm_regularization) --------------------------------------
+def test_scale_weight_norms_caps_each_update_at_the_limit_by_scaling_both_factors_alike():
+    """networks.lora's rule, computed here from each module's own update alpha/r * up @ down: a module whose
+    update norm exceeds the limit has both factors scaled by sqrt(limit / norm) (its norm becomes the limit),
+    every other module is left bit-identical (a fresh one, lora_up zero, included); the counts and norms
+    returned are those of the capped updates. Two shape groups and a 3x3 conv, alpha/r != 1."""
+    from aclora_ext.lora.norms import apply_max_norm
+
+    limit = 1.0
+    layers = [nn.Linear(12, 10), nn.Linear(12, 10), nn.Linear(12, 10), nn.Linear(6, 5), nn.Conv2d(4, 6, 3),
+              nn.Linear(12, 10)]
+    modules = [ACLoRAModule(f"lora_{i}", layer, rank=3 if i == 3 else 4, alpha=2.0) for i, layer in enumerate(layers)]
+    targets = [0.05, 2.0, 0.8, 5.0, 3.0, 0.0]  # below half the limit, above, between half and the limit, ...
+
+    def update_norm(m):
+        up, down = (w.detach().reshape(n, -1).double() for w, n in ((m.lora_up.weight, m.out_dim), (m.lora_down.weight, m.rank)))
+        return float((up @ down).norm()) * 2.0 / m.rank
+
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for m, target in zip(modules, targets):
+            if target == 0.0:
+                continue  # a fresh module: lora_up stays zero
+            m.lora_up.weight.copy_(torch.randn(m.lora_up.weight.shape, generator=generator))
+            m.lora_up.weight.mul_(target / update_norm(m))
+    norms = [update_norm(m) for m in modules]
+    before = [(m.lora_down.weight.clone(), m.lora_up.weight.clone()) for m in modules]
+
+    keys_scaled, mean_norm, max_norm = apply_max_norm(modules, limit)
+
+    capped = [min(n, limit) for n in norms]
+    assert keys_scaled == 3
+    assert mean_norm == pytest.approx(sum(capped) / len(capped), rel=1e-5)
+    assert max_norm == pytest.approx(limit, rel=1e-5)
+    for m, n, (down, up) in zip(modules, norms, before):
+        if n > limit:
+            root = math.sqrt(limit / n)
+            assert torch.allclose(m.lora_down.weight, down * root, rtol=1e-5, atol=0)
+            assert torch.allclose(m.lora_up.weight, up * root, rtol=1e-5, atol=0)
+            assert update_norm(m) == pytest.approx(limit, rel=1e-5)
+        else:
+            assert torch.equal(m.lora_down.weight, down) and torch.equal(m.lora_up.weight, up), m.lora_name
+
+
+@pytest.mark.parametrize("alpha", [None, 0])
+def test_set_alpha_none_or_zero_means_the_rank(alpha):
+    module = ACLoRAModule("lora_x", nn.Linear(16, 8), rank=4, alpha=2.0)
+    module.set_alpha(alpha)
+    assert float(module.alpha) == 4.0 and module.scale == 1.0
+
+
+# --- routing the layer's forward through the module ----------------------------------------------------------
+def test_remove_gives_the_layer_its_own_forward_back_and_apply_to_routes_it_again():
+    """apply_to adds the LoRA to the layer's output; remove gives back exactly the layer's own output (twice is
+    harmless); apply_to after remove routes it through the LoRA again."""
+    torch.manual_seed(0)
+    layer = nn.Linear(16, 8)
+    module = ACLoRAModule("lora_x", layer, rank=4, alpha=2.0)
+    with torch.no_grad():
+        module.lora_up.weight.normal_()
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        own = nn.functional.linear(x, layer.weight, layer.bias)  # what Linear.forward computes
+        lora = own + 0.5 * (x @ module.lora_down.weight.T) @ module.lora_up.weight.T
+        module.apply_to()
+        assert torch.allclose(layer(x), lora, atol=1e-6)
+        module.remove()
+        module.remove()
+        assert torch.equal(layer(x), own)
+        module.apply_to()
+        assert torch.allclose(layer(x), lora, atol=1e-6)

@@ -528,3 +528,63 @@ def test_fine_levels_edges_strictly_inside_the_window_never_the_level_itself_and
     # levels 0, 0.05, ..., 0.5: ten cuts 0.025 .. 0.475 inside (0, 0.5); four of them by default, evenly spread
     ladder = [torch.tensor([100.0 * 10 ** (-0.05 * j) for j in range(11)], dtype=torch.float64)]
     assert refine_levels(ladder, 0.25) == pytest.approx([0.025, 0.175, 0.325, 0.475], abs=1e-9)
+
+
+def test_held_slots_are_one_int64_entry_per_slot_and_a_module_holding_none_reads_zeros():
+    """The state's held-slot tensor: every module's slots in order, 1 where held, 0 where in use (a module that
+    holds none: all zeros); ``hold_from`` reads it back into the same held slots."""
+    from aclora_ext.lora.batching import held_slots, hold_from
+    from aclora_ext.lora.module import ACLoRAModule
+
+    modules = [ACLoRAModule("lora_a", nn.Linear(8, 6), rank=4, alpha=4.0),
+               ACLoRAModule("lora_b", nn.Linear(8, 6), rank=3, alpha=3.0),
+               ACLoRAModule("lora_c", nn.Conv2d(4, 6, 3), rank=2, alpha=2.0)]
+    modules[0].hold_slots(torch.tensor([False, True, False, True]))
+    modules[2].hold_slots(torch.tensor([True, False]))
+    row = held_slots(modules)
+    assert row.dtype == torch.int64 and row.tolist() == [0, 1, 0, 1, 0, 0, 0, 1, 0]
+    fresh = [ACLoRAModule(m.lora_name, layer, rank=m.rank, alpha=float(m.rank))
+             for m, layer in zip(modules, (nn.Linear(8, 6), nn.Linear(8, 6), nn.Conv2d(4, 6, 3)))]
+    hold_from(fresh, row)
+    assert [None if m.held is None else m.held.tolist() for m in fresh] == [
+        [False, True, False, True], None, [True, False]]
+
+
+# --- the RESTART history: what a resume and a file's metadata give back ------------------------------------
+def test_the_restart_history_survives_save_state_and_resume_field_by_field():
+    """Every field the resumable state keeps comes back as the RESTART recorded it (the product mode's
+    held-out choice: its source, level and held-out loss; its time to the microsecond; the mode and maximum rank
+    the network has); only the energy share, none in product mode, reads back as None."""
+    model, network, plants = planted_setup([torch.linspace(2.0, 1.0, 3), torch.linspace(1.0, 0.5, 6)], noise=0.5)
+    network.set_validation(held_out_loss(model, [p.truth for p in plants]))
+    network.restart()
+    _, fresh, _ = planted_setup([torch.linspace(2.0, 1.0, 3), torch.linspace(1.0, 0.5, 6)], noise=0.5)
+    fresh.load_state_dict(network.state_dict())
+    (was,), (back,) = network.history, fresh.history
+    assert was.p_source == "validation" and was.validation_loss is not None and was.seconds > 0
+    assert (back.index, back.epoch, back.step, back.loss, back.ranks) == (was.index, was.epoch, was.step, was.loss,
+                                                                         was.ranks)
+    assert back.p is None and math.isnan(was.p)
+    assert (back.alpha, back.mode, back.max_rank, back.p_source) == (was.alpha, "product", R, "validation")
+    assert back.seconds == pytest.approx(was.seconds, abs=1e-6)
+    assert back.level == pytest.approx(was.level, abs=1e-8)
+    assert back.validation_loss == pytest.approx(was.validation_loss, abs=1e-8)
+
+
+def test_a_history_entry_reads_back_as_the_restart_it_records():
+    """``RestartReport.from_entry`` on ``entry()`` gives the same RESTART; an entry without the optional keys
+    reads as 0 s and the loss rule, without a level; without a mode and maximum rank given, the mode is unnamed
+    and the maximum rank is the largest rank listed (0 with none)."""
+    from aclora_ext.lora.report import RestartReport
+
+    report = RestartReport(index=3, epoch=2, step=40, p=None, loss=0.25, alpha=0.5, mode="product",
+                           ranks={"lora_a": 3, "lora_b": 5}, max_rank=8, seconds=1.5, p_source="validation",
+                           level=1.25, validation_loss=0.125)
+    back = RestartReport.from_entry(json.loads(json.dumps(report.entry())), ["lora_a", "lora_b"], "product", 8)
+    assert back.entry() == report.entry()
+    assert (back.mode, back.max_rank, back.ranks) == ("product", 8, {"lora_a": 3, "lora_b": 5})
+    bare = {"index": 1, "epoch": 0, "step": 10, "p": 0.9, "loss": 0.5, "alpha": 1.0, "ranks": [2, 4]}
+    old = RestartReport.from_entry(bare, ["lora_a", "lora_b"])
+    assert (old.seconds, old.p_source, old.level, old.validation_loss) == (0.0, "loss", None, None)
+    assert (old.mode, old.max_rank) == ("", 4)
+    assert RestartReport.from_entry({**bare, "ranks": []}, []).max_rank == 0

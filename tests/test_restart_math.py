@@ -561,3 +561,133 @@ def test_the_importance_of_one_recorded_input_is_the_size_of_what_each_component
     _, _, to_down = F.product_core(down, up)
     importance = F.component_importance(to_down, torch.outer(h, h)[None], torch.tensor([1]))
     assert torch.allclose(importance[0], (to_down[0].T @ h).abs(), rtol=1e-12)
+
+
+@pytest.mark.parametrize("poisoned", ["lora_down", "lora_up"])
+def test_a_non_finite_float32_restart_is_redone_in_float64_one_module_at_a_time(poisoned, monkeypatch, caplog):
+    """Paper mode: a chunk whose float32 RESTART gives a non-finite factor (either one) writes nothing of it; each
+    module is redone alone in float64 with the chunk's generator (seed * 1_000_003 + chunk number, continuing
+    where the float32 attempt left it), and the log says so. Expected factors: that sequence of calls, here."""
+    real = F.restart_paper
+
+    def poisoning(down, up, *args):
+        new_down, new_up, k = real(down, up, *args)
+        if down.dtype == torch.float32:
+            (new_down if poisoned == "lora_down" else new_up)[0, 0, 0] = math.nan
+        return new_down, new_up, k
+
+    from aclora_ext.lora.module import ACLoRAModule
+
+    monkeypatch.setattr(F, "restart_paper", poisoning)
+    g = torch.Generator().manual_seed(0)
+    modules = [ACLoRAModule(f"lora_{i}", nn.Linear(10, 8), rank=4, alpha=4.0) for i in range(2)]
+    with torch.no_grad():
+        for m in modules:
+            m.lora_down.weight.copy_(torch.randn(4, 10, generator=g))
+            m.lora_up.weight.copy_(torch.randn(8, 4, generator=g))
+    down = torch.stack([m.down_matrix().detach().clone() for m in modules])
+    up = torch.stack([m.up_matrix().detach().clone() for m in modules])
+    with caplog.at_level(logging.WARNING):
+        ranks, skipped = restart_lib.restart_modules(modules, p=0.9, energy="squared", min_rank=1, seed=5)
+    chunk = torch.Generator().manual_seed(5 * 1_000_003 + 1)
+    real(down, up, 0.9, "squared", 1, chunk)  # the float32 attempt draws from the chunk's generator first
+    assert skipped == []
+    for j, m in enumerate(modules):
+        one_down, one_up, k = real(down[j:j + 1].double(), up[j:j + 1].double(), 0.9, "squared", 1, chunk)
+        assert ranks[j] == int(k[0])
+        assert torch.allclose(m.down_matrix(), one_down[0].float(), atol=1e-6)
+        assert torch.allclose(m.up_matrix(), one_up[0].float(), atol=1e-6)
+    assert ("AC-LoRA RESTART: float32 decomposition failed for 2 module(s) (non-finite result); retrying one by one "
+            "in float64") in caplog.text
+
+
+def test_the_product_analysis_measures_each_component_against_its_layers_output_rms():
+    """``analyse_modules`` from planted training records: module j's component i has importance
+    s_i * RMS(v_i . x) / RMS(layer output), with s_i, v_i the SVD of its update alpha/r * up @ down (computed
+    here in float64 from the explicit update) and the RMSs over the inputs and outputs recorded; a module with
+    no records keeps its singular values as importances (measured False). Row statistics are the old lora_down's."""
+    from aclora_ext.lora.module import ACLoRAModule
+
+    g = torch.Generator().manual_seed(11)
+    modules = [ACLoRAModule(f"lora_{i}", nn.Linear(10, 7), rank=4, alpha=2.0) for i in range(3)]
+    with torch.no_grad():
+        for m in modules:
+            m.lora_down.weight.copy_(torch.randn(4, 10, generator=g))
+            m.lora_up.weight.copy_(torch.randn(7, 4, generator=g))
+    inputs = {m.lora_name: torch.randn(50 + 10 * i, 10, generator=g) for i, m in enumerate(modules[:2])}
+    outputs = {"lora_0": (3.7, 35), "lora_1": (2.0 * 3.7, 70)}  # (sum of squares, entries): equal RMS, other counts
+    stats = {}
+    for name, x in inputs.items():
+        h = x @ dict((m.lora_name, m) for m in modules)[name].lora_down.weight.detach().T
+        out_sq, numel = outputs[name]
+        stats[name] = analysis.InputStats(h.T @ h, x.shape[0], torch.tensor(out_sq), numel)
+    spectra, skipped = analysis.analyse_modules(modules, stats, rebase=False)
+    assert skipped == []
+    for j, m in enumerate(modules):
+        down, up = m.down_matrix().detach().double(), m.up_matrix().detach().double()
+        _, s, vh = torch.linalg.svd(0.5 * up @ down)
+        s = s[:4]
+        sp = spectra[j]
+        assert torch.allclose(sp.s.double(), s, rtol=1e-5)
+        assert sp.row_sq == pytest.approx(float(down.pow(2).sum()) / 4, rel=1e-6)
+        assert sp.std == pytest.approx(float(down.std()), rel=1e-5)
+        if m.lora_name in inputs:
+            x = inputs[m.lora_name].double()
+            out_sq, numel = outputs[m.lora_name]
+            expected = s * (x @ vh[:4].T).pow(2).mean(dim=0).sqrt() / math.sqrt(out_sq / numel)
+            assert sp.measured and torch.allclose(sp.importance.double(), expected, rtol=1e-4)
+        else:
+            assert not sp.measured and torch.allclose(sp.importance.double(), s, rtol=1e-5)
+
+
+def test_the_training_records_start_anew_after_a_restart():
+    """``InputStats.reset`` (every RESTART, ``RankSearch.reset_stats``): the next importances come from the steps
+    that follow only, so every sum and count is zero again (and a record without outputs stays without)."""
+    stats = analysis.InputStats(torch.ones(3, 3), 5, torch.tensor(9.0), 12, 4)
+    bare = analysis.InputStats(torch.ones(2, 2), 2)
+    stats.reset()
+    bare.reset()
+    assert float(stats.gram.abs().sum()) == 0.0 and float(stats.out_sq) == 0.0
+    assert (stats.count, stats.out_numel, stats.out_calls, stats.measured) == (0, 0, 0, False)
+    assert bare.out_sq is None and float(bare.gram.abs().sum()) == 0.0 and bare.count == 0
+
+
+def test_each_chunk_of_a_product_restart_draws_its_own_refill_noise(monkeypatch):
+    """Two identical modules restarted in two chunks (one module each): their freed lora_down rows are refilled
+    with different noise (one generator per chunk, each of its own seed), their kept slots alike."""
+    from aclora_ext.lora.module import ACLoRAModule
+
+    monkeypatch.setattr(F, "chunk_size", lambda *args, **kwargs: 1)
+    g = torch.Generator().manual_seed(2)
+    down, up = torch.randn(4, 10, generator=g), torch.randn(7, 4, generator=g)
+    modules = [ACLoRAModule(f"lora_{i}", nn.Linear(10, 7), rank=4, alpha=4.0) for i in range(2)]
+    with torch.no_grad():
+        for m in modules:
+            m.lora_down.weight.copy_(down)
+            m.lora_up.weight.copy_(up)
+    keep = torch.tensor([True, True, False, False])
+    new, skipped = analysis.restart_product(modules, {}, lambda spectra: {i: keep for i in spectra}, seed=0)
+    assert skipped == [] and new == {0: 2, 1: 2}
+    first, second = (m.down_matrix().detach() for m in modules)
+    assert torch.allclose(first[:2], second[:2]) and torch.allclose(modules[0].up_matrix(), modules[1].up_matrix())
+    assert not torch.allclose(first[2:], second[2:])  # the freed rows: noise of two generators
+
+
+def test_a_product_restart_refills_the_same_noise_for_the_same_seed_whatever_the_global_generator():
+    """The ``seed`` option makes a product-mode RESTART reproducible: the same factors and seed give bit-identical
+    refills, however torch's global generator was left (the run's own draws never feed them)."""
+    from aclora_ext.lora.module import ACLoRAModule
+
+    g = torch.Generator().manual_seed(4)
+    down, up = torch.randn(4, 10, generator=g), torch.randn(7, 4, generator=g)
+    keep = torch.tensor([True, False, True, False])
+    results = []
+    for global_seed in (1, 2):
+        torch.manual_seed(global_seed)
+        m = ACLoRAModule("lora_0", nn.Linear(10, 7), rank=4, alpha=4.0)
+        with torch.no_grad():
+            m.lora_down.weight.copy_(down)
+            m.lora_up.weight.copy_(up)
+        analysis.restart_product([m], {}, lambda spectra: {i: keep for i in spectra}, seed=7)
+        results.append((m.down_matrix().detach().clone(), m.up_matrix().detach().clone()))
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
