@@ -587,7 +587,7 @@ def test_a_non_finite_float32_restart_is_redone_in_float64_one_module_at_a_time(
             m.lora_up.weight.copy_(torch.randn(8, 4, generator=g))
     down = torch.stack([m.down_matrix().detach().clone() for m in modules])
     up = torch.stack([m.up_matrix().detach().clone() for m in modules])
-    with caplog.at_level(logging.WARNING):
+    with caplog.at_level(logging.WARNING, logger="aclora_ext"):
         ranks, skipped = restart_lib.restart_modules(modules, p=0.9, energy="squared", min_rank=1, seed=5)
     chunk = torch.Generator().manual_seed(5 * 1_000_003 + 1)
     real(down, up, 0.9, "squared", 1, chunk)  # the float32 attempt draws from the chunk's generator first
