@@ -55,6 +55,9 @@ class ACLoRAConfig:
     x_mod_dim: Optional[int] = None
     emb_dims: Optional[tuple[int, ...]] = None
     train_block_indices: BlockSelection = "all"
+    train_llm_adapter: bool = False  # Anima
+    exclude_patterns: Optional[tuple[str, ...]] = None
+    include_patterns: Optional[tuple[str, ...]] = None
     train_t5xxl: bool = False
     split_qkv: bool = False
     network_reg_dims: Optional[tuple[tuple[str, int], ...]] = None

@@ -4,9 +4,10 @@ meaning. A rank given here is that layer's maximum rank: the rank search still d
 from __future__ import annotations
 
 from ..option import Option
+from .anima_layers import ANIMA_OPTIONS
 
 #: the model families (families/ adapters) by their option key, as messages name them
-FAMILIES = {"sd": "SD1.x/2.x/SDXL", "flux": "FLUX.1", "sd3": "SD3/SD3.5"}
+FAMILIES = {"sd": "SD1.x/2.x/SDXL", "flux": "FLUX.1", "sd3": "SD3/SD3.5", "anima": "Anima"}
 _FLUX, _SD3, _DIT = ("flux",), ("sd3",), ("flux", "sd3")
 
 
@@ -102,8 +103,8 @@ SHARED_OPTIONS: tuple[Option, ...] = (
         None,
         "Maximum rank by LoRA module name: comma-separated pattern=rank pairs (re.search on the name, "
         "e.g. double_blocks_0_=16; the first match wins over network_dim, conv_dim and the per-type ranks; "
-        "0: no LoRA there).",
+        "0: no LoRA there). Anima: re.fullmatch on the dotted module path, as lora_anima (blocks\\.0\\..*=16).",
     ),
 )
 
-LAYER_OPTIONS: tuple[Option, ...] = FLUX_OPTIONS + SD3_OPTIONS + SHARED_OPTIONS
+LAYER_OPTIONS: tuple[Option, ...] = FLUX_OPTIONS + SD3_OPTIONS + ANIMA_OPTIONS + SHARED_OPTIONS
