@@ -11,12 +11,12 @@ from typing import Any, Iterable, Optional, Sequence
 from torch import nn
 
 from ..files.storage import LoRAFileError
-from . import flux, lumina, sd, sd3
+from . import anima, flux, lumina, sd, sd3
 from .base import Family, Target
 from .lumina import FILE_PREFIXES as LUMINA_PREFIXES
 
 #: the registered families, the most specific first (``sd`` takes whatever the others do not recognise)
-FAMILIES: tuple[Family, ...] = (flux.FAMILY, sd3.FAMILY, lumina.FAMILY, sd.FAMILY)
+FAMILIES: tuple[Family, ...] = (flux.FAMILY, sd3.FAMILY, lumina.FAMILY, anima.FAMILY, sd.FAMILY)
 
 
 def detect(unet: nn.Module, text_encoders: Sequence[Any]) -> Family:
@@ -34,16 +34,22 @@ def is_sdxl(unet: nn.Module, text_encoders: Sequence[nn.Module]) -> bool:
 
 
 def model_family(names: Iterable[str]) -> Optional[str]:
-    """ "FLUX.1", "SD3", "Lumina 2", "SDXL" or "SD1.x/2.x" from kohya module names, or None when they do not tell.
+    """ "FLUX.1", "SD3", "Lumina 2", "Anima", "SDXL" or "SD1.x/2.x" from kohya module names, or None when they
+    do not tell.
 
     The DiT blocks name FLUX.1 (double_blocks/single_blocks) and SD3 (joint_blocks) files; SD3 has
     three text encoders (lora_te1_/lora_te2_/lora_te3_), FLUX.1 two (lora_te1_, lora_te3_), SDXL two
     (lora_te1_, lora_te2_) and, from sd-scripts' own U-Net, input_blocks/middle_block/output_blocks;
     SD1.x/2.x files have one text encoder, lora_te_. A file of lora_te1_ modules alone could be any
-    of the last three. Lumina 2 files name its blocks (lora_unet_layers_, ..._refiner_) or caption embedder; a
-    file of Gemma2 modules alone (lora_te_layers_: a decoder LM's, not CLIP's text_model) does not tell.
+    of the last three. Lumina 2 files name its blocks (lora_unet_layers_, ..._refiner_) or caption embedder;
+    Anima files name their DiT ``lora_unet_blocks_N_...``. A file of a decoder LM's modules alone (Lumina 2's
+    Gemma2, Anima's Qwen3: ``lora_te_layers_N_...``, not CLIP's text_model) does not tell its model.
     """
     names = list(names)
+    if anima.names_are_anima(names):
+        return "Anima"
+    if anima.names_have_llm_text_encoder(names):
+        return None  # Anima's Qwen3 or another decoder LLM, not SD1.x's CLIP: the names alone do not tell
 
     def has(*prefixes: str) -> bool:
         return any(n.startswith(prefixes) for n in names)
@@ -67,10 +73,10 @@ def model_family(names: Iterable[str]) -> Optional[str]:
 
 def check_model_family(file_names: Iterable[str], model_names: Iterable[str], source: str) -> None:
     """Refuse, by name, a file for one model family given to a model of another (SD1.x/2.x, SDXL, FLUX.1, SD3,
-    Lumina 2)."""
+    Lumina 2, Anima)."""
     ours, theirs = model_family(file_names), model_family(model_names)
     if ours and theirs and ours != theirs:
-        article = "an" if ours.startswith("S") else "a"  # an SDXL, an SD3, a FLUX.1
+        article = "an" if ours.startswith(("S", "A")) else "a"  # an SDXL, an SD3, an Anima, a FLUX.1
         raise LoRAFileError(
             f"{source}: this LoRA is for {article} {ours} model, but the model given is {theirs} "
             "(another model's LoRA cannot be loaded)"

@@ -60,6 +60,9 @@ class ACLoRAConfig:
     mod_dim: Optional[int] = None
     refiner_dim: Optional[int] = None
     embedder_dims: Optional[tuple[int, ...]] = None
+    train_llm_adapter: bool = False  # Anima
+    exclude_patterns: Optional[tuple[str, ...]] = None
+    include_patterns: Optional[tuple[str, ...]] = None
     train_t5xxl: bool = False
     split_qkv: bool = False
     network_reg_dims: Optional[tuple[tuple[str, int], ...]] = None

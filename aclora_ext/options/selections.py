@@ -1,18 +1,20 @@
 """The value kinds that select layers, as sd-scripts' networks.lora_flux / lora_sd3 spell them.
 
 ``ints``: a fixed number of ranks ("4,0,8,0,0" or "[4,0,8,0,0]"); ``blocks``: "all", "none" or indices and
-inclusive ranges ("0,2-5"); ``regex_dims``: pattern=rank pairs ("double_blocks_0_=16,single=8"). A parser here
+inclusive ranges ("0,2-5"); ``regex_dims``: pattern=rank pairs ("double_blocks_0_=16,single=8"); ``patterns``:
+regular expressions as a Python literal, as lora_anima reads them ("['.*mlp.*', '.*attn.*']"). A parser here
 raises ValueError, TypeError or re.error; :class:`~aclora_ext.options.option.Option` turns that into the
 message naming the key, the value and what is allowed.
 """
 
 from __future__ import annotations
 
+import ast
 import re
 from typing import Any, Mapping, Optional, Union
 
 #: the kinds of :class:`~aclora_ext.options.option.Option` parsed here
-LAYER_KINDS = ("ints", "blocks", "regex_dims")
+LAYER_KINDS = ("ints", "blocks", "regex_dims", "patterns")
 #: a block selection: "all", or the indices of the blocks that get a LoRA
 BlockSelection = Union[str, tuple[int, ...]]
 
@@ -23,6 +25,8 @@ def layer_kind_allowed(kind: str, length: Optional[int]) -> str:
         return f"{length} integers >= 0, comma-separated, brackets optional (or none)"
     if kind == "blocks":
         return "all, none, or block indices and inclusive ranges, comma-separated (e.g. 0,2-5)"
+    if kind == "patterns":
+        return "a Python literal: a quoted regular expression or a list of them, e.g. ['.*mlp.*'] (or none)"
     return (
         "comma-separated pattern=rank pairs, each pattern a regular expression and each rank an integer >= 0 (or none)"
     )
@@ -34,6 +38,8 @@ def parse_layer_kind(kind: str, raw: Any, length: Optional[int]) -> Any:
         return parse_blocks(raw)
     if kind == "ints":
         return parse_ints(raw, length)
+    if kind == "patterns":
+        return parse_patterns(raw)
     return parse_regex_dims(raw)
 
 
@@ -95,6 +101,21 @@ def parse_regex_dims(raw: Any) -> tuple[tuple[str, int], ...]:
     if not parsed:
         raise ValueError(raw)
     return tuple(parsed)
+
+
+def parse_patterns(raw: Any) -> tuple[str, ...]:
+    """A regular expression or a list of them, written as a Python literal (``ast.literal_eval``, as
+    lora_anima reads include_patterns / exclude_patterns), each one valid."""
+    try:
+        value = ast.literal_eval(raw.strip()) if isinstance(raw, str) else raw
+    except SyntaxError:  # an unquoted regular expression, most often
+        raise ValueError(raw) from None
+    patterns = list(value) if isinstance(value, (list, tuple)) else [value]
+    if not patterns or not all(isinstance(p, str) and p for p in patterns):
+        raise ValueError(raw)
+    for pattern in patterns:
+        re.compile(pattern)
+    return tuple(patterns)
 
 
 def _index(text: str) -> int:

@@ -17,9 +17,12 @@ from __future__ import annotations
 import re
 from typing import Iterable, Mapping, Optional
 
+from .anima_names import ANIMA_PART_LABELS, anima_model, locate_anima
+from .anima_names import TEXT_ENCODERS as ANIMA_TEXT_ENCODERS
+
 FLUX, SD3 = "FLUX.1", "SD3"
 #: parts of a DiT file, in the model's order (after the text encoders)
-DIT_PARTS = ("dit_in", "double", "single", "joint", "dit_out")
+DIT_PARTS = ("llm_adapter", "dit_in", "double", "single", "joint", "blocks", "dit_out")
 DIT_PART_LABELS = {
     "te3": "text encoder 3",
     "dit_in": "DiT input layers",
@@ -27,9 +30,11 @@ DIT_PART_LABELS = {
     "single": "single blocks",
     "joint": "joint blocks",
     "dit_out": "DiT final layer",
+    **ANIMA_PART_LABELS,
 }
 #: what the text encoders of a DiT file are
 TEXT_ENCODERS = {FLUX: {"te1": "CLIP-L", "te3": "T5-XXL"}, SD3: {"te1": "CLIP-L", "te2": "CLIP-G", "te3": "T5-XXL"}}
+TEXT_ENCODERS.update(ANIMA_TEXT_ENCODERS)
 
 _DOUBLE = re.compile(r"lora_unet_double_blocks_(\d+)_")
 _SINGLE = re.compile(r"lora_unet_single_blocks_(\d+)_")
@@ -48,7 +53,10 @@ def _input_layer_of(rest: str) -> Optional[str]:
 
 
 def locate_dit(name: str) -> Optional[tuple[str, str]]:
-    """(part, block) of a FLUX.1 / SD3 DiT module name, or None when the name is not one."""
+    """(part, block) of a FLUX.1 / SD3 / Anima DiT module name, or None when the name is not one."""
+    anima = locate_anima(name)
+    if anima:
+        return anima
     found = _DOUBLE.match(name)
     if found:
         return "double", f"double_blocks.{found[1]}"
@@ -118,6 +126,9 @@ def dit_model(names: Iterable[str], meta: Mapping[str, str]) -> Optional[str]:
     the metadata when it says, else from the names (an SD3 file with ``x_block_attn2`` modules is SD3.5
     medium); None for other files."""
     names = list(names)
+    anima = anima_model(names, meta)
+    if anima:
+        return anima
     family = family_from_names(names)
     named = model_from_metadata(meta)
     if named and (

@@ -3,7 +3,8 @@
 The sample-config tests check every key of ``sample_configs/*.toml`` against
 the arguments that sd-scripts' LoRA trainers (``train_network.py``,
 ``sdxl_train_network.py``, ``flux_train_network.py``, ``sd3_train_network.py``,
-``lumina_train_network.py``) accept. CI has no sd-scripts, so that list is stored as test data; run this
+``lumina_train_network.py``, ``anima_train_network.py``) accept. CI has no sd-scripts, so that list is stored as
+test data; run this
 again when sd-scripts changes::
 
     python tests/data/make_sd_scripts_args.py /path/to/sd-scripts
@@ -32,7 +33,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-SCRIPTS = ("train_network", "sdxl_train_network", "flux_train_network", "sd3_train_network", "lumina_train_network")
+SCRIPTS = (
+    "train_network",
+    "sdxl_train_network",
+    "flux_train_network",
+    "sd3_train_network",
+    "lumina_train_network",
+    "anima_train_network",
+)
 DEFAULT_OUTPUT = Path(__file__).with_name("sd_scripts_args.txt")
 ONLY_MARK = "# only:"
 

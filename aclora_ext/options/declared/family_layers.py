@@ -4,12 +4,13 @@ meaning. A rank given here is that layer's maximum rank: the rank search still d
 from __future__ import annotations
 
 from ..option import Option
+from .anima_layers import ANIMA_OPTIONS
 
 #: lora_lumina's train_blocks beside "all" (families/lumina.py selects by them)
 LUMINA_TRAIN_BLOCKS = ("transformer", "refiners", "noise_refiner", "context_refiner")
 
 #: the model families (families/ adapters) by their option key, as messages name them
-FAMILIES = {"sd": "SD1.x/2.x/SDXL", "flux": "FLUX.1", "sd3": "SD3/SD3.5", "lumina": "Lumina 2"}
+FAMILIES = {"sd": "SD1.x/2.x/SDXL", "flux": "FLUX.1", "sd3": "SD3/SD3.5", "lumina": "Lumina 2", "anima": "Anima"}
 _FLUX, _SD3, _DIT = ("flux",), ("sd3",), ("flux", "sd3")
 _LUMINA = ("lumina",)
 
@@ -125,8 +126,8 @@ SHARED_OPTIONS: tuple[Option, ...] = (
         None,
         "Maximum rank by LoRA module name: comma-separated pattern=rank pairs (re.search on the name, "
         "e.g. double_blocks_0_=16; the first match wins over network_dim, conv_dim and the per-type ranks; "
-        "0: no LoRA there).",
+        "0: no LoRA there). Anima: re.fullmatch on the dotted module path, as lora_anima (blocks\\.0\\..*=16).",
     ),
 )
 
-LAYER_OPTIONS: tuple[Option, ...] = FLUX_OPTIONS + SD3_OPTIONS + LUMINA_OPTIONS + SHARED_OPTIONS
+LAYER_OPTIONS: tuple[Option, ...] = FLUX_OPTIONS + SD3_OPTIONS + LUMINA_OPTIONS + ANIMA_OPTIONS + SHARED_OPTIONS

@@ -11,6 +11,7 @@ from typing import Any, Mapping, Optional
 
 from ...harness.architectures import NATIVE_RESOLUTION
 from .family_args import DIT_IGNORED, check_family_arguments, detect_family, detect_variant, refuse_unmodelled
+from .not_counted import refuse_not_counted
 from .setup import OPTIMIZERS, Setup, VramError
 
 
@@ -155,6 +156,7 @@ def setup_from_arguments(
 ) -> tuple[Setup, list[str]]:
     """A Setup from sd-scripts arguments ({key: (value, where it came from)}); also the notes on what was read.
     ``family`` / ``variant``: --family / --variant (else told from the arguments, see ``family_args``)."""
+    refuse_not_counted(arguments)
     notes: list[str] = []
     values: dict[str, Any] = {}
     ignored = []

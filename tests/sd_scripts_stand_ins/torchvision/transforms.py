@@ -1,4 +1,5 @@
-"""``Compose``, ``ToTensor`` and ``Normalize`` with torchvision's documented semantics; nothing else."""
+"""``Compose``, ``ToTensor``, ``Normalize`` and ``functional.resize`` (nearest only: Anima's DiT resizes its padding
+mask with it) with torchvision's documented semantics; nothing else."""
 
 from __future__ import annotations
 
@@ -46,8 +47,22 @@ class Normalize:
         return (tensor - mean) / std
 
 
+class InterpolationMode:
+    NEAREST = "nearest"
+
+
 class _Missing(ModuleType):
-    """``transforms.functional``: sd-scripts only uses it outside LoRA training (preprocessing, sampling)."""
+    """``transforms.functional``: sd-scripts uses only ``resize`` (nearest) of it in LoRA training."""
+
+    @staticmethod
+    def resize(tensor: torch.Tensor, size, interpolation=InterpolationMode.NEAREST) -> torch.Tensor:
+        """A ...xHxW tensor resized to ``size`` (h, w) by nearest neighbour, as torchvision does for tensors."""
+        if interpolation != InterpolationMode.NEAREST:
+            raise NotImplementedError(f"resize with {interpolation!r} is not part of the test stand-in")
+        lead = tensor.shape[:-2]
+        flat = tensor.reshape(-1, 1, *tensor.shape[-2:])
+        resized = torch.nn.functional.interpolate(flat.float(), size=list(size), mode="nearest").to(tensor.dtype)
+        return resized.reshape(*lead, *resized.shape[-2:])
 
     def __getattr__(self, name: str):
         raise NotImplementedError(f"torchvision.transforms.functional.{name} is not part of the test stand-in for "
