@@ -1,5 +1,6 @@
 """Model families: which layers of a model get a LoRA and how they are named, one adapter file per
-family (``sd``: SD1.x/2.x and SDXL; ``flux``: FLUX.1; ``sd3``: SD3/SD3.5), on the shared rules of
+family (``sd``: SD1.x/2.x and SDXL; ``flux``: FLUX.1 and Chroma; ``sd3``: SD3/SD3.5; ``hunyuan_image``:
+HunyuanImage-2.1), on the shared rules of
 ``base``. A family is recognised from the model sd-scripts hands over (class names and attributes,
 never by importing sd-scripts). Nothing outside this folder knows an architecture.
 """
@@ -11,11 +12,11 @@ from typing import Any, Iterable, Optional, Sequence
 from torch import nn
 
 from ..files.storage import LoRAFileError
-from . import flux, sd, sd3
+from . import flux, hunyuan_image, sd, sd3
 from .base import Family, Target
 
 #: the registered families, the most specific first (``sd`` takes whatever the others do not recognise)
-FAMILIES: tuple[Family, ...] = (flux.FAMILY, sd3.FAMILY, sd.FAMILY)
+FAMILIES: tuple[Family, ...] = (flux.FAMILY, sd3.FAMILY, hunyuan_image.FAMILY, sd.FAMILY)
 
 
 def detect(unet: nn.Module, text_encoders: Sequence[Any]) -> Family:
@@ -33,9 +34,11 @@ def is_sdxl(unet: nn.Module, text_encoders: Sequence[nn.Module]) -> bool:
 
 
 def model_family(names: Iterable[str]) -> Optional[str]:
-    """ "FLUX.1", "SD3", "SDXL" or "SD1.x/2.x" from kohya module names, or None when the names do not tell.
+    """ "FLUX.1", "SD3", "HunyuanImage-2.1", "SDXL" or "SD1.x/2.x" from kohya module names, or None when the
+    names do not tell.
 
-    The DiT blocks name FLUX.1 (double_blocks/single_blocks) and SD3 (joint_blocks) files; SD3 has
+    The DiT blocks name FLUX.1 and HunyuanImage-2.1 (double_blocks/single_blocks; their layers' own
+    names tell the two apart, ``hunyuan_image.file_family``) and SD3 (joint_blocks) files; SD3 has
     three text encoders (lora_te1_/lora_te2_/lora_te3_), FLUX.1 two (lora_te1_, lora_te3_), SDXL two
     (lora_te1_, lora_te2_) and, from sd-scripts' own U-Net, input_blocks/middle_block/output_blocks;
     SD1.x/2.x files have one text encoder, lora_te_. A file of lora_te1_ modules alone could be any
@@ -49,7 +52,7 @@ def model_family(names: Iterable[str]) -> Optional[str]:
     if has("lora_unet_joint_blocks_") or (has("lora_te3_") and has("lora_te2_")):
         return "SD3"
     if has("lora_unet_double_blocks_", "lora_unet_single_blocks_"):
-        return "FLUX.1"
+        return hunyuan_image.file_family(names)
     if has("lora_te3_"):
         return None
     if has("lora_te2_", "lora_unet_input_blocks_", "lora_unet_middle_block_", "lora_unet_output_blocks_"):
@@ -60,10 +63,11 @@ def model_family(names: Iterable[str]) -> Optional[str]:
 
 
 def check_model_family(file_names: Iterable[str], model_names: Iterable[str], source: str) -> None:
-    """Refuse, by name, a file for one model family given to a model of another (SD1.x/2.x, SDXL, FLUX.1, SD3)."""
+    """Refuse, by name, a file for one model family given to a model of another (SD1.x/2.x, SDXL, FLUX.1, SD3,
+    HunyuanImage-2.1)."""
     ours, theirs = model_family(file_names), model_family(model_names)
     if ours and theirs and ours != theirs:
-        article = "an" if ours.startswith("S") else "a"  # an SDXL, an SD3, a FLUX.1
+        article = "an" if ours.startswith("S") else "a"  # an SDXL, an SD3, a FLUX.1, a HunyuanImage-2.1
         raise LoRAFileError(
             f"{source}: this LoRA is for {article} {ours} model, but the model given is {theirs} "
             "(another model's LoRA cannot be loaded)"

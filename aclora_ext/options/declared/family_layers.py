@@ -6,8 +6,9 @@ from __future__ import annotations
 from ..option import Option
 
 #: the model families (families/ adapters) by their option key, as messages name them
-FAMILIES = {"sd": "SD1.x/2.x/SDXL", "flux": "FLUX.1", "sd3": "SD3/SD3.5"}
+FAMILIES = {"sd": "SD1.x/2.x/SDXL", "flux": "FLUX.1", "sd3": "SD3/SD3.5", "hunyuan_image": "HunyuanImage-2.1"}
 _FLUX, _SD3, _DIT = ("flux",), ("sd3",), ("flux", "sd3")
+_SPLIT_QKV = _DIT + ("hunyuan_image",)  # lora_hunyuan_image's split_qkv saves as lora_flux's does
 
 
 def _dim(name: str, what: str, families: tuple[str, ...]) -> Option:
@@ -94,7 +95,7 @@ SHARED_OPTIONS: tuple[Option, ...] = (
         "unchanged, so every consumer applies a third (FLUX.1 single blocks: a quarter) of the trained update; "
         "AC-LoRA gives the fused layer the rank it needs instead.",
         optional=False,
-        families=_DIT,
+        families=_SPLIT_QKV,
     ),
     Option(
         "network_reg_dims",
