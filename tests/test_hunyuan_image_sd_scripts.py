@@ -140,6 +140,37 @@ def test_our_hunyuan_image_files_and_theirs_load_both_ways_at_every_modules_rank
         torch.testing.assert_close(m.delta_weight(), expected, rtol=1e-5, atol=1e-6)
 
 
+def test_sd_scripts_comfy_converter_keeps_every_module_of_our_file_at_its_own_rank(sd, dit, tmp_path):
+    """networks/convert_hunyuan_image_lora_to_comfy.py renames double/single-block layers to ComfyUI's
+    (FLUX) names; run in process on our variable-rank file, and back with --reverse."""
+    import networks.convert_hunyuan_image_lora_to_comfy as convert
+
+    source = pretend_trained(create_network(1.0, 6, 2.0, None, [None, None], dit, restart_mode="off",
+                                            network_reg_dims="img_mod=1,mlp_fc2=2,single_blocks_0_=3,linear2=5"))
+    ours_file, comfy, back = (str(tmp_path / f"{n}.safetensors") for n in ("ours", "comfy", "back"))
+    source.save_weights(ours_file, torch.float32, {"ss_base_model_version": "hunyuan-image-2.1"})
+    convert.main(argparse.Namespace(src_path=ours_file, dst_path=comfy, reverse=False))
+    renamed = {"img_mlp_fc1": "img_mlp_0", "img_mlp_fc2": "img_mlp_2", "img_mod_linear": "img_mod_lin",
+               "txt_mlp_fc1": "txt_mlp_0", "txt_mlp_fc2": "txt_mlp_2", "txt_mod_linear": "txt_mod_lin",
+               "modulation_linear": "modulation_lin"}
+
+    def comfy_name(name):
+        return next((name.replace(a, b) for a, b in renamed.items() if name.endswith(a)), name)
+
+    converted = load_file(comfy)
+    expected = {comfy_name(m.lora_name): m.rank for m in source.loras}
+    assert {k[: -len(".lora_down.weight")]: v.shape[0] for k, v in converted.items()
+            if k.endswith(".lora_down.weight")} == expected
+    assert len(set(expected.values())) == 5
+    original = load_file(ours_file)
+    for m in source.loras:
+        for part in ("lora_down.weight", "lora_up.weight", "alpha"):
+            assert torch.equal(converted[f"{comfy_name(m.lora_name)}.{part}"], original[f"{m.lora_name}.{part}"])
+    convert.main(argparse.Namespace(src_path=comfy, dst_path=back, reverse=True))
+    network, weights = sd.lora_hunyuan_image.create_network_from_weights(1.0, back, None, [None, None], dit)
+    assert theirs(network) == ours(source)
+
+
 def test_a_hunyuan_image_file_and_a_flux_file_refuse_each_others_model(sd, dit, tmp_path):
     flux = narrow_flux(sd)
     hunyuan_file, flux_file = str(tmp_path / "hunyuan.safetensors"), str(tmp_path / "flux.safetensors")

@@ -30,7 +30,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-SCRIPTS = ("train_network", "sdxl_train_network", "flux_train_network", "sd3_train_network")
+SCRIPTS = ("train_network", "sdxl_train_network", "flux_train_network", "sd3_train_network", "hunyuan_image_train_network")
 DEFAULT_OUTPUT = Path(__file__).with_name("sd_scripts_args.txt")
 ONLY_MARK = "# only:"
 
