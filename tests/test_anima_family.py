@@ -53,7 +53,7 @@ def test_a_qwen3_text_encoder_file_is_not_read_as_sd1_but_its_names_alone_do_not
 @pytest.mark.parametrize("file_names, model_names, message", [
     (anima_names(), ["lora_te_text_model_encoder_layers_0_self_attn_q_proj"],
      "this LoRA is for an Anima model, but the model given is SD1.x/2.x"),
-    (["lora_unet_double_blocks_0_img_attn_qkv"], anima_names(), "this LoRA is for a FLUX.1 model, but the model "
+    (["lora_unet_double_blocks_0_img_mod_lin"], anima_names(), "this LoRA is for a FLUX.1 model, but the model "
                                                                 "given is Anima"),
 ])
 def test_a_file_of_one_family_is_refused_for_a_model_of_another(file_names, model_names, message):

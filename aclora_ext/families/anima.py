@@ -60,17 +60,11 @@ _ANIMA_NAMES = re.compile(
     r"lora_unet_(blocks_\d+_(self_attn|cross_attn|mlp|adaln_modulation)_|llm_adapter_|x_embedder_proj_|"
     r"t_embedder_1_linear_|final_layer_adaln_modulation_)"
 )
-#: a decoder LLM's layers as lora_te (Anima's Qwen3; Lumina 2's Gemma2 has the same names), not CLIP's text_model
-_LLM_TEXT_ENCODER = re.compile(r"lora_te_layers_\d+_(self_attn|mlp)_")
 
 
 def names_are_anima(names: Sequence[str]) -> bool:
     """A LoRA file's (or a model's) module names are lora_anima's DiT names."""
     return any(_ANIMA_NAMES.match(n) for n in names)
-
-
-def names_have_llm_text_encoder(names: Sequence[str]) -> bool:
-    return any(_LLM_TEXT_ENCODER.match(n) for n in names)
 
 
 def _walk(root: nn.Module, classes: Sequence[str]) -> Iterator[tuple[str, nn.Module]]:

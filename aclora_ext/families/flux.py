@@ -45,6 +45,7 @@ from .base import (
 from .sd import TEXT_ENCODER_TARGETS, text_encoder_root_path
 
 DOUBLE_BLOCK, SINGLE_BLOCK = "DoubleStreamBlock", "SingleStreamBlock"
+CHROMA_CLASS, CHROMA = "Chroma", "Chroma"  # sd-scripts' library.chroma_models.Chroma, a Flux without CLIP-L
 T5_TARGETS = ("T5Attention", "T5DenseGatedActDense")
 PREFIX_DIT, PREFIX_CLIP_L, PREFIX_T5 = "lora_unet", "lora_te1", "lora_te3"
 # in_dims, in its order: the words that pick each input layer's LoRA names
@@ -63,12 +64,17 @@ TYPE_RULES = (
 
 
 def recognises(unet: nn.Module, text_encoders: Sequence[Any]) -> bool:
-    """sd-scripts' ``Flux`` (and ``Chroma``, a Flux): double- and single-stream block lists."""
-    return hasattr(unet, "double_blocks") and hasattr(unet, "single_blocks")
+    """sd-scripts' ``Flux`` (and ``Chroma``, a Flux): double- and single-stream block lists of FLUX's block
+    classes (HunyuanImage-2.1's DiT has the same two lists, of other classes)."""
+    if not (hasattr(unet, "double_blocks") and hasattr(unet, "single_blocks")):
+        return False
+    blocks = [*cast(nn.ModuleList, unet.double_blocks), *cast(nn.ModuleList, unet.single_blocks)]
+    return not blocks or any(type(b).__name__ in (DOUBLE_BLOCK, SINGLE_BLOCK) for b in blocks)
 
 
 def name(unet: nn.Module, text_encoders: Sequence[Any]) -> str:
-    return "FLUX.1"
+    """ "Chroma" for sd-scripts' ``Chroma`` (``flux_train_network.py --model_type chroma``), else "FLUX.1"."""
+    return CHROMA if type(unet).__name__ == CHROMA_CLASS else "FLUX.1"
 
 
 def _text_encoder_targets(text_encoders: Sequence[Any], with_t5: bool) -> list[Target]:

@@ -47,9 +47,11 @@ class ACLoRANetwork(nn.Module):
         signal_ranks: Optional[dict[str, int]] = None,
         train_t5xxl: bool = False,
         prediction: Optional[Prediction] = None,
+        model: Optional[str] = None,
     ) -> None:
         """``train_t5xxl``: whether it has T5-XXL modules (FLUX.1/SD3 trainers read it); ``prediction``:
-        how the model family's trainer makes its prediction from the denoiser's output (held-out replay)."""
+        how the model family's trainer makes its prediction from the denoiser's output (held-out replay);
+        ``model``: the model family as logs and the file's ``aclora_model`` name it."""
         super().__init__()
         config = ACLoRAConfig() if config is None else config
         if not targets:
@@ -57,6 +59,7 @@ class ACLoRANetwork(nn.Module):
         self.config = config
         self.multiplier = multiplier
         self.is_sdxl = is_sdxl
+        self.model = model
         self.train_t5xxl = train_t5xxl  # read unguarded by flux_train_network.py and sd3_train_network.py
         self._prediction = prediction
         self.text_encoder_loras: list[ACLoRAModule] = []
@@ -403,7 +406,7 @@ class ACLoRANetwork(nn.Module):
     # --- files -----------------------------------------------------------------------------
     def run_record(self) -> RunRecord:
         """What a file's metadata says about this run (``saving.metadata``)."""
-        return RunRecord(self.config, tuple(self.history), self.rank_search.file_decision)
+        return RunRecord(self.config, tuple(self.history), self.rank_search.file_decision, self.model)
 
     def metadata(
         self, ranks: dict[str, int], errors: Optional[dict[str, float]] = None, padded: Optional[dict[str, int]] = None

@@ -54,6 +54,7 @@ class RunRecord:
     config: ACLoRAConfig
     history: Sequence[RestartReport]
     file_decision: Optional[dict] = None
+    model: Optional[str] = None  # the model family as the log names it ("FLUX.1", "Chroma", ...)
 
 
 @dataclass
@@ -92,6 +93,8 @@ def metadata(
         "aclora_history": _json([{k: _json_number(v) for k, v in h.entry().items()} for h in run.history]),
         "aclora_modules": _json([m.lora_name for m in modules]),
     }
+    if run.model:
+        meta["aclora_model"] = run.model
     if run.file_decision is not None:  # product mode: how the file's own ranks were decided
         meta["aclora_file_decision"] = _json({k: _json_number(v) for k, v in run.file_decision.items()})
     if conv3x3:

@@ -1,5 +1,6 @@
-"""FLUX.1 and SD3/SD3.5 LoRA files read by their module names (sd-scripts' ``networks.lora_flux`` and
-``networks.lora_sd3``): which part and block of the model a module is in, and which model a file is for.
+"""FLUX.1, Chroma, SD3/SD3.5 and HunyuanImage-2.1 LoRA files read by their module names (sd-scripts'
+``networks.lora_flux``, ``networks.lora_sd3`` and ``networks.lora_hunyuan_image``): which part and block of
+the model a module is in, and which model a file is for.
 
 The names are kohya's (``prefix + "." + module path`` with "." -> "_"):
 
@@ -10,6 +11,8 @@ The names are kohya's (``prefix + "." + module path`` with "." -> "_"):
   ``lora_unet_{context_embedder,t_embedder_*,x_embedder_proj,y_embedder_*}`` and
   ``lora_unet_final_layer_{adaLN_modulation_1,linear}``; CLIP-L ``lora_te1_``, CLIP-G ``lora_te2_``,
   T5-XXL ``lora_te3_``.
+- HunyuanImage-2.1: ``lora_unet_double_blocks_<i>_{img,txt}_{mod_linear,attn_qkv,attn_proj,mlp_fc1,mlp_fc2}``,
+  ``lora_unet_single_blocks_<i>_{linear1,linear2,modulation_linear}``; no text encoder.
 """
 
 from __future__ import annotations
@@ -17,10 +20,12 @@ from __future__ import annotations
 import re
 from typing import Iterable, Mapping, Optional
 
+from ..families.hunyuan_image import NAME as HUNYUAN_IMAGE
+from ..families.hunyuan_image import file_family
 from .anima_names import ANIMA_PART_LABELS, anima_model, locate_anima
 from .anima_names import TEXT_ENCODERS as ANIMA_TEXT_ENCODERS
 
-FLUX, SD3 = "FLUX.1", "SD3"
+FLUX, SD3, CHROMA = "FLUX.1", "SD3", "Chroma"
 #: parts of a DiT file, in the model's order (after the text encoders)
 DIT_PARTS = ("llm_adapter", "dit_in", "double", "single", "joint", "blocks", "dit_out")
 DIT_PART_LABELS = {
@@ -77,11 +82,12 @@ def locate_dit(name: str) -> Optional[tuple[str, str]]:
 
 
 def family_from_names(names: Iterable[str]) -> Optional[str]:
-    """FLUX.1 or SD3 from kohya module names, or None when the names do not tell (an SD file, or a file of
-    CLIP-L modules only, which FLUX.1, SD3 and SDXL files all name ``lora_te1_``)."""
+    """FLUX.1, SD3 or HunyuanImage-2.1 from kohya module names, or None when the names do not tell (an SD
+    file, or a file of CLIP-L modules only, which FLUX.1, SD3 and SDXL files all name ``lora_te1_``). Double
+    and single blocks of layers both families have (attention, linear1/linear2 only) read as FLUX.1."""
     names = list(names)
     if any(_DOUBLE.match(n) or _SINGLE.match(n) for n in names):
-        return FLUX
+        return file_family(names) or FLUX
     if any(_JOINT.match(n) for n in names):
         return SD3
     te = {n[5:8] for n in names if re.match(r"lora_te[123]_", n)}
@@ -98,14 +104,19 @@ def family_from_names(names: Iterable[str]) -> Optional[str]:
 
 def model_from_metadata(meta: Mapping[str, str]) -> Optional[str]:
     """The model a file says it is for (sd-scripts' ``modelspec.architecture``, ``ss_base_model_version``),
-    when that is FLUX.1, Chroma or SD3/SD3.5; None otherwise."""
+    when that is FLUX.1, Chroma, SD3/SD3.5 or HunyuanImage-2.1; None otherwise. Our own ``aclora_model``
+    names Chroma and HunyuanImage-2.1 as they are."""
     arch = str(meta.get("modelspec.architecture", "")).split("/")[0].lower()
     base = str(meta.get("ss_base_model_version", "")).lower()
+    if meta.get("aclora_model") in (CHROMA, HUNYUAN_IMAGE):
+        return str(meta["aclora_model"])
+    if arch.startswith("hunyuan-image") or base.startswith("hunyuan-image"):
+        return HUNYUAN_IMAGE
     if arch.startswith("flux-1"):
         variant = arch[len("flux-1") :].strip("-")
         return f"{FLUX} {variant}" if variant else FLUX
     if arch.startswith("chroma") or base == "chroma":
-        return "Chroma (FLUX.1)"
+        return CHROMA
     if arch.startswith("stable-diffusion-3"):
         return _sd3_name(arch[len("stable-diffusion-3") :].strip("-"))
     if base == "flux1":
@@ -134,8 +145,9 @@ def dit_model(names: Iterable[str], meta: Mapping[str, str]) -> Optional[str]:
     if named and (
         family is None
         or named.startswith(family)
-        or (family == FLUX and named.startswith("Chroma"))
+        or (family == FLUX and named.startswith(CHROMA))
         or (family == SD3 and named.startswith("SD3"))
+        or (named == HUNYUAN_IMAGE and file_family(names) != FLUX)  # names of both families: the metadata tells
     ):
         return named
     if family == SD3 and any("_x_block_attn2_" in n for n in names):

@@ -40,6 +40,7 @@ SCRIPTS = (
     "sd3_train_network",
     "lumina_train_network",
     "anima_train_network",
+    "hunyuan_image_train_network",
 )
 DEFAULT_OUTPUT = Path(__file__).with_name("sd_scripts_args.txt")
 ONLY_MARK = "# only:"

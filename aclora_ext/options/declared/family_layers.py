@@ -10,9 +10,17 @@ from .anima_layers import ANIMA_OPTIONS
 LUMINA_TRAIN_BLOCKS = ("transformer", "refiners", "noise_refiner", "context_refiner")
 
 #: the model families (families/ adapters) by their option key, as messages name them
-FAMILIES = {"sd": "SD1.x/2.x/SDXL", "flux": "FLUX.1", "sd3": "SD3/SD3.5", "lumina": "Lumina 2", "anima": "Anima"}
+FAMILIES = {
+    "sd": "SD1.x/2.x/SDXL",
+    "flux": "FLUX.1",
+    "sd3": "SD3/SD3.5",
+    "lumina": "Lumina 2",
+    "anima": "Anima",
+    "hunyuan_image": "HunyuanImage-2.1",
+}
 _FLUX, _SD3, _DIT = ("flux",), ("sd3",), ("flux", "sd3")
 _LUMINA = ("lumina",)
+_SPLIT_QKV = _DIT + ("hunyuan_image",)  # lora_hunyuan_image's split_qkv saves as lora_flux's does
 
 
 def _dim(name: str, what: str, families: tuple[str, ...]) -> Option:
@@ -118,7 +126,7 @@ SHARED_OPTIONS: tuple[Option, ...] = (
         "(Lumina 2: with q/k/v widths hard-coded for the 2B model); AC-LoRA gives the fused layer the rank it "
         "needs instead.",
         optional=False,
-        families=(*_DIT, *_LUMINA),
+        families=(*_SPLIT_QKV, *_LUMINA),
     ),
     Option(
         "network_reg_dims",

@@ -99,6 +99,13 @@ def detect_family(arguments: Mapping[str, Any], notes: list[str]) -> str:
     """The family from the arguments (v2; the model path; the DiT trainers' own arguments), with a note why."""
     model = str(arguments.get("pretrained_model_name_or_path", ""))
     lower = model.lower()
+    if "hunyuan" in lower or _given(arguments, "byt5"):  # hunyuan_image_train_network.py: not modelled yet
+        key = "byt5" if _given(arguments, "byt5") else "pretrained_model_name_or_path"
+        raise VramError(
+            f"{key}={arguments[key]!r}: a HunyuanImage-2.1 run (hunyuan_image_train_network.py), which aclora "
+            "vram does not model yet; allowed: runs of train_network.py, sdxl_train_network.py, "
+            "flux_train_network.py (FLUX.1) and sd3_train_network.py"
+        )
     if _given(arguments, "v2"):
         notes.append("family sd2 (v2 = true)")
         return "sd2"
