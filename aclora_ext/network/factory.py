@@ -81,6 +81,7 @@ def create_network(
         is_sdxl=model == "SDXL",
         train_t5xxl=any(t.part == family.t5_part for t in targets),
         prediction=family.prediction,
+        clean_latents=family.clean_latents,
     )
 
 
@@ -155,6 +156,7 @@ def create_network_from_weights(
         signal_ranks=signal,
         train_t5xxl=any(t.part == family.t5_part for t in targets),
         prediction=family.prediction,
+        clean_latents=family.clean_latents,
     )
     check_shapes(
         {n: modules[n] for n in present}, {m.lora_name: m for m in network.loras}, source, allow_smaller_rank=False
