@@ -116,8 +116,10 @@ def test_cached_near_duplicates_stay_distinct_images_and_only_a_mirror_pairs_wit
     recogniser = Recogniser(exact=True)
     ids = resolve_batches(recogniser, [torch.stack([a, near, a.flip(-1), near])])
     assert ids == [0, 1, 0, 1]
-    # a third view of an image that already has its two (plain and flipped) is another image
-    assert resolve_batches(recogniser, [(a.flip(-1) + noise(a, 0.01, seed=4))[None]]) == [2]
+    # a third cached tensor near an image that already has its two (plain and flipped) is another image
+    alone = Recogniser(exact=True)
+    assert resolve_batches(alone, [torch.stack([a, a.flip(-1) + noise(a, 0.05, seed=4)])]) == [0, 0]
+    assert resolve_batches(alone, [(a.flip(-1) + noise(a, 0.05, seed=5))[None]]) == [1]
 
 
 def test_buckets_keep_images_of_different_latent_shapes_apart():
@@ -157,18 +159,22 @@ def test_augmented_items_resolve_to_their_nearest_image(batch_size):
 
 
 def test_without_a_cache_near_duplicates_merge_and_similar_images_stay_apart_by_the_margin():
-    a, b, other = planted(3, seed=7)
+    a, b, other, third = planted(4, seed=7)
     near = a + noise(a, 0.01, seed=8)
-    similar = 0.85 * a + 0.15 * other  # framed alike, another picture: closer to a than match_distance
     recogniser = Recogniser(exact=False)
-    d_similar = float((descriptor(similar[None]) - descriptor(a[None])).norm())
-    assert d_similar < recogniser.match_distance
     assert resolve_batches(recogniser, [torch.stack([a, b, near])]) == [0, 1, 0]
-    # with b known, a's neighbourhood is set by its distance to b: `similar` is too far from a to join it
-    ids = resolve_batches(recogniser, [torch.stack([other, similar])])
-    assert ids[0] == 2
-    gap = float((descriptor(a[None]) - descriptor(other[None])).norm())
-    assert (ids[1] == 0) == (d_similar < recogniser.margin * gap)
+    # framed alike: `alike` is a new image (beyond match_distance from a); `closer` lies within match_distance
+    # of a, but not within the margin of a's distance to `alike`: a third image, not a view of a
+    alike, closer = 0.6 * a + 0.4 * other, 0.7 * a + 0.3 * third
+    fresh = Recogniser(exact=False)
+
+    def distance(x, y):
+        return float((descriptor(x[None]) - descriptor(y[None])).norm())
+
+    assert distance(a, alike) > fresh.match_distance
+    assert fresh.margin * distance(a, alike) < distance(a, closer) < fresh.match_distance
+    assert distance(alike, closer) > fresh.match_distance
+    assert resolve_batches(fresh, [torch.stack([a, alike, closer])]) == [0, 1, 2]
 
 
 def test_the_recogniser_refuses_a_threshold_that_is_not_a_positive_number():
@@ -259,3 +265,41 @@ def test_an_own_loop_passes_ids_and_per_item_losses_and_back_propagates_their_me
         network.item_loss(losses[:2], [1, 2, 3])
     with pytest.raises(ValueError, match="ids: a tensor of shape"):
         network.item_loss(losses, torch.zeros(3))
+
+
+# --- the network installs it for its family's trainer ----------------------------------------------------------
+def test_an_sd_network_records_its_trainers_training_calls_and_logs_each_epoch(monkeypatch, caplog):
+    """create_network → prepare_network → apply_to as sd-scripts calls them, with a stand-in for library.train_util
+    (train_network.py calls train_util.get_noise_noisy_latents_and_timesteps(args, noise_scheduler, latents))."""
+    import argparse
+    import logging
+
+    from aclora_ext import create_network
+    from aclora_ext.harness import tiny
+
+    module = types.ModuleType("library.train_util")
+    module.get_noise_noisy_latents_and_timesteps = lambda args, scheduler, latents: (latents, latents, None)
+    monkeypatch.setitem(sys.modules, "library.train_util", module)
+    models = tiny.sd1_models(seed=0)
+    network = create_network(1.0, 4, 4.0, None, models["text_encoder"], models["unet"])
+    network.prepare_network(argparse.Namespace(cache_latents=True, max_train_steps=10))
+    network.apply_to(models["text_encoder"], models["unet"], True, True)
+    assert network.items.watching is not None and network.items.recogniser.exact
+    images = planted(3, seed=10)
+    noise_them = lambda latents: module.get_noise_noisy_latents_and_timesteps(None, None, latents)  # noqa: E731
+    with caplog.at_level(logging.INFO, logger="aclora_ext"):
+        network.on_epoch_start(models["text_encoder"], models["unet"])
+        noise_them(images[:2])
+        noise_them(images[2:])
+        network.eval()  # sd-scripts' validation pass
+        noise_them(planted(2, seed=11))
+        network.train()
+        network.on_epoch_start(models["text_encoder"], models["unet"])
+        noise_them(images[[2, 0]])
+        network.on_epoch_start(models["text_encoder"], models["unet"])
+    assert network.items.batches == [[0, 1], [2], [2, 0]] and network.items.per_epoch == [3, 2]
+    assert "epoch 1: 3 training items of 3 distinct images (3 images so far, 3 cached views)" in caplog.text
+    assert "epoch 2: 2 training items of 2 distinct images (3 images so far, 3 cached views)" in caplog.text
+    network.remove_from()
+    noise_them(images)
+    assert network.items.batches == [[0, 1], [2], [2, 0]]
