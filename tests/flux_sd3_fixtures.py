@@ -207,6 +207,12 @@ class FluxSd3Fixtures:
     def data(self) -> Path:
         return self._build(f"data-t5-{T5_TOKENS}", "data", T5_TOKENS)
 
+    def identity_ae(self, dtype: str = "bfloat16") -> Path:
+        return self._build(f"identity-ae-{dtype}.safetensors", "identity-ae", dtype, file=True)
+
+    def identity_data(self) -> Path:
+        return self._build(f"identity-data-t5-{T5_TOKENS}", "identity-data", T5_TOKENS)
+
     # --- command lines ---------------------------------------------------------------------------------
     def _common(self, out_dir: Path, name: str, network_module: str) -> list[str]:
         return ["--tokenizer_cache_dir", str(self.tokenizers()), "--train_data_dir", str(self.data()),

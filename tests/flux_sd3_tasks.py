@@ -29,6 +29,10 @@ Tasks:
   sd3 PATH DEPTH                     a random-weight SD3 MMDiT checkpoint (hidden 64 * DEPTH, "medium" layout,
                                      keys under model.diffusion_model.)
   data DIR T5_TOKENS                 two captioned 64x64 images with their FLUX and SD3 text-encoder output caches
+  identity-ae PATH DTYPE             the AutoEncoder made mirror-symmetric and nearly deterministic (what flipped
+                                     images' identities rely on in a trained AE: docs/identities.md)
+  identity-data DIR T5_TOKENS        four smooth captioned images in two buckets (sd_scripts_fixtures'), each twice
+                                     per epoch, with their text-encoder output caches
 Checks (one JSON line each): block-swap-check, flux-merge-check BASE MERGED LORA, flux-merge-ours BASE MERGED LORA,
   kohya-check flux|sd3 CHECKPOINT LORA (sd-scripts' own LoRA module's names and how it reads LORA).
 """
@@ -42,6 +46,7 @@ import string
 import struct
 import sys
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Callable, Iterable, Optional
 from unittest import mock
 
@@ -177,6 +182,24 @@ def build_ae(path: str, dtype: str) -> None:
     save_model(flux_models.AutoEncoder(flux_models.configs["dev"].ae_params), path, dtype)
 
 
+def build_identity_ae(path: str, dtype: str) -> None:
+    """A random AE's kernels are not mirror-symmetric and its latents' spread is as large as their mean: each
+    kernel averaged with its mirror and the log-variance set to -30 give what a trained AE has."""
+    from library import flux_models
+
+    torch.manual_seed(SEED)
+    ae = flux_models.AutoEncoder(flux_models.configs["dev"].ae_params)
+    with torch.no_grad():
+        for module in ae.modules():
+            if isinstance(module, torch.nn.Conv2d):
+                module.weight.copy_((module.weight + module.weight.flip(-1)) / 2)
+        conv_out = ae.encoder.conv_out
+        half = conv_out.out_channels // 2  # DiagonalGaussian: the mean, then the log-variance
+        conv_out.weight[half:] = 0
+        conv_out.bias[half:] = -30
+    save_model(ae, path, dtype)
+
+
 def linear_init(model: torch.nn.Module, generator: torch.Generator) -> Callable[[str, tuple[int, ...]], torch.Tensor]:
     """nn.Linear's default initialisation (weight and bias uniform in +-1/sqrt(fan_in)), norm scales 1,
     produced per tensor on demand: the model itself stays on the meta device."""
@@ -238,10 +261,28 @@ def build_data(out_dir: str, t5_tokens: str) -> None:
     import numpy as np
     from PIL import Image
 
-    t5_tokens = int(t5_tokens)
     folder = os.path.join(out_dir, IMAGE_FOLDER)
     os.makedirs(folder, exist_ok=True)
     rng = np.random.default_rng(SEED)
+    for i, caption in enumerate(CAPTIONS):
+        stem = os.path.join(folder, f"image{i}")
+        Image.fromarray(rng.integers(0, 256, (IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)).save(stem + ".png")
+        _text_encoder_outputs(stem, caption, int(t5_tokens), rng)
+
+
+def build_identity_data(out_dir: str, t5_tokens: str) -> None:
+    """sd_scripts_fixtures' smooth images in two buckets, each twice per epoch, with their text-encoder outputs."""
+    import numpy as np
+    from sd_scripts_fixtures import write_identity_images
+
+    rng = np.random.default_rng(SEED)
+    for stem in write_identity_images(Path(out_dir) / "2_aclora"):
+        _text_encoder_outputs(str(stem), stem.with_suffix(".txt").read_text(), int(t5_tokens), rng)
+
+
+def _text_encoder_outputs(stem: str, caption: str, t5_tokens: int, rng) -> None:
+    """The caption, and the text-encoder outputs the FLUX and SD3 caching strategies would have written."""
+    import numpy as np
 
     def mask(n):  # the tokenizers' attention masks
         return np.ones(n, dtype=np.int64)
@@ -249,20 +290,17 @@ def build_data(out_dir: str, t5_tokens: str) -> None:
     def normal(*shape):
         return rng.standard_normal(shape).astype(np.float32)
 
-    for i, caption in enumerate(CAPTIONS):
-        stem = os.path.join(folder, f"image{i}")
-        Image.fromarray(rng.integers(0, 256, (IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)).save(stem + ".png")
-        with open(stem + ".txt", "w", encoding="utf-8") as fh:
-            fh.write(caption)
-        # library/strategy_flux.py FluxTextEncoderOutputsCachingStrategy
-        np.savez(stem + "_flux_te.npz", l_pooled=normal(CLIP_L_WIDTH), t5_out=normal(t5_tokens, T5_WIDTH),
-                 txt_ids=np.zeros((t5_tokens, 3), dtype=np.float32), t5_attn_mask=mask(t5_tokens),
-                 apply_t5_attn_mask=False)
-        # library/strategy_sd3.py Sd3TextEncoderOutputsCachingStrategy
-        np.savez(stem + "_sd3_te.npz", lg_out=normal(CLIP_TOKENS, CLIP_L_WIDTH + CLIP_G_WIDTH),
-                 lg_pooled=normal(CLIP_L_WIDTH + CLIP_G_WIDTH), t5_out=normal(t5_tokens, T5_WIDTH),
-                 clip_l_attn_mask=mask(CLIP_TOKENS), clip_g_attn_mask=mask(CLIP_TOKENS),
-                 t5_attn_mask=mask(t5_tokens), apply_lg_attn_mask=False, apply_t5_attn_mask=False)
+    with open(stem + ".txt", "w", encoding="utf-8") as fh:
+        fh.write(caption)
+    # library/strategy_flux.py FluxTextEncoderOutputsCachingStrategy
+    np.savez(stem + "_flux_te.npz", l_pooled=normal(CLIP_L_WIDTH), t5_out=normal(t5_tokens, T5_WIDTH),
+             txt_ids=np.zeros((t5_tokens, 3), dtype=np.float32), t5_attn_mask=mask(t5_tokens),
+             apply_t5_attn_mask=False)
+    # library/strategy_sd3.py Sd3TextEncoderOutputsCachingStrategy
+    np.savez(stem + "_sd3_te.npz", lg_out=normal(CLIP_TOKENS, CLIP_L_WIDTH + CLIP_G_WIDTH),
+             lg_pooled=normal(CLIP_L_WIDTH + CLIP_G_WIDTH), t5_out=normal(t5_tokens, T5_WIDTH),
+             clip_l_attn_mask=mask(CLIP_TOKENS), clip_g_attn_mask=mask(CLIP_TOKENS),
+             t5_attn_mask=mask(t5_tokens), apply_lg_attn_mask=False, apply_t5_attn_mask=False)
 
 
 # --- checks ------------------------------------------------------------------------------------------
@@ -431,6 +469,8 @@ TASKS = {
     "flux": build_flux,
     "sd3": build_sd3,
     "data": build_data,
+    "identity-ae": build_identity_ae,
+    "identity-data": build_identity_data,
 }
 
 if __name__ == "__main__":

@@ -255,3 +255,43 @@ def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
     scale = float(b.norm())
     difference = float((a - b).norm())
     return difference / scale if scale > 0 else difference
+
+
+# --- training items' identities (tests/test_sd_scripts_e2e.py, tests/test_flux_sd3_e2e.py) ----------------------
+# (width, height) of four smooth images in two buckets at --resolution 128,128 (SD needs steps of 64)
+IDENTITY_IMAGES = ((128, 128), (128, 128), (192, 64), (192, 64))
+IDENTITY_BUCKETS = ("--resolution", "128,128", "--enable_bucket", "--min_bucket_reso", "64", "--max_bucket_reso",
+                    "256", "--bucket_reso_steps", "64", "--flip_aug", "--train_batch_size", "2")
+IDENTITY_LINE = re.compile(r"epoch (\d+): (\d+) training items of (\d+) distinct images \((\d+) images so far, "
+                           r"(\d+) cached views\)")
+
+
+def write_identity_images(folder: Path) -> list[Path]:
+    """Smooth random images (a VAE's latents of them keep their layout), with captions; their stems."""
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    stems = []
+    for i, size in enumerate(IDENTITY_IMAGES):
+        coarse = torch.rand(1, 3, 3, 3, generator=torch.Generator().manual_seed(i))
+        image = torch.nn.functional.interpolate(coarse, size=size[::-1], mode="bicubic", align_corners=False)
+        pixels = (image[0].permute(1, 2, 0).clamp(0, 1) * 255).round().numpy().astype(np.uint8)
+        stems.append(folder / f"image{i}")
+        Image.fromarray(pixels).save(stems[-1].with_suffix(".png"))
+        stems[-1].with_suffix(".txt").write_text(f"aclora_style, picture {i}")
+    return stems
+
+
+def identity_lines(output: str) -> list[tuple[int, ...]]:
+    """(epoch, items, distinct images, images so far, cached views) of every epoch's identities line."""
+    return [tuple(map(int, m.groups())) for m in IDENTITY_LINE.finditer(output)]
+
+
+def assert_identities(output: str, lines: list[tuple[int, ...]], images: int) -> None:
+    """The runs' epochs name exactly ``images`` images, the same every epoch, each drawn twice per epoch; the
+    flipped views (a second cached latent per image) were drawn and joined their images."""
+    assert re.search(r"bucket 1: resolution", output), "the run needs two buckets"
+    found = identity_lines(output)
+    assert [line[:4] for line in found] == lines, found
+    assert images < found[-1][4] <= 2 * images, found

@@ -11,6 +11,8 @@ Tasks:
                              folder DIR/diffusers, and DIR/sd1.safetensors, the same model as a single-file
                              checkpoint written by sd-scripts' own converter (what merge_lora.py reads)
   sdxl DIR TOKENIZERS        a random-weight SDXL diffusers folder (real U-Net layout, toy text encoders and VAE)
+  identity-vae DIR           the toy VAE made mirror-symmetric and nearly deterministic (what the identities of
+                             flipped images rely on in a trained VAE: docs/identities.md), a diffusers folder for --vae
   sd1-merge-check BASE MERGED LORA
                              merge_lora.py's merged checkpoint against our merge_to on the base (JSON report)
   sdxl-merge-check DIR LORA  sdxl_merge_lora.py's merge against our merge_to on sd-scripts' SDXL models (JSON report)
@@ -141,6 +143,24 @@ def build_sdxl(out_dir: str, tokenizers: str) -> None:
     pipeline.save_pretrained(out_dir, safe_serialization=True)
 
 
+def build_identity_vae(out_dir: str) -> None:
+    """A random VAE's kernels are not mirror-symmetric and its latent distribution's spread is as large as its
+    mean, so a flipped image's latent is not the mirror of the image's: averaging each kernel with its mirror and
+    setting the log-variance to -30 gives what a trained VAE has (up to the one-pixel shift of its padding)."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(SEED)
+    vae = AutoencoderKL(**TOY_VAE)
+    with torch.no_grad():
+        for module in vae.modules():
+            if isinstance(module, torch.nn.Conv2d):
+                module.weight.copy_((module.weight + module.weight.flip(-1)) / 2)
+        channels = TOY_VAE["latent_channels"]
+        vae.quant_conv.weight[channels:] = 0
+        vae.quant_conv.bias[channels:] = -30
+    vae.save_pretrained(out_dir, safe_serialization=True)
+
+
 def _targets(network) -> dict:
     """LoRA module name -> the base layer it adds to."""
     return {m.lora_name: m.org_module for m in network.loras}
@@ -208,6 +228,7 @@ TASKS = {
     "tokenizers": build_tokenizers,
     "sd1": build_sd1,
     "sdxl": build_sdxl,
+    "identity-vae": build_identity_vae,
     "sd1-merge-check": sd1_merge_check,
     "sdxl-merge-check": sdxl_merge_check,
 }

@@ -143,6 +143,16 @@ def flux_swap(workspace) -> Run:
 
 
 @pytest.fixture(scope="session")
+def flux_identities(workspace) -> Run:
+    """Cached latents with flip_aug, two buckets, batches of 2 (four images twice per epoch): 4 steps and 1,
+    through the mirror-symmetric AE (tests/flux_sd3_tasks.py identity-ae)."""
+    fixtures = workspace.fixtures
+    return workspace.train("flux", "flux-identities", "--ae", str(fixtures.identity_ae()), "--train_data_dir",
+                           str(fixtures.identity_data()), *e2e.IDENTITY_BUCKETS, "--max_train_steps", "5",
+                           "--network_args", "restart_mode=off")
+
+
+@pytest.fixture(scope="session")
 def sd3_default(workspace) -> Run:
     return workspace.train("sd3", "sd3-default", "--max_train_epochs", "2")
 
@@ -224,6 +234,10 @@ def test_flux_block_swap_and_fp8_base_train_with_our_modules(workspace, flux_swa
     lora = assert_consistent(flux_swap, [(1, 0, 1)], FLUX_SWAP_MODULES)
     assert lora.metadata["ss_fp8_base"] == "True"
     assert_sd_scripts_reads_it(workspace, flux_swap, "flux")
+
+
+def test_flux_identities_of_cached_flipped_bucketed_items(flux_identities):
+    e2e.assert_identities(flux_identities.result.output, [(1, 8, 4, 4)], images=4)
 
 
 def test_flux_merge_lora_merges_our_file_as_our_merge_to_does(workspace, flux_default):

@@ -265,3 +265,25 @@ def test_the_simulated_steps_loss_reaches_no_other_network_that_listens_to_accel
     assert training in schedule._listeners  # and it still hears its own losses
     Accelerator().backward(torch.ones((), requires_grad=True) * 0.5)
     assert training.clock.optimizer_steps == 1 and training.loss_meter.read()[0] == 0.5
+
+
+def test_the_training_items_wrapper_summarises_the_clean_latents_in_the_step_without_reading_the_device(
+        tiny_sdxl_step, monkeypatch):
+    """The trainer's noising function wrapped as sd-scripts' would be: fingerprints stay on the device in the
+    step; they are resolved to image ids afterwards, outside it."""
+    import sys
+    import types
+
+    from aclora_ext.families.base import CleanLatents
+
+    module = types.ModuleType("aclora_meta_trainer_utils")
+    module.get_noise = lambda args, scheduler, latents: latents
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    run = tiny_sdxl_step()
+    assert run.network.items.watch(CleanLatents(module.__name__, "get_noise", 2), types.SimpleNamespace(cache_latents=True))
+    original = run._latents
+    monkeypatch.setattr(run, "_latents", lambda: module.get_noise(None, None, original()))
+    guard = guarded_step(run)
+    assert guard.reads == [] and run.network.clock.optimizer_steps == 1
+    pending = run.network.items._pending
+    assert len(pending) == 1 and pending[0].fingerprints.device.type == "meta"

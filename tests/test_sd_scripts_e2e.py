@@ -61,7 +61,9 @@ COMMON_ARGS = ["--resolution", "64,64", "--caption_extension", ".txt", "--networ
                "--save_model_as", "safetensors", "--seed", "0", "--cache_latents", "--max_data_loader_n_workers", "0",
                "--console_log_simple"]
 CAPTIONS = ("aclora_style, a red square on grey", "aclora_style, a blue circle on white")  # 2 steps per epoch
-
+# training items' identities: cached, flipped, two buckets, batches of 2; one of the four images held out
+IDENTITY_ARGS = (*e2e.IDENTITY_BUCKETS, "--validation_split", "0.25", "--max_train_epochs", "3",
+                 "--network_args", "restart_mode=off")
 
 @dataclass
 class TrainingRun:
@@ -146,6 +148,12 @@ def _dataset(root: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
+def identity_vae(workspace) -> Path:
+    return e2e.build_once(workspace.cache / "identity-vae",
+                          lambda d: workspace.task("identity-vae", d, log="build-identity-vae"))
+
+
+@pytest.fixture(scope="session")
 def sd1_build(workspace) -> Path:
     return e2e.build_once(workspace.cache / "sd1", lambda d: workspace.task("sd1", d, workspace.tokenizers, log="build-sd1"))
 
@@ -226,6 +234,25 @@ def sdxl_steps(workspace, sdxl_model, sdxl_default) -> TrainingRun:
     return workspace.train("sdxl_train_network.py", sdxl_model, "sdxl-steps", "--max_train_steps", "3",
                            "--network_weights", str(sdxl_default.out_dir / "sdxl-default.safetensors"),
                            "--network_args", "restart_every_steps=1")
+
+
+@pytest.fixture(scope="session")
+def sd1_identities(workspace, sd1_model, identity_vae) -> TrainingRun:
+    """Cached latents with flip_aug, two buckets, batches of 2, one of the four images held out (3 epochs)."""
+    data = workspace.root / "identity-data"
+    e2e.write_identity_images(data / "2_aclora")
+    return workspace.train("train_network.py", sd1_model, "sd1-identities", "--train_data_dir", str(data),
+                           "--vae", str(identity_vae), *IDENTITY_ARGS)
+
+
+@pytest.fixture(scope="session")
+def sdxl_identities(workspace, sdxl_model, identity_vae) -> TrainingRun:
+    """Cached latents with flip_aug, two buckets, batches of 2 (four images twice per epoch): 4 steps and 1."""
+    data = workspace.root / "identity-data-sdxl"
+    e2e.write_identity_images(data / "2_aclora")
+    return workspace.train("sdxl_train_network.py", sdxl_model, "sdxl-identities", "--train_data_dir", str(data),
+                           "--vae", str(identity_vae), *e2e.IDENTITY_BUCKETS, "--max_train_steps", "5",
+                           "--network_args", "restart_mode=off")
 
 
 # --- what every training run must show ----------------------------------------------------------
@@ -338,6 +365,16 @@ def test_the_second_run_of_the_two_run_recipe_trains_and_saves_at_the_first_runs
     assert second.ranks() == first.ranks() and second.saved_ranks() == first.saved_ranks()
     assert {h["source"] for h in second.history()} == {"deferred"}
     assert json.loads(second.metadata["aclora_file_decision"])["source"] == "frozen"
+
+
+def test_sd1_identities_of_cached_flipped_bucketed_items_without_the_validation_images(sd1_identities):
+    """Three training images (the fourth is sd-scripts' validation split, run in eval mode through the same
+    function): each epoch's six items name the same three; the last epoch is closed by no on_epoch_start."""
+    e2e.assert_identities(sd1_identities.result.output, [(1, 6, 3, 3), (2, 6, 3, 3)], images=3)
+
+
+def test_sdxl_identities_of_cached_flipped_bucketed_items(sdxl_identities):
+    e2e.assert_identities(sdxl_identities.result.output, [(1, 8, 4, 4)], images=4)
 
 
 def test_bad_network_args_stop_sd_scripts_at_start_up_with_our_message(workspace, sd1_model):

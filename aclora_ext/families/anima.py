@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from ..lora.module import is_targetable
-from .base import Family, Prediction, RecordedCall, Target, keep, lora_name
+from .base import CleanLatents, Family, Prediction, RecordedCall, Target, keep, lora_name
 
 DIT_BLOCKS = ("Block", "PatchEmbed", "TimestepEmbedding", "FinalLayer")
 ADAPTER_BLOCKS = ("LLMAdapterTransformerBlock",)
@@ -130,4 +130,6 @@ def _prediction(
 
 
 PREDICTION = Prediction((("library.anima_train_utils", "compute_loss_weighting_for_anima"),), _prediction)
-FAMILY = Family("anima", recognises, name, targets, layers, PREDICTION)
+#: anima_train_network.py noises the (4-D) clean latents with flux_train_utils.get_noisy_model_input_and_timesteps
+CLEAN_LATENTS = CleanLatents("library.flux_train_utils", "get_noisy_model_input_and_timesteps", 2)
+FAMILY = Family("anima", recognises, name, targets, layers, PREDICTION, clean_latents=CLEAN_LATENTS)

@@ -222,6 +222,26 @@ class Prediction:
 
 
 @dataclass(frozen=True)
+class CleanLatents:
+    """The sd-scripts function a family's trainer hands the clean latents of each training batch to (to
+    noise them), looked up through its module at call time: ``(module, name)``, and where the latents
+    are among its arguments (``position``, or the keyword ``keyword``). Training items' identities are
+    read there (docs/identities.md).
+    """
+
+    module: str
+    name: str
+    position: int
+    keyword: str = "latents"
+
+    def latents(self, args: tuple, kwargs: dict) -> Any:
+        """The latents among a call's arguments (None when the call has none there)."""
+        if self.keyword in kwargs:
+            return kwargs[self.keyword]
+        return args[self.position] if len(args) > self.position else None
+
+
+@dataclass(frozen=True)
 class Family:
     """A model family adapter (one file in this folder): how it is recognised, which layers get a LoRA
     and how they are named, which options select them, and how its trainer makes its prediction.
@@ -230,7 +250,8 @@ class Family:
     ``targets(text_encoders, unet, config)``: what ``create_network`` adapts (each with its rank when an
     option sets one); ``layers(text_encoders, unet, conv3x3)``: every layer a LoRA file of this family may
     name (``create_network_from_weights``, ``load_weights``); ``t5_part``: the part of T5-XXL's modules,
-    whose presence is sd-scripts' ``network.train_t5xxl``.
+    whose presence is sd-scripts' ``network.train_t5xxl``; ``clean_latents``: where its trainer hands over
+    the clean latents of a training batch (None: not known, no identities).
     """
 
     key: str  # its key in options.FAMILIES
@@ -240,3 +261,4 @@ class Family:
     layers: Callable[[Sequence[Any], nn.Module, bool], list[Target]]
     prediction: Prediction = Prediction()
     t5_part: Optional[str] = None
+    clean_latents: Optional[CleanLatents] = None

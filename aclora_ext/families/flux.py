@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from .base import (
+    CleanLatents,
     Family,
     Prediction,
     RecordedCall,
@@ -157,4 +158,5 @@ def _prediction(
 PREDICTION = Prediction(
     (("library.flux_utils", "unpack_latents"), ("library.flux_train_utils", "apply_model_prediction_type")), _prediction
 )
-FAMILY = Family("flux", recognises, name, targets, layers, PREDICTION, t5_part="te3")
+CLEAN_LATENTS = CleanLatents("library.flux_train_utils", "get_noisy_model_input_and_timesteps", 2)
+FAMILY = Family("flux", recognises, name, targets, layers, PREDICTION, t5_part="te3", clean_latents=CLEAN_LATENTS)

@@ -29,7 +29,7 @@ from typing import Any, Mapping, Optional, Sequence
 import torch
 from torch import nn
 
-from .base import Family, Prediction, RecordedCall, Target, find_in_blocks, keep, regex_rank, with_rank
+from .base import CleanLatents, Family, Prediction, RecordedCall, Target, find_in_blocks, keep, regex_rank, with_rank
 
 DOUBLE_BLOCK, SINGLE_BLOCK = "MMDoubleStreamBlock", "MMSingleStreamBlock"
 MODEL_CLASS = "HYImageDiffusionTransformer"
@@ -71,7 +71,9 @@ def _prediction(
 
 
 PREDICTION = Prediction((("library.flux_train_utils", "apply_model_prediction_type"),), _prediction)
-FAMILY = Family("hunyuan_image", recognises, name, targets, layers, PREDICTION)
+#: hunyuan_image_train_network.py noises the clean latents with flux_train_utils.get_noisy_model_input_and_timesteps
+CLEAN_LATENTS = CleanLatents("library.flux_train_utils", "get_noisy_model_input_and_timesteps", 2)
+FAMILY = Family("hunyuan_image", recognises, name, targets, layers, PREDICTION, clean_latents=CLEAN_LATENTS)
 
 # the layer names (after lora_unet_{double,single}_blocks_N_) that only one of the two families has; a name may
 # be a module's or one of its tensors' ("....lora_down.weight")

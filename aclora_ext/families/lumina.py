@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from .base import (
+    CleanLatents,
     Family,
     Prediction,
     RecordedCall,
@@ -139,4 +140,6 @@ def _prediction(
 
 
 PREDICTION = Prediction((("library.lumina_train_util", "apply_model_prediction_type"),), _prediction)
-FAMILY = Family("lumina", recognises, name, targets, layers, PREDICTION)
+#: lumina_train_network.py noises the clean latents with lumina_train_util.get_noisy_model_input_and_timesteps
+CLEAN_LATENTS = CleanLatents("library.lumina_train_util", "get_noisy_model_input_and_timesteps", 2)
+FAMILY = Family("lumina", recognises, name, targets, layers, PREDICTION, clean_latents=CLEAN_LATENTS)

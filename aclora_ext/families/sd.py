@@ -14,7 +14,7 @@ from typing import Any, Sequence
 
 from torch import nn
 
-from .base import Family, Target, find_in_blocks, keep, regex_rank, with_rank
+from .base import CleanLatents, Family, Target, find_in_blocks, keep, regex_rank, with_rank
 
 UNET_TARGETS = ("Transformer2DModel",)
 UNET_CONV_TARGETS = ("ResnetBlock2D", "Downsample2D", "Upsample2D")
@@ -86,5 +86,7 @@ def name(unet: nn.Module, text_encoders: Sequence[Any]) -> str:
     return "SDXL" if is_sdxl_unet(unet) or len(text_encoders) == 2 else "SD1.x/2.x"
 
 
+#: train_network.py's get_noise_pred_and_target (sdxl_train_network.py inherits it) noises the latents here
+CLEAN_LATENTS = CleanLatents("library.train_util", "get_noise_noisy_latents_and_timesteps", 2)
 # the fallback family: whatever no other adapter recognises is treated as SD1.x/2.x or SDXL
-FAMILY = Family("sd", lambda unet, text_encoders: True, name, targets, layers)
+FAMILY = Family("sd", lambda unet, text_encoders: True, name, targets, layers, clean_latents=CLEAN_LATENTS)

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from .base import (
+    CleanLatents,
     Family,
     Prediction,
     RecordedCall,
@@ -143,4 +144,5 @@ def _prediction(
 
 
 PREDICTION = Prediction((("library.sd3_train_utils", "compute_loss_weighting_for_sd3"),), _prediction)
-FAMILY = Family("sd3", recognises, name, targets, layers, PREDICTION, t5_part="te3")
+CLEAN_LATENTS = CleanLatents("library.sd3_train_utils", "get_noisy_model_input_and_timesteps", 1)
+FAMILY = Family("sd3", recognises, name, targets, layers, PREDICTION, t5_part="te3", clean_latents=CLEAN_LATENTS)

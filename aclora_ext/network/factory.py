@@ -82,6 +82,7 @@ def create_network(
         train_t5xxl=any(t.part == family.t5_part for t in targets),
         prediction=family.prediction,
         model=model,
+        clean_latents=family.clean_latents,
     )
 
 
@@ -157,6 +158,7 @@ def create_network_from_weights(
         train_t5xxl=any(t.part == family.t5_part for t in targets),
         prediction=family.prediction,
         model=family.name(unet, text_encoders),
+        clean_latents=family.clean_latents,
     )
     check_shapes(
         {n: modules[n] for n in present}, {m.lora_name: m for m in network.loras}, source, allow_smaller_rank=False

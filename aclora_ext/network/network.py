@@ -20,13 +20,14 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 import torch
 from torch import nn
 
-from ..families.base import Prediction, Target
+from ..families.base import CleanLatents, Prediction, Target
 from ..files.storage import LoRAFileError
 from ..lora.module import ACLoRAModule
 from ..lora.norms import apply_max_norm
 from ..lora.report import RestartReport
 from ..options import ACLoRAConfig
 from ..ranksearch.rank_search import RankSearch
+from ..ranksearch.training_items import TrainingItems
 from . import file_budget, optimizer_groups, restart_runner, saving, schedule, state
 from .saving import Export, LoadInfo, RunRecord
 
@@ -48,10 +49,12 @@ class ACLoRANetwork(nn.Module):
         train_t5xxl: bool = False,
         prediction: Optional[Prediction] = None,
         model: Optional[str] = None,
+        clean_latents: Optional[CleanLatents] = None,
     ) -> None:
         """``train_t5xxl``: whether it has T5-XXL modules (FLUX.1/SD3 trainers read it); ``prediction``:
         how the model family's trainer makes its prediction from the denoiser's output (held-out replay);
-        ``model``: the model family as logs and the file's ``aclora_model`` name it."""
+        ``model``: the model family as logs and the file's ``aclora_model`` name it; ``clean_latents``: where
+        it hands over a training batch's clean latents (training items' identities)."""
         super().__init__()
         config = ACLoRAConfig() if config is None else config
         if not targets:
@@ -62,6 +65,8 @@ class ACLoRANetwork(nn.Module):
         self.model = model
         self.train_t5xxl = train_t5xxl  # read unguarded by flux_train_network.py and sd3_train_network.py
         self._prediction = prediction
+        self._clean_latents = clean_latents
+        self.items = TrainingItems(lambda: self.training)  # which image each training item is
         self.text_encoder_loras: list[ACLoRAModule] = []
         self.unet_loras: list[ACLoRAModule] = []
         for t in targets:
@@ -151,6 +156,7 @@ class ACLoRANetwork(nn.Module):
         self.rank_search.record_sd_scripts_validation(
             unet, expected=isinstance(split, (int, float)) and split > 0, prediction=self._prediction
         )
+        self.items.watch(self._clean_latents, self._args)
         logger.info(
             "AC-LoRA: %d text-encoder and %d U-Net modules, maximum rank %d, restart_mode=%s",
             len(self.text_encoder_loras),
@@ -171,6 +177,7 @@ class ACLoRANetwork(nn.Module):
         for m in self.loras:
             m.remove()
         self.rank_search.forget(self.loras, validation=True)
+        self.items.remove()
         schedule.forget(self)
 
     def train(self, mode: bool = True) -> "ACLoRANetwork":
@@ -247,6 +254,7 @@ class ACLoRANetwork(nn.Module):
     def on_epoch_start(self, text_encoder=None, unet=None) -> None:
         """Called by sd-scripts before each epoch: count it and RESTART when one is due."""
         self.train()
+        self.items.end_epoch()
         clock = self.clock
         if clock.resumed_mid_epoch:
             clock.resumed_mid_epoch = 0
@@ -289,6 +297,12 @@ class ACLoRANetwork(nn.Module):
         self.loss_meter.add(loss)
         if optimizer_step:
             self.clock.optimizer_steps += 1
+
+    def item_loss(self, losses: torch.Tensor, ids: Any) -> torch.Tensor:
+        """A loop of one's own: the batch's per-item losses (1-D) and image ids in, the loss to back-propagate
+        out (their mean); the ids are recorded in ``self.items`` (docs/identities.md)."""
+        self.items.record(ids, losses)
+        return losses.mean()
 
     def set_training_length(self, total_steps: Optional[int] = None, total_epochs: Optional[int] = None) -> None:
         """Tell a non-sd-scripts loop's length (sd-scripts' args provide it otherwise)."""
