@@ -98,7 +98,7 @@ def test_hunyuan_image_modules_are_lora_hunyuan_image_modules(sd, dit, args):
     assert ours(create_network(1.0, 4, 2.0, None, [None, None], dit, **args)) == expected
 
 
-@pytest.mark.parametrize("key, value, needs", [("img_attn_dim", "2", "FLUX.1"), ("train_blocks", "single", "FLUX.1"),
+@pytest.mark.parametrize("key, value, needs", [("img_attn_dim", "2", "FLUX.1"), ("train_blocks", "single", "FLUX.1 and Lumina 2"),
                                                ("train_t5xxl", "true", "FLUX.1 and SD3/SD3.5"),
                                                ("emb_dims", "1,1,1,1,1,1", "SD3/SD3.5")])
 def test_an_option_of_another_family_is_refused_for_hunyuan_image(dit, key, value, needs):
