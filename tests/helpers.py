@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 import os
 from types import ModuleType
-from typing import NoReturn
+from typing import NoReturn, Optional
 
 import pytest
 import torch
@@ -61,3 +61,10 @@ def pretend_trained(network, seed=0, scale=0.05):
         for m in network.loras:
             m.lora_up.weight.copy_(torch.randn(m.lora_up.weight.shape, generator=generator) * scale)
     return network
+
+
+def named_groups(network, groups, descriptions) -> list[tuple[str, Optional[float], frozenset]]:
+    """An optimizer's param groups as (description, lr, names of its parameters), for either network."""
+    loras = network.text_encoder_loras + network.unet_loras  # (sd-scripts registers its modules in apply_to)
+    names = {id(p): f"{m.lora_name}.{n}" for m in loras for n, p in m.named_parameters()}
+    return [(d.strip(), g.get("lr"), frozenset(names[id(p)] for p in g["params"])) for g, d in zip(groups, descriptions)]

@@ -18,7 +18,7 @@ import anima_fixtures as af
 import sd_scripts_fixtures as e2e
 from aclora_ext import OptionError, create_network, create_network_from_weights
 from aclora_ext.files.storage import LoRAFileError
-from helpers import pretend_trained, skip_or_fail
+from helpers import named_groups, pretend_trained, skip_or_fail
 
 pytestmark = pytest.mark.sd_scripts  # CI runs them in sd-scripts' pinned stack only
 
@@ -205,3 +205,22 @@ def test_the_anima_replay_is_the_trainers_validation_loss(sd, weighting_scheme):
         assert not torch.allclose(recorder(), recorded, rtol=1e-3)
     finally:
         network.remove_from()
+
+
+# --- network_reg_lrs: lora_anima's optimizer groups (re.fullmatch on the dotted path) ----------------------
+@pytest.mark.parametrize("args", [
+    {"network_reg_lrs": r"blocks\.0\..*=1e-5,.*mlp.*=0,layers\.1\..*=2e-6"},
+    {"network_reg_lrs": r"self_attn=3e-5,blocks\.1\.cross_attn.*=4e-6", "loraplus_lr_ratio": "8"},
+])
+def test_network_reg_lrs_makes_lora_animas_groups(sd, args):
+    """The same groups (description, lr, parameters) as lora_anima's; "self_attn" alone matches no whole path."""
+    dit, qwen3 = af.anima(), af.qwen3()  # fresh: apply_to patches the layers' forward
+    theirs_ = sd.lora_anima.create_network(1.0, 4, 2.0, None, [qwen3], dit, **args)
+    theirs_.apply_to([qwen3], dit, True, True)  # as the trainer does first (it drops org_module)
+    ours_ = create_network(1.0, 4, 2.0, None, qwen3, dit, **args)
+    expected = named_groups(theirs_, *theirs_.prepare_optimizer_params_with_multiple_te_lrs(5e-5, 1e-4, 1e-3))
+    got = named_groups(ours_, *ours_.prepare_optimizer_params(5e-5, 1e-4, 1e-3))
+    assert [g for g in got if g[0].startswith("unet")] == [g for g in expected if g[0].startswith("unet")]
+    assert sorted((lr, names) for d, lr, names in got if d.startswith("text")) == sorted(
+        (lr, names) for d, lr, names in expected if d.startswith("text"))
+    assert any("reg_lr" in d for d, _, _ in got) == ("blocks" in args["network_reg_lrs"])

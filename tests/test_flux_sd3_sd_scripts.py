@@ -18,7 +18,7 @@ import torch
 import dit_stand_ins as st
 import sd_scripts_fixtures as e2e
 from aclora_ext import create_network, create_network_from_weights
-from helpers import pretend_trained, skip_or_fail
+from helpers import named_groups, pretend_trained, skip_or_fail
 
 pytestmark = pytest.mark.sd_scripts  # CI runs them in sd-scripts' pinned stack only
 
@@ -321,3 +321,23 @@ def test_a_flux_training_step_with_the_replay_recorder_reads_nothing_back_to_the
         loss.mean().backward()
     assert [op for op, ours in guard.reads if ours] == []
     assert all(m.lora_down.weight.grad is not None for m in network.loras)
+
+
+# --- network_reg_lrs: lora_flux's optimizer groups ------------------------------------------------------
+@pytest.mark.parametrize("args", [
+    {"network_reg_lrs": "double_blocks_0_img=1e-5,single_blocks=0,txt_attn=3e-6,self_attn_q_proj=1e-6"},
+    {"network_reg_lrs": "single_blocks_1_=2e-5,img_mlp=7e-6", "loraplus_lr_ratio": "4", "train_t5xxl": "True"},
+])
+def test_network_reg_lrs_makes_lora_flux_groups(sd, args):
+    """The same groups (description, lr, parameters) as lora_flux's, text-encoder groups included."""
+    model, text_encoders = narrow_flux(sd), tiny_text_encoders("flux")
+    theirs_ = sd.lora_flux.create_network(1.0, 4, 2.0, None, text_encoders, model, **args)
+    theirs_.apply_to(text_encoders, model, True, True)  # as the trainer does first (it drops org_module)
+    ours_ = create_network(1.0, 4, 2.0, None, text_encoders, model, **args)
+    expected = named_groups(theirs_, *theirs_.prepare_optimizer_params_with_multiple_te_lrs([5e-5, 4e-5], 1e-4, 1e-3))
+    got = named_groups(ours_, *ours_.prepare_optimizer_params([5e-5, 4e-5], 1e-4, 1e-3))
+    unet = [g for g in expected if g[0].startswith("unet")]
+    assert [g for g in got if g[0].startswith("unet")] == unet and any("reg_lr" in g[0] for g in unet)
+    # text-encoder groups: lora_flux writes "textencoder 1  reg_lr_2"; the same lrs and parameters
+    assert sorted((lr, names) for d, lr, names in got if d.startswith("text")) == sorted(
+        (lr, names) for d, lr, names in expected if d.startswith("text"))

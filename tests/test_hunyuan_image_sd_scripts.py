@@ -16,7 +16,7 @@ import hunyuan_image_fixtures as hy
 import pytest
 import sd_scripts_fixtures as e2e
 import torch
-from helpers import pretend_trained, skip_or_fail
+from helpers import named_groups, pretend_trained, skip_or_fail
 from safetensors.torch import load_file
 
 from aclora_ext import OptionError, create_network, create_network_from_weights
@@ -237,3 +237,16 @@ def test_chroma_is_told_as_chroma_with_lora_flux_modules(sd, tmp_path, caplog):
     flux_path = str(tmp_path / "flux.safetensors")
     create_network(1.0, 4, 2.0, None, [None, None], narrow_flux(sd), restart_mode="off").save_weights(flux_path)
     assert read_metadata(flux_path)["aclora_model"] == "FLUX.1"
+
+
+@pytest.mark.parametrize("args", [{"network_reg_lrs": "double_blocks_0_=1e-5,single_blocks=0,img_mlp=3e-6"},
+                                  {"network_reg_lrs": "modulation_linear=2e-5", "loraplus_lr_ratio": "4"}])
+def test_network_reg_lrs_makes_lora_hunyuan_images_groups(sd, args):
+    """The same optimizer groups (description, lr, parameters) as lora_hunyuan_image's (lora_flux's rule)."""
+    model = hy.tiny_dit(sd.models)  # fresh: apply_to patches the layers' forward
+    theirs_ = sd.lora_hunyuan_image.create_network(1.0, 4, 2.0, None, [None, None], model, **args)
+    theirs_.apply_to([None, None], model, False, True)  # as the trainer does first (it drops org_module)
+    ours_ = create_network(1.0, 4, 2.0, None, [None, None], model, **args)
+    expected = named_groups(theirs_, *theirs_.prepare_optimizer_params_with_multiple_te_lrs(None, 1e-4, 1e-3))
+    assert named_groups(ours_, *ours_.prepare_optimizer_params(None, 1e-4, 1e-3)) == expected
+    assert any("reg_lr" in d for d, _, _ in expected)

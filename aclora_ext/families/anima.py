@@ -12,8 +12,9 @@ Text encoder: Qwen3 (``transformers``' ``Qwen3Model``), its attention and MLP Li
 (``lora_te_layers_0_self_attn_q_proj``), built whenever a text encoder is given (sd-scripts' ``apply_to``
 keeps them only when the text encoder is trained).
 
-``network_reg_dims``: a pattern that matches a module's dotted path in full (``re.fullmatch``, as in
-lora_anima, not ``re.search`` on the LoRA name as for the other families) gives it that rank.
+``network_reg_dims`` / ``network_reg_lrs``: a pattern that matches a module's dotted path in full
+(``re.fullmatch``, as in lora_anima, not ``re.search`` on the LoRA name as for the other families) gives it
+that rank / learning rate.
 
 The trainer calls ``anima(noisy_5d, timesteps / 1000, prompt_embeds, padding_mask=..., ...)`` on 5-D
 latents ``[B, C, 1, H, W]`` and compares ``output.squeeze(2)`` with ``noise - latents``, weighted by
@@ -30,7 +31,7 @@ import torch
 from torch import nn
 
 from ..lora.module import is_targetable
-from .base import CleanLatents, Family, Prediction, RecordedCall, Target, keep, lora_name
+from .base import CleanLatents, Family, Prediction, RecordedCall, Target, first_match, indexed, keep, lora_name
 
 DIT_BLOCKS = ("Block", "PatchEmbed", "TimestepEmbedding", "FinalLayer")
 ADAPTER_BLOCKS = ("LLMAdapterTransformerBlock",)
@@ -98,10 +99,7 @@ def layers(text_encoders: Sequence[Any], unet: nn.Module, conv3x3: bool) -> list
 
 def fullmatch_rank(path: str, reg_dims: Optional[Sequence[tuple[str, int]]]) -> Optional[int]:
     """network_reg_dims as lora_anima reads it: the rank of the first pattern matching the whole dotted path."""
-    for pattern, rank in reg_dims or ():
-        if re.fullmatch(pattern, path):
-            return rank
-    return None
+    return first_match(path, reg_dims, re.fullmatch)
 
 
 def targets(text_encoders: Sequence[Any], unet: nn.Module, config: Any) -> list[Target]:
@@ -115,7 +113,8 @@ def targets(text_encoders: Sequence[Any], unet: nn.Module, config: Any) -> list[
         rank = fullmatch_rank(path, config.network_reg_dims)
         if rank is None and t.is_conv3x3:
             continue  # lora_anima gives a kxk convolution a LoRA only through network_reg_dims
-        found.append(Target(t.lora_name, t.layer, t.part, rank))
+        reg_lr = first_match(path, indexed(config.network_reg_lrs), re.fullmatch)  # lora_anima's, likewise
+        found.append(Target(t.lora_name, t.layer, t.part, rank, reg_lr))
     return keep(found)
 
 
@@ -132,4 +131,4 @@ def _prediction(
 PREDICTION = Prediction((("library.anima_train_utils", "compute_loss_weighting_for_anima"),), _prediction)
 #: anima_train_network.py noises the (4-D) clean latents with flux_train_utils.get_noisy_model_input_and_timesteps
 CLEAN_LATENTS = CleanLatents("library.flux_train_utils", "get_noisy_model_input_and_timesteps", 2)
-FAMILY = Family("anima", recognises, name, targets, layers, PREDICTION, clean_latents=CLEAN_LATENTS)
+FAMILY = Family("anima", recognises, name, targets, layers, PREDICTION, clean_latents=CLEAN_LATENTS, matches_paths=True)

@@ -11,6 +11,7 @@ library versions.
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import re
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ class Target:
     layer: nn.Module
     part: str  # "unet", "te", "te1", "te2", "te3" or "model"
     rank: Optional[int] = None  # its maximum rank when an option sets one; None: network_dim (conv_dim for 3x3)
+    reg_lr: Optional[int] = None  # the network_reg_lrs pair that sets its learning rate (index); None: its part's
 
     @property
     def is_conv3x3(self) -> bool:
@@ -123,9 +125,20 @@ def check_patterns(patterns: Sequence[str], what: str) -> None:
 # --- the rank rules sd-scripts' lora_flux / lora_sd3 apply per layer ------------------------------------
 def regex_rank(name: str, reg_dims: Optional[Sequence[tuple[str, int]]]) -> Optional[int]:
     """network_reg_dims: the rank of the first pattern found in the name (re.search), or None."""
-    for pattern, rank in reg_dims or ():
-        if re.search(pattern, name):
-            return rank
+    return first_match(name, reg_dims, re.search)
+
+
+def indexed(pairs: Optional[Sequence[tuple[str, Any]]]) -> list[tuple[str, int]]:
+    """(pattern, index) for each pair: first_match then gives which pair matched."""
+    return [(pattern, i) for i, (pattern, _) in enumerate(pairs or ())]
+
+
+def first_match(text: str, pairs: Optional[Sequence[tuple[str, Any]]], match: Callable[..., Any]) -> Any:
+    """The value of the first (pattern, value) pair whose pattern ``match`` (re.search, re.fullmatch) finds in
+    ``text``, or None."""
+    for pattern, value in pairs or ():
+        if match(pattern, text):
+            return value
     return None
 
 
@@ -165,7 +178,7 @@ def check_choice(option: str, value: str, allowed: Sequence[str], model: str) ->
 
 
 def with_rank(target: Target, rank: Optional[int]) -> Target:
-    return Target(target.lora_name, target.layer, target.part, rank)
+    return dataclasses.replace(target, rank=rank)
 
 
 def keep(targets: Iterable[Target]) -> list[Target]:
@@ -251,7 +264,9 @@ class Family:
     option sets one); ``layers(text_encoders, unet, conv3x3)``: every layer a LoRA file of this family may
     name (``create_network_from_weights``, ``load_weights``); ``t5_part``: the part of T5-XXL's modules,
     whose presence is sd-scripts' ``network.train_t5xxl``; ``clean_latents``: where its trainer hands over
-    the clean latents of a training batch (None: not known, no identities).
+    the clean latents of a training batch (None: not known, no identities); ``matches_paths``: its
+    ``targets`` match network_reg_dims / network_reg_lrs to the whole dotted module path and set both
+    (Anima); otherwise a pattern is searched for in the LoRA name.
     """
 
     key: str  # its key in options.FAMILIES
@@ -262,3 +277,11 @@ class Family:
     prediction: Prediction = Prediction()
     t5_part: Optional[str] = None
     clean_latents: Optional[CleanLatents] = None
+    matches_paths: bool = False
+
+    def with_learning_rates(self, targets: list[Target], config: Any) -> list[Target]:
+        """``targets`` with network_reg_lrs' learning rates (re.search on the LoRA name, first match)."""
+        if self.matches_paths or not config.network_reg_lrs:
+            return targets
+        pairs = indexed(config.network_reg_lrs)
+        return [dataclasses.replace(t, reg_lr=first_match(t.lora_name, pairs, re.search)) for t in targets]

@@ -47,7 +47,7 @@ def create_network(
     if config.dropout is None and neuron_dropout is not None:
         config = config.replace(dropout=parse_network_args({"dropout": neuron_dropout}).dropout)
     conv3x3 = config.conv_dim is not None
-    targets = family.targets(text_encoders, unet, config)
+    targets = family.with_learning_rates(family.targets(text_encoders, unet, config), config)
     model = family.name(unet, text_encoders)
     if not targets:
         raise ValueError(
@@ -61,8 +61,9 @@ def create_network(
         conv = t.is_conv3x3 and conv3x3  # a rank an option gives a layer comes with network_alpha
         rank = t.rank if t.rank is not None else conv_rank if conv else max_rank
         ranks[t.lora_name], alphas[t.lora_name] = rank, (config.conv_alpha or DEFAULT_ALPHA) if conv else alpha
+    with_lr = sum(t.reg_lr is not None for t in targets)
     logger.info(
-        "AC-LoRA: %s, maximum rank %d, alpha %g%s%s, %s",
+        "AC-LoRA: %s, maximum rank %d, alpha %g%s%s%s, %s",
         model,
         max_rank,
         alpha,
@@ -70,6 +71,7 @@ def create_network(
         f", other ranks set by options on {sum(t.rank is not None for t in targets)} modules"
         if any(t.rank is not None for t in targets)
         else "",
+        f", learning rates set by network_reg_lrs on {with_lr} modules" if config.network_reg_lrs else "",
         _describe(config),
     )
     return ACLoRANetwork(
@@ -143,7 +145,13 @@ def create_network_from_weights(
             ", ".join(unknown[:10]),
         )
     config = parse_network_args(kwargs, family=family.key)
-    targets = [candidates[name] for name in present]
+    targets = family.with_learning_rates([candidates[name] for name in present], config)
+    if config.network_reg_lrs and family.matches_paths:
+        logger.warning(
+            "AC-LoRA: network_reg_lrs is not applied to a %s network made from a file (its patterns match "
+            "module paths, which a file does not have); every module trains at its part's learning rate",
+            family.name(unet, text_encoders),
+        )
     ranks = {n: module_rank(modules[n]) for n in present}
     alphas = {n: module_alpha(modules[n]) for n in present}
     signal = metadata_ranks(meta, source)

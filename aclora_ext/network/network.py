@@ -82,7 +82,7 @@ class ACLoRANetwork(nn.Module):
             )
             (self.text_encoder_loras if t.is_text_encoder else self.unet_loras).append(m)
             self.add_module(t.lora_name, m)
-        self._parts = {t.lora_name: t.part for t in targets}
+        self._targets = {t.lora_name: t for t in targets}  # parts and network_reg_lrs' learning rates
         self.clock = schedule.Clock()
         self.length = schedule.TrainingLength()
         self.loss_meter = schedule.LossMeter()
@@ -217,7 +217,7 @@ class ACLoRANetwork(nn.Module):
         """
         self.requires_grad_(True)
         return optimizer_groups.param_groups(
-            self.text_encoder_loras, self.unet_loras, self._parts, self.config, text_encoder_lr, unet_lr, default_lr
+            self.text_encoder_loras, self.unet_loras, self._targets, self.config, text_encoder_lr, unet_lr, default_lr
         )
 
     prepare_optimizer_params_with_multiple_te_lrs = prepare_optimizer_params

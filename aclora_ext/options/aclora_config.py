@@ -23,6 +23,7 @@ class ACLoRAConfig:
     loraplus_lr_ratio: Optional[float] = None
     loraplus_unet_lr_ratio: Optional[float] = None
     loraplus_text_encoder_lr_ratio: Optional[float] = None
+    network_reg_lrs: Optional[tuple[tuple[str, float], ...]] = None
     restart_mode: str = "product"
     restart_every: Optional[int] = None
     restart_every_steps: Optional[int] = None

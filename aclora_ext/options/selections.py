@@ -1,7 +1,8 @@
 """The value kinds that select layers, as sd-scripts' networks.lora_flux / lora_sd3 spell them.
 
 ``ints``: a fixed number of ranks ("4,0,8,0,0" or "[4,0,8,0,0]"); ``blocks``: "all", "none" or indices and
-inclusive ranges ("0,2-5"); ``regex_dims``: pattern=rank pairs ("double_blocks_0_=16,single=8"); ``patterns``:
+inclusive ranges ("0,2-5"); ``regex_dims``: pattern=rank pairs ("double_blocks_0_=16,single=8"); ``regex_lrs``:
+pattern=learning-rate pairs ("double_blocks=1e-4,single=0"); ``patterns``:
 regular expressions as a Python literal, as lora_anima reads them ("['.*mlp.*', '.*attn.*']"). A parser here
 raises ValueError, TypeError or re.error; :class:`~aclora_ext.options.option.Option` turns that into the
 message naming the key, the value and what is allowed.
@@ -10,11 +11,12 @@ message naming the key, the value and what is allowed.
 from __future__ import annotations
 
 import ast
+import math
 import re
-from typing import Any, Mapping, Optional, Union
+from typing import Any, Callable, Mapping, Optional, Union
 
 #: the kinds of :class:`~aclora_ext.options.option.Option` parsed here
-LAYER_KINDS = ("ints", "blocks", "regex_dims", "patterns")
+LAYER_KINDS = ("ints", "blocks", "regex_dims", "regex_lrs", "patterns")
 #: a block selection: "all", or the indices of the blocks that get a LoRA
 BlockSelection = Union[str, tuple[int, ...]]
 
@@ -27,6 +29,11 @@ def layer_kind_allowed(kind: str, length: Optional[int]) -> str:
         return "all, none, or block indices and inclusive ranges, comma-separated (e.g. 0,2-5)"
     if kind == "patterns":
         return "a Python literal: a quoted regular expression or a list of them, e.g. ['.*mlp.*'] (or none)"
+    if kind == "regex_lrs":
+        return (
+            "comma-separated pattern=lr pairs, each pattern a regular expression and each lr a finite number >= 0 "
+            "(or none)"
+        )
     return (
         "comma-separated pattern=rank pairs, each pattern a regular expression and each rank an integer >= 0 (or none)"
     )
@@ -40,6 +47,8 @@ def parse_layer_kind(kind: str, raw: Any, length: Optional[int]) -> Any:
         return parse_ints(raw, length)
     if kind == "patterns":
         return parse_patterns(raw)
+    if kind == "regex_lrs":
+        return parse_regex_pairs(raw, _learning_rate)
     return parse_regex_dims(raw)
 
 
@@ -80,6 +89,12 @@ def parse_ints(raw: Any, length: Optional[int]) -> tuple[int, ...]:
 
 def parse_regex_dims(raw: Any) -> tuple[tuple[str, int], ...]:
     """Comma-separated pattern=rank pairs (or a mapping), each pattern a valid regular expression."""
+    return parse_regex_pairs(raw, lambda rank: rank if isinstance(rank, int) and rank >= 0 else _index(str(rank)))
+
+
+def parse_regex_pairs(raw: Any, value_of: Callable[[Any], Any]) -> tuple[tuple[str, Any], ...]:
+    """Comma-separated pattern=value pairs (or a mapping), each pattern a valid regular expression and each
+    value what ``value_of`` makes of it (it raises ValueError on a bad one)."""
     pairs: list[tuple[Any, Any]]
     if isinstance(raw, Mapping):
         pairs = list(raw.items())
@@ -97,7 +112,7 @@ def parse_regex_dims(raw: Any) -> tuple[tuple[str, int], ...]:
         if not pattern:
             raise ValueError(raw)
         re.compile(pattern)
-        parsed.append((pattern, rank if isinstance(rank, int) and rank >= 0 else _index(str(rank))))
+        parsed.append((pattern, value_of(rank)))
     if not parsed:
         raise ValueError(raw)
     return tuple(parsed)
@@ -116,6 +131,16 @@ def parse_patterns(raw: Any) -> tuple[str, ...]:
     for pattern in patterns:
         re.compile(pattern)
     return tuple(patterns)
+
+
+def _learning_rate(raw: Any) -> float:
+    """A finite learning rate >= 0 (a number, or its text)."""
+    if isinstance(raw, bool):
+        raise ValueError(raw)
+    value = float(raw)
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(raw)
+    return value
 
 
 def _index(text: str) -> int:

@@ -72,4 +72,13 @@ KOHYA_OPTIONS: tuple[Option, ...] = (
         minimum=0,
         min_inclusive=False,
     ),
+    Option(
+        "network_reg_lrs",
+        "regex_lrs",
+        None,
+        "Learning rate by LoRA module name, as lora_flux / lora_hunyuan_image / lora_anima: comma-separated "
+        "pattern=lr pairs (re.search on the name, e.g. single_blocks=5e-5; Anima: re.fullmatch on the dotted "
+        "module path); the first match wins over unet_lr / text_encoder_lr, LoRA+ multiplies it for lora_up, "
+        "0: that module is not trained. Every family.",
+    ),
 )
