@@ -280,8 +280,8 @@ def test_flux_arguments_are_read_or_listed_as_not_changing_the_estimate():
     ({"pretrained_model_name_or_path": "/m/model.safetensors", "t5xxl": "/m/t5.sft"}, None,
      "t5xxl='/m/t5.sft' belongs to flux_train_network.py and sd3_train_network.py, and nothing tells which: "
      "allowed: --family flux or --family sd3"),
-    ({"pretrained_model_name_or_path": "/m/flux1-dev.safetensors", "model_type": "chroma"}, None,
-     "model_type='chroma' is not valid; allowed: flux (Chroma is not modelled)"),
+    ({"pretrained_model_name_or_path": "/m/flux1-dev.safetensors", "model_type": "flux2"}, None,
+     "model_type='flux2' is not valid; allowed: flux, chroma"),
     ({"pretrained_model_name_or_path": "/m/flux1-dev.safetensors", "blocks_to_swap": -1}, None,
      "blocks_to_swap=-1 is not valid; allowed: an integer >= 0"),
     ({"pretrained_model_name_or_path": "/m/flux1-dev.safetensors", "t5xxl_max_token_length": 0}, None,
@@ -301,14 +301,15 @@ def test_family_inconsistent_and_bad_arguments_are_refused_naming_key_value_and_
 def test_a_variant_of_another_family_or_an_unknown_one_is_refused():
     with pytest.raises(vram.VramError, match=r"--variant 'dev' is for family flux or sd3; family 'sdxl' has none"):
         setup_of({"pretrained_model_name_or_path": "/m/sd_xl.safetensors"}, variant="dev")
-    with pytest.raises(vram.VramError, match=r"variant='5-large' is not valid; allowed: dev, schnell \(family flux\)"):
+    with pytest.raises(vram.VramError,
+                       match=r"variant='5-large' is not valid; allowed: dev, schnell, chroma \(family flux\)"):
         setup_of({"pretrained_model_name_or_path": "/m/flux1-dev.safetensors"}, variant="5-large")
     with pytest.raises(vram.VramError, match="family='sdxl' .allowed: family flux or sd3."):
         vram.Setup(family="sdxl", blocks_to_swap=2)
 
 
 # --- full size: the numbers docs/vram.md quotes --------------------------------------------------------------------------
-#: the three FLUX.1/SD3 configurations docs/vram.md tabulates (the arguments of the sample configs)
+#: the FLUX.1/SD3/Chroma configurations docs/vram.md tabulates (the arguments of the sample configs)
 DOC_RUNS = {
     "FLUX.1 dev, 24 GB": ["--pretrained_model_name_or_path", "flux1-dev.safetensors", "--resolution", "1024",
                           "--mixed_precision", "bf16", "--fp8_base", "--gradient_checkpointing", "--cache_latents",
@@ -321,6 +322,11 @@ DOC_RUNS = {
                           "--network_train_unet_only", "--network_dim", "32", "--network_alpha", "16",
                           "--optimizer_type", "Adafactor",
                           "--optimizer_args", "relative_step=False", "scale_parameter=False", "warmup_init=False"],
+    "Chroma, 24 GB": ["--pretrained_model_name_or_path", "Chroma.safetensors", "--model_type", "chroma",
+                      "--apply_t5_attn_mask", "--resolution", "1024", "--mixed_precision", "bf16", "--fp8_base",
+                      "--gradient_checkpointing", "--cache_latents", "--cache_text_encoder_outputs",
+                      "--network_train_unet_only", "--network_dim", "32", "--network_alpha", "16",
+                      "--optimizer_type", "AdamW"],
     "SD3.5 medium": ["--pretrained_model_name_or_path", "sd3.5_medium.safetensors", "--resolution", "1024",
                      "--mixed_precision", "bf16", "--gradient_checkpointing", "--cache_latents",
                      "--cache_text_encoder_outputs", "--network_train_unet_only", "--network_dim", "32",
@@ -343,3 +349,5 @@ def test_docs_quote_the_full_size_estimates_of_the_dit_sample_runs(name, capsys)
     assert report["fits_gib"][str(expected_fit)], (name, report["with_margin_gib"])
     if name.startswith("FLUX"):
         assert report["lora_parameters"] == 153_157_632 and report["modules"] == 304
+    if name.startswith("Chroma"):
+        assert report["modules"] == 228

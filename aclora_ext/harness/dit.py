@@ -1,7 +1,7 @@
 """The FLUX.1 and SD3/SD3.5 diffusion transformers as sd-scripts lays them out, from literal configs, in
 plain torch: for ``aclora vram``'s meta-device count, the tiny DiT layouts of the tests, and the LoRA
 module shapes of the benchmarks. No sd-scripts, no download. This file: the configs and what both share;
-the models are in ``flux_dit`` (``Flux``) and ``sd3_dit`` (``MMDiT``).
+the models are in ``flux_dit`` (``Flux``), ``chroma_dit`` (``Chroma``) and ``sd3_dit`` (``MMDiT``).
 
 The modules carry sd-scripts' class and attribute names (``Flux``, ``DoubleStreamBlock``,
 ``SingleStreamBlock``, ``img_attn.qkv``, ``linear1``; ``MMDiT``, ``MMDiTBlock``, ``SingleDiTBlock``,
@@ -72,14 +72,32 @@ class SD3Config:
         return self.depth
 
 
+@dataclass(frozen=True)
+class ChromaConfig(FluxConfig):
+    """sd-scripts' ChromaParams (``chroma_models.chroma_params``): FLUX.1's widths and blocks, no CLIP-L input
+    (``vec_in_dim`` unused) and no per-block modulation Linears; one approximator MLP makes every block's
+    modulation vectors from the timestep, the guidance and each vector's index."""
+
+    approximator_in_dim: int = 64
+    approximator_depth: int = 5
+    approximator_hidden_size: int = 5120
+
+    @property
+    def modulation_vectors(self) -> int:
+        """3 per single block, 2x2x3 per double block (image and text), 2 for the final layer: 344 at full size."""
+        return 3 * self.depth_single_blocks + 12 * self.depth + 2
+
+
 FLUX_DEV = FluxConfig()
 FLUX_SCHNELL = FluxConfig(guidance_embed=False)
+CHROMA = ChromaConfig()
 SD3_MEDIUM = SD3Config(pos_embed_max_size=192, qk_norm=None, x_block_self_attn_layers=(), model_type="medium")
 SD35_MEDIUM = SD3Config()
 SD35_LARGE = SD3Config(depth=38, pos_embed_max_size=192, x_block_self_attn_layers=(), model_type="5-large")
-#: the DiT models by sd-scripts' name: FLUX "dev"/"schnell" (flux_models.configs), SD3 model_type
+#: the DiT models by sd-scripts' name: FLUX "dev"/"schnell" (flux_models.configs) and "chroma"
+#: (flux_train_network.py --model_type chroma), SD3 model_type
 DIT_CONFIGS: dict[str, dict[str, FluxConfig | SD3Config]] = {
-    "flux": {"dev": FLUX_DEV, "schnell": FLUX_SCHNELL},
+    "flux": {"dev": FLUX_DEV, "schnell": FLUX_SCHNELL, "chroma": CHROMA},
     "sd3": {"medium": SD3_MEDIUM, "5-medium": SD35_MEDIUM, "5-large": SD35_LARGE},
 }
 
@@ -168,9 +186,11 @@ def heads_first(x: Tensor, heads: int, parts: int) -> tuple[Tensor, ...]:
 
 __all__ = [
     "FluxConfig",
+    "ChromaConfig",
     "SD3Config",
     "FLUX_DEV",
     "FLUX_SCHNELL",
+    "CHROMA",
     "SD3_MEDIUM",
     "SD35_MEDIUM",
     "SD35_LARGE",

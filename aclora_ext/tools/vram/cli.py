@@ -46,6 +46,7 @@ VALUE_FLAGS = (
     "clip_g",
     "t5xxl",
     "model_prediction_type",
+    "model_type",
 )
 LIST_FLAGS = ("network_args", "optimizer_args")
 

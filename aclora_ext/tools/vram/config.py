@@ -60,7 +60,7 @@ KEYS: dict[str, Key] = {
     "blocks_to_swap": Key("int", "an integer >= 0", minimum=0),
     "t5xxl_max_token_length": Key("int", "an integer >= 1", minimum=1),
     "apply_t5_attn_mask": Key("bool"),
-    "model_type": Key("choice", "flux (Chroma is not modelled)", ("flux",)),
+    "model_type": Key("choice", "flux, chroma", ("flux", "chroma")),
     "split_mode": Key("bool"),
 }
 # sd-scripts arguments that change memory in ways the estimate does not model: refused when switched on
@@ -187,6 +187,13 @@ def setup_from_arguments(
     attention = next((name for name in ("xformers", "mem_eff_attn", "sdpa") if values.get(name)), "none")
     if dit:
         attention = "sdpa"  # sd-scripts' DiTs always call scaled_dot_product_attention
+    train_text_encoder = not values.get("network_train_unet_only", False)
+    if train_text_encoder and dit.get("variant") == "chroma" and not _cached_text(values):
+        train_text_encoder = False  # with cached outputs Setup refuses it: sd-scripts could not run
+        notes.append(
+            "Chroma without network_train_unet_only: no text-encoder LoRA (no CLIP-L; T5-XXL's is not trained), "
+            "so the DiT's LoRA only"
+        )
     optimizer = next((o for o in OPTIMIZERS if o.lower() == str(values.get("optimizer_type", "adamw"))), "AdamW")
     if values.get("use_8bit_adam"):
         optimizer = "AdamW8bit"
@@ -210,20 +217,22 @@ def setup_from_arguments(
         fp8_base=values.get("fp8_base", False),
         gradient_checkpointing=values.get("gradient_checkpointing", False),
         train_unet=not values.get("network_train_text_encoder_only", False),
-        train_text_encoder=not values.get("network_train_unet_only", False),
+        train_text_encoder=train_text_encoder,
         optimizer=optimizer,
         optimizer_args=values.get("optimizer_args", ()),
         max_grad_norm=values.get("max_grad_norm", 1.0),
         cache_latents=bool(values.get("cache_latents") or values.get("cache_latents_to_disk")),
-        cache_text_encoder_outputs=bool(
-            values.get("cache_text_encoder_outputs") or values.get("cache_text_encoder_outputs_to_disk")
-        ),
+        cache_text_encoder_outputs=_cached_text(values),
         attention=attention,
         no_half_vae=values.get("no_half_vae", False),
         max_token_length=75 if dit else values.get("max_token_length", 75),
         **dit,
     )
     return setup, notes
+
+
+def _cached_text(values: Mapping[str, Any]) -> bool:
+    return bool(values.get("cache_text_encoder_outputs") or values.get("cache_text_encoder_outputs_to_disk"))
 
 
 def _dit_fields(

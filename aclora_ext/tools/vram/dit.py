@@ -1,6 +1,7 @@
-"""FLUX.1 and SD3/SD3.5 in ``aclora vram``: the frozen models as ``flux_train_network.py`` /
-``sd3_train_network.py`` leave them on the device, the layers sd-scripts' ``networks.lora_flux`` /
-``networks.lora_sd3`` adapt (their fused shapes and names), and what ``--blocks_to_swap`` keeps off the device.
+"""FLUX.1, Chroma and SD3/SD3.5 in ``aclora vram``: the frozen models as ``flux_train_network.py`` (Chroma:
+``--model_type chroma``) / ``sd3_train_network.py`` leave them on the device, the layers sd-scripts'
+``networks.lora_flux`` / ``networks.lora_sd3`` adapt (their fused shapes and names), and what
+``--blocks_to_swap`` keeps off the device.
 
 The DiT is ``harness.dit``'s (sd-scripts' layout, written here, built on the meta device from the
 literal config); the text encoders are transformers' CLIPTextModel(WithProjection) and T5EncoderModel, as
@@ -8,12 +9,13 @@ sd-scripts loads them; the FLUX.1 autoencoder / SD3 VAE is diffusers' Autoencode
 
 Which models sit on the device (flux_train_network.py ``cache_text_encoder_outputs_if_needed``,
 train_network.py): the DiT always (less its swapped blocks' weights); CLIP-L (and SD3's CLIP-G) when their
-outputs are not cached or their LoRA trains; T5-XXL when its outputs are not cached; the autoencoder when
+outputs are not cached or their LoRA trains (Chroma has none: sd-scripts hands it a stand-in CLIP-L of four
+numbers, not counted); T5-XXL when its outputs are not cached; the autoencoder when
 latents are not cached. Text encoders on the device are cast to fp8 with ``--fp8_base`` (embeddings and
 T5's layer norms kept in the weight dtype, as sd-scripts' ``prepare_text_encoder_fp8`` does).
 
 Block swap (library/custom_offloading_utils.py): ``enable_block_swap(N)`` swaps the last N//2 double and
-(N - N//2)*2 single FLUX blocks (SD3: the last N joint blocks). Before the forward their weights are on the
+(N - N//2)*2 single FLUX (and Chroma) blocks (SD3: the last N joint blocks). Before the forward their weights are on the
 CPU, the other blocks' on the device; during forward and backward a block's weights are copied into the
 device storage of the block it replaces (``cuda_data_view.copy_``, the CUDA path pairs modules by name and
 shape), so the device always holds the resident blocks' weight storages and no more: the in-flight blocks
@@ -32,7 +34,8 @@ from torch import nn
 from ...families.base import Target, find_in_blocks
 from ...families.sd import TEXT_ENCODER_TARGETS, text_encoder_root_path
 from ...harness.architectures import SDXL_TE1_CONFIG, SDXL_TE2_CONFIG
-from ...harness.dit import DIT_CONFIGS, DIT_VAE_CONFIG, T5XXL_CONFIG, FluxConfig, SD3Config
+from ...harness.chroma_dit import Chroma
+from ...harness.dit import DIT_CONFIGS, DIT_VAE_CONFIG, T5XXL_CONFIG, ChromaConfig, FluxConfig, SD3Config
 from ...harness.flux_dit import Flux
 from ...harness.sd3_dit import MMDiT
 from .models import Models, _needs
@@ -49,8 +52,17 @@ def dit_config(setup: Setup) -> FluxConfig | SD3Config:
     return DIT_CONFIGS[setup.family][setup.variant]
 
 
-def clip_names(family: str) -> list[str]:
-    return ["clip_l"] if family == "flux" else ["clip_l", "clip_g"]
+def clip_names(setup: Setup) -> list[str]:
+    """FLUX.1: CLIP-L; SD3: CLIP-L and CLIP-G; Chroma none (sd-scripts' stand-in holds 4 numbers, not counted)."""
+    if setup.is_chroma:
+        return []
+    return ["clip_l"] if setup.family == "flux" else ["clip_l", "clip_g"]
+
+
+def build_dit(config: FluxConfig | SD3Config) -> nn.Module:
+    if isinstance(config, ChromaConfig):
+        return Chroma(config)
+    return Flux(config) if isinstance(config, FluxConfig) else MMDiT(config)
 
 
 def build_dit_models(
@@ -60,9 +72,9 @@ def build_dit_models(
     text_configs: Optional[dict[str, dict]] = None,
     vae_config: Optional[dict] = None,
 ) -> Models:
-    """The frozen models of a FLUX.1/SD3 set-up on ``device``, in sd-scripts' dtypes, holding only those that sit
-    on the device (text encoders ``[clip_l, (clip_g,) t5xxl]``, fewer when cached); ``config``, ``text_configs``
-    and ``vae_config`` replace the real ones (tiny models for tests)."""
+    """The frozen models of a FLUX.1/Chroma/SD3 set-up on ``device``, in sd-scripts' dtypes, holding only those
+    that sit on the device (text encoders ``[clip_l, (clip_g,) t5xxl]``, Chroma ``[t5xxl]``, fewer when cached);
+    ``config``, ``text_configs`` and ``vae_config`` replace the real ones (tiny models for tests)."""
     try:
         from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
     except ImportError:
@@ -71,10 +83,10 @@ def build_dit_models(
     clips_on_device = not setup.cache_text_encoder_outputs or setup.train_text_encoder
     with torch.device(device):
         c = config or dit_config(setup)
-        dit = Flux(c) if isinstance(c, FluxConfig) else MMDiT(c)
+        dit = build_dit(c)
         encoders: list[nn.Module] = []
         if clips_on_device:
-            for name in clip_names(setup.family):  # FLUX: CLIPTextModel; SD3: both with their projections
+            for name in clip_names(setup):  # FLUX: CLIPTextModel; SD3: both with their projections
                 kind = CLIPTextModel if setup.family == "flux" else CLIPTextModelWithProjection
                 encoders.append(kind(CLIPTextConfig(**texts[name])))
         if not setup.cache_text_encoder_outputs:
@@ -193,11 +205,18 @@ def describe_swap(dit: nn.Module, setup: Setup) -> Optional[str]:
 
 def dit_notes(setup: Setup) -> list[str]:
     fused = "fused qkv and linear1" if setup.family == "flux" else "fused qkv"
+    if setup.is_chroma:
+        fused += "; its modulation vectors from sd-scripts' approximator layout"
     notes = [
         f"the {setup.model_name} DiT is aclora's own literal build of sd-scripts' layout ({fused} as "
         "sd-scripts has them), not sd-scripts' module"
         + ("" if setup.cache_latents else "; the autoencoder is diffusers' AutoencoderKL")
     ]
+    if setup.is_chroma:
+        notes.append(
+            f"Chroma's text counted at all {setup.t5_tokens} T5 tokens in every sample's attention (sd-scripts "
+            "trims it to the longest caption + 1 token: shorter captions use less); no CLIP-L"
+        )
     if setup.train_text_encoder:
         notes.append("text encoders trained: the CLIP LoRA only; T5-XXL's (network_args train_t5xxl) is not modelled")
     return notes

@@ -1,8 +1,8 @@
-"""One FLUX.1 / SD3 training step as ``flux_train_network.py`` / ``sd3_train_network.py`` run it inside
-``train_network.py``'s loop: the text encoders unless their outputs are cached, the flow-matching noise,
-the DiT under autocast (FLUX: 2x2-packed latents and position ids; SD3: the CLIP and T5 contexts
-concatenated), the default "sigma_scaled" prediction and the loss; backward, clipping and the optimizer step
-are ``TrainingStep``'s."""
+"""One FLUX.1 / Chroma / SD3 training step as ``flux_train_network.py`` / ``sd3_train_network.py`` run it
+inside ``train_network.py``'s loop: the text encoders unless their outputs are cached, the flow-matching noise,
+the DiT under autocast (FLUX: 2x2-packed latents and position ids; Chroma: its modulation vectors first;
+SD3: the CLIP and T5 contexts concatenated), the default "sigma_scaled" prediction and the loss; backward,
+clipping and the optimizer step are ``TrainingStep``'s."""
 
 from __future__ import annotations
 
@@ -71,6 +71,8 @@ class DitTrainingStep(TrainingStep):
         )  # FluxConfig or SD3Config: the widths the DiT takes (4096 / 768 / 2048 at full size)
         if t5_out is None:
             t5_out = torch.randn((b, t, c.context_in_dim if s.family == "flux" else c.context_in_features), device=d)
+        if s.is_chroma:  # the stand-in CLIP-L's output (B, 77, 1), unused by the DiT
+            return [torch.zeros((b, CLIP_TOKENS, 1), device=d), t5_out, torch.zeros((b, t, 3), device=d), mask]
         if s.family == "flux":
             l_pooled = clip_out[0]["pooler_output"] if clip_out else torch.randn((b, c.vec_in_dim), device=d)
             txt_ids = torch.zeros((b, t, 3), device=d)
@@ -108,10 +110,17 @@ class DitTrainingStep(TrainingStep):
         img_ids[..., 2] += torch.arange(w)[None, :]
         img_ids = img_ids.reshape(1, h * w, 3).repeat(b, 1, 1).to(d)
         guidance = torch.full((b,), FLUX_GUIDANCE, device=d)
+        extra: dict[str, torch.Tensor] = {}
+        if s.is_chroma:  # flux_train_network.py: Chroma's modulation vectors, made without a graph
+            chroma: Any = self.models.unet
+            with self.autocast(), torch.no_grad():
+                extra["mod_vectors"] = chroma.get_mod_vectors(timesteps / 1000, guidance, b)
         if s.gradient_checkpointing:
             noisy.requires_grad_(True)
             img_ids.requires_grad_(True)
             guidance.requires_grad_(True)
+            for vectors in extra.values():
+                vectors.requires_grad_(True)
         with self.autocast():
             out = self.models.unet(
                 img=packed,
@@ -122,6 +131,7 @@ class DitTrainingStep(TrainingStep):
                 timesteps=timesteps / 1000,
                 guidance=guidance,
                 txt_attention_mask=mask if s.apply_t5_attn_mask else None,
+                **extra,
             )
         out = out.reshape(b, h, w, DIT_LATENT_CHANNELS, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(noisy.shape)
         prediction = out * (-sigmas) + noisy  # --model_prediction_type sigma_scaled (the default)

@@ -1,5 +1,5 @@
 """Which sd-scripts trainer a set of arguments is for: the model family (SD1.x, SD2.x, SDXL, FLUX.1, SD3)
-and, for the DiTs, the model (FLUX.1 dev/schnell, SD3 medium, SD3.5 medium/large); the arguments that only
+and, for the DiTs, the model (FLUX.1 dev/schnell, Chroma, SD3 medium, SD3.5 medium/large); the arguments that only
 one trainer has, refused for another family with the key, the value and the family it belongs to."""
 
 from __future__ import annotations
@@ -54,7 +54,6 @@ DIT_IGNORED = (
     "clip_l",
     "t5xxl",
     "clip_g",
-    "model_type",
     "guidance_scale",
     "timestep_sampling",
     "discrete_flow_shift",
@@ -115,7 +114,7 @@ def detect_family(arguments: Mapping[str, Any], notes: list[str]) -> str:
     if _SD3_PATH.search(lower):
         notes.append(f"family sd3 ('sd3' in {model!r}; --family to change)")
         return "sd3"
-    for key, family in (("ae", "flux"), ("clip_g", "sd3")):
+    for key, family in (("model_type", "flux"), ("ae", "flux"), ("clip_g", "sd3")):
         if _given(arguments, key):
             notes.append(f"family {family} ({key} is given: a {SCRIPTS[family]} argument; --family to change)")
             return family
@@ -139,8 +138,17 @@ def detect_variant(family: str, arguments: Mapping[str, Any], variant: Optional[
         if variant:
             raise VramError(f"--variant {variant!r} is for family flux or sd3; family {family!r} has none")
         return ""
+    chroma = family == "flux" and str(arguments.get("model_type", "flux")).strip().lower() == "chroma"
     if variant:
+        if chroma and variant != "chroma":
+            raise VramError(
+                f"--variant {variant!r} and model_type='chroma' disagree: flux_train_network.py builds Chroma; "
+                "allowed: --variant chroma, or leave --variant out"
+            )
         return variant
+    if chroma:
+        notes.append("model chroma (model_type = chroma)")
+        return "chroma"
     model = str(arguments.get("pretrained_model_name_or_path", "")).lower()
     if family == "flux":
         found = "schnell" if "schnell" in model else "dev" if "dev" in model else ""

@@ -13,7 +13,7 @@ from ...options import parse_network_args
 #: sd1/sd2/sdxl: train_network.py / sdxl_train_network.py; flux: flux_train_network.py; sd3: sd3_train_network.py
 FAMILIES = ("sd1", "sd2", "sdxl", "flux", "sd3")
 DIT_FAMILIES = ("flux", "sd3")
-#: the models of a DiT family (sd-scripts' names: FLUX "dev"/"schnell", SD3 model_type), the first the default
+#: the models of a DiT family (sd-scripts' names: FLUX "dev"/"schnell"/"chroma", SD3 model_type)
 VARIANTS = {family: tuple(DIT_CONFIGS[family]) for family in DIT_FAMILIES}
 DEFAULT_VARIANT = {"flux": "dev", "sd3": "5-medium"}
 FAMILY_NAMES = {"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL", "flux": "FLUX.1", "sd3": "SD3"}
@@ -65,9 +65,10 @@ class Setup:
     no_half_vae: bool = False
     max_token_length: int = 75
     # FLUX.1 / SD3 (flux_train_network.py, sd3_train_network.py)
-    variant: str = ""  # flux: dev, schnell; sd3: medium, 5-medium, 5-large ("" = the family's default)
+    # flux: dev, schnell, chroma (--model_type chroma); sd3: medium, 5-medium, 5-large ("" = the family's default)
+    variant: str = ""
     blocks_to_swap: int = 0  # --blocks_to_swap: that many blocks' weights live on the CPU
-    t5_tokens: int = 0  # --t5xxl_max_token_length (0 = sd-scripts' default: FLUX dev 512, schnell 256, SD3 256)
+    t5_tokens: int = 0  # --t5xxl_max_token_length (0 = sd-scripts' default: FLUX dev/Chroma 512, schnell/SD3 256)
     apply_t5_attn_mask: bool = False  # --apply_t5_attn_mask (FLUX: a mask in every attention)
 
     def __post_init__(self) -> None:
@@ -136,7 +137,8 @@ class Setup:
         if self.variant not in variants:
             raise bad("variant", self.variant, f"{', '.join(variants)} (family {self.family})")
         if not self.t5_tokens:
-            object.__setattr__(self, "t5_tokens", 512 if (self.family, self.variant) == ("flux", "dev") else 256)
+            long = (self.family, self.variant) in (("flux", "dev"), ("flux", "chroma"))
+            object.__setattr__(self, "t5_tokens", 512 if long else 256)
         if not isinstance(self.t5_tokens, int) or self.t5_tokens < 1:
             raise bad("t5xxl_max_token_length", self.t5_tokens, "an integer >= 1")
         most = max_blocks_to_swap(self.family, self.variant)
@@ -152,12 +154,33 @@ class Setup:
                     else "sd-scripts asserts N <= the joint block count - 2)"
                 ),
             )
+        if self.is_chroma:
+            self._check_chroma()
         if self.attention != "sdpa":
             raise bad(
                 "attention",
                 self.attention,
                 f"sdpa for family {self.family} (sd-scripts' DiTs always call scaled_dot_product_attention)",
             )
+
+    def _check_chroma(self) -> None:
+        """What flux_train_network.py asserts or cannot run for --model_type chroma."""
+        if not self.apply_t5_attn_mask:
+            raise VramError(
+                "model_type='chroma' needs apply_t5_attn_mask=true (flux_train_network.py asserts it); "
+                "apply_t5_attn_mask=False is set"
+            )
+        if self.train_text_encoder:
+            raise VramError(
+                "train_text_encoder=True (no network_train_unet_only) is not valid for Chroma: it has no CLIP-L, "
+                "so no text-encoder LoRA trains, and with cached text-encoder outputs flux_train_network.py would "
+                "encode every step with no text encoder; allowed: network_train_unet_only=true"
+            )
+
+    @property
+    def is_chroma(self) -> bool:
+        """Chroma (flux_train_network.py --model_type chroma), counted as the FLUX.1 trainer's other model."""
+        return (self.family, self.variant) == ("flux", "chroma")
 
     @property
     def is_dit(self) -> bool:
@@ -166,6 +189,8 @@ class Setup:
     @property
     def model_name(self) -> str:
         """ "FLUX.1 dev", "SD3.5 medium", "SDXL", ..."""
+        if self.is_chroma:
+            return "Chroma"
         if self.family == "sd3":
             return {"medium": "SD3 medium", "5-medium": "SD3.5 medium", "5-large": "SD3.5 large"}[self.variant]
         return FAMILY_NAMES[self.family] + (f" {self.variant}" if self.variant else "")
