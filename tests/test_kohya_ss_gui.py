@@ -283,16 +283,6 @@ def test_preset_matches_the_training_config_it_mirrors(name: str) -> None:
 # --- the doc's table of families ---------------------------------------------------------------------------
 
 
-# The sample configs the page names for the families added beside this page (Chroma, Anima, Lumina 2,
-# HunyuanImage-2.1); they live in sample_configs/ once those families are in.
-CONFIGS_OF_THE_NEW_FAMILIES = {
-    "chroma_style_24gb.toml",
-    "anima_style_24gb.toml",
-    "lumina2_style_24gb.toml",
-    "hunyuan_image_style_24gb.toml",
-}
-
-
 def doc_family_rows() -> list[list[str]]:
     """The rows of the table in section 2 of the GUI page (family, checkbox, LoRA type, trainer, module, preset)."""
     text = GUI_DOC.read_text(encoding="utf-8")
@@ -307,7 +297,7 @@ def test_the_docs_family_table_names_the_trainer_and_module_the_gui_uses_and_a_p
         script = re.search(r"`(\w+\.py)`", trainer)[1]
         assert f"`{GUI_MODULE_OF_TRAINER[script]}`" == module, family
         named = re.findall(r"`([\w.]+\.(?:json|toml))`", preset)
-        assert all((SAMPLES / n).is_file() or n in CONFIGS_OF_THE_NEW_FAMILIES for n in named), family
+        assert all((SAMPLES / n).is_file() for n in named), family
         for name in (n for n in named if n in PRESETS):
             assert PRESETS[name][0] == script, family
     assert {n for row in rows for n in re.findall(r"`(kohya_ss_gui\w+\.json)`", row[5])} == set(PRESETS)
@@ -317,7 +307,7 @@ def test_every_sample_file_the_page_names_is_in_sample_configs():
     named = set(re.findall(r"`(\w+\.(?:toml|json))`", GUI_DOC.read_text(encoding="utf-8")))
     assert {"dataset_style_15.toml", "sdxl_style_24gb.toml", *PRESETS} <= named
     # pyproject.toml: the one of this repository, which the install section names
-    missing = sorted(n for n in named - CONFIGS_OF_THE_NEW_FAMILIES - {"pyproject.toml"} if not (SAMPLES / n).is_file())
+    missing = sorted(n for n in named - {"pyproject.toml"} if not (SAMPLES / n).is_file())
     assert not missing
 
 

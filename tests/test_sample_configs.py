@@ -12,7 +12,6 @@ declarations, and replay how sd-scripts and the GUI turn them into
 from __future__ import annotations
 
 import difflib
-import json
 import re
 from pathlib import Path
 from typing import Any, Callable
@@ -45,8 +44,6 @@ FAMILY_OF_SCRIPT = {"train_network.py": "sd", "sdxl_train_network.py": "sd", "fl
                     "sd3_train_network.py": "sd3", "lumina_train_network.py": "lumina",
                     "anima_train_network.py": "anima", "hunyuan_image_train_network.py": "hunyuan_image"}
 DATASET_CONFIGS = ("dataset_style_15.toml",)
-GUI_PRESET = SAMPLES / "kohya_ss_gui_aclora_sdxl.json"
-GUI_PRESET_TWIN = "sdxl_style_24gb.toml"  # the training config the preset mirrors
 
 OPTION_NAMES = {o.name for o in OPTIONS}
 
@@ -521,42 +518,3 @@ def settings_from_command_line(argv: list[str]) -> dict[str, Any]:
             i += 1
         settings[name] = values if name == "network_args" else (values[0] if values else True)
     return settings
-
-
-def load_gui_preset() -> dict[str, Any]:
-    return json.loads(GUI_PRESET.read_text(encoding="utf-8"))
-
-
-def test_gui_preset_uses_only_gui_field_names() -> None:
-    unknown = sorted(set(load_gui_preset()) - GUI_PRESET_FIELDS)
-    hints = {key: difflib.get_close_matches(key, GUI_PRESET_FIELDS, n=1) for key in unknown}
-    assert not unknown, f"not kohya_ss GUI fields (the GUI would ignore them): {hints}"
-
-
-def test_gui_preset_overrides_the_network_module_with_networks_aclora() -> None:
-    preset = load_gui_preset()
-    assert preset["LoRA_type"] == "Standard"
-    argv = gui_command_line(preset["additional_parameters"])
-    settings = settings_from_command_line(argv)
-    assert settings.get("network_module") == "networks.aclora"
-    unknown = sorted(set(settings) - set(SD_SCRIPTS_ARGS))
-    assert not unknown, f"Additional parameters that are not sd-scripts arguments: {unknown}"
-
-
-def test_gui_preset_network_args_are_accepted_by_aclora() -> None:
-    preset = load_gui_preset()
-    settings = settings_from_command_line(gui_command_line(preset["additional_parameters"]))
-    entries = settings.get("network_args", [])
-    assert all("=" in e and e.split("=", 1)[0] in OPTION_NAMES for e in entries), entries
-    settings["network_dropout"] = preset.get("network_dropout") or None
-    parse_network_args(network_kwargs(settings), max_rank=preset["network_dim"])
-
-
-def test_gui_preset_matches_the_training_config_it_mirrors() -> None:
-    preset = load_gui_preset()
-    twin = effective(load_toml(GUI_PRESET_TWIN))
-    cli = settings_from_command_line(gui_command_line(preset["additional_parameters"]))
-    assert (preset["network_dim"], preset["network_alpha"]) == (twin["network_dim"], twin["network_alpha"])
-    assert cli["network_args"] == twin["network_args"]
-    assert preset["max_train_epochs"] == twin["max_train_epochs"]
-    assert preset["save_every_n_epochs"] == twin["save_every_n_epochs"]
