@@ -310,3 +310,46 @@ def test_worths_are_float64_and_equal_worths_keep_their_order():
     assert problem.worths.dtype == torch.float64 and allocation.allocation_problem([], []).worths.dtype == torch.float64
     masks = allocate([torch.ones(6), torch.tensor([2.0, 1.0, 2.0])], [1, 1], 5, min_ranks=0).masks()
     assert [m.tolist() for m in masks] == [[True, True, True, False, False, False], [True, False, True]]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_exact_allocation_is_the_optimum_when_the_first_core_proves_nothing(seed):
+    """Every component near the same worth per byte, even costs and an odd budget (a byte always left over,
+    so the LP bound stays above every answer): the first dynamic program's CORE_ITEMS cannot prove its answer
+    and the retry decides more; the answer is still the optimum of an independent knapsack."""
+    g = torch.Generator().manual_seed(seed)
+    modules, length = 60, 8
+    costs = [2 * int(c) for c in torch.randint(2, 6, (modules,), generator=g)]
+    worths = [
+        (c * (1 + 0.001 * torch.rand(length, generator=g, dtype=torch.float64))).sort(descending=True).values
+        for c in costs
+    ]
+    budget = int(0.5 * sum(c * length for c in costs)) | 1
+    result = allocate(worths, costs, budget)
+    expected = _optimum([w.tolist() for w in worths], costs, [1] * modules, budget)
+    assert result.core > allocation.CORE_ITEMS
+    assert result.exact and result.cost <= budget
+    assert result.worth == pytest.approx(expected, rel=1e-13)
+    assert sum(sum(w[:k].tolist()) for w, k in zip(worths, result.ranks)) == pytest.approx(expected, rel=1e-13)
+
+
+def test_exact_allocation_of_large_coprime_costs_is_the_brute_force_optimum():
+    """Costs of about a thousand bytes with gcd 1: the dynamic program runs on ~10^5 byte cells, in several
+    chunks of its rows; against every rank pair of the first two modules (the third takes what fits)."""
+    g = torch.Generator().manual_seed(7)
+    costs, length = [1000, 1001, 999], 60
+    worths = [
+        (c * (1 + 0.01 * torch.rand(length, generator=g, dtype=torch.float64))).sort(descending=True).values
+        for c in costs
+    ]
+    sums = [[0.0] + torch.cumsum(w, 0).tolist() for w in worths]
+    for budget in (60_537, 90_011, 120_999):
+        result = allocate(worths, costs, budget)
+        best = max(
+            sums[0][a] + sums[1][b] + sums[2][min(length, (budget - a * 1000 - b * 1001) // 999)]
+            for a in range(1, length + 1)
+            for b in range(1, length + 1)
+            if budget - a * 1000 - b * 1001 >= 999
+        )
+        assert result.exact and result.cost <= budget and result.dp_work > 4_000_000
+        assert sum(sums[i][k] for i, k in enumerate(result.ranks)) == pytest.approx(best, rel=1e-13)
