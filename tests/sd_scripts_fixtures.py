@@ -47,6 +47,24 @@ def switched_off() -> bool:
     return os.environ.get(SWITCH, "") == "0"
 
 
+def import_sd_scripts_in_process() -> None:
+    """Before a test imports sd-scripts' own modules (``networks.*``, ``library.*``) in process: skip when the
+    tests against sd-scripts are switched off; skip, or fail under CI=true, when its requirements are missing;
+    then put sd-scripts first on ``sys.path`` (and the stand-ins, where torchvision does not import)."""
+    import pytest
+
+    from helpers import skip_or_fail
+
+    if switched_off():
+        pytest.skip(f"{SWITCH}=0: the tests against sd-scripts are turned off")
+    missing = missing_requirements()
+    if missing:
+        skip_or_fail(f"these tests need {'; '.join(missing)}. {INSTALL_HINT}")
+    for path in reversed([str(SD_SCRIPTS)] + ([] if torchvision_imports() else [str(STAND_INS)])):
+        if path not in sys.path:
+            sys.path.insert(0, path)
+
+
 def _pins() -> dict[str, str]:
     pins = {}
     for line in (SD_SCRIPTS / "requirements.txt").read_text().splitlines():

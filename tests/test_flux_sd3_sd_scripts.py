@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import sys
 
 import pytest
 import torch
@@ -18,7 +17,7 @@ import torch
 import dit_stand_ins as st
 import sd_scripts_fixtures as e2e
 from aclora_ext import create_network, create_network_from_weights
-from helpers import named_groups, pretend_trained, skip_or_fail
+from helpers import named_groups, pretend_trained
 
 pytestmark = pytest.mark.sd_scripts  # CI runs them in sd-scripts' pinned stack only
 
@@ -26,16 +25,7 @@ pytestmark = pytest.mark.sd_scripts  # CI runs them in sd-scripts' pinned stack 
 @pytest.fixture(scope="module")
 def sd(request):
     """sd-scripts' modules: library.* and networks.lora_flux / lora_sd3, imported from its folder."""
-    if e2e.switched_off():
-        pytest.skip(f"{e2e.SWITCH}=0: the tests against sd-scripts are turned off")
-    missing = e2e.missing_requirements()
-    if missing:
-        message = f"these tests need {'; '.join(missing)}. {e2e.INSTALL_HINT}"
-        skip_or_fail(message)
-    paths = [str(e2e.SD_SCRIPTS)] + ([] if e2e.torchvision_imports() else [str(e2e.STAND_INS)])
-    for path in reversed(paths):
-        if path not in sys.path:
-            sys.path.insert(0, path)
+    e2e.import_sd_scripts_in_process()
     import networks.lora_flux as lora_flux
     import networks.lora_sd3 as lora_sd3
     from library import flux_models, flux_train_utils, flux_utils, sd3_models, sd3_train_utils, train_util

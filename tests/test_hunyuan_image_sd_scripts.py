@@ -10,13 +10,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import sys
 
 import hunyuan_image_fixtures as hy
 import pytest
 import sd_scripts_fixtures as e2e
 import torch
-from helpers import named_groups, pretend_trained, skip_or_fail
+from helpers import named_groups, pretend_trained
 from safetensors.torch import load_file
 
 from aclora_ext import OptionError, create_network, create_network_from_weights
@@ -29,15 +28,7 @@ pytestmark = pytest.mark.sd_scripts  # CI runs them in sd-scripts' pinned stack 
 @pytest.fixture(scope="module")
 def sd():
     """sd-scripts' modules, imported from its folder."""
-    if e2e.switched_off():
-        pytest.skip(f"{e2e.SWITCH}=0: the tests against sd-scripts are turned off")
-    missing = e2e.missing_requirements()
-    if missing:
-        skip_or_fail(f"these tests need {'; '.join(missing)}. {e2e.INSTALL_HINT}")
-    paths = [str(e2e.SD_SCRIPTS)] + ([] if e2e.torchvision_imports() else [str(e2e.STAND_INS)])
-    for path in reversed(paths):
-        if path not in sys.path:
-            sys.path.insert(0, path)
+    e2e.import_sd_scripts_in_process()
     import networks.lora_flux as lora_flux
     import networks.lora_hunyuan_image as lora_hunyuan_image
     from library import chroma_models, flux_models, flux_train_utils, hunyuan_image_models, train_util

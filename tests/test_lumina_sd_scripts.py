@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import re
-import sys
 
 import pytest
 import torch
@@ -18,7 +17,7 @@ import sd_scripts_fixtures as e2e
 from aclora_ext import create_network, create_network_from_weights
 from aclora_ext.files.storage import LoRAFileError
 from aclora_ext.options import OptionError
-from helpers import pretend_trained, skip_or_fail
+from helpers import pretend_trained
 
 pytestmark = pytest.mark.sd_scripts  # CI runs them in sd-scripts' pinned stack only
 
@@ -26,15 +25,7 @@ pytestmark = pytest.mark.sd_scripts  # CI runs them in sd-scripts' pinned stack 
 @pytest.fixture(scope="module")
 def sd():
     """sd-scripts' modules: library.lumina_* and networks.lora_lumina, imported from its folder."""
-    if e2e.switched_off():
-        pytest.skip(f"{e2e.SWITCH}=0: the tests against sd-scripts are turned off")
-    missing = e2e.missing_requirements()
-    if missing:
-        skip_or_fail(f"these tests need {'; '.join(missing)}. {e2e.INSTALL_HINT}")
-    paths = [str(e2e.SD_SCRIPTS)] + ([] if e2e.torchvision_imports() else [str(e2e.STAND_INS)])
-    for path in reversed(paths):
-        if path not in sys.path:
-            sys.path.insert(0, path)
+    e2e.import_sd_scripts_in_process()
     import networks.lora_lumina as lora_lumina
     from library import lumina_models, lumina_train_util, train_util
 

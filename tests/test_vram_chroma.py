@@ -13,7 +13,6 @@ value and what is allowed.
 
 from __future__ import annotations
 
-import sys
 
 import pytest
 import torch
@@ -22,7 +21,7 @@ from aclora_ext.harness import dit as D
 from aclora_ext.harness.chroma_dit import Chroma
 from aclora_ext.tools import vram
 from aclora_ext.tools.vram.dit import build_dit_models, dit_targets, offloaded_weights, swapped_blocks
-from helpers import import_or_fail, skip_or_fail
+from helpers import import_or_fail
 
 import_or_fail("transformers", "the DiT text encoders are transformers models")
 MiB = 1024**2
@@ -63,14 +62,7 @@ def chroma_models():
     """sd-scripts' library.chroma_models, imported from its folder."""
     import sd_scripts_fixtures as e2e
 
-    if e2e.switched_off():
-        pytest.skip(f"{e2e.SWITCH}=0: the tests against sd-scripts are turned off")
-    missing = e2e.missing_requirements()
-    if missing:
-        skip_or_fail(f"these tests need {'; '.join(missing)}. {e2e.INSTALL_HINT}")
-    for path in reversed([str(e2e.SD_SCRIPTS)] + ([] if e2e.torchvision_imports() else [str(e2e.STAND_INS)])):
-        if path not in sys.path:
-            sys.path.insert(0, path)
+    e2e.import_sd_scripts_in_process()
     from library import chroma_models
 
     return chroma_models
