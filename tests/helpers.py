@@ -68,3 +68,17 @@ def named_groups(network, groups, descriptions) -> list[tuple[str, Optional[floa
     loras = network.text_encoder_loras + network.unet_loras  # (sd-scripts registers its modules in apply_to)
     names = {id(p): f"{m.lora_name}.{n}" for m in loras for n, p in m.named_parameters()}
     return [(d.strip(), g.get("lr"), frozenset(names[id(p)] for p in g["params"])) for g, d in zip(groups, descriptions)]
+
+
+def assert_the_replay_is_the_validation_pass(network, validation_pass, calls: int, multiplier: float = 0.5):
+    """``validation_pass()`` runs a trainer's validation pass (between ``network.eval()`` and ``network.train()``)
+    and returns its per-item losses: the network's recorder replays that pass's ``calls`` calls to the same losses,
+    and follows the network when its multiplier changes (which changes the losses by far more than the tolerance)."""
+    recorded = validation_pass()
+    recorder = network.rank_search.loss_fn
+    assert recorder.ready and len(recorder.calls) == calls and recorder.failed is None
+    assert torch.allclose(recorder(), recorded, rtol=1e-6, atol=1e-8)
+    network.set_multiplier(multiplier)
+    assert torch.allclose(recorder(), validation_pass(), rtol=1e-6, atol=1e-8)
+    changed = (recorder() - recorded).abs().max() / recorded.abs().max()
+    assert changed > 1e-5, f"the multiplier changed the losses by {changed:.2e} of their size: nothing is checked"

@@ -203,6 +203,29 @@ def build_once(folder: Path, build) -> Path:
     return folder
 
 
+def trainer_root(tmp_path_factory, what: str, script: str = "") -> Path:
+    """A session's folder for one trainer's end-to-end tests: skip when they are switched off; skip, or fail under
+    CI=true, when sd-scripts' requirements or its ``script`` are missing."""
+    import pytest
+
+    from helpers import skip_or_fail
+
+    if switched_off():
+        pytest.skip(f"{SWITCH}=0: the sd-scripts end-to-end tests are turned off")
+    missing = missing_requirements()
+    if missing:
+        skip_or_fail(f"the {what} end-to-end tests need {'; '.join(missing)}. {INSTALL_HINT}")
+    if script and not (SD_SCRIPTS / script).is_file():
+        skip_or_fail(f"the {what} end-to-end tests need {script} in {SD_SCRIPTS}")
+    return tmp_path_factory.mktemp(re.sub(r"[^a-z0-9]+", "-", what.lower()).strip("-") + "-e2e")
+
+
+def tagged_json(output: str, tag: str) -> dict:
+    """The JSON a launcher or task printed on its line starting with ``tag``."""
+    line = next(line for line in output.splitlines() if line.startswith(tag + " "))
+    return json.loads(line[len(tag) + 1:])
+
+
 # --- reading what the scripts leave ---------------------------------------------------------------
 RESTART_LINE = re.compile(r"AC-LoRA RESTART #(\d+) at epoch (\d+), step (\d+): .*?"
                           r"ranks min/median/max (\d+)/[\d.]+/(\d+) of (\d+) over (\d+) modules")
@@ -212,6 +235,40 @@ def restart_lines(output: str) -> list[dict]:
     """The applied RESTARTs as the log reports them."""
     return [{"index": int(m[1]), "epoch": int(m[2]), "step": int(m[3]), "rank_min": int(m[4]), "rank_max": int(m[5]),
              "max_rank": int(m[6]), "modules": int(m[7])} for m in RESTART_LINE.finditer(output)]
+
+
+@dataclass
+class TrainerRun:
+    """One finished run of a trainer: what it printed, and the LoRA it saved as ``out_dir/name.safetensors``."""
+
+    result: Result
+    out_dir: Path
+    name: str
+
+    def file(self) -> "LoRAFile":
+        return LoRAFile.read(self.out_dir / f"{self.name}.safetensors")
+
+    def restarts(self) -> list[tuple[int, int, int]]:
+        return [(r["index"], r["epoch"], r["step"]) for r in restart_lines(self.result.output)]
+
+    def assert_restarts_match_the_file(self, schedule: list[tuple[int, int, int]], modules: int,
+                                       max_rank: int) -> "LoRAFile":
+        """The log's RESTART lines are ``schedule`` and agree with the file's history; the file has ``modules``
+        modules, each saved at the rank it reports (1..max_rank), with sd-scripts' metadata and ours."""
+        output = self.result.output
+        assert "import network module: networks.aclora" in output
+        assert self.restarts() == schedule, f"RESTART lines in the log:\n{self.result.tail()}"
+        lora = self.file()
+        assert len(lora.modules) == modules
+        history = lora.history()
+        assert [(h["index"], h["epoch"], h["step"]) for h in history] == schedule
+        for line, entry in zip(restart_lines(output), history):
+            assert (line["rank_min"], line["rank_max"], line["max_rank"], line["modules"]) == (
+                min(entry["ranks"]), max(entry["ranks"]), max_rank, modules)
+        assert lora.saved_ranks() == lora.ranks()
+        assert all(1 <= rank <= max_rank for rank in lora.ranks().values())
+        assert lora.metadata["ss_network_module"] == "networks.aclora" and "aclora_ranks" in lora.metadata
+        return lora
 
 
 @dataclass

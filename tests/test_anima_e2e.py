@@ -27,7 +27,6 @@ import torch
 
 import anima_fixtures as af
 import sd_scripts_fixtures as e2e
-from helpers import skip_or_fail
 
 pytestmark = pytest.mark.sd_scripts  # CI runs them in sd-scripts' pinned stack only
 
@@ -37,17 +36,7 @@ DIT_MODULES, TE_MODULES, ADAPTER_MODULES = 2 * 10, 2 * 7, 2 * 10  # blocks x (at
 COMFY_DIT, COMFY_QWEN3 = "diffusion_model.", "text_encoders.qwen3_06b.transformer.model."
 
 
-@dataclass
-class Run:
-    result: e2e.Result
-    out_dir: Path
-    name: str
-
-    def file(self) -> e2e.LoRAFile:
-        return e2e.LoRAFile.read(self.out_dir / f"{self.name}.safetensors")
-
-    def restarts(self) -> list[tuple[int, int, int]]:
-        return [(r["index"], r["epoch"], r["step"]) for r in e2e.restart_lines(self.result.output)]
+Run = e2e.TrainerRun
 
 
 @dataclass
@@ -74,28 +63,17 @@ class Workspace:
 
 @pytest.fixture(scope="session")
 def workspace(tmp_path_factory) -> Workspace:
-    if e2e.switched_off():
-        pytest.skip(f"{e2e.SWITCH}=0: the sd-scripts end-to-end tests are turned off")
-    missing = e2e.missing_requirements()
-    if missing:
-        skip_or_fail(f"the Anima end-to-end tests need {'; '.join(missing)}. {e2e.INSTALL_HINT}")
-    if not (e2e.SD_SCRIPTS / "anima_train_network.py").is_file():
-        skip_or_fail(f"the Anima end-to-end tests need anima_train_network.py in {e2e.SD_SCRIPTS}")
-    root = tmp_path_factory.mktemp("anima-e2e")
+    root = e2e.trainer_root(tmp_path_factory, "Anima", "anima_train_network.py")
     env = e2e.sd_scripts_environment(root, with_stand_ins=not e2e.torchvision_imports())
     built = e2e.run([sys.executable, str(LAUNCHER), "build", str(root / "fixtures")], env,
                     root / "logs" / "build.log").check()
-    line = next(line for line in built.output.splitlines() if line.startswith("ANIMA-FIXTURES "))
-    return Workspace(root, env, json.loads(line.split(" ", 1)[1]))
+    return Workspace(root, env, e2e.tagged_json(built.output, "ANIMA-FIXTURES"))
 
 
 @pytest.fixture(scope="module")
 def sd(workspace):
     """sd-scripts' networks.lora_anima and the conversion script, in this process (its pinned stack)."""
-    paths = [str(e2e.SD_SCRIPTS)] + ([] if e2e.torchvision_imports() else [str(e2e.STAND_INS)])
-    for path in reversed(paths):
-        if path not in sys.path:
-            sys.path.insert(0, path)
+    e2e.import_sd_scripts_in_process()
     import networks.convert_anima_lora_to_comfy as convert
     import networks.lora_anima as lora_anima
 
@@ -115,19 +93,8 @@ def te_adapter(workspace) -> Run:
 
 
 def assert_consistent(run: Run, schedule: list[tuple[int, int, int]], modules: int) -> e2e.LoRAFile:
-    output = run.result.output
-    assert "import network module: networks.aclora" in output and "AC-LoRA: Anima, maximum rank 4" in output
-    assert run.restarts() == schedule, f"RESTART lines in the log:\n{run.result.tail()}"
-    lora = run.file()
-    assert len(lora.modules) == modules
-    history = lora.history()
-    assert [(h["index"], h["epoch"], h["step"]) for h in history] == schedule
-    for line, entry in zip(e2e.restart_lines(output), history):
-        assert (line["rank_min"], line["rank_max"], line["modules"]) == (min(entry["ranks"]), max(entry["ranks"]),
-                                                                         modules)
-    assert lora.saved_ranks() == lora.ranks()
-    assert all(1 <= rank <= MAX_RANK for rank in lora.ranks().values())
-    assert lora.metadata["ss_network_module"] == "networks.aclora" and "aclora_ranks" in lora.metadata
+    assert "AC-LoRA: Anima, maximum rank 4" in run.result.output
+    lora = run.assert_restarts_match_the_file(schedule, modules, MAX_RANK)
     assert lora.metadata["ss_base_model_version"] == "anima"
     assert lora.metadata["modelspec.architecture"] == "anima-preview/lora"
     return lora

@@ -17,7 +17,7 @@ import anima_fixtures as af
 import sd_scripts_fixtures as e2e
 from aclora_ext import OptionError, create_network, create_network_from_weights
 from aclora_ext.files.storage import LoRAFileError
-from helpers import named_groups, pretend_trained
+from helpers import assert_the_replay_is_the_validation_pass, named_groups, pretend_trained
 
 pytestmark = pytest.mark.sd_scripts  # CI runs them in sd-scripts' pinned stack only
 
@@ -187,13 +187,7 @@ def test_the_anima_replay_is_the_trainers_validation_loss(sd, weighting_scheme):
         return torch.cat(losses)
 
     try:
-        recorded = validation_pass()
-        recorder = network.rank_search.loss_fn
-        assert recorder.ready and len(recorder.calls) == 2 and recorder.failed is None
-        assert torch.allclose(recorder(), recorded, rtol=1e-6, atol=1e-8)
-        network.set_multiplier(0.25)  # another network: the replay follows it exactly
-        assert torch.allclose(recorder(), validation_pass(), rtol=1e-6, atol=1e-8)
-        assert not torch.allclose(recorder(), recorded, rtol=1e-3)
+        assert_the_replay_is_the_validation_pass(network, validation_pass, calls=2, multiplier=0.25)
     finally:
         network.remove_from()
 

@@ -31,7 +31,6 @@ from safetensors import safe_open
 import dit_stand_ins as st
 import flux_sd3_fixtures as fx
 import sd_scripts_fixtures as e2e
-from helpers import skip_or_fail
 
 pytestmark = pytest.mark.sd_scripts  # CI runs them in sd-scripts' pinned stack only
 
@@ -43,17 +42,8 @@ FLUX_MODULES, FLUX_SWAP_MODULES, SD3_MODULES = 13, 2 * 10 + 4 * 3, 17
 
 
 @dataclass
-class Run:
-    result: e2e.Result
-    out_dir: Path
-    name: str
-    checkpoint: Path
-
-    def file(self) -> e2e.LoRAFile:
-        return e2e.LoRAFile.read(self.out_dir / f"{self.name}.safetensors")
-
-    def restarts(self) -> list[tuple[int, int, int]]:
-        return [(r["index"], r["epoch"], r["step"]) for r in e2e.restart_lines(self.result.output)]
+class Run(e2e.TrainerRun):
+    checkpoint: Path  # the model it trained on
 
 
 @dataclass
@@ -84,20 +74,12 @@ class Workspace:
                        self.log(log)).check()
 
     def report(self, tag: str, name: str, *args: object, log: str) -> dict:
-        output = self.task(name, *args, log=log).output
-        line = next(line for line in output.splitlines() if line.startswith(tag + " "))
-        return json.loads(line[len(tag) + 1:])
+        return e2e.tagged_json(self.task(name, *args, log=log).output, tag)
 
 
 @pytest.fixture(scope="session")
 def workspace(tmp_path_factory) -> Workspace:
-    if e2e.switched_off():
-        pytest.skip(f"{e2e.SWITCH}=0: the sd-scripts end-to-end tests are turned off")
-    missing = e2e.missing_requirements()
-    if missing:
-        message = f"the FLUX.1/SD3 end-to-end tests need {'; '.join(missing)}. {e2e.INSTALL_HINT}"
-        skip_or_fail(message)
-    root = tmp_path_factory.mktemp("flux-sd3-e2e")
+    root = e2e.trainer_root(tmp_path_factory, "FLUX.1/SD3")
     cache = Path(os.environ["ACLORA_E2E_CACHE"]) / "flux-sd3" if os.environ.get("ACLORA_E2E_CACHE") else root
     env = fx.environment(root, progress_bars=False)
     return Workspace(root, fx.FluxSd3Fixtures(cache, env, root / "logs"))
@@ -173,21 +155,7 @@ def sd3_validation(workspace) -> Run:
 
 # --- what every run must show ------------------------------------------------------------------------
 def assert_consistent(run: Run, schedule: list[tuple[int, int, int]], modules: int) -> e2e.LoRAFile:
-    output = run.result.output
-    assert "import network module: networks.aclora" in output
-    assert run.restarts() == schedule, f"RESTART lines in the log:\n{run.result.tail()}"
-    lora = run.file()
-    assert len(lora.modules) == modules
-    history = lora.history()
-    assert [(h["index"], h["epoch"], h["step"]) for h in history] == schedule
-    for line, entry in zip(e2e.restart_lines(output), history):
-        assert (line["rank_min"], line["rank_max"], line["modules"]) == (min(entry["ranks"]), max(entry["ranks"]),
-                                                                         modules)
-    assert lora.saved_ranks() == lora.ranks()
-    assert all(1 <= rank <= MAX_RANK for rank in lora.ranks().values())
-    # the trainer's metadata is kept, ours added
-    assert lora.metadata["ss_network_module"] == "networks.aclora" and "aclora_ranks" in lora.metadata
-    return lora
+    return run.assert_restarts_match_the_file(schedule, modules, MAX_RANK)
 
 
 def assert_sd_scripts_reads_it(workspace: Workspace, run: Run, kind: str) -> None:

@@ -17,7 +17,7 @@ import torch
 import dit_stand_ins as st
 import sd_scripts_fixtures as e2e
 from aclora_ext import create_network, create_network_from_weights
-from helpers import named_groups, pretend_trained
+from helpers import assert_the_replay_is_the_validation_pass, named_groups, pretend_trained
 
 pytestmark = pytest.mark.sd_scripts  # CI runs them in sd-scripts' pinned stack only
 
@@ -213,7 +213,7 @@ def validation_network(model, text_encoders):
     network = create_network(1.0, 4, 2.0, None, text_encoders, model)
     network.prepare_network(argparse.Namespace(validation_split=0.5, max_train_steps=10))
     network.apply_to(text_encoders, model, False, True)
-    return pretend_trained(network)
+    return pretend_trained(network, scale=0.5)  # large enough that the multiplier moves every prediction type
 
 
 @pytest.mark.parametrize("prediction_type, weighting_scheme", [("sigma_scaled", "uniform"), ("raw", "uniform"),
@@ -245,12 +245,7 @@ def test_the_flux_replay_is_the_trainers_validation_loss(sd, prediction_type, we
         network.train()
         return torch.cat(losses)
 
-    recorded = validation_pass()
-    recorder = network.rank_search.loss_fn
-    assert recorder.ready and len(recorder.calls) == 2
-    assert torch.allclose(recorder(), recorded, rtol=1e-6, atol=1e-8)
-    network.set_multiplier(0.5)  # another network: the replay follows it exactly
-    assert torch.allclose(recorder(), validation_pass(), rtol=1e-6, atol=1e-8)
+    assert_the_replay_is_the_validation_pass(network, validation_pass, calls=2)
 
 
 def test_the_sd3_replay_is_the_trainers_validation_loss(sd):

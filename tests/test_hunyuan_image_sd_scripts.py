@@ -15,7 +15,7 @@ import hunyuan_image_fixtures as hy
 import pytest
 import sd_scripts_fixtures as e2e
 import torch
-from helpers import named_groups, pretend_trained
+from helpers import assert_the_replay_is_the_validation_pass, named_groups, pretend_trained
 from safetensors.torch import load_file
 
 from aclora_ext import OptionError, create_network, create_network_from_weights
@@ -205,12 +205,7 @@ def test_the_hunyuan_image_replay_is_the_trainers_validation_loss(sd, dit, predi
         network.train()
         return torch.cat(losses)
 
-    recorded = validation_pass()
-    recorder = network.rank_search.loss_fn
-    assert recorder.ready and len(recorder.calls) == 2
-    assert torch.allclose(recorder(), recorded, rtol=1e-6, atol=1e-8)
-    network.set_multiplier(0.5)  # another network: the replay follows it exactly
-    assert torch.allclose(recorder(), validation_pass(), rtol=1e-6, atol=1e-8)
+    assert_the_replay_is_the_validation_pass(network, validation_pass, calls=2)
     network.rank_search.loss_fn.remove()
 
 

@@ -22,7 +22,6 @@ from pathlib import Path
 import pytest
 
 import sd_scripts_fixtures as e2e
-from helpers import skip_or_fail
 
 pytestmark = pytest.mark.sd_scripts  # CI runs them in sd-scripts' pinned stack only
 
@@ -34,17 +33,7 @@ MAX_RANK = 4
 GEMMA2_MODULES, DIT_MODULES = 14, 2 * 6 + 2 * 6 + 2 * 5 + 2
 
 
-@dataclass
-class Run:
-    result: e2e.Result
-    out_dir: Path
-    name: str
-
-    def file(self) -> e2e.LoRAFile:
-        return e2e.LoRAFile.read(self.out_dir / f"{self.name}.safetensors")
-
-    def restarts(self) -> list[tuple[int, int, int]]:
-        return [(r["index"], r["epoch"], r["step"]) for r in e2e.restart_lines(self.result.output)]
+Run = e2e.TrainerRun
 
 
 @dataclass
@@ -73,18 +62,12 @@ class Workspace:
 
     def kohya_check(self, run: Run) -> dict:
         output = self.launch(f"kohya-{run.name}", "kohya-check", self.models, run.file().path).check().output
-        line = next(line for line in output.splitlines() if line.startswith("KOHYA-CHECK "))
-        return json.loads(line[len("KOHYA-CHECK "):])
+        return e2e.tagged_json(output, "KOHYA-CHECK")
 
 
 @pytest.fixture(scope="session")
 def workspace(tmp_path_factory) -> Workspace:
-    if e2e.switched_off():
-        pytest.skip(f"{e2e.SWITCH}=0: the sd-scripts end-to-end tests are turned off")
-    missing = e2e.missing_requirements()
-    if missing:
-        skip_or_fail(f"the Lumina 2 end-to-end tests need {'; '.join(missing)}. {e2e.INSTALL_HINT}")
-    root = tmp_path_factory.mktemp("lumina-e2e")
+    root = e2e.trainer_root(tmp_path_factory, "Lumina 2", "lumina_train_network.py")
     env = e2e.sd_scripts_environment(root, with_stand_ins=not e2e.torchvision_imports())
     workspace = Workspace(root, root / "models", env)
     e2e.build_once(workspace.models, lambda d: workspace.launch("build", "build", d).check())
@@ -107,20 +90,9 @@ def lumina_unet_only(workspace) -> Run:
 
 
 def assert_consistent(run: Run, schedule: list[tuple[int, int, int]], modules: int) -> e2e.LoRAFile:
-    output = run.result.output
-    assert "import network module: networks.aclora" in output and "AC-LoRA: Lumina 2, maximum rank 4" in output
-    assert run.restarts() == schedule, f"RESTART lines in the log:\n{run.result.tail()}"
-    lora = run.file()
-    assert len(lora.modules) == modules
-    history = lora.history()
-    assert [(h["index"], h["epoch"], h["step"]) for h in history] == schedule
-    for line, entry in zip(e2e.restart_lines(output), history):
-        assert (line["rank_min"], line["rank_max"], line["modules"]) == (min(entry["ranks"]), max(entry["ranks"]),
-                                                                         modules)
-    assert lora.saved_ranks() == lora.ranks()
-    assert all(1 <= rank <= MAX_RANK for rank in lora.ranks().values())
+    assert "AC-LoRA: Lumina 2, maximum rank 4" in run.result.output
+    lora = run.assert_restarts_match_the_file(schedule, modules, MAX_RANK)
     # the trainer's metadata is kept, ours added
-    assert lora.metadata["ss_network_module"] == "networks.aclora" and "aclora_ranks" in lora.metadata
     assert lora.metadata["ss_base_model_version"] == "lumina2"
     assert lora.metadata["modelspec.architecture"] == "lumina-2/lora"
     return lora

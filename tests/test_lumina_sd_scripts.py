@@ -17,7 +17,7 @@ import sd_scripts_fixtures as e2e
 from aclora_ext import create_network, create_network_from_weights
 from aclora_ext.files.storage import LoRAFileError
 from aclora_ext.options import OptionError
-from helpers import pretend_trained
+from helpers import assert_the_replay_is_the_validation_pass, pretend_trained
 
 pytestmark = pytest.mark.sd_scripts  # CI runs them in sd-scripts' pinned stack only
 
@@ -222,9 +222,4 @@ def test_the_lumina_replay_is_the_trainers_validation_loss(sd, prediction_type, 
         network.train()
         return torch.cat(losses)
 
-    recorded = validation_pass()
-    recorder = network.rank_search.loss_fn
-    assert recorder.ready and len(recorder.calls) == 2
-    assert torch.allclose(recorder(), recorded, rtol=1e-6, atol=1e-8)
-    network.set_multiplier(0.5)  # another network: the replay follows it exactly
-    assert torch.allclose(recorder(), validation_pass(), rtol=1e-6, atol=1e-8)
+    assert_the_replay_is_the_validation_pass(network, validation_pass, calls=2)
