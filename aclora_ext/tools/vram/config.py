@@ -10,7 +10,13 @@ from pathlib import Path
 from typing import Any, Mapping, Optional
 
 from ...harness.architectures import NATIVE_RESOLUTION
-from .family_args import DIT_IGNORED, check_family_arguments, detect_family, detect_variant, refuse_unmodelled
+from .family_args import (
+    DIT_IGNORED,
+    LUMINA_IGNORED,
+    check_family_arguments,
+    detect_family,
+    detect_variant,
+)
 from .not_counted import refuse_not_counted
 from .setup import OPTIMIZERS, Setup, VramError
 
@@ -62,6 +68,8 @@ KEYS: dict[str, Key] = {
     "apply_t5_attn_mask": Key("bool"),
     "model_type": Key("choice", "flux, chroma", ("flux", "chroma")),
     "split_mode": Key("bool"),
+    # lumina_train_network.py
+    "gemma2_max_token_length": Key("int", "an integer >= 1", minimum=1),
 }
 # sd-scripts arguments that change memory in ways the estimate does not model: refused when switched on
 UNSUPPORTED = (
@@ -72,6 +80,8 @@ UNSUPPORTED = (
     "lowvram",
     "cpu_offload_checkpointing",
     "train_text_encoder_only",
+    "use_flash_attn",  # Lumina 2: flash attention's varlen kernel instead of SDPA with a mask
+    "use_sage_attn",
 )
 _TRUE, _FALSE = (True, "true"), (False, "false")
 
@@ -163,7 +173,7 @@ def setup_from_arguments(
     for key, (raw, origin) in arguments.items():
         if key in KEYS:
             values[key] = _check(key, raw, origin)
-        elif key in DIT_IGNORED:
+        elif key in DIT_IGNORED or key in LUMINA_IGNORED:
             continue  # a DiT trainer's argument: listed with the family's notes
         elif key in UNSUPPORTED:
             if raw not in (False, None, 0, "false", ""):
@@ -177,10 +187,16 @@ def setup_from_arguments(
         notes.append("arguments that do not change the estimate: " + ", ".join(sorted(ignored)))
     values.update(_dataset_overrides(values.get("dataset_config"), base, notes))
     raw = {key: value for key, (value, _) in arguments.items()}
-    refuse_unmodelled(raw)
     fam = family or detect_family(raw, notes)
     check_family_arguments(fam, arguments)
     dit = _dit_fields(fam, raw, values, variant, notes)
+    if fam == "lumina":  # lumina_train_network.py: its DiT always calls SDPA; Gemma2's length, its block swap
+        dit = {
+            "blocks_to_swap": values.get("blocks_to_swap", 0),
+            "gemma2_tokens": values.get("gemma2_max_token_length", 0),
+        }
+        given = sorted(k for k in (*LUMINA_IGNORED, *DIT_IGNORED) if k in raw)
+        notes += ["Lumina 2 trainer arguments that do not change the estimate: " + ", ".join(given)] if given else []
     resolution = values.get("resolution") or (NATIVE_RESOLUTION[fam],) * 2
     if "resolution" not in values:
         notes.append(f"no resolution given: {resolution[0]}x{resolution[1]} (the family's native size)")

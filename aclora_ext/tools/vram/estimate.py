@@ -30,6 +30,7 @@ from .counter import (
 from .cuda import CudaPolicy
 from .dit import build_dit_models, describe_swap, dit_notes
 from .dit_step import DitTrainingStep
+from .lumina import LuminaTrainingStep, build_lumina_models, lumina_notes
 from .models import Models, build_models
 from .setup import Setup
 from .step import TrainingStep
@@ -154,6 +155,10 @@ class CountedDitStep(Counted, DitTrainingStep):
     """FLUX.1 and SD3's step, counted."""
 
 
+class CountedLuminaStep(Counted, LuminaTrainingStep):
+    """Lumina 2's step, counted."""
+
+
 def estimate(
     setup: Setup, measure_restart: bool = True, models: Optional[Models] = None, block_bytes: int = BLOCK_BYTES
 ) -> Estimate:
@@ -165,8 +170,12 @@ def estimate(
     counter = StorageCounter("meta", block_bytes)
     policy = CudaPolicy("meta")
     notes: list[str] = []
-    models = models or (build_dit_models(setup) if setup.is_dit else build_models(setup))
-    run = (CountedDitStep if setup.is_dit else CountedStep)(counter, models, setup, "meta", policy)
+    if setup.is_lumina:
+        models = models or build_lumina_models(setup)
+        run: Counted = CountedLuminaStep(counter, models, setup, "meta", policy)
+    else:
+        models = models or (build_dit_models(setup) if setup.is_dit else build_models(setup))
+        run = (CountedDitStep if setup.is_dit else CountedStep)(counter, models, setup, "meta", policy)
     run.warm_optimizer()
     # what exists before the first step: only what sits on the device is labelled, and so counted
     for model, category in run.device_models():
@@ -195,6 +204,8 @@ def estimate(
         notes.append("attention=none: the U-Net's eager attention stands in for sd-scripts' own (same L x L scores)")
     if setup.is_dit:
         notes += dit_notes(setup) + [n for n in [describe_swap(models.unet, setup)] if n]
+    elif setup.is_lumina:
+        notes += lumina_notes(setup)
     else:
         notes.append(
             "the diffusers U-Net stands in for sd-scripts' own (same layers; both checkpoint every ResNet "

@@ -15,6 +15,7 @@ SCRIPTS = {
     "sdxl": "sdxl_train_network.py",
     "flux": "flux_train_network.py",
     "sd3": "sd3_train_network.py",
+    "lumina": "lumina_train_network.py",
 }
 SD_FAMILIES = ("sd1", "sd2", "sdxl")
 #: sd-scripts arguments that belong to some trainers only: {key: the families whose trainer has it}
@@ -74,24 +75,28 @@ DIT_IGNORED = (
     "mode_scale",
     "split_mode",
 )
+# Lumina 2 (lumina_train_network.py): its own arguments, the DiT trainers' arguments it has too, and those of
+# them that do not change the estimate (use_flash_attn / use_sage_attn change the attention: config.UNSUPPORTED)
+FAMILY_ONLY.update({"gemma2": ("lumina",), "gemma2_max_token_length": ("lumina",), "system_prompt": ("lumina",)})
+LUMINA_SHARED = (
+    "ae",
+    "blocks_to_swap",
+    "timestep_sampling",
+    "discrete_flow_shift",
+    "model_prediction_type",
+    "sigmoid_scale",
+    "weighting_scheme",
+    "logit_mean",
+    "logit_std",
+    "mode_scale",
+)
+LUMINA_IGNORED = ("gemma2", "system_prompt")
 _SD3_PATH = re.compile(r"sd3|sd_3|stable[-_ ]?diffusion[-_ ]?3")
 _SD35_PATH = re.compile(r"3[._-]5|sd35")
 
 
 def _given(arguments: Mapping[str, Any], key: str) -> bool:
     return arguments.get(key) not in (None, False, "", 0, "false")
-
-
-def refuse_unmodelled(arguments: Mapping[str, Any]) -> None:
-    """Stop on a run of a trainer aclora vram does not model (Lumina 2: lumina_train_network.py's --gemma2)."""
-    model = str(arguments.get("pretrained_model_name_or_path", ""))
-    if _given(arguments, "gemma2") or "lumina" in model.lower():
-        why = f"gemma2={arguments['gemma2']!r} is given" if _given(arguments, "gemma2") else f"model {model!r}"
-        raise VramError(
-            f"this is a Lumina 2 run (lumina_train_network.py: {why}), and aclora vram does not model Lumina 2 "
-            "yet; allowed: runs of train_network.py, sdxl_train_network.py, flux_train_network.py, "
-            "sd3_train_network.py (docs/lumina.md lists the memory savers sd-scripts has for it)"
-        )
 
 
 def detect_family(arguments: Mapping[str, Any], notes: list[str]) -> str:
@@ -105,6 +110,10 @@ def detect_family(arguments: Mapping[str, Any], notes: list[str]) -> str:
             "vram does not model yet; allowed: runs of train_network.py, sdxl_train_network.py, "
             "flux_train_network.py (FLUX.1) and sd3_train_network.py"
         )
+    if _given(arguments, "gemma2") or "lumina" in lower:  # lumina_train_network.py
+        why = "gemma2 is given" if _given(arguments, "gemma2") else f"'lumina' in {model!r}"
+        notes.append(f"family lumina ({why}; --family to change)")
+        return "lumina"
     if _given(arguments, "v2"):
         notes.append("family sd2 (v2 = true)")
         return "sd2"
@@ -169,8 +178,10 @@ def check_family_arguments(family: str, arguments: Mapping[str, tuple[Any, str]]
     """Refuse an argument another trainer has (e.g. --clip_g for FLUX.1, --blocks_to_swap for SDXL)."""
     for key, (raw, origin) in arguments.items():
         families = FAMILY_ONLY.get(key)
+        if family == "lumina" and key in LUMINA_SHARED:
+            continue
         if families and family not in families and raw not in (None, False, "false"):
-            scripts = sorted({SCRIPTS[f].split()[0] for f in families})
+            scripts = sorted({SCRIPTS[f].split()[0] for f in families + (("lumina",) if key in LUMINA_SHARED else ())})
             raise VramError(
                 f"{origin}: {key}={raw!r} is an argument of {' and '.join(scripts)}, not of "
                 f"{SCRIPTS[family].split()[0]} (family {family!r}); allowed for family {family!r}: "

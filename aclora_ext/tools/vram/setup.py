@@ -8,15 +8,17 @@ from typing import Any, Optional
 import torch
 
 from ...harness.dit import DIT_CONFIGS, FluxConfig
+from ...harness.lumina_dit import LUMINA_2B
 from ...options import parse_network_args
 
-#: sd1/sd2/sdxl: train_network.py / sdxl_train_network.py; flux: flux_train_network.py; sd3: sd3_train_network.py
-FAMILIES = ("sd1", "sd2", "sdxl", "flux", "sd3")
+#: sd1/sd2/sdxl: train_network.py / sdxl_train_network.py; flux: flux_train_network.py; sd3: sd3_train_network.py;
+#: lumina: lumina_train_network.py (Lumina 2)
+FAMILIES = ("sd1", "sd2", "sdxl", "flux", "sd3", "lumina")
 DIT_FAMILIES = ("flux", "sd3")
 #: the models of a DiT family (sd-scripts' names: FLUX "dev"/"schnell"/"chroma", SD3 model_type)
 VARIANTS = {family: tuple(DIT_CONFIGS[family]) for family in DIT_FAMILIES}
 DEFAULT_VARIANT = {"flux": "dev", "sd3": "5-medium"}
-FAMILY_NAMES = {"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL", "flux": "FLUX.1", "sd3": "SD3"}
+FAMILY_NAMES = {"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL", "flux": "FLUX.1", "sd3": "SD3", "lumina": "Lumina 2"}
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp8": torch.float8_e4m3fn}
 MIXED_PRECISION = {"no": "fp32", "fp16": "fp16", "bf16": "bf16"}
 OPTIMIZERS = ("AdamW", "AdamW8bit", "Adafactor")
@@ -70,6 +72,8 @@ class Setup:
     blocks_to_swap: int = 0  # --blocks_to_swap: that many blocks' weights live on the CPU
     t5_tokens: int = 0  # --t5xxl_max_token_length (0 = sd-scripts' default: FLUX dev/Chroma 512, schnell/SD3 256)
     apply_t5_attn_mask: bool = False  # --apply_t5_attn_mask (FLUX: a mask in every attention)
+    # Lumina 2 (lumina_train_network.py; blocks_to_swap too)
+    gemma2_tokens: int = 0  # --gemma2_max_token_length (0 = sd-scripts' default, 256)
 
     def __post_init__(self) -> None:
         def bad(key: str, value: Any, allowed: str) -> VramError:
@@ -105,7 +109,7 @@ class Setup:
             raise VramError("full_bf16/full_fp16 need mixed_precision='bf16'/'fp16'; mixed_precision='no' is set")
         if self.fp8_base and self.mixed_precision == "no":
             raise VramError("fp8_base=True needs mixed_precision='fp16' or 'bf16'; mixed_precision='no' is set")
-        if self.cache_text_encoder_outputs and self.family not in ("sdxl", *DIT_FAMILIES):
+        if self.cache_text_encoder_outputs and self.family not in ("sdxl", "lumina", *DIT_FAMILIES):
             raise VramError(
                 f"cache_text_encoder_outputs=True is an sdxl_train_network.py option (and "
                 f"flux_train_network.py's and sd3_train_network.py's); family={self.family!r}"
@@ -120,9 +124,13 @@ class Setup:
     def _check_dit(self, bad) -> None:
         """The FLUX.1/SD3 fields: a variant of the family, blocks_to_swap within what sd-scripts asserts."""
         if self.family not in DIT_FAMILIES:
+            if self.is_lumina:
+                self._check_lumina(bad)
+            elif self.gemma2_tokens:
+                raise bad("gemma2_max_token_length", self.gemma2_tokens, "unset (a lumina_train_network.py option)")
             for key, default in (
                 ("variant", ""),
-                ("blocks_to_swap", 0),
+                ("blocks_to_swap", 0 if not self.is_lumina else self.blocks_to_swap),
                 ("t5_tokens", 0),
                 ("apply_t5_attn_mask", False),
             ):
@@ -177,6 +185,26 @@ class Setup:
                 "encode every step with no text encoder; allowed: network_train_unet_only=true"
             )
 
+    def _check_lumina(self, bad) -> None:
+        """What lumina_train_network.py asserts, and what the Lumina 2 count does not model (tools/vram/lumina.py)."""
+        object.__setattr__(self, "gemma2_tokens", self.gemma2_tokens or 256)
+        if not isinstance(self.gemma2_tokens, int) or self.gemma2_tokens < 1:
+            raise bad("gemma2_max_token_length", self.gemma2_tokens, "an integer >= 1")
+        most = LUMINA_2B.depth - 2
+        if not isinstance(self.blocks_to_swap, int) or not 0 <= self.blocks_to_swap <= most:
+            raise bad(
+                "blocks_to_swap",
+                self.blocks_to_swap,
+                f"an integer from 0 to {most} for Lumina 2 (sd-scripts asserts N <= the main block count - 2)",
+            )
+        if self.attention != "sdpa":
+            raise bad("attention", self.attention, "sdpa for Lumina 2 (its NextDiT calls scaled_dot_product_attention)")
+
+    @property
+    def is_lumina(self) -> bool:
+        """Lumina 2 (lumina_train_network.py)."""
+        return self.family == "lumina"
+
     @property
     def is_chroma(self) -> bool:
         """Chroma (flux_train_network.py --model_type chroma), counted as the FLUX.1 trainer's other model."""
@@ -227,7 +255,7 @@ class Setup:
     @property
     def denoiser(self) -> str:
         """What sd-scripts' ``unet`` is: "DiT" for FLUX.1/SD3, else "U-Net"."""
-        return "DiT" if self.is_dit else "U-Net"
+        return "DiT" if self.is_dit or self.is_lumina else "U-Net"
 
     def describe(self) -> str:
         net = self.denoiser
@@ -237,7 +265,7 @@ class Setup:
             else (net if self.train_unet else "text encoder(s)")
         )
         name = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", DTYPES["fp8"]: "fp8"}
-        model = self.model_name if self.is_dit else self.family.upper()
+        model = self.model_name if self.is_dit or self.is_lumina else self.family.upper()
         n = self.blocks_to_swap
         blocks = n // 2 + (n - n // 2) * 2 if self.family == "flux" else n
         swap = f" (blocks_to_swap {n}: {blocks} blocks' weights on the CPU)" if n else ""
@@ -260,6 +288,8 @@ class Setup:
         ]
         if self.is_dit:
             parts.append(f"T5 tokens {self.t5_tokens}" + (", T5 attention mask" if self.apply_t5_attn_mask else ""))
+        if self.is_lumina:
+            parts.append(f"Gemma2 tokens {self.gemma2_tokens}")
         if self.network_args:
             parts.append("network_args " + " ".join(f"{k}={v}" for k, v in self.network_args))
         return "; ".join(parts)

@@ -86,6 +86,10 @@ class TrainingStep:
         """The text encoders whose LoRA trains (sd-scripts' per-encoder train flags)."""
         return list(self.models.text_encoders) if self.setup.train_text_encoder else []
 
+    def _checkpointing_workaround(self, te: nn.Module) -> None:
+        """sd-scripts' prepare_text_encoder_grad_ckpt_workaround: a trained text encoder's input requires grad."""
+        _text_model(te).embeddings.requires_grad_(True)
+
     def offloaded_tensors(self) -> list[torch.Tensor]:
         """Weights sd-scripts keeps on the CPU although their model is on the device (block swap)."""
         return []
@@ -109,7 +113,7 @@ class TrainingStep:
             for te in models.text_encoders:
                 te.train()
             for te in self._trained_text_encoders():
-                _text_model(te).embeddings.requires_grad_(True)  # sd-scripts' workaround for checkpointing
+                self._checkpointing_workaround(te)
         else:
             models.unet.eval()
             for te in models.text_encoders:
