@@ -28,6 +28,8 @@ BOOLEAN_FLAGS = (
     "xformers",
     "mem_eff_attn",
     "apply_t5_attn_mask",
+    "fp8_scaled",  # hunyuan_image_train_network.py
+    "split_attn",
 )
 VALUE_FLAGS = (
     "pretrained_model_name_or_path",
@@ -47,6 +49,8 @@ VALUE_FLAGS = (
     "t5xxl",
     "model_prediction_type",
     "model_type",
+    "byt5",  # hunyuan_image_train_network.py
+    "attn_mode",
 )
 LIST_FLAGS = ("network_args", "optimizer_args")
 

@@ -11,6 +11,7 @@ from typing import Any, Mapping, Optional
 
 from ...harness.architectures import NATIVE_RESOLUTION
 from .family_args import DIT_IGNORED, check_family_arguments, detect_family, detect_variant, refuse_unmodelled
+from .hunyuan_image_args import hunyuan_image_fields
 from .not_counted import refuse_not_counted
 from .setup import OPTIMIZERS, Setup, VramError
 
@@ -62,6 +63,13 @@ KEYS: dict[str, Key] = {
     "apply_t5_attn_mask": Key("bool"),
     "model_type": Key("choice", "flux, chroma", ("flux", "chroma")),
     "split_mode": Key("bool"),
+    # hunyuan_image_train_network.py (read in hunyuan_image_args)
+    "fp8_scaled": Key("bool"),
+    "fp8_vl": Key("bool"),
+    "split_attn": Key("bool"),
+    "attn_mode": Key(
+        "choice", "torch, sdpa, xformers, flash, sageattn", ("torch", "sdpa", "xformers", "flash", "sageattn")
+    ),
 }
 # sd-scripts arguments that change memory in ways the estimate does not model: refused when switched on
 UNSUPPORTED = (
@@ -180,7 +188,10 @@ def setup_from_arguments(
     refuse_unmodelled(raw)
     fam = family or detect_family(raw, notes)
     check_family_arguments(fam, arguments)
-    dit = _dit_fields(fam, raw, values, variant, notes)
+    if fam == "hunyuan_image":  # hunyuan_image_train_network.py
+        dit = hunyuan_image_fields(raw, values, notes)
+    else:
+        dit = _dit_fields(fam, raw, values, variant, notes)
     resolution = values.get("resolution") or (NATIVE_RESOLUTION[fam],) * 2
     if "resolution" not in values:
         notes.append(f"no resolution given: {resolution[0]}x{resolution[1]} (the family's native size)")

@@ -30,6 +30,7 @@ from .counter import (
 from .cuda import CudaPolicy
 from .dit import build_dit_models, describe_swap, dit_notes
 from .dit_step import DitTrainingStep
+from .hunyuan_image import HunyuanImageTrainingStep, build_hunyuan_image_models, hunyuan_image_notes
 from .models import Models, build_models
 from .setup import Setup
 from .step import TrainingStep
@@ -154,6 +155,10 @@ class CountedDitStep(Counted, DitTrainingStep):
     """FLUX.1 and SD3's step, counted."""
 
 
+class CountedHunyuanImageStep(Counted, HunyuanImageTrainingStep):
+    """HunyuanImage-2.1's step, counted."""
+
+
 def estimate(
     setup: Setup, measure_restart: bool = True, models: Optional[Models] = None, block_bytes: int = BLOCK_BYTES
 ) -> Estimate:
@@ -165,8 +170,11 @@ def estimate(
     counter = StorageCounter("meta", block_bytes)
     policy = CudaPolicy("meta")
     notes: list[str] = []
+    step_class: type[Counted] = CountedDitStep if setup.is_dit else CountedStep
+    if setup.is_hunyuan_image:  # hunyuan_image_train_network.py
+        models, step_class = models or build_hunyuan_image_models(setup), CountedHunyuanImageStep
     models = models or (build_dit_models(setup) if setup.is_dit else build_models(setup))
-    run = (CountedDitStep if setup.is_dit else CountedStep)(counter, models, setup, "meta", policy)
+    run = step_class(counter, models, setup, "meta", policy)
     run.warm_optimizer()
     # what exists before the first step: only what sits on the device is labelled, and so counted
     for model, category in run.device_models():
@@ -193,7 +201,9 @@ def estimate(
         notes.append("fp16: the GradScaler's own tensors (a few bytes per step) are not simulated")
     if setup.attention == "none":
         notes.append("attention=none: the U-Net's eager attention stands in for sd-scripts' own (same L x L scores)")
-    if setup.is_dit:
+    if setup.is_hunyuan_image:
+        notes += hunyuan_image_notes(setup, models)
+    elif setup.is_dit:
         notes += dit_notes(setup) + [n for n in [describe_swap(models.unet, setup)] if n]
     else:
         notes.append(

@@ -46,7 +46,7 @@ class Models:
     @property
     def text_encoder_argument(self) -> Any:
         """``text_encoder`` as sd-scripts passes it to the network: one model, or a list (SDXL, FLUX.1, SD3)."""
-        return self.text_encoders if self.family in ("sdxl", "flux", "sd3") else self.text_encoders[0]
+        return self.text_encoders if self.family in ("sdxl", "flux", "sd3", "hunyuan_image") else self.text_encoders[0]
 
 
 def _needs(package: str) -> None:
