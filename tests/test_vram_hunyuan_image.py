@@ -32,8 +32,8 @@ SAMPLE = Path(__file__).resolve().parents[1] / "sample_configs" / "hunyuan_image
 # tests/hunyuan_image_fixtures.py's narrowed sd-scripts DiT (hidden 128 = one head of 128, 2 double, 3 single)
 TINY = H.small(H.HUNYUAN_IMAGE_21, hidden_size=128, num_heads=1, depth_double=2, depth_single=3, text_dim=128,
                byt5_dim=32, byt5_hidden=64)
-# for the counts: more blocks (block swap) and two heads
-TINY_COUNT = H.small(TINY, hidden_size=256, num_heads=2, text_dim=64, depth_double=3, depth_single=4)
+# for the counts: more blocks (block swap) and two heads (of 64: RoPE on 32 + 32 channels)
+TINY_COUNT = H.small(TINY, num_heads=2, rope_dims=(32, 32), text_dim=64, depth_double=3, depth_single=4)
 
 
 def rounded(nbytes: int) -> int:
