@@ -69,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--family",
         choices=FAMILIES,
         help="the base model (default: sd2 with v2; flux / sd3 when the model path says so or --ae / "
-        "--clip_g is given; sdxl when the model path contains 'xl'; else sd1)",
+        "--clip_g is given; hunyuan_image when it says 'hunyuan' or --byt5 is given; sdxl when the model path "
+        "contains 'xl'; else sd1)",
     )
     variants = sorted({v for vs in VARIANTS.values() for v in vs})
     parser.add_argument(
