@@ -108,11 +108,4 @@ def test_a_resized_hunyuan_image_file_keeps_its_metadata_and_reports_as_hunyuan_
     assert resized == resize_file(source, tmp_path / "again.safetensors", min_importance=0.2).ranks
 
 
-# --- aclora vram: HunyuanImage-2.1 not modelled yet, and it says so (Chroma is: tests/test_vram_chroma.py) ----------
-def test_aclora_vram_refuses_the_hunyuan_image_sample_config_saying_why(capsys):
-    from test_vram import SAMPLES
-
-    assert cli_main(["vram", "--config_file", str(SAMPLES / "hunyuan_image_style_24gb.toml")]) == 2
-    err = capsys.readouterr().err
-    assert "byt5='/path/to/byt5_small_glyphxl_fp16.safetensors': a HunyuanImage-2.1 run" in err
-    assert "aclora vram does not model yet" in err
+# aclora vram counts HunyuanImage-2.1 runs: tests/test_vram_hunyuan_image.py (the sample config's figure included)

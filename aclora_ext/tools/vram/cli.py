@@ -28,6 +28,8 @@ BOOLEAN_FLAGS = (
     "xformers",
     "mem_eff_attn",
     "apply_t5_attn_mask",
+    "fp8_scaled",  # hunyuan_image_train_network.py
+    "split_attn",
 )
 VALUE_FLAGS = (
     "pretrained_model_name_or_path",
@@ -49,6 +51,8 @@ VALUE_FLAGS = (
     "model_type",
     "gemma2",
     "gemma2_max_token_length",
+    "byt5",  # hunyuan_image_train_network.py
+    "attn_mode",
 )
 LIST_FLAGS = ("network_args", "optimizer_args")
 
@@ -67,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--family",
         choices=FAMILIES,
         help="the base model (default: lumina with --gemma2 or 'lumina' in the model path; sd2 with v2; flux / sd3 "
-        "when the model path says so or --ae / --clip_g is given; sdxl when the model path contains 'xl'; else sd1)",
+        "when the model path says so or --ae / --clip_g is given; hunyuan_image when it says 'hunyuan' or --byt5 is "
+        "given; sdxl when the model path contains 'xl'; else sd1)",
     )
     variants = sorted({v for vs in VARIANTS.values() for v in vs})
     parser.add_argument(

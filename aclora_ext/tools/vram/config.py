@@ -17,6 +17,7 @@ from .family_args import (
     detect_family,
     detect_variant,
 )
+from .hunyuan_image_args import hunyuan_image_fields
 from .not_counted import refuse_not_counted
 from .setup import OPTIMIZERS, Setup, VramError
 
@@ -70,6 +71,13 @@ KEYS: dict[str, Key] = {
     "split_mode": Key("bool"),
     # lumina_train_network.py
     "gemma2_max_token_length": Key("int", "an integer >= 1", minimum=1),
+    # hunyuan_image_train_network.py (read in hunyuan_image_args)
+    "fp8_scaled": Key("bool"),
+    "fp8_vl": Key("bool"),
+    "split_attn": Key("bool"),
+    "attn_mode": Key(
+        "choice", "torch, sdpa, xformers, flash, sageattn", ("torch", "sdpa", "xformers", "flash", "sageattn")
+    ),
 }
 # sd-scripts arguments that change memory in ways the estimate does not model: refused when switched on
 UNSUPPORTED = (
@@ -189,7 +197,10 @@ def setup_from_arguments(
     raw = {key: value for key, (value, _) in arguments.items()}
     fam = family or detect_family(raw, notes)
     check_family_arguments(fam, arguments)
-    dit = _dit_fields(fam, raw, values, variant, notes)
+    if fam == "hunyuan_image":  # hunyuan_image_train_network.py
+        dit = hunyuan_image_fields(raw, values, notes)
+    else:
+        dit = _dit_fields(fam, raw, values, variant, notes)
     if fam == "lumina":  # lumina_train_network.py: its DiT always calls SDPA; Gemma2's length, its block swap
         dit = {
             "blocks_to_swap": values.get("blocks_to_swap", 0),

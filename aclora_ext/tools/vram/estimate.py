@@ -30,6 +30,7 @@ from .counter import (
 from .cuda import CudaPolicy
 from .dit import build_dit_models, describe_swap, dit_notes
 from .dit_step import DitTrainingStep
+from .hunyuan_image import HunyuanImageTrainingStep, build_hunyuan_image_models, hunyuan_image_notes
 from .lumina import LuminaTrainingStep, build_lumina_models, lumina_notes
 from .models import Models, build_models
 from .setup import Setup
@@ -159,6 +160,10 @@ class CountedLuminaStep(Counted, LuminaTrainingStep):
     """Lumina 2's step, counted."""
 
 
+class CountedHunyuanImageStep(Counted, HunyuanImageTrainingStep):
+    """HunyuanImage-2.1's step, counted."""
+
+
 def estimate(
     setup: Setup, measure_restart: bool = True, models: Optional[Models] = None, block_bytes: int = BLOCK_BYTES
 ) -> Estimate:
@@ -170,12 +175,13 @@ def estimate(
     counter = StorageCounter("meta", block_bytes)
     policy = CudaPolicy("meta")
     notes: list[str] = []
-    if setup.is_lumina:
-        models = models or build_lumina_models(setup)
-        run: Counted = CountedLuminaStep(counter, models, setup, "meta", policy)
-    else:
-        models = models or (build_dit_models(setup) if setup.is_dit else build_models(setup))
-        run = (CountedDitStep if setup.is_dit else CountedStep)(counter, models, setup, "meta", policy)
+    step_class: type[Counted] = CountedDitStep if setup.is_dit else CountedStep
+    if setup.is_lumina:  # lumina_train_network.py
+        models, step_class = models or build_lumina_models(setup), CountedLuminaStep
+    if setup.is_hunyuan_image:  # hunyuan_image_train_network.py
+        models, step_class = models or build_hunyuan_image_models(setup), CountedHunyuanImageStep
+    models = models or (build_dit_models(setup) if setup.is_dit else build_models(setup))
+    run = step_class(counter, models, setup, "meta", policy)
     run.warm_optimizer()
     # what exists before the first step: only what sits on the device is labelled, and so counted
     for model, category in run.device_models():
@@ -202,7 +208,9 @@ def estimate(
         notes.append("fp16: the GradScaler's own tensors (a few bytes per step) are not simulated")
     if setup.attention == "none":
         notes.append("attention=none: the U-Net's eager attention stands in for sd-scripts' own (same L x L scores)")
-    if setup.is_dit:
+    if setup.is_hunyuan_image:
+        notes += hunyuan_image_notes(setup, models)
+    elif setup.is_dit:
         notes += dit_notes(setup) + [n for n in [describe_swap(models.unet, setup)] if n]
     elif setup.is_lumina:
         notes += lumina_notes(setup)

@@ -16,6 +16,7 @@ SCRIPTS = {
     "flux": "flux_train_network.py",
     "sd3": "sd3_train_network.py",
     "lumina": "lumina_train_network.py",
+    "hunyuan_image": "hunyuan_image_train_network.py",
 }
 SD_FAMILIES = ("sd1", "sd2", "sdxl")
 #: sd-scripts arguments that belong to some trainers only: {key: the families whose trainer has it}
@@ -49,6 +50,21 @@ FAMILY_ONLY: dict[str, tuple[str, ...]] = {
     "logit_std": DIT_FAMILIES,
     "mode_scale": DIT_FAMILIES,
 }
+# hunyuan_image_train_network.py: its own arguments, and those it shares with the FLUX.1 (and SD3) trainers
+HUNYUAN_IMAGE_ONLY = ("byt5", "fp8_scaled", "fp8_vl", "split_attn", "attn_mode", "text_encoder_cpu", "vae_chunk_size")
+HUNYUAN_IMAGE_SHARED = (
+    "blocks_to_swap",
+    "timestep_sampling",
+    "discrete_flow_shift",
+    "model_prediction_type",
+    "sigmoid_scale",
+    "weighting_scheme",
+    "logit_mean",
+    "logit_std",
+    "mode_scale",
+)
+FAMILY_ONLY.update({key: ("hunyuan_image",) for key in HUNYUAN_IMAGE_ONLY})
+FAMILY_ONLY.update({key: (*FAMILY_ONLY[key], "hunyuan_image") for key in HUNYUAN_IMAGE_SHARED})
 #: the DiT trainers' arguments that do not change the estimate (listed as such when given)
 DIT_IGNORED = (
     "ae",
@@ -74,6 +90,9 @@ DIT_IGNORED = (
     "logit_std",
     "mode_scale",
     "split_mode",
+    "byt5",
+    "text_encoder_cpu",
+    "vae_chunk_size",
 )
 # Lumina 2 (lumina_train_network.py): its own arguments, the DiT trainers' arguments it has too, and those of
 # them that do not change the estimate (use_flash_attn / use_sage_attn change the attention: config.UNSUPPORTED)
@@ -103,13 +122,10 @@ def detect_family(arguments: Mapping[str, Any], notes: list[str]) -> str:
     """The family from the arguments (v2; the model path; the DiT trainers' own arguments), with a note why."""
     model = str(arguments.get("pretrained_model_name_or_path", ""))
     lower = model.lower()
-    if "hunyuan" in lower or _given(arguments, "byt5"):  # hunyuan_image_train_network.py: not modelled yet
-        key = "byt5" if _given(arguments, "byt5") else "pretrained_model_name_or_path"
-        raise VramError(
-            f"{key}={arguments[key]!r}: a HunyuanImage-2.1 run (hunyuan_image_train_network.py), which aclora "
-            "vram does not model yet; allowed: runs of train_network.py, sdxl_train_network.py, "
-            "flux_train_network.py (FLUX.1) and sd3_train_network.py"
-        )
+    if "hunyuan" in lower or _given(arguments, "byt5"):  # hunyuan_image_train_network.py
+        why = "byt5 is given" if _given(arguments, "byt5") else f"'hunyuan' in {model!r}"
+        notes.append(f"family hunyuan_image ({why}: hunyuan_image_train_network.py; --family to change)")
+        return "hunyuan_image"
     if _given(arguments, "gemma2") or "lumina" in lower:  # lumina_train_network.py
         why = "gemma2 is given" if _given(arguments, "gemma2") else f"'lumina' in {model!r}"
         notes.append(f"family lumina ({why}; --family to change)")
@@ -130,7 +146,7 @@ def detect_family(arguments: Mapping[str, Any], notes: list[str]) -> str:
     if "xl" in lower:
         notes.append(f"family sdxl ('xl' in {model!r}; --family to change)")
         return "sdxl"
-    dit_only = sorted(k for k, fams in FAMILY_ONLY.items() if fams == DIT_FAMILIES and _given(arguments, k))
+    dit_only = sorted(k for k, fams in FAMILY_ONLY.items() if set(DIT_FAMILIES) <= set(fams) and _given(arguments, k))
     if dit_only:
         raise VramError(
             f"{dit_only[0]}={arguments[dit_only[0]]!r} belongs to flux_train_network.py and "
@@ -182,8 +198,9 @@ def check_family_arguments(family: str, arguments: Mapping[str, tuple[Any, str]]
             continue
         if families and family not in families and raw not in (None, False, "false"):
             scripts = sorted({SCRIPTS[f].split()[0] for f in families + (("lumina",) if key in LUMINA_SHARED else ())})
+            named = ", ".join(scripts[:-1]) + " and " + scripts[-1] if len(scripts) > 1 else scripts[0]
             raise VramError(
-                f"{origin}: {key}={raw!r} is an argument of {' and '.join(scripts)}, not of "
+                f"{origin}: {key}={raw!r} is an argument of {named}, not of "
                 f"{SCRIPTS[family].split()[0]} (family {family!r}); allowed for family {family!r}: "
                 "leave it unset, or choose the family it belongs to with --family"
             )

@@ -10,15 +10,24 @@ import torch
 from ...harness.dit import DIT_CONFIGS, FluxConfig
 from ...harness.lumina_dit import LUMINA_2B
 from ...options import parse_network_args
+from .hunyuan_image_checks import hunyuan_image_problem
 
 #: sd1/sd2/sdxl: train_network.py / sdxl_train_network.py; flux: flux_train_network.py; sd3: sd3_train_network.py;
-#: lumina: lumina_train_network.py (Lumina 2)
-FAMILIES = ("sd1", "sd2", "sdxl", "flux", "sd3", "lumina")
+#: lumina: lumina_train_network.py (Lumina 2); hunyuan_image: hunyuan_image_train_network.py
+FAMILIES = ("sd1", "sd2", "sdxl", "flux", "sd3", "lumina", "hunyuan_image")
 DIT_FAMILIES = ("flux", "sd3")
 #: the models of a DiT family (sd-scripts' names: FLUX "dev"/"schnell"/"chroma", SD3 model_type)
 VARIANTS = {family: tuple(DIT_CONFIGS[family]) for family in DIT_FAMILIES}
 DEFAULT_VARIANT = {"flux": "dev", "sd3": "5-medium"}
-FAMILY_NAMES = {"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL", "flux": "FLUX.1", "sd3": "SD3", "lumina": "Lumina 2"}
+FAMILY_NAMES = {
+    "sd1": "SD1.x",
+    "sd2": "SD2.x",
+    "sdxl": "SDXL",
+    "flux": "FLUX.1",
+    "sd3": "SD3",
+    "lumina": "Lumina 2",
+    "hunyuan_image": "HunyuanImage-2.1",
+}
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp8": torch.float8_e4m3fn}
 MIXED_PRECISION = {"no": "fp32", "fp16": "fp16", "bf16": "bf16"}
 OPTIMIZERS = ("AdamW", "AdamW8bit", "Adafactor")
@@ -74,6 +83,9 @@ class Setup:
     apply_t5_attn_mask: bool = False  # --apply_t5_attn_mask (FLUX: a mask in every attention)
     # Lumina 2 (lumina_train_network.py; blocks_to_swap too)
     gemma2_tokens: int = 0  # --gemma2_max_token_length (0 = sd-scripts' default, 256)
+    # HunyuanImage-2.1 (hunyuan_image_train_network.py; blocks_to_swap above too)
+    fp8_scaled: bool = False  # --fp8_scaled: the blocks' Linear weights in fp8 with bf16 scales
+    split_attn: bool = False  # --split_attn: attention one sample at a time
 
     def __post_init__(self) -> None:
         def bad(key: str, value: Any, allowed: str) -> VramError:
@@ -109,7 +121,7 @@ class Setup:
             raise VramError("full_bf16/full_fp16 need mixed_precision='bf16'/'fp16'; mixed_precision='no' is set")
         if self.fp8_base and self.mixed_precision == "no":
             raise VramError("fp8_base=True needs mixed_precision='fp16' or 'bf16'; mixed_precision='no' is set")
-        if self.cache_text_encoder_outputs and self.family not in ("sdxl", "lumina", *DIT_FAMILIES):
+        if self.cache_text_encoder_outputs and self.family not in ("sdxl", "lumina", *DIT_FAMILIES, "hunyuan_image"):
             raise VramError(
                 f"cache_text_encoder_outputs=True is an sdxl_train_network.py option (and "
                 f"flux_train_network.py's and sd3_train_network.py's); family={self.family!r}"
@@ -123,6 +135,16 @@ class Setup:
 
     def _check_dit(self, bad) -> None:
         """The FLUX.1/SD3 fields: a variant of the family, blocks_to_swap within what sd-scripts asserts."""
+        if self.is_hunyuan_image:  # hunyuan_image_train_network.py's own checks (and what is not counted yet)
+            problem = hunyuan_image_problem(self)
+            if problem:
+                raise VramError(problem)
+            return
+        if self.fp8_scaled or self.split_attn:
+            raise VramError(
+                f"fp8_scaled={self.fp8_scaled!r}, split_attn={self.split_attn!r}: options of "
+                f"hunyuan_image_train_network.py; family={self.family!r} (allowed: false, or family hunyuan_image)"
+            )
         if self.family not in DIT_FAMILIES:
             if self.is_lumina:
                 self._check_lumina(bad)
@@ -211,6 +233,10 @@ class Setup:
         return (self.family, self.variant) == ("flux", "chroma")
 
     @property
+    def is_hunyuan_image(self) -> bool:
+        return self.family == "hunyuan_image"
+
+    @property
     def is_dit(self) -> bool:
         return self.family in DIT_FAMILIES
 
@@ -229,7 +255,7 @@ class Setup:
 
     @property
     def unet_dtype(self) -> torch.dtype:
-        return DTYPES["fp8"] if self.fp8_base else self.weight_dtype
+        return DTYPES["fp8"] if self.fp8_base or self.fp8_scaled else self.weight_dtype
 
     @property
     def text_encoder_dtype(self) -> torch.dtype:
@@ -255,7 +281,7 @@ class Setup:
     @property
     def denoiser(self) -> str:
         """What sd-scripts' ``unet`` is: "DiT" for FLUX.1/SD3, else "U-Net"."""
-        return "DiT" if self.is_dit or self.is_lumina else "U-Net"
+        return "DiT" if self.is_dit or self.is_lumina or self.is_hunyuan_image else "U-Net"
 
     def describe(self) -> str:
         net = self.denoiser
@@ -265,9 +291,9 @@ class Setup:
             else (net if self.train_unet else "text encoder(s)")
         )
         name = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", DTYPES["fp8"]: "fp8"}
-        model = self.model_name if self.is_dit or self.is_lumina else self.family.upper()
+        model = self.model_name if self.is_dit or self.is_lumina or self.is_hunyuan_image else self.family.upper()
         n = self.blocks_to_swap
-        blocks = n // 2 + (n - n // 2) * 2 if self.family == "flux" else n
+        blocks = n // 2 + (n - n // 2) * 2 if self.family in ("flux", "hunyuan_image") else n
         swap = f" (blocks_to_swap {n}: {blocks} blocks' weights on the CPU)" if n else ""
         parts = [
             f"{model} {self.width}x{self.height}, batch {self.batch_size}, LoRA rank {self.rank} on the {what}",
@@ -290,6 +316,8 @@ class Setup:
             parts.append(f"T5 tokens {self.t5_tokens}" + (", T5 attention mask" if self.apply_t5_attn_mask else ""))
         if self.is_lumina:
             parts.append(f"Gemma2 tokens {self.gemma2_tokens}")
+        if self.is_hunyuan_image:
+            parts.append(("fp8_scaled" if self.fp8_scaled else "no fp8") + (", split_attn" if self.split_attn else ""))
         if self.network_args:
             parts.append("network_args " + " ".join(f"{k}={v}" for k, v in self.network_args))
         return "; ".join(parts)
