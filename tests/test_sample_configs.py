@@ -250,9 +250,9 @@ def test_cached_text_encoder_outputs_come_with_what_the_trainers_assert(name: st
 
 
 VRAM_QUOTED = re.compile(r"^# aclora vram: peak [\d.]+ GiB, [\d.]+ GiB with the margin$", re.MULTILINE)
-# the configs of trainers aclora vram does not count yet (tests/test_anima_family.py, tests/test_lumina_files.py and
+# the configs of trainers aclora vram does not count yet (tests/test_lumina_files.py and
 # tests/test_hunyuan_image_files.py pin that it refuses them); each says so instead of quoting a line
-VRAM_NOT_COUNTED = {"anima_style_24gb.toml", "lumina2_style_24gb.toml", "hunyuan_image_style_24gb.toml"}
+VRAM_NOT_COUNTED = {"lumina2_style_24gb.toml", "hunyuan_image_style_24gb.toml"}
 VRAM_NOT_COUNTED_SAID = re.compile(r"^# Memory: `?aclora vram`? does not (?:count|model) ", re.MULTILINE)
 
 

@@ -25,6 +25,8 @@ for it, is in :data:`NOT_COUNTED`.
 FLUX.1 and SD3/SD3.5 (``dit``, ``dit_step``): sd-scripts' DiT layouts built from literal configs
 (``harness.dit``), its LoRA targets with their fused shapes, block swap, the flow-matching step of
 flux_train_network.py / sd3_train_network.py; ``family_args`` tells the family from the arguments.
+Anima (``anima``, ``anima_step``, ``anima_setup``): sd-scripts' Anima DiT and LLM adapter (``harness.anima_dit``),
+transformers' Qwen3, block swap, the step of anima_train_network.py.
 
 The parts: ``setup`` (one set-up), ``models`` (the frozen models), ``step`` (one training step),
 ``counter`` (live storages), ``cuda`` (autocast and attention as CUDA does them), ``estimate``,

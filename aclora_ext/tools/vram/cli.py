@@ -47,6 +47,10 @@ VALUE_FLAGS = (
     "t5xxl",
     "model_prediction_type",
     "model_type",
+    "qwen3",  # anima_train_network.py
+    "qwen3_max_token_length",
+    "t5_max_token_length",
+    "attn_mode",
 )
 LIST_FLAGS = ("network_args", "optimizer_args")
 
@@ -64,8 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--family",
         choices=FAMILIES,
-        help="the base model (default: sd2 with v2; flux / sd3 when the model path says so or --ae / "
-        "--clip_g is given; sdxl when the model path contains 'xl'; else sd1)",
+        help="the base model (default: anima when --qwen3 is given; sd2 with v2; flux / sd3 when the model path "
+        "says so or --ae / --clip_g is given; sdxl when the model path contains 'xl'; else sd1)",
     )
     variants = sorted({v for vs in VARIANTS.values() for v in vs})
     parser.add_argument(

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Mapping, Optional
 
 from ...harness.architectures import NATIVE_RESOLUTION
+from .anima import ANIMA_IGNORED, anima_fields
 from .family_args import DIT_IGNORED, check_family_arguments, detect_family, detect_variant, refuse_unmodelled
 from .not_counted import refuse_not_counted
 from .setup import OPTIMIZERS, Setup, VramError
@@ -62,6 +63,13 @@ KEYS: dict[str, Key] = {
     "apply_t5_attn_mask": Key("bool"),
     "model_type": Key("choice", "flux, chroma", ("flux", "chroma")),
     "split_mode": Key("bool"),
+    # anima_train_network.py (also blocks_to_swap)
+    "qwen3_max_token_length": Key("int", "an integer >= 1", minimum=1),
+    "t5_max_token_length": Key("int", "an integer >= 1", minimum=1),
+    "attn_mode": Key(
+        "choice", "torch, sdpa, xformers, flash, sageattn", ("torch", "sdpa", "xformers", "flash", "sageattn")
+    ),
+    "split_attn": Key("bool"),
 }
 # sd-scripts arguments that change memory in ways the estimate does not model: refused when switched on
 UNSUPPORTED = (
@@ -72,6 +80,7 @@ UNSUPPORTED = (
     "lowvram",
     "cpu_offload_checkpointing",
     "train_text_encoder_only",
+    "unsloth_offload_checkpointing",
 )
 _TRUE, _FALSE = (True, "true"), (False, "false")
 
@@ -163,7 +172,7 @@ def setup_from_arguments(
     for key, (raw, origin) in arguments.items():
         if key in KEYS:
             values[key] = _check(key, raw, origin)
-        elif key in DIT_IGNORED:
+        elif key in DIT_IGNORED or key in ANIMA_IGNORED:
             continue  # a DiT trainer's argument: listed with the family's notes
         elif key in UNSUPPORTED:
             if raw not in (False, None, 0, "false", ""):
@@ -181,6 +190,8 @@ def setup_from_arguments(
     fam = family or detect_family(raw, notes)
     check_family_arguments(fam, arguments)
     dit = _dit_fields(fam, raw, values, variant, notes)
+    if fam == "anima":
+        dit = anima_fields(values, raw, notes)
     resolution = values.get("resolution") or (NATIVE_RESOLUTION[fam],) * 2
     if "resolution" not in values:
         notes.append(f"no resolution given: {resolution[0]}x{resolution[1]} (the family's native size)")

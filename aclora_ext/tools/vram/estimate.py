@@ -16,6 +16,8 @@ from ... import functional as Fn
 from ...families.base import Target
 from ...lora import batching as restart_module
 from ...network.network import ACLoRANetwork
+from .anima import anima_notes, build_anima_models
+from .anima_step import AnimaTrainingStep
 from .counter import (
     ACTIVATIONS,
     BLOCK_BYTES,
@@ -154,6 +156,10 @@ class CountedDitStep(Counted, DitTrainingStep):
     """FLUX.1 and SD3's step, counted."""
 
 
+class CountedAnimaStep(Counted, AnimaTrainingStep):
+    """Anima's step, counted."""
+
+
 def estimate(
     setup: Setup, measure_restart: bool = True, models: Optional[Models] = None, block_bytes: int = BLOCK_BYTES
 ) -> Estimate:
@@ -165,8 +171,12 @@ def estimate(
     counter = StorageCounter("meta", block_bytes)
     policy = CudaPolicy("meta")
     notes: list[str] = []
-    models = models or (build_dit_models(setup) if setup.is_dit else build_models(setup))
-    run = (CountedDitStep if setup.is_dit else CountedStep)(counter, models, setup, "meta", policy)
+    if setup.family == "anima":
+        models = models or build_anima_models(setup)
+        run: Counted = CountedAnimaStep(counter, models, setup, "meta", policy)
+    else:
+        models = models or (build_dit_models(setup) if setup.is_dit else build_models(setup))
+        run = (CountedDitStep if setup.is_dit else CountedStep)(counter, models, setup, "meta", policy)
     run.warm_optimizer()
     # what exists before the first step: only what sits on the device is labelled, and so counted
     for model, category in run.device_models():
@@ -193,7 +203,9 @@ def estimate(
         notes.append("fp16: the GradScaler's own tensors (a few bytes per step) are not simulated")
     if setup.attention == "none":
         notes.append("attention=none: the U-Net's eager attention stands in for sd-scripts' own (same L x L scores)")
-    if setup.is_dit:
+    if setup.family == "anima":
+        notes += anima_notes(models, setup)
+    elif setup.is_dit:
         notes += dit_notes(setup) + [n for n in [describe_swap(models.unet, setup)] if n]
     else:
         notes.append(

@@ -15,6 +15,7 @@ SCRIPTS = {
     "sdxl": "sdxl_train_network.py",
     "flux": "flux_train_network.py",
     "sd3": "sd3_train_network.py",
+    "anima": "anima_train_network.py",
 }
 SD_FAMILIES = ("sd1", "sd2", "sdxl")
 #: sd-scripts arguments that belong to some trainers only: {key: the families whose trainer has it}
@@ -48,6 +49,33 @@ FAMILY_ONLY: dict[str, tuple[str, ...]] = {
     "logit_std": DIT_FAMILIES,
     "mode_scale": DIT_FAMILIES,
 }
+#: anima_train_network.py: the arguments it shares with the DiT trainers, and those only it has
+for _key in (
+    "blocks_to_swap",
+    "timestep_sampling",
+    "discrete_flow_shift",
+    "sigmoid_scale",
+    "weighting_scheme",
+    "logit_mean",
+    "logit_std",
+    "mode_scale",
+):
+    FAMILY_ONLY[_key] = (*FAMILY_ONLY[_key], "anima")
+FAMILY_ONLY.update(
+    dict.fromkeys(
+        (
+            "qwen3",
+            "qwen3_max_token_length",
+            "t5_max_token_length",
+            "t5_tokenizer_path",
+            "llm_adapter_path",
+            "attn_mode",
+            "split_attn",
+            "unsloth_offload_checkpointing",
+        ),
+        ("anima",),
+    )
+)
 #: the DiT trainers' arguments that do not change the estimate (listed as such when given)
 DIT_IGNORED = (
     "ae",
@@ -105,6 +133,9 @@ def detect_family(arguments: Mapping[str, Any], notes: list[str]) -> str:
             "vram does not model yet; allowed: runs of train_network.py, sdxl_train_network.py, "
             "flux_train_network.py (FLUX.1) and sd3_train_network.py"
         )
+    if _given(arguments, "qwen3"):
+        notes.append("family anima (qwen3 is given: an anima_train_network.py argument; --family to change)")
+        return "anima"
     if _given(arguments, "v2"):
         notes.append("family sd2 (v2 = true)")
         return "sd2"
@@ -171,8 +202,9 @@ def check_family_arguments(family: str, arguments: Mapping[str, tuple[Any, str]]
         families = FAMILY_ONLY.get(key)
         if families and family not in families and raw not in (None, False, "false"):
             scripts = sorted({SCRIPTS[f].split()[0] for f in families})
+            names = " and ".join(s for s in (", ".join(scripts[:-1]), scripts[-1]) if s)
             raise VramError(
-                f"{origin}: {key}={raw!r} is an argument of {' and '.join(scripts)}, not of "
+                f"{origin}: {key}={raw!r} is an argument of {names}, not of "
                 f"{SCRIPTS[family].split()[0]} (family {family!r}); allowed for family {family!r}: "
                 "leave it unset, or choose the family it belongs to with --family"
             )

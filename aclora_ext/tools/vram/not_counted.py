@@ -8,7 +8,7 @@ from typing import Any, Mapping
 from .setup import VramError
 
 #: {an argument only that trainer has: the trainer and its model}
-NOT_COUNTED = {"qwen3": "anima_train_network.py (Anima)"}
+NOT_COUNTED: dict[str, str] = {}
 
 
 def refuse_not_counted(arguments: Mapping[str, tuple[Any, str]]) -> None:

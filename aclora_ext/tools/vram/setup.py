@@ -9,14 +9,15 @@ import torch
 
 from ...harness.dit import DIT_CONFIGS, FluxConfig
 from ...options import parse_network_args
+from .anima_setup import anima_defaults, anima_problem
 
 #: sd1/sd2/sdxl: train_network.py / sdxl_train_network.py; flux: flux_train_network.py; sd3: sd3_train_network.py
-FAMILIES = ("sd1", "sd2", "sdxl", "flux", "sd3")
+FAMILIES = ("sd1", "sd2", "sdxl", "flux", "sd3", "anima")  # anima: anima_train_network.py
 DIT_FAMILIES = ("flux", "sd3")
 #: the models of a DiT family (sd-scripts' names: FLUX "dev"/"schnell"/"chroma", SD3 model_type)
 VARIANTS = {family: tuple(DIT_CONFIGS[family]) for family in DIT_FAMILIES}
 DEFAULT_VARIANT = {"flux": "dev", "sd3": "5-medium"}
-FAMILY_NAMES = {"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL", "flux": "FLUX.1", "sd3": "SD3"}
+FAMILY_NAMES = {"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL", "flux": "FLUX.1", "sd3": "SD3", "anima": "Anima"}
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp8": torch.float8_e4m3fn}
 MIXED_PRECISION = {"no": "fp32", "fp16": "fp16", "bf16": "bf16"}
 OPTIMIZERS = ("AdamW", "AdamW8bit", "Adafactor")
@@ -70,6 +71,8 @@ class Setup:
     blocks_to_swap: int = 0  # --blocks_to_swap: that many blocks' weights live on the CPU
     t5_tokens: int = 0  # --t5xxl_max_token_length (0 = sd-scripts' default: FLUX dev/Chroma 512, schnell/SD3 256)
     apply_t5_attn_mask: bool = False  # --apply_t5_attn_mask (FLUX: a mask in every attention)
+    # Anima (anima_train_network.py; also blocks_to_swap, and t5_tokens = --t5_max_token_length)
+    qwen3_tokens: int = 0  # --qwen3_max_token_length (0 = sd-scripts' default, 512)
 
     def __post_init__(self) -> None:
         def bad(key: str, value: Any, allowed: str) -> VramError:
@@ -105,7 +108,7 @@ class Setup:
             raise VramError("full_bf16/full_fp16 need mixed_precision='bf16'/'fp16'; mixed_precision='no' is set")
         if self.fp8_base and self.mixed_precision == "no":
             raise VramError("fp8_base=True needs mixed_precision='fp16' or 'bf16'; mixed_precision='no' is set")
-        if self.cache_text_encoder_outputs and self.family not in ("sdxl", *DIT_FAMILIES):
+        if self.cache_text_encoder_outputs and self.family not in ("sdxl", "anima", *DIT_FAMILIES):
             raise VramError(
                 f"cache_text_encoder_outputs=True is an sdxl_train_network.py option (and "
                 f"flux_train_network.py's and sd3_train_network.py's); family={self.family!r}"
@@ -119,6 +122,13 @@ class Setup:
 
     def _check_dit(self, bad) -> None:
         """The FLUX.1/SD3 fields: a variant of the family, blocks_to_swap within what sd-scripts asserts."""
+        if self.family == "anima":  # its own checks (anima_setup)
+            for key, value in anima_defaults(self).items():
+                object.__setattr__(self, key, value)
+            problem = anima_problem(self)
+            if problem:
+                raise VramError(problem)
+            return
         if self.family not in DIT_FAMILIES:
             for key, default in (
                 ("variant", ""),
@@ -227,7 +237,7 @@ class Setup:
     @property
     def denoiser(self) -> str:
         """What sd-scripts' ``unet`` is: "DiT" for FLUX.1/SD3, else "U-Net"."""
-        return "DiT" if self.is_dit else "U-Net"
+        return "DiT" if self.is_dit or self.family == "anima" else "U-Net"
 
     def describe(self) -> str:
         net = self.denoiser
@@ -237,7 +247,7 @@ class Setup:
             else (net if self.train_unet else "text encoder(s)")
         )
         name = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", DTYPES["fp8"]: "fp8"}
-        model = self.model_name if self.is_dit else self.family.upper()
+        model = self.model_name if self.is_dit or self.family == "anima" else self.family.upper()
         n = self.blocks_to_swap
         blocks = n // 2 + (n - n // 2) * 2 if self.family == "flux" else n
         swap = f" (blocks_to_swap {n}: {blocks} blocks' weights on the CPU)" if n else ""
@@ -258,6 +268,8 @@ class Setup:
             ),
             f"attention: {self.attention}",
         ]
+        if self.family == "anima":
+            parts.append(f"Qwen3 tokens {self.qwen3_tokens}, T5 tokens {self.t5_tokens}")
         if self.is_dit:
             parts.append(f"T5 tokens {self.t5_tokens}" + (", T5 attention mask" if self.apply_t5_attn_mask else ""))
         if self.network_args:

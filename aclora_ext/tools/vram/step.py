@@ -109,13 +109,17 @@ class TrainingStep:
             for te in models.text_encoders:
                 te.train()
             for te in self._trained_text_encoders():
-                _text_model(te).embeddings.requires_grad_(True)  # sd-scripts' workaround for checkpointing
+                self._checkpointing_workaround(te)
         else:
             models.unet.eval()
             for te in models.text_encoders:
                 te.eval()
         network.prepare_grad_etc(te_argument, models.unet)
         network.on_epoch_start(te_argument, models.unet)
+
+    def _checkpointing_workaround(self, te: nn.Module) -> None:
+        """sd-scripts' workaround for checkpointing a trained text encoder: its embeddings require grad."""
+        _text_model(te).embeddings.requires_grad_(True)
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """``accelerator.autocast()``: real autocast on a real device, the policy's on the meta device."""
