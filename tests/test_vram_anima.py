@@ -21,7 +21,6 @@ from aclora_ext.harness import anima_dit as A
 from aclora_ext.tools import vram
 from aclora_ext.tools.vram.anima import build_anima_models, offloaded_weights, swapped_blocks
 from aclora_ext.tools.vram.anima_step import AnimaTrainingStep
-from aclora_ext.tools.vram.estimate import CountedAnimaStep  # noqa: F401  (the estimate's own step class)
 from helpers import import_or_fail
 
 import_or_fail("transformers", "Anima's text encoder is transformers' Qwen3Model")
@@ -352,3 +351,18 @@ def test_anima_only_arguments_are_refused_for_another_family():
         vram.setup_from_arguments(
             {"pretrained_model_name_or_path": ("/m/sdxl.safetensors", "t"), "qwen3_max_token_length": (256, "t")}
         )
+
+
+def test_lora_animas_train_llm_adapter_adds_the_adapters_lora_to_the_count():
+    plain, _ = tiny_estimate(anima_setup())
+    setup = anima_setup(network_args=(("train_llm_adapter", "true"),))
+    adapter, models = tiny_estimate(setup)
+    run = AnimaTrainingStep(models, setup)
+    run.close()
+    added = [m for m in run.network.loras if m.lora_name.startswith("lora_unet_llm_adapter_blocks_")]
+    assert adapter.modules - plain.modules == len(added) == 2 * 10  # per adapter block: 2 attentions x 4, the MLP's 2
+    lora = sum(rounded(4 * setup.rank * m.org_module.in_features) + rounded(4 * setup.rank * m.org_module.out_features)
+               for m in added)
+    assert adapter.largest[vram.LORA] == storage_bytes([*run.network.parameters(), *run.network.buffers()])
+    assert adapter.largest[vram.LORA] - plain.largest[vram.LORA] > lora  # and the network's per-module state
+    assert adapter.largest[vram.GRADIENTS] - plain.largest[vram.GRADIENTS] == lora

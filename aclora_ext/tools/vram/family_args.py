@@ -50,32 +50,10 @@ FAMILY_ONLY: dict[str, tuple[str, ...]] = {
     "mode_scale": DIT_FAMILIES,
 }
 #: anima_train_network.py: the arguments it shares with the DiT trainers, and those only it has
-for _key in (
-    "blocks_to_swap",
-    "timestep_sampling",
-    "discrete_flow_shift",
-    "sigmoid_scale",
-    "weighting_scheme",
-    "logit_mean",
-    "logit_std",
-    "mode_scale",
-):
-    FAMILY_ONLY[_key] = (*FAMILY_ONLY[_key], "anima")
-FAMILY_ONLY.update(
-    dict.fromkeys(
-        (
-            "qwen3",
-            "qwen3_max_token_length",
-            "t5_max_token_length",
-            "t5_tokenizer_path",
-            "llm_adapter_path",
-            "attn_mode",
-            "split_attn",
-            "unsloth_offload_checkpointing",
-        ),
-        ("anima",),
-    )
-)
+ANIMA_SHARED = "blocks_to_swap timestep_sampling discrete_flow_shift sigmoid_scale weighting_scheme logit_mean".split()
+ANIMA_ONLY = "qwen3 qwen3_max_token_length t5_max_token_length t5_tokenizer_path llm_adapter_path attn_mode".split()
+FAMILY_ONLY.update({key: (*FAMILY_ONLY[key], "anima") for key in [*ANIMA_SHARED, "logit_std", "mode_scale"]})
+FAMILY_ONLY.update(dict.fromkeys([*ANIMA_ONLY, "split_attn", "unsloth_offload_checkpointing"], ("anima",)))
 #: the DiT trainers' arguments that do not change the estimate (listed as such when given)
 DIT_IGNORED = (
     "ae",
