@@ -1,6 +1,6 @@
 """Anima files and options without sd-scripts: a file's family from lora_anima's names or sd-scripts' metadata,
 ``aclora inspect`` and ``aclora resize`` on Anima names, include/exclude_patterns parsing, and ``aclora vram``
-refusing a trainer it does not count. (The layers themselves: tests/test_anima_sd_scripts.py.)"""
+counting the sample config. (The layers themselves: tests/test_anima_sd_scripts.py.)"""
 
 from __future__ import annotations
 
@@ -146,9 +146,15 @@ def test_an_anima_option_is_refused_for_another_family(key, value):
 
 
 # --- aclora vram ---------------------------------------------------------------------------------------------
-def test_aclora_vram_refuses_the_anima_sample_config_naming_the_trainer(capsys):
+def test_aclora_vram_counts_the_anima_sample_config_and_its_quoted_figure_is_the_count(capsys):
+    from helpers import import_or_fail
+
+    import_or_fail("transformers", "Anima's text encoder is transformers' Qwen3Model")
     config = ROOT / "sample_configs" / "anima_style_24gb.toml"
-    assert cli_main(["vram", "--config_file", str(config)]) != 0
-    err = capsys.readouterr().err
-    assert "qwen3='/path/to/qwen_3_06b_base.safetensors' is an argument of anima_train_network.py (Anima), which " \
-           "aclora vram does not count yet" in err
+    assert cli_main(["vram", "--config_file", str(config)]) == 0
+    out = capsys.readouterr().out
+    counted = (re.search(r"^ *([\d.]+)  peak allocated", out, re.M), re.search(r"^ *([\d.]+)  estimate with", out, re.M))
+    quoted = re.search(r"^# aclora vram: peak ([\d.]+) GiB, ([\d.]+) GiB with the margin$", config.read_text(), re.M)
+    assert quoted, "the sample config quotes its aclora vram line"
+    assert tuple(m.group(1) for m in counted if m) == quoted.groups()
+    assert out.startswith("AC-LoRA VRAM estimate: Anima 1024x1024") and "280 LoRA modules" in out

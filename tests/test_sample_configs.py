@@ -250,9 +250,8 @@ def test_cached_text_encoder_outputs_come_with_what_the_trainers_assert(name: st
 
 
 VRAM_QUOTED = re.compile(r"^# aclora vram: peak [\d.]+ GiB, [\d.]+ GiB with the margin$", re.MULTILINE)
-# the configs of trainers aclora vram does not count yet (tests/test_anima_family.py pins that it refuses them);
-# each says so instead of quoting a line
-VRAM_NOT_COUNTED = {"anima_style_24gb.toml"}
+# aclora vram counts every family's trainer: no config is left without its line
+VRAM_NOT_COUNTED: set[str] = set()
 VRAM_NOT_COUNTED_SAID = re.compile(r"^# Memory: `?aclora vram`? does not (?:count|model) ", re.MULTILINE)
 
 

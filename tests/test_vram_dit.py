@@ -271,9 +271,8 @@ def test_flux_arguments_are_read_or_listed_as_not_changing_the_estimate():
      "test.toml: clip_g='/m/clip_g.sft' is an argument of sd3_train_network.py, not of flux_train_network.py "
      "(family 'flux')"),
     ({"pretrained_model_name_or_path": "/m/sd_xl_base.safetensors", "blocks_to_swap": 6}, None,
-     "blocks_to_swap=6 is an argument of flux_train_network.py, hunyuan_image_train_network.py, "
-     "lumina_train_network.py and "
-     "sd3_train_network.py, not of sdxl_train_network.py"),
+     "blocks_to_swap=6 is an argument of anima_train_network.py, flux_train_network.py, "
+     "hunyuan_image_train_network.py, lumina_train_network.py and sd3_train_network.py, not of sdxl_train_network.py"),
     ({"v2": True, "t5xxl": "/m/t5.sft"}, None, "t5xxl='/m/t5.sft' is an argument of flux_train_network.py and "
                                                "sd3_train_network.py, not of train_network.py (family 'sd2')"),
     ({"ae": "/m/ae.sft"}, "sd3", "ae='/m/ae.sft' is an argument of flux_train_network.py and "

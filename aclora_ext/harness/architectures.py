@@ -12,8 +12,16 @@ from torch import nn
 from .tiny import as_transformers4_layout
 
 FAMILIES = ("sd1", "sd2", "sdxl")
-NATIVE_RESOLUTION = {"sd1": 512, "sd2": 768, "sdxl": 1024, "flux": 1024, "sd3": 1024, "lumina": 1024,
-                     "hunyuan_image": 2048}
+NATIVE_RESOLUTION = {
+    "sd1": 512,
+    "sd2": 768,
+    "sdxl": 1024,
+    "flux": 1024,
+    "sd3": 1024,
+    "lumina": 1024,
+    "hunyuan_image": 2048,
+    "anima": 1024,
+}
 LATENT_CHANNELS = 4
 TOKENS_PER_CHUNK = 77
 

@@ -27,6 +27,8 @@ FLUX.1 and SD3/SD3.5 (``dit``, ``dit_step``): sd-scripts' DiT layouts built from
 flux_train_network.py / sd3_train_network.py; ``family_args`` tells the family from the arguments.
 Lumina 2 (``lumina``): our build of sd-scripts' NextDiT (``harness.lumina_dit``), Gemma2 and the step of
 lumina_train_network.py.
+Anima (``anima``, ``anima_step``, ``anima_setup``): sd-scripts' Anima DiT and LLM adapter (``harness.anima_dit``),
+transformers' Qwen3, block swap, the step of anima_train_network.py.
 
 The parts: ``setup`` (one set-up), ``models`` (the frozen models), ``step`` (one training step),
 ``counter`` (live storages), ``cuda`` (autocast and attention as CUDA does them), ``estimate``,

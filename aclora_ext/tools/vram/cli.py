@@ -52,6 +52,9 @@ VALUE_FLAGS = (
     "gemma2",
     "gemma2_max_token_length",
     "byt5",  # hunyuan_image_train_network.py
+    "qwen3",  # anima_train_network.py
+    "qwen3_max_token_length",
+    "t5_max_token_length",
     "attn_mode",
 )
 LIST_FLAGS = ("network_args", "optimizer_args")
@@ -70,9 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--family",
         choices=FAMILIES,
-        help="the base model (default: lumina with --gemma2 or 'lumina' in the model path; sd2 with v2; flux / sd3 "
-        "when the model path says so or --ae / --clip_g is given; hunyuan_image when it says 'hunyuan' or --byt5 is "
-        "given; sdxl when the model path contains 'xl'; else sd1)",
+        help="the base model (default: anima when --qwen3 is given; lumina with --gemma2 or 'lumina' in the model "
+        "path; sd2 with v2; flux / sd3 when the model path says so or --ae / --clip_g is given; hunyuan_image when "
+        "it says 'hunyuan' or --byt5 is given; sdxl when the model path contains 'xl'; else sd1)",
     )
     variants = sorted({v for vs in VARIANTS.values() for v in vs})
     parser.add_argument(

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Mapping, Optional
 
 from ...harness.architectures import NATIVE_RESOLUTION
+from .anima import ANIMA_IGNORED, anima_fields
 from .family_args import (
     DIT_IGNORED,
     LUMINA_IGNORED,
@@ -18,7 +19,6 @@ from .family_args import (
     detect_variant,
 )
 from .hunyuan_image_args import hunyuan_image_fields
-from .not_counted import refuse_not_counted
 from .setup import OPTIMIZERS, Setup, VramError
 
 
@@ -71,13 +71,16 @@ KEYS: dict[str, Key] = {
     "split_mode": Key("bool"),
     # lumina_train_network.py
     "gemma2_max_token_length": Key("int", "an integer >= 1", minimum=1),
-    # hunyuan_image_train_network.py (read in hunyuan_image_args)
+    # hunyuan_image_train_network.py (read in hunyuan_image_args) and anima_train_network.py (read in anima)
     "fp8_scaled": Key("bool"),
     "fp8_vl": Key("bool"),
     "split_attn": Key("bool"),
     "attn_mode": Key(
         "choice", "torch, sdpa, xformers, flash, sageattn", ("torch", "sdpa", "xformers", "flash", "sageattn")
     ),
+    # anima_train_network.py (also blocks_to_swap)
+    "qwen3_max_token_length": Key("int", "an integer >= 1", minimum=1),
+    "t5_max_token_length": Key("int", "an integer >= 1", minimum=1),
 }
 # sd-scripts arguments that change memory in ways the estimate does not model: refused when switched on
 UNSUPPORTED = (
@@ -90,6 +93,7 @@ UNSUPPORTED = (
     "train_text_encoder_only",
     "use_flash_attn",  # Lumina 2: flash attention's varlen kernel instead of SDPA with a mask
     "use_sage_attn",
+    "unsloth_offload_checkpointing",
 )
 _TRUE, _FALSE = (True, "true"), (False, "false")
 
@@ -174,14 +178,13 @@ def setup_from_arguments(
 ) -> tuple[Setup, list[str]]:
     """A Setup from sd-scripts arguments ({key: (value, where it came from)}); also the notes on what was read.
     ``family`` / ``variant``: --family / --variant (else told from the arguments, see ``family_args``)."""
-    refuse_not_counted(arguments)
     notes: list[str] = []
     values: dict[str, Any] = {}
     ignored = []
     for key, (raw, origin) in arguments.items():
         if key in KEYS:
             values[key] = _check(key, raw, origin)
-        elif key in DIT_IGNORED or key in LUMINA_IGNORED:
+        elif key in DIT_IGNORED or key in LUMINA_IGNORED or key in ANIMA_IGNORED:
             continue  # a DiT trainer's argument: listed with the family's notes
         elif key in UNSUPPORTED:
             if raw not in (False, None, 0, "false", ""):
@@ -201,6 +204,8 @@ def setup_from_arguments(
         dit = hunyuan_image_fields(raw, values, notes)
     else:
         dit = _dit_fields(fam, raw, values, variant, notes)
+    if fam == "anima":  # anima_train_network.py
+        dit = anima_fields(values, raw, notes)
     if fam == "lumina":  # lumina_train_network.py: its DiT always calls SDPA; Gemma2's length, its block swap
         dit = {
             "blocks_to_swap": values.get("blocks_to_swap", 0),

@@ -16,6 +16,8 @@ from ... import functional as Fn
 from ...families.base import Target
 from ...lora import batching as restart_module
 from ...network.network import ACLoRANetwork
+from .anima import anima_notes, build_anima_models
+from .anima_step import AnimaTrainingStep
 from .counter import (
     ACTIVATIONS,
     BLOCK_BYTES,
@@ -164,6 +166,10 @@ class CountedHunyuanImageStep(Counted, HunyuanImageTrainingStep):
     """HunyuanImage-2.1's step, counted."""
 
 
+class CountedAnimaStep(Counted, AnimaTrainingStep):
+    """Anima's step, counted."""
+
+
 def estimate(
     setup: Setup, measure_restart: bool = True, models: Optional[Models] = None, block_bytes: int = BLOCK_BYTES
 ) -> Estimate:
@@ -176,6 +182,8 @@ def estimate(
     policy = CudaPolicy("meta")
     notes: list[str] = []
     step_class: type[Counted] = CountedDitStep if setup.is_dit else CountedStep
+    if setup.family == "anima":  # anima_train_network.py
+        models, step_class = models or build_anima_models(setup), CountedAnimaStep
     if setup.is_lumina:  # lumina_train_network.py
         models, step_class = models or build_lumina_models(setup), CountedLuminaStep
     if setup.is_hunyuan_image:  # hunyuan_image_train_network.py
@@ -208,7 +216,9 @@ def estimate(
         notes.append("fp16: the GradScaler's own tensors (a few bytes per step) are not simulated")
     if setup.attention == "none":
         notes.append("attention=none: the U-Net's eager attention stands in for sd-scripts' own (same L x L scores)")
-    if setup.is_hunyuan_image:
+    if setup.family == "anima":
+        notes += anima_notes(models, setup)
+    elif setup.is_hunyuan_image:
         notes += hunyuan_image_notes(setup, models)
     elif setup.is_dit:
         notes += dit_notes(setup) + [n for n in [describe_swap(models.unet, setup)] if n]

@@ -17,6 +17,7 @@ SCRIPTS = {
     "sd3": "sd3_train_network.py",
     "lumina": "lumina_train_network.py",
     "hunyuan_image": "hunyuan_image_train_network.py",
+    "anima": "anima_train_network.py",
 }
 SD_FAMILIES = ("sd1", "sd2", "sdxl")
 #: sd-scripts arguments that belong to some trainers only: {key: the families whose trainer has it}
@@ -65,6 +66,13 @@ HUNYUAN_IMAGE_SHARED = (
 )
 FAMILY_ONLY.update({key: ("hunyuan_image",) for key in HUNYUAN_IMAGE_ONLY})
 FAMILY_ONLY.update({key: (*FAMILY_ONLY[key], "hunyuan_image") for key in HUNYUAN_IMAGE_SHARED})
+#: anima_train_network.py: the arguments it shares with the DiT trainers, and those only it has
+ANIMA_SHARED = "blocks_to_swap timestep_sampling discrete_flow_shift sigmoid_scale weighting_scheme logit_mean".split()
+ANIMA_ONLY = "qwen3 qwen3_max_token_length t5_max_token_length t5_tokenizer_path llm_adapter_path attn_mode".split()
+FAMILY_ONLY.update({key: (*FAMILY_ONLY[key], "anima") for key in [*ANIMA_SHARED, "logit_std", "mode_scale"]})
+# attn_mode, split_attn and vae_chunk_size are HunyuanImage-2.1's too
+ANIMA_ALSO = ("split_attn", "unsloth_offload_checkpointing", "vae_chunk_size")
+FAMILY_ONLY.update({k: (*FAMILY_ONLY.get(k, ()), "anima") for k in [*ANIMA_ONLY, *ANIMA_ALSO]})
 #: the DiT trainers' arguments that do not change the estimate (listed as such when given)
 DIT_IGNORED = (
     "ae",
@@ -126,6 +134,9 @@ def detect_family(arguments: Mapping[str, Any], notes: list[str]) -> str:
         why = "byt5 is given" if _given(arguments, "byt5") else f"'hunyuan' in {model!r}"
         notes.append(f"family hunyuan_image ({why}: hunyuan_image_train_network.py; --family to change)")
         return "hunyuan_image"
+    if _given(arguments, "qwen3"):
+        notes.append("family anima (qwen3 is given: an anima_train_network.py argument; --family to change)")
+        return "anima"
     if _given(arguments, "gemma2") or "lumina" in lower:  # lumina_train_network.py
         why = "gemma2 is given" if _given(arguments, "gemma2") else f"'lumina' in {model!r}"
         notes.append(f"family lumina ({why}; --family to change)")

@@ -47,8 +47,11 @@ class Models:
     def text_encoder_argument(self) -> Any:
         """``text_encoder`` as sd-scripts passes it to the network: one model, or a list (SDXL, FLUX.1, SD3,
         Lumina 2, HunyuanImage-2.1)."""
-        return self.text_encoders if self.family in ("sdxl", "flux", "sd3", "lumina", "hunyuan_image") else (
-            self.text_encoders[0])
+        return (
+            self.text_encoders
+            if self.family in ("sdxl", "flux", "sd3", "lumina", "hunyuan_image")
+            else (self.text_encoders[0])
+        )
 
 
 def _needs(package: str) -> None:

@@ -10,11 +10,13 @@ import torch
 from ...harness.dit import DIT_CONFIGS, FluxConfig
 from ...harness.lumina_dit import LUMINA_2B
 from ...options import parse_network_args
+from .anima_setup import anima_defaults, anima_problem
 from .hunyuan_image_checks import hunyuan_image_problem
 
 #: sd1/sd2/sdxl: train_network.py / sdxl_train_network.py; flux: flux_train_network.py; sd3: sd3_train_network.py;
-#: lumina: lumina_train_network.py (Lumina 2); hunyuan_image: hunyuan_image_train_network.py
-FAMILIES = ("sd1", "sd2", "sdxl", "flux", "sd3", "lumina", "hunyuan_image")
+#: lumina: lumina_train_network.py (Lumina 2); hunyuan_image: hunyuan_image_train_network.py;
+#: anima: anima_train_network.py
+FAMILIES = ("sd1", "sd2", "sdxl", "flux", "sd3", "lumina", "hunyuan_image", "anima")
 DIT_FAMILIES = ("flux", "sd3")
 #: the models of a DiT family (sd-scripts' names: FLUX "dev"/"schnell"/"chroma", SD3 model_type)
 VARIANTS = {family: tuple(DIT_CONFIGS[family]) for family in DIT_FAMILIES}
@@ -27,6 +29,7 @@ FAMILY_NAMES = {
     "sd3": "SD3",
     "lumina": "Lumina 2",
     "hunyuan_image": "HunyuanImage-2.1",
+    "anima": "Anima",
 }
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp8": torch.float8_e4m3fn}
 MIXED_PRECISION = {"no": "fp32", "fp16": "fp16", "bf16": "bf16"}
@@ -86,6 +89,8 @@ class Setup:
     # HunyuanImage-2.1 (hunyuan_image_train_network.py; blocks_to_swap above too)
     fp8_scaled: bool = False  # --fp8_scaled: the blocks' Linear weights in fp8 with bf16 scales
     split_attn: bool = False  # --split_attn: attention one sample at a time
+    # Anima (anima_train_network.py; also blocks_to_swap, and t5_tokens = --t5_max_token_length)
+    qwen3_tokens: int = 0  # --qwen3_max_token_length (0 = sd-scripts' default, 512)
 
     def __post_init__(self) -> None:
         def bad(key: str, value: Any, allowed: str) -> VramError:
@@ -121,7 +126,13 @@ class Setup:
             raise VramError("full_bf16/full_fp16 need mixed_precision='bf16'/'fp16'; mixed_precision='no' is set")
         if self.fp8_base and self.mixed_precision == "no":
             raise VramError("fp8_base=True needs mixed_precision='fp16' or 'bf16'; mixed_precision='no' is set")
-        if self.cache_text_encoder_outputs and self.family not in ("sdxl", "lumina", *DIT_FAMILIES, "hunyuan_image"):
+        if self.cache_text_encoder_outputs and self.family not in (
+            "sdxl",
+            "lumina",
+            "anima",
+            "hunyuan_image",
+            *DIT_FAMILIES,
+        ):
             raise VramError(
                 f"cache_text_encoder_outputs=True is an sdxl_train_network.py option (and "
                 f"flux_train_network.py's and sd3_train_network.py's); family={self.family!r}"
@@ -137,6 +148,13 @@ class Setup:
         """The FLUX.1/SD3 fields: a variant of the family, blocks_to_swap within what sd-scripts asserts."""
         if self.is_hunyuan_image:  # hunyuan_image_train_network.py's own checks (and what is not counted yet)
             problem = hunyuan_image_problem(self)
+            if problem:
+                raise VramError(problem)
+            return
+        if self.family == "anima":  # its own checks (anima_setup)
+            for key, value in anima_defaults(self).items():
+                object.__setattr__(self, key, value)
+            problem = anima_problem(self)
             if problem:
                 raise VramError(problem)
             return
@@ -281,7 +299,7 @@ class Setup:
     @property
     def denoiser(self) -> str:
         """What sd-scripts' ``unet`` is: "DiT" for FLUX.1/SD3, else "U-Net"."""
-        return "DiT" if self.is_dit or self.is_lumina or self.is_hunyuan_image else "U-Net"
+        return "DiT" if self.is_dit or self.is_lumina or self.is_hunyuan_image or self.family == "anima" else "U-Net"
 
     def describe(self) -> str:
         net = self.denoiser
@@ -291,7 +309,11 @@ class Setup:
             else (net if self.train_unet else "text encoder(s)")
         )
         name = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", DTYPES["fp8"]: "fp8"}
-        model = self.model_name if self.is_dit or self.is_lumina or self.is_hunyuan_image else self.family.upper()
+        model = (
+            self.model_name
+            if self.is_dit or self.is_lumina or self.is_hunyuan_image or self.family == "anima"
+            else self.family.upper()
+        )
         n = self.blocks_to_swap
         blocks = n // 2 + (n - n // 2) * 2 if self.family in ("flux", "hunyuan_image") else n
         swap = f" (blocks_to_swap {n}: {blocks} blocks' weights on the CPU)" if n else ""
@@ -312,6 +334,8 @@ class Setup:
             ),
             f"attention: {self.attention}",
         ]
+        if self.family == "anima":
+            parts.append(f"Qwen3 tokens {self.qwen3_tokens}, T5 tokens {self.t5_tokens}")
         if self.is_dit:
             parts.append(f"T5 tokens {self.t5_tokens}" + (", T5 attention mask" if self.apply_t5_attn_mask else ""))
         if self.is_lumina:
