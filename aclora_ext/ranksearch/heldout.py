@@ -80,6 +80,8 @@ def _autocast_state(args: tuple, kwargs: dict) -> Optional[tuple[str, torch.dtyp
     DiT is called with keywords only)."""
     tensor = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
     device_type = tensor.device.type if tensor is not None else "cpu"
+    if device_type == "meta":  # no autocast there (the step checked on the meta device, tests/test_meta_step.py)
+        return None
     if hasattr(torch, "get_autocast_dtype"):  # torch >= 2.4
         enabled, dtype = torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
     elif device_type == "cuda":
