@@ -259,13 +259,24 @@ def test_an_own_loop_holds_items_by_their_ids_until_holdout_until():
     assert holdout_module.loop_trained(network.holdout, [1, 2], torch.device("cpu")).shape == (2,)
 
 
-# --- planted: the rank search cuts what helps only the trained images, keeps what helps the held ones ----------
+# --- planted: the rank search cuts what helps only the trained images, keeps what helps the held ones too --------
+def top_direction(matrix: torch.Tensor, away=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The top singular pair (u, v) of ``matrix``, orthogonal to the pair ``away`` when given."""
+    if away is not None:
+        u0, v0 = away
+        matrix = matrix - torch.outer(u0, u0 @ matrix)
+        matrix = matrix - torch.outer(matrix @ v0, v0)
+    u, _, vh = torch.linalg.svd(matrix, full_matrices=False)
+    return u[:, 0], vh[0]
+
+
 def planted_run(train_util, plant: str):
-    """Eight style latents, batches of 2, holdout=0.5, the factors frozen (lr 0): after the first epoch the held
-    images and their recorded calls are known; one U-Net module gets two planted components along the top two
-    singular directions of the held items' loss gradient on its layer: the first lowers that loss; the second,
-    smaller, lowers it too ("capacity") or raises it ("memorise": it fits only what the held images are not).
-    A second epoch records the activations; the RESTART after it decides. Returns (kept rank, report)."""
+    """Eight style latents, batches of 2, holdout=0.5, the factors frozen (lr 0). After the first epoch the held
+    images are known; from the gradients of the held and of the trained items' losses on one U-Net layer
+    (computed here, independently of the network's replay), that layer's LoRA gets two orthogonal components:
+    the first lowers both losses; the second, smaller, lowers both too ("capacity") or lowers the trained items'
+    loss while it raises the held ones' ("memorise"). A second epoch records the activations; the RESTART after
+    it decides. Returns (the layer's kept rank, the report)."""
     models = tiny.sd1_models(seed=0, pretrained=True)
     data = tiny.style_dataset(n=8, seed=0)
     images = torch.stack([d["latents"] for d in data])
@@ -273,28 +284,48 @@ def planted_run(train_util, plant: str):
     optimizer = torch.optim.SGD(network.parameters(), lr=0.0)
     generator = torch.Generator().manual_seed(3)
     seeds = iter(range(1000, 2000))
+    steps = []
 
     def epoch():
         network.on_epoch_start()
         for b in torch.randperm(8, generator=generator).view(4, 2).tolist():
-            sd_step(network, models, train_util, images[b], b, optimizer, draw(images[b], next(seeds)))
+            steps.append((b, draw(images[b], next(seeds))))
+            sd_step(network, models, train_util, images[b], b, optimizer, steps[-1][1])
 
     epoch()
     network.items.resolve()
+    held = network.holdout.held
     module = next(m for m in network.unet_loras if isinstance(m.org_module, torch.nn.Linear) and m.rank >= 2)
     weight = module.org_module.weight
+    network.eval()
     weight.requires_grad_(True)
-    gradient = torch.autograd.grad(network.rank_search.loss_fn().mean(), weight)[0]
+    losses = {True: [], False: []}
+    for b, (noise, t) in steps:
+        x = add_noise(images[b], noise, t)
+        per_item = F.mse_loss(models["unet"](x, t, conditioning(models, b)).sample, noise, reduction="none")
+        for i, image in enumerate(b):
+            losses[image in held].append(per_item[i].mean())
+    g_held = torch.autograd.grad(torch.stack(losses[True]).mean(), weight, retain_graph=True)[0]
+    g_trained = torch.autograd.grad(torch.stack(losses[False]).mean(), weight)[0]
     weight.requires_grad_(False)
-    u, s, vh = torch.linalg.svd(gradient, full_matrices=False)
+    network.train()
+    g_held, g_trained = g_held / g_held.norm(), g_trained / g_trained.norm()
+    first = top_direction(-(g_held + g_trained))
+    second = top_direction(g_held - g_trained if plant == "memorise" else -(g_held + g_trained), away=first)
+    size = 0.5 * float(weight.norm())
+    planted = [(size, first), (0.5 * size, second)]
+    one = torch.outer(*second)
+    if plant == "memorise":  # to first order: the trained items' loss falls, the held ones' rises
+        assert float((one * g_trained).sum()) < 0 < float((one * g_held).sum())
+    else:
+        assert float((one * g_trained).sum()) < 0 and float((one * g_held).sum()) < 0
     scale = module.multiplier * module.scale
-    size = 0.5 * float(weight.norm()) / float(s[0]) * s[0]  # a step along the top direction
     with torch.no_grad():
         module.lora_down.weight.zero_()
         module.lora_up.weight.zero_()
-        module.lora_down.weight[0], module.lora_down.weight[1] = vh[0], vh[1]
-        module.lora_up.weight[:, 0] = -size * u[:, 0] / scale
-        module.lora_up.weight[:, 1] = (1 if plant == "memorise" else -1) * 0.5 * size * u[:, 1] / scale
+        for slot, (length, (u, v)) in enumerate(planted):
+            module.lora_down.weight[slot] = v
+            module.lora_up.weight[:, slot] = length * u / scale
     epoch()
     network.on_epoch_start()
     report = network.history[-1]
