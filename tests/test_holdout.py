@@ -260,18 +260,20 @@ def test_an_own_loop_holds_items_by_their_ids_until_holdout_until():
 
 
 # --- planted: the rank search cuts what helps only the trained images, keeps what helps the held ones too --------
-def top_direction(matrix: torch.Tensor, away=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The top singular pair (u, v) of ``matrix``, orthogonal to the pair ``away`` when given."""
+def directions(matrix: torch.Tensor, away=None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The singular pairs (u, v) of ``matrix``, largest first, orthogonal to the pair ``away`` when given."""
     if away is not None:
         u0, v0 = away
         matrix = matrix - torch.outer(u0, u0 @ matrix)
         matrix = matrix - torch.outer(matrix @ v0, v0)
     u, _, vh = torch.linalg.svd(matrix, full_matrices=False)
-    return u[:, 0], vh[0]
+    return [(u[:, i], vh[i]) for i in range(min(8, u.shape[1]))]
 
 
 def planted_run(train_util, plant: str):
-    """Eight style latents, batches of 2, holdout=0.5, the factors frozen (lr 0). After the first epoch the held
+    """Eight style latents, each with its own fixed noise and timestep (so the calls the gradients below are taken
+    on are the calls the search replays), batches of 2, holdout=0.5, the factors frozen (lr 0). After the first
+    epoch the held
     images are known; from the gradients of the held and of the trained items' losses on one U-Net layer
     (computed here, independently of the network's replay), that layer's LoRA gets two orthogonal components:
     the first lowers both losses; the second, smaller, lowers both too ("capacity") or lowers the trained items'
@@ -283,50 +285,68 @@ def planted_run(train_util, plant: str):
     network = sd_network(models, steps=40, holdout=str(SHARE), restart_every="2")
     optimizer = torch.optim.SGD(network.parameters(), lr=0.0)
     generator = torch.Generator().manual_seed(3)
-    seeds = iter(range(1000, 2000))
+    fixed = [draw(images[i : i + 1], 1000 + i) for i in range(8)]  # each image's noise and timestep, every epoch
     steps = []
 
     def epoch():
         network.on_epoch_start()
         for b in torch.randperm(8, generator=generator).view(4, 2).tolist():
-            steps.append((b, draw(images[b], next(seeds))))
+            steps.append((b, (torch.cat([fixed[i][0] for i in b]), torch.cat([fixed[i][1] for i in b]))))
             sd_step(network, models, train_util, images[b], b, optimizer, steps[-1][1])
 
     epoch()
-    network.items.resolve()
-    held = network.holdout.held
+    ids = {i: image for (b, _), batch in zip(steps, network.items.batches) for i, image in zip(b, batch)}
+    held = {i for i, image in ids.items() if image in network.holdout.held}  # in this test's numbering
+    assert len(held) == 4
     module = next(m for m in network.unet_loras if isinstance(m.org_module, torch.nn.Linear) and m.rank >= 2)
-    weight = module.org_module.weight
-    network.eval()
-    weight.requires_grad_(True)
-    losses = {True: [], False: []}
-    for b, (noise, t) in steps:
-        x = add_noise(images[b], noise, t)
-        per_item = F.mse_loss(models["unet"](x, t, conditioning(models, b)).sample, noise, reduction="none")
-        for i, image in enumerate(b):
-            losses[image in held].append(per_item[i].mean())
-    g_held = torch.autograd.grad(torch.stack(losses[True]).mean(), weight, retain_graph=True)[0]
-    g_trained = torch.autograd.grad(torch.stack(losses[False]).mean(), weight)[0]
-    weight.requires_grad_(False)
-    network.train()
-    g_held, g_trained = g_held / g_held.norm(), g_trained / g_trained.norm()
-    first = top_direction(-(g_held + g_trained))
-    second = top_direction(g_held - g_trained if plant == "memorise" else -(g_held + g_trained), away=first)
-    size = 0.5 * float(weight.norm())
-    planted = [(size, first), (0.5 * size, second)]
-    one = torch.outer(*second)
-    if plant == "memorise":  # to first order: the trained items' loss falls, the held ones' rises
-        assert float((one * g_trained).sum()) < 0 < float((one * g_held).sum())
-    else:
-        assert float((one * g_trained).sum()) < 0 and float((one * g_held).sum()) < 0
-    scale = module.multiplier * module.scale
+    weight, scale = module.org_module.weight, module.multiplier * module.scale
+    size = 0.2 * float(weight.norm())
+
+    def gradients() -> tuple[torch.Tensor, torch.Tensor]:
+        """The held and the trained items' loss gradients on the layer's weight (unit norm), on the epoch's calls."""
+        network.eval()
+        weight.requires_grad_(True)
+        losses = {True: [], False: []}
+        for b, (noise, t) in steps:
+            x = add_noise(images[b], noise, t)
+            per_item = F.mse_loss(models["unet"](x, t, conditioning(models, b)).sample, noise, reduction="none")
+            for i, image in enumerate(b):
+                losses[image in held].append(per_item[i].mean())
+        g_held = torch.autograd.grad(torch.stack(losses[True]).mean(), weight, retain_graph=True)[0]
+        g_trained = torch.autograd.grad(torch.stack(losses[False]).mean(), weight)[0]
+        weight.requires_grad_(False)
+        network.train()
+        return g_held / g_held.norm(), g_trained / g_trained.norm()
+
+    def plant_slot(slot: int, length: float, direction: tuple[torch.Tensor, torch.Tensor]) -> None:
+        with torch.no_grad():
+            module.lora_down.weight[slot] = direction[1]
+            module.lora_up.weight[:, slot] = length * direction[0] / scale
+
     with torch.no_grad():
         module.lora_down.weight.zero_()
         module.lora_up.weight.zero_()
-        for slot, (length, (u, v)) in enumerate(planted):
-            module.lora_down.weight[slot] = v
-            module.lora_up.weight[:, slot] = length * u / scale
+    g_held, g_trained = gradients()
+    first = directions(-(g_held + g_trained))[0]
+    plant_slot(0, size, first)
+    g_held, g_trained = gradients()  # where the first component put the layer
+
+    def slope(direction, gradient) -> float:  # the loss's first-order change along the component
+        return float((torch.outer(*direction) * gradient).sum())
+
+    if plant == "memorise":  # the trained items' loss falls, the held ones' rises
+        candidates = directions(g_held - g_trained, first)
+        second = next(d for d in candidates if slope(d, g_trained) < 0 < slope(d, g_held))
+    else:
+        candidates = directions(-(g_held + g_trained), first)
+        second = next(d for d in candidates if max(slope(d, g_trained), slope(d, g_held)) < 0)
+    plant_slot(1, 0.5 * size, second)
     epoch()
+    # the second component's importance (the RMS it adds to the layer's output) half the first's, so that the
+    # search's candidates cut it first: its length scaled by the inputs' energy along each direction
+    energy = network.rank_search.stats[module.lora_name].gram.diagonal()
+    with torch.no_grad():
+        module.lora_up.weight[:, 1] *= float((energy[0] / energy[1]).sqrt())
     network.on_epoch_start()
     report = network.history[-1]
     return report.ranks[module.lora_name], report
