@@ -357,3 +357,32 @@ def test_a_planted_memorising_component_is_cut_and_a_capacity_one_kept_with_no_s
     rank, report = planted_run(train_util, plant)
     assert report.p_source == "validation"
     assert rank == kept
+
+
+def test_under_gradient_accumulation_a_micro_batch_of_held_items_adds_nothing_to_the_accumulated_gradient(train_util):
+    """Two micro-batches accumulated into one optimizer step (sd-scripts' --gradient_accumulation_steps 2): one of
+    held items only, one mixed; the accumulated gradient is the mixed one's trained items' gradient alone."""
+    images = planted_images(16, seed=5)
+    grads = {}
+    for name in ("accumulated", "trained only"):
+        models = tiny.sd1_models(seed=0)
+        network = sd_network(models, holdout=str(SHARE)) if name == "accumulated" else sd_network(models)
+        held, trained = rule_split(images, holdout_module.RULE_MARGIN * SHARE)  # the first epoch's rule
+        mixed = [held[2], trained[0]]
+        micro = [(held[:2], draw(images[held[:2]], 8)), (mixed, draw(images[mixed], 9))]
+        if name == "trained only":
+            noise, t = micro[1][1]
+            micro = [([trained[0]], (noise[1:], t[1:]))]
+        network.zero_grad()
+        for items, noise in micro:
+            train_util.draws.append(noise)
+            target, noisy, t = train_util.get_noise_noisy_latents_and_timesteps(None, None, images[items])
+            prediction = models["unet"](noisy, t, conditioning(models, items)).sample
+            loss = train_util.conditional_loss(prediction.float(), target.float(), "l2", "none", None)
+            (loss.mean(dim=(1, 2, 3)).mean() / len(micro)).backward()
+        grads[name] = {k: p.grad.clone() for k, p in network.named_parameters() if p.grad is not None}
+    # accelerate divides by the micro-batches: the step's gradient is the trained item's, halved (a smaller step)
+    scale = max(float(g.abs().max()) for g in grads["trained only"].values())
+    assert scale > 0
+    for key, grad in grads["trained only"].items():
+        assert torch.allclose(2 * grads["accumulated"][key], grad, rtol=1e-4, atol=1e-6 * scale), key

@@ -91,6 +91,7 @@ class Holdout:
         self.fingerprints: Optional[torch.Tensor] = None  # the current batch's
         self.shape: tuple = ()  # the current batch's latent shape (one item)
         self.device: Optional[torch.device] = None
+        self._warned = False
 
     @property
     def active(self) -> bool:
@@ -119,13 +120,17 @@ class Holdout:
     def adjust_loss(self, loss: Any) -> Any:
         """sd-scripts' per-element training loss of the batch just observed, its held items masked."""
         trained, self._trained = self._trained, None
-        if (
-            trained is None
-            or not self._training()
-            or not isinstance(loss, torch.Tensor)
-            or loss.dim() == 0
-            or loss.shape[0] != trained.shape[0]
-        ):
+        if trained is None or not self._training() or not isinstance(loss, torch.Tensor):
+            return loss
+        if loss.dim() == 0 or loss.shape[0] != trained.shape[0]:
+            if not self._warned:
+                self._warned = True
+                logger.warning(
+                    "AC-LoRA: holdout: the trainer's loss has shape %s, not one row per item of its %d latents; "
+                    "its items are not held (the held images train)",
+                    tuple(loss.shape),
+                    trained.shape[0],
+                )
             return loss
         return masked_loss(loss, trained.to(loss.device))
 
@@ -264,6 +269,9 @@ class HeldCalls(SdScriptsValidation):
 
     @property
     def ready(self) -> bool:
+        if not self.holdout.active:  # the held images train again: the search no longer judges on them
+            self.kept, self.calls = [], []
+            return False
         self.resolve_items()
         return bool(self.kept) and self.failed is None
 
