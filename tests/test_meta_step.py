@@ -287,3 +287,40 @@ def test_the_training_items_wrapper_summarises_the_clean_latents_in_the_step_wit
     assert guard.reads == [] and run.network.clock.optimizer_steps == 1
     pending = run.network.items._pending
     assert len(pending) == 1 and pending[0].fingerprints.device.type == "meta"
+
+
+@pytest.mark.parametrize("era", ["first epoch", "resolved"])
+def test_the_holdout_masks_held_items_and_records_their_calls_in_the_step_without_reading_the_device(
+        tiny_sdxl_step, monkeypatch, era):
+    """holdout=: the held items' weights (the first epoch's hash rule, or the lookup table of known views), the
+    masked loss through sd-scripts' conditional_loss and the recording of the step's call stay on the device."""
+    import sys
+    import types
+
+    from aclora_ext.families.base import CleanLatents
+    from aclora_ext.ranksearch import holdout
+    from aclora_ext.tools.vram import step as vram_step
+
+    module = types.ModuleType("library.train_util")
+    module.get_noise = lambda args, scheduler, latents: latents
+    module.conditional_loss = lambda pred, target, loss_type, reduction, huber_c=None: torch.nn.functional.mse_loss(
+        pred, target, reduction=reduction)
+    monkeypatch.setitem(sys.modules, "library.train_util", module)
+    # the step's loss through sd-scripts' conditional_loss, as train_network.py computes it
+    monkeypatch.setattr(vram_step, "F", types.SimpleNamespace(
+        mse_loss=lambda pred, target, reduction: module.conditional_loss(pred, target, "l2", reduction)))
+    run = tiny_sdxl_step()
+    network, args = run.network, types.SimpleNamespace(cache_latents=True, max_train_steps=10)
+    assert network.items.watch(CleanLatents(module.__name__, "get_noise", 2), args)
+    network.holdout = holdout.start(network.config.replace(holdout=0.5), network.rank_search, network.items,
+                                    run.models.unet, args, lambda: 0.0, lambda: network.training)
+    calls = network.rank_search.loss_fn
+    assert isinstance(calls, holdout.HeldCalls)
+    if era == "resolved":  # what the epoch's end builds from the resolved identities, on the device
+        network.holdout._table = (torch.zeros(3, dtype=torch.int64, device="meta"), torch.ones(3, device="meta"))
+    original = run._latents
+    monkeypatch.setattr(run, "_latents", lambda: module.get_noise(None, None, original()))
+    guard = guarded_step(run)
+    assert guard.reads == [] and network.clock.optimizer_steps == 1
+    assert network.holdout._trained is None  # the mask was made and used on this step's loss
+    assert len(calls._fresh) == 1 and calls._fresh[0][0].target.device.type == "meta"

@@ -216,6 +216,14 @@ def sd1_validation(workspace, sd1_model) -> TrainingRun:
 
 
 @pytest.fixture(scope="session")
+def sd1_holdout(workspace, sd1_model) -> TrainingRun:
+    """No validation split, holdout=0.5: the network holds one of the two images out itself; 4 epochs of 2 steps
+    (seed=1: the first epoch's rule, a hash of the cached latents, holds an image of these two; with seed=0 neither)."""
+    return workspace.train("train_network.py", sd1_model, "sd1-holdout", "--max_train_epochs", "4",
+                           "--network_args", "holdout=0.5", "seed=1")
+
+
+@pytest.fixture(scope="session")
 def sd1_second_run(workspace, sd1_model, sd1_validation) -> TrainingRun:
     """The two-run recipe's second run: fresh at sd1_validation's per-module ranks, every image, no split."""
     return workspace.train("train_network.py", sd1_model, "sd1-second-run", "--max_train_epochs", "2",
@@ -354,6 +362,20 @@ def test_sd1_validation_split_makes_the_restarts_choose_on_sd_scripts_validation
     decision = json.loads(lora.metadata["aclora_file_decision"])
     assert decision["source"] == "validation" and decision["candidates"] > 1
     assert lora.ranks() == lora.saved_ranks() and max(lora.ranks().values()) <= MAX_RANK
+
+
+def test_sd1_holdout_makes_the_restarts_choose_on_the_networks_own_held_out_images(sd1_holdout):
+    """Without a validation split, holdout=0.5 holds one of the two cached images out from the first epoch; the
+    RESTARTs before holdout_until (0.7 of the run) choose on its recorded training calls, the next keeps that choice
+    (the image trains again), and the file's ranks stay as chosen."""
+    output = sd1_holdout.result.output
+    assert "holdout: 1 of 2 images held out until 70% of the run" in output
+    history = sd1_holdout.file().history()
+    assert [(h["index"], h["epoch"], h["source"]) for h in history[:2]] == [(1, 1, "validation"), (2, 2, "validation")]
+    assert all(h["validation_loss"] > 0 for h in history[:2])
+    assert output.count("chosen on held-out loss") == 2
+    assert all(h["source"] != "validation" for h in history[2:])
+    assert json.loads(sd1_holdout.file().metadata["aclora_file_decision"])["source"] != "validation"
 
 
 def test_the_second_run_of_the_two_run_recipe_trains_and_saves_at_the_first_runs_ranks(sd1_validation,

@@ -1,12 +1,10 @@
 """The AC-LoRA network: kohya's network-module contract plus RESTART.
 
-sd-scripts calls, in order: ``create_network`` → ``prepare_network(args)`` →
-``apply_to`` → ``load_weights`` (optional) → ``prepare_optimizer_params`` →
-``prepare_grad_etc`` → per epoch ``on_epoch_start`` → per micro-batch
-``on_step_start`` → ``save_weights``. RESTARTs run from the two hooks, between
-epochs (every ``restart_every`` epochs) or between optimizer steps
-(``restart_every_steps``). What a RESTART does is in ``restart_runner``, the files in
-``saving``, the resumable state in ``state``: the network passes each what it needs.
+sd-scripts calls, in order: ``create_network`` → ``prepare_network(args)`` → ``apply_to`` → ``load_weights``
+(optional) → ``prepare_optimizer_params`` → ``prepare_grad_etc`` → per epoch ``on_epoch_start`` → per
+micro-batch ``on_step_start`` → ``save_weights``. RESTARTs run from the two hooks, between epochs (every
+``restart_every`` epochs) or between optimizer steps (``restart_every_steps``). What a RESTART does is in
+``restart_runner``, the files in ``saving``, the resumable state in ``state``: the network passes each what it needs.
 """
 
 from __future__ import annotations
@@ -26,6 +24,7 @@ from ..lora.module import ACLoRAModule
 from ..lora.norms import apply_max_norm
 from ..lora.report import RestartReport
 from ..options import ACLoRAConfig
+from ..ranksearch import holdout
 from ..ranksearch.rank_search import RankSearch
 from ..ranksearch.training_items import TrainingItems
 from . import file_budget, optimizer_groups, restart_runner, saving, schedule, state
@@ -67,6 +66,7 @@ class ACLoRANetwork(nn.Module):
         self._prediction = prediction
         self._clean_latents = clean_latents
         self.items = TrainingItems(lambda: self.training)  # which image each training item is
+        self.holdout: Optional[holdout.Holdout] = None  # the network's own split (network_args holdout=)
         self.text_encoder_loras: list[ACLoRAModule] = []
         self.unet_loras: list[ACLoRAModule] = []
         for t in targets:
@@ -157,6 +157,8 @@ class ACLoRANetwork(nn.Module):
             unet, expected=isinstance(split, (int, float)) and split > 0, prediction=self._prediction
         )
         self.items.watch(self._clean_latents, self._args)
+        self.holdout = holdout.start(self.config, self.rank_search, self.items, unet, self._args, self._progress,
+                                     lambda: self.training, self._prediction)  # fmt: skip
         logger.info(
             "AC-LoRA: %d text-encoder and %d U-Net modules, maximum rank %d, restart_mode=%s",
             len(self.text_encoder_loras),
@@ -228,19 +230,13 @@ class ACLoRANetwork(nn.Module):
     ) -> None:
         """Give the product mode a held-out loss to choose ranks with (``None`` removes it).
 
-        ``loss_fn()`` returns the loss of the current model on data the training
-        does not see (lower is better), e.g. the same loss as training on a
-        held-out share of the training images with fixed noise: best as a 1-D
-        tensor of per-item losses (per image and timestep, say), whose mean is the
-        loss; a float or a 0-dim tensor works too. Per-item losses let the search
-        cut a component only where the held-out loss improves by more than its
-        noise (one standard error of the paired difference from keeping
-        everything); with a single number it takes the lowest loss as it is.
-        It is called under ``torch.no_grad()`` with this network in eval mode,
-        about fifteen times per RESTART and per save (once per candidate
-        threshold). ``until``: a fraction of training after which the held-out
-        loss is no longer used and the last threshold it chose is kept, so that a
-        loop may then train on the held-out share too (see ``validation_active``).
+        ``loss_fn()``: the loss of the current model on data the training does not see (lower is better), best
+        a 1-D tensor of per-item losses (per image and timestep, say; ``groups``: each item's image), so that the
+        search cuts a component only where the held-out loss improves by more than one standard error of the
+        paired difference from keeping everything; a float or 0-dim tensor is taken as it is. Called under
+        ``torch.no_grad()``, the network in eval mode, about fifteen times per RESTART and per save. ``until``:
+        the fraction of training after which it is no longer used and the last threshold stays, so that a loop
+        may then train on the held-out share too (``validation_active``).
         """
         self.rank_search.set_validation(loss_fn, until, groups)
 
@@ -300,9 +296,12 @@ class ACLoRANetwork(nn.Module):
 
     def item_loss(self, losses: torch.Tensor, ids: Any) -> torch.Tensor:
         """A loop of one's own: the batch's per-item losses (1-D) and image ids in, the loss to back-propagate
-        out (their mean); the ids are recorded in ``self.items`` (docs/identities.md)."""
+        out (their mean; with ``holdout``, its gradient that of the trained items' mean); the ids are recorded
+        in ``self.items`` (docs/identities.md, docs/training.md)."""
         self.items.record(ids, losses)
-        return losses.mean()
+        if self.holdout is None or not self.training:
+            return losses.mean()
+        return holdout.masked_loss(losses, holdout.loop_trained(self.holdout, ids, losses.device)).mean()
 
     def set_training_length(self, total_steps: Optional[int] = None, total_epochs: Optional[int] = None) -> None:
         """Tell a non-sd-scripts loop's length (sd-scripts' args provide it otherwise)."""

@@ -32,6 +32,8 @@ class ACLoRAConfig:
     fixed_p: Optional[float] = None
     ranks_from: Optional[str] = None
     min_importance: float = 0.01
+    holdout: Optional[float] = None
+    holdout_until: float = 0.7
     seed: int = 0
     save_full_rank: bool = False
     max_file_size: Optional[int] = None  # bytes
@@ -90,6 +92,14 @@ def validate(config: ACLoRAConfig, max_rank: Optional[int] = None) -> ACLoRAConf
         raise OptionError(
             f"network_args: ranks_from={config.ranks_from!r} needs restart_mode=product or off, not "
             "paper; allowed: remove one of them"
+        )
+    if config.holdout is not None and (
+        config.restart_mode != "product" or config.fixed_p is not None or config.ranks_from is not None
+    ):
+        raise OptionError(
+            f"network_args: holdout={config.holdout} chooses ranks on a held-out loss, which only product mode "
+            f"without fixed_p and ranks_from does (restart_mode={config.restart_mode}, fixed_p={config.fixed_p}, "
+            f"ranks_from={config.ranks_from!r}); allowed: remove one of them"
         )
     if config.conv_alpha is not None and config.conv_dim is None:
         raise OptionError(f"network_args: conv_alpha={config.conv_alpha} needs conv_dim=<rank of the 3x3 conv LoRA>")

@@ -80,6 +80,8 @@ def _autocast_state(args: tuple, kwargs: dict) -> Optional[tuple[str, torch.dtyp
     DiT is called with keywords only)."""
     tensor = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
     device_type = tensor.device.type if tensor is not None else "cpu"
+    if device_type == "meta":  # no autocast there (the step checked on the meta device, tests/test_meta_step.py)
+        return None
     if hasattr(torch, "get_autocast_dtype"):  # torch >= 2.4
         enabled, dtype = torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
     elif device_type == "cuda":
@@ -105,7 +107,10 @@ def _install_loss_wrapper() -> Optional[Any]:
     def conditional_loss(model_pred, target, loss_type, reduction, huber_c=None):
         for listener in list(_listeners):
             listener.on_loss(target, loss_type, huber_c, model_pred)
-        return original(model_pred, target, loss_type, reduction, huber_c)
+        loss = original(model_pred, target, loss_type, reduction, huber_c)
+        for listener in list(_listeners):
+            loss = listener.adjust_loss(loss)
+        return loss
 
     conditional_loss._aclora_wrapped = True  # type: ignore[attr-defined]
     module.conditional_loss = conditional_loss  # type: ignore[attr-defined]  # sd-scripts' library.train_util
@@ -233,6 +238,10 @@ class SdScriptsValidation:
         self.calls.append(call)
         if len(self.calls) == 1:
             logger.info("AC-LoRA: recording sd-scripts' validation calls; the product mode chooses ranks on them")
+
+    def adjust_loss(self, loss: Any) -> Any:
+        """sd-scripts' loss as the training step goes on with it (unchanged here; see ``holdout.HeldCalls``)."""
+        return loss
 
     def _check(self, call: _Call, output: Any, model_pred: Any) -> Optional[str]:
         """None when the family's rebuilt prediction is what sd-scripts compared, else what is wrong."""

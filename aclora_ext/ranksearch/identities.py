@@ -132,6 +132,11 @@ class Recogniser:
         return len(self._view_count)
 
     @property
+    def known(self) -> dict[tuple, int]:
+        """(latent shape, fingerprint) -> image, of every cached view seen (exact mode)."""
+        return self._known
+
+    @property
     def views(self) -> int:
         """How many distinct cached tensors (exact mode) or kept descriptors have been seen."""
         return sum(self._view_count)

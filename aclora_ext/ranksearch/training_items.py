@@ -78,6 +78,10 @@ class TrainingItems:
         self._losses: list[Optional[list[float]]] = []
         self._epoch: list[Any] = []
         self.per_epoch: list[int] = []  # distinct images of each finished epoch
+        # the network's own held-out split (``holdout``): told each batch's fingerprints in the step (on the
+        # device) and, after each resolution, every cached view's image
+        self.on_batch: Optional[Callable[[torch.Tensor, tuple], None]] = None
+        self.on_resolved: Optional[Callable[[dict], None]] = None
 
     # --- sd-scripts: the clean latents ------------------------------------------------------------
     def watch(self, where: Optional[CleanLatents], args: Any) -> bool:
@@ -94,7 +98,10 @@ class TrainingItems:
     def observe(self, latents: torch.Tensor) -> None:
         """In the training step: the batch's clean latents, summarised on their device (no host read)."""
         if self._recording():
-            self._pending.append(_Pending(tuple(latents.shape[1:]), fingerprint(latents), descriptor(latents)))
+            shape, prints = tuple(latents.shape[1:]), fingerprint(latents)
+            self._pending.append(_Pending(shape, prints, descriptor(latents)))
+            if self.on_batch is not None:
+                self.on_batch(prints, shape)
 
     # --- a loop of one's own ----------------------------------------------------------------------
     def record(self, ids: Any, losses: Optional[torch.Tensor] = None) -> None:
@@ -139,6 +146,8 @@ class TrainingItems:
             self._batches.append(ids)
             self._losses.append(losses)
             self._epoch.extend(ids)
+        if self.on_resolved is not None and self.recogniser is not None:
+            self.on_resolved(self.recogniser.known)
 
     @property
     def batches(self) -> list[list[Any]]:

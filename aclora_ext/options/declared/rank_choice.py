@@ -25,4 +25,27 @@ RANK_CHOICE_OPTIONS: tuple[Option, ...] = (
         max_inclusive=False,
         optional=False,
     ),
+    Option(
+        "holdout",
+        "float",
+        None,
+        "Product mode without a validation split: hold out this share of the images (recognised by their cached "
+        "latents; needs --cache_latents) until holdout_until of the run, choose the ranks on their loss, then "
+        "train on them too. Their items add nothing to the update while held; sd-scripts' logged loss keeps "
+        "them. Unset: no split of the network's own (ranks without a held-out loss, see min_importance).",
+        minimum=0,
+        maximum=0.5,
+        min_inclusive=False,
+    ),
+    Option(
+        "holdout_until",
+        "float",
+        0.7,
+        "With holdout: the fraction of the run after which the held images train again and the ranks stay as "
+        "last chosen.",
+        minimum=0,
+        maximum=1,
+        min_inclusive=False,
+        optional=False,
+    ),
 )
