@@ -27,10 +27,10 @@ from aclora_ext.tools import vram
 from aclora_ext.options import OptionError
 from aclora_ext.lora.batching import CHUNK_BYTES
 from helpers import import_or_fail
+from vram_checks import assert_the_profiler_agrees
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "sample_configs"
-MiB = 1024**2
 
 
 def rounded(nbytes: int) -> int:
@@ -211,8 +211,6 @@ def test_the_activation_peak_agrees_with_real_cpu_allocations_measured_by_the_pr
     """The same step on the same tiny model, once counted on meta and once run on the CPU under torch.profiler
     (profile_memory): the memory the step adds at its peak agrees within 5% (fp32, eager attention, so that
     the CPU runs the operators the count sees; the rest is what CPU kernels allocate inside themselves)."""
-    from torch.profiler import ProfilerActivity, profile
-
     setup = tiny_setup(gradient_checkpointing=checkpointing)
     result, _ = tiny_estimate(setup, block_bytes=1)
     counted = result.peak_bytes - result.before_step_bytes
@@ -220,21 +218,7 @@ def test_the_activation_peak_agrees_with_real_cpu_allocations_measured_by_the_pr
     cpu = tiny_sd1_on("cpu")
     vram.prepare_models(cpu, setup)
     run = vram.TrainingStep(cpu, setup, "cpu")
-    try:
-        run.warm_optimizer()
-        run.step()  # the first step makes what persists (the loss sums); the profiled one is like the counted one
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            run.step()
-    finally:
-        run.close()
-    memory = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                    key=lambda e: e.start_ns())
-    live = measured = 0
-    for event in memory:
-        live += event.nbytes()
-        measured = max(measured, live)
-    assert measured > 1 * MiB
-    assert abs(counted - measured) <= 0.05 * measured, (counted, measured)
+    assert_the_profiler_agrees(counted, run)
 
 
 def test_a_restart_between_steps_allocates_a_bounded_transient_and_none_when_restarts_are_off():

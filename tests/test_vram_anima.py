@@ -22,10 +22,10 @@ from aclora_ext.tools import vram
 from aclora_ext.tools.vram.anima import build_anima_models, offloaded_weights, swapped_blocks
 from aclora_ext.tools.vram.anima_step import AnimaTrainingStep
 from helpers import import_or_fail
+from vram_checks import assert_the_profiler_agrees
 
 import_or_fail("transformers", "Anima's text encoder is transformers' Qwen3Model")
 ROOT = Path(__file__).resolve().parents[1]
-MiB = 1024**2
 TINY = A.small(
     A.ANIMA,
     model_channels=64,
@@ -231,29 +231,13 @@ def test_block_swap_takes_the_last_blocks_weights_off_the_device():
 def test_the_anima_activation_peak_agrees_with_real_cpu_allocations_measured_by_the_profiler(changes):
     """The same tiny Anima step counted on meta and run on the CPU under torch.profiler: the memory the step adds
     at its peak agrees within 5% (fp32, so that the CPU runs the operators the count sees)."""
-    from torch.profiler import ProfilerActivity, profile
-
     setup = anima_setup(**changes)
     result, _ = tiny_estimate(setup, block_bytes=1)
     counted = result.peak_bytes - result.before_step_bytes
 
     torch.manual_seed(0)
     run = AnimaTrainingStep(tiny_models(setup, "cpu"), setup, "cpu")
-    try:
-        run.warm_optimizer()
-        run.step()
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            run.step()
-    finally:
-        run.close()
-    live = measured = 0
-    for event in sorted(
-        (e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns()
-    ):
-        live += event.nbytes()
-        measured = max(measured, live)
-    assert measured > 1 * MiB
-    assert abs(counted - measured) <= 0.05 * measured, (counted, measured)
+    assert_the_profiler_agrees(counted, run)
 
 
 def test_checkpointing_batch_and_resolution_change_the_activations_and_the_qwen3_adds_its_weights():

@@ -22,9 +22,9 @@ from aclora_ext.harness.chroma_dit import Chroma
 from aclora_ext.tools import vram
 from aclora_ext.tools.vram.dit import build_dit_models, dit_targets, offloaded_weights, swapped_blocks
 from helpers import import_or_fail
+from vram_checks import assert_the_profiler_agrees
 
 import_or_fail("transformers", "the DiT text encoders are transformers models")
-MiB = 1024**2
 
 TINY_T5 = {**D.T5XXL_CONFIG, "vocab_size": 1000, "d_model": 48, "d_kv": 8, "d_ff": 96, "num_layers": 2, "num_heads": 6}
 TINY_CHROMA = D.ChromaConfig(hidden_size=128, num_heads=4, depth=3, depth_single_blocks=6, context_in_dim=48,
@@ -178,28 +178,13 @@ def test_block_swap_takes_chromas_swapped_blocks_weights_off_the_device():
 def test_the_chroma_activation_peak_agrees_with_real_cpu_allocations_measured_by_the_profiler(checkpointing):
     """The same tiny Chroma step (T5 run) counted on meta and run on the CPU under torch.profiler: the memory
     the step adds at its peak agrees within 5% (fp32, so that the CPU runs the operators the count sees)."""
-    from torch.profiler import ProfilerActivity, profile
-
     setup = chroma_setup(gradient_checkpointing=checkpointing, cache_text_encoder_outputs=False)
     result, _ = tiny_estimate(setup, block_bytes=1)
     counted = result.peak_bytes - result.before_step_bytes
 
     torch.manual_seed(0)
     run = vram.DitTrainingStep(tiny_models(setup, "cpu"), setup, "cpu")
-    try:
-        run.warm_optimizer()
-        run.step()
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            run.step()
-    finally:
-        run.close()
-    live = measured = 0
-    for event in sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                        key=lambda e: e.start_ns()):
-        live += event.nbytes()
-        measured = max(measured, live)
-    assert measured > 1 * MiB
-    assert abs(counted - measured) <= 0.05 * measured, (counted, measured)
+    assert_the_profiler_agrees(counted, run)
 
 
 # --- reading sd-scripts' Chroma arguments -------------------------------------------------------------------------------

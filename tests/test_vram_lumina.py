@@ -20,10 +20,10 @@ from aclora_ext.harness.lumina_dit import LUMINA_2B, LuminaConfig, NextDiT
 from aclora_ext.tools import vram
 from aclora_ext.tools.vram.lumina import LuminaTrainingStep, build_lumina_models, offloaded_weights, swapped_blocks
 from helpers import import_or_fail
+from vram_checks import assert_the_profiler_agrees
 
 import_or_fail("transformers", "Lumina 2's text encoder is transformers' Gemma2Model")
 
-MiB = 1024**2
 TINY = LuminaConfig(dim=64, n_layers=4, n_refiner_layers=1, n_heads=4, n_kv_heads=2, multiple_of=16,
                     cap_feat_dim=32, axes_dims=(4, 6, 6))
 TINY_GEMMA2 = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
@@ -230,8 +230,6 @@ def test_checkpointing_batch_and_resolution_change_the_activations():
 def test_the_lumina_activation_peak_agrees_with_real_cpu_allocations_measured_by_the_profiler(checkpointing, text):
     """The same tiny Lumina step counted on meta and run on the CPU under torch.profiler: the memory the step adds
     at its peak agrees within 5% (fp32, so that the CPU runs the operators the count sees)."""
-    from torch.profiler import ProfilerActivity, profile
-
     setup = lumina_setup(gradient_checkpointing=checkpointing, gemma2_tokens=64, width=256, height=256,
                          cache_text_encoder_outputs=text == "cached", train_text_encoder=text == "Gemma2 trained")
     result, _ = tiny_estimate(setup, block_bytes=1)
@@ -239,20 +237,7 @@ def test_the_lumina_activation_peak_agrees_with_real_cpu_allocations_measured_by
 
     torch.manual_seed(0)
     run = LuminaTrainingStep(tiny_models(setup, "cpu"), setup, "cpu")
-    try:
-        run.warm_optimizer()
-        run.step()
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            run.step()
-    finally:
-        run.close()
-    live = measured = 0
-    for event in sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                        key=lambda e: e.start_ns()):
-        live += event.nbytes()
-        measured = max(measured, live)
-    assert measured > 1 * MiB
-    assert abs(counted - measured) <= 0.05 * measured, (counted, measured)
+    assert_the_profiler_agrees(counted, run)
 
 
 # --- reading sd-scripts' Lumina arguments ------------------------------------------------------------------------------
