@@ -21,7 +21,7 @@ from torch import nn
 
 from ...harness.anima_dit import QWEN3_06B_CONFIG, Anima, AnimaConfig, no_autocast
 from .anima_setup import DEFAULT_TOKENS, SCRIPT
-from .models import Models, _needs
+from .models import Models, _needs, block_weights
 from .setup import Setup, VramError
 
 #: the Anima trainer's arguments that do not change the estimate (listed as such when given)
@@ -107,13 +107,7 @@ def swapped_blocks(dit: nn.Module, setup: Setup) -> list[nn.Module]:
 
 def offloaded_weights(dit: nn.Module, setup: Setup) -> list[torch.Tensor]:
     """Each swapped block's submodules' ``weight`` (what the offloader moves; the DiT's Linears have no biases)."""
-    found: dict[int, torch.Tensor] = {}
-    for block in swapped_blocks(dit, setup):
-        for module in block.modules():
-            weight = getattr(module, "weight", None)
-            if isinstance(weight, torch.Tensor):
-                found[id(weight)] = weight
-    return list(found.values())
+    return block_weights(swapped_blocks(dit, setup))
 
 
 def anima_notes(models: Models, setup: Setup) -> list[str]:

@@ -38,7 +38,7 @@ from ...harness.chroma_dit import Chroma
 from ...harness.dit import DIT_CONFIGS, DIT_VAE_CONFIG, T5XXL_CONFIG, ChromaConfig, FluxConfig, SD3Config
 from ...harness.flux_dit import Flux
 from ...harness.sd3_dit import MMDiT
-from .models import Models, _needs
+from .models import Models, _needs, block_weights
 from .setup import Setup, VramError
 
 #: the blocks whose Linears lora_flux / lora_sd3 adapt (class names, as in sd-scripts)
@@ -174,13 +174,7 @@ def swapped_blocks(dit: nn.Module, setup: Setup) -> list[nn.Module]:
 
 def offloaded_weights(dit: nn.Module, setup: Setup) -> list[torch.Tensor]:
     """What the offloader moves of the swapped blocks: each submodule's ``weight`` (not biases, not buffers)."""
-    weights: dict[int, torch.Tensor] = {}
-    for block in swapped_blocks(dit, setup):
-        for module in block.modules():
-            weight = getattr(module, "weight", None)
-            if isinstance(weight, torch.Tensor):
-                weights[id(weight)] = weight
-    return list(weights.values())
+    return block_weights(swapped_blocks(dit, setup))
 
 
 def lora_parameter_count(targets: list[Target], rank: int) -> int:

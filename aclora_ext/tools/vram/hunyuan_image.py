@@ -38,7 +38,7 @@ from ...harness.hunyuan_image_dit import (
     HunyuanImageConfig,
     HYImageDiffusionTransformer,
 )
-from .models import Models
+from .models import Models, block_weights
 from .setup import DTYPES, Setup
 from .step import TrainingStep
 
@@ -110,13 +110,7 @@ def swapped_blocks(dit: nn.Module, n: int) -> list[nn.Module]:
 
 def offloaded_weights(dit: nn.Module, n: int) -> list[torch.Tensor]:
     """What the offloader moves of the swapped blocks: each submodule's ``weight`` (not biases, not scales)."""
-    weights: dict[int, torch.Tensor] = {}
-    for block in swapped_blocks(dit, n):
-        for module in block.modules():
-            weight = getattr(module, "weight", None)
-            if isinstance(weight, torch.Tensor):
-                weights[id(weight)] = weight
-    return list(weights.values())
+    return block_weights(swapped_blocks(dit, n))
 
 
 class HunyuanImageTrainingStep(TrainingStep):

@@ -42,7 +42,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from ...harness.dit import DIT_LATENT_CHANNELS, DIT_VAE_CONFIG
 from ...harness.lumina_dit import GEMMA2_2B_CONFIG, LUMINA_2B, LuminaConfig, NextDiT
-from .models import Models, _needs
+from .models import Models, _needs, block_weights
 from .setup import Setup, VramError
 from .step import TrainingStep
 
@@ -131,13 +131,7 @@ def swapped_blocks(dit: nn.Module, setup: Setup) -> list[nn.Module]:
 
 def offloaded_weights(dit: nn.Module, setup: Setup) -> list[torch.Tensor]:
     """What the offloader moves of the swapped blocks: each submodule's ``weight`` (not biases)."""
-    weights: dict[int, torch.Tensor] = {}
-    for block in swapped_blocks(dit, setup):
-        for module in block.modules():
-            weight = getattr(module, "weight", None)
-            if isinstance(weight, torch.Tensor):
-                weights[id(weight)] = weight
-    return list(weights.values())
+    return block_weights(swapped_blocks(dit, setup))
 
 
 def lumina_notes(setup: Setup) -> list[str]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Iterable, Optional
 
 import torch
 from torch import nn
@@ -52,6 +52,18 @@ class Models:
             if self.family in ("sdxl", "flux", "sd3", "lumina", "hunyuan_image")
             else (self.text_encoders[0])
         )
+
+
+def block_weights(blocks: Iterable[nn.Module]) -> list[torch.Tensor]:
+    """What sd-scripts' block swap moves of ``blocks``: each submodule's ``weight`` (not biases, scales or buffers),
+    each tensor once."""
+    weights: dict[int, torch.Tensor] = {}
+    for block in blocks:
+        for module in block.modules():
+            weight = getattr(module, "weight", None)
+            if isinstance(weight, torch.Tensor):
+                weights[id(weight)] = weight
+    return list(weights.values())
 
 
 def _needs(package: str) -> None:
