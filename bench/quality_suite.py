@@ -37,6 +37,9 @@ file ``save_weights`` writes):
   ``network.set_validation`` (a user's ``--validation_split 0.2``), trained on 12;
 * ``AC-LoRA, folded back``: the same, but the held-out samples join the
   training once the rank search stops using them (``until=0.7``);
+* ``AC-LoRA, holdout=0.2``: the network's own split (``holdout=0.2``): the loop passes every batch's
+  per-item losses and sample ids through ``network.item_loss``, the network leaves the ids its rule holds out
+  of the gradient until 0.7 of the run, and the loop gives their loss (the ids read from the network);
 * ``AC-LoRA, no held-out loss``: the defaults without a held-out loss,
   trained on all 15 (training left whole, the file trimmed at ``min_importance``);
 * ``AC-LoRA, two runs``: the held-out run chooses the ranks, then a fresh LoRA
@@ -87,6 +90,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from aclora_ext import functional as F  # noqa: E402
 from aclora_ext.files.lora_dict import group_modules  # noqa: E402
 from aclora_ext.files.storage import load_state_dict  # noqa: E402
+from aclora_ext.ranksearch import holdout  # noqa: E402
 from bench import common  # noqa: E402
 from bench.quality_lowrank import BaseModel, orthogonality_penalty  # noqa: E402
 from bench.quality_lowrank import forward as mlp_forward
@@ -131,6 +135,10 @@ class Task:
     targets: Sequence[str]
 
     def train_loss(self, idx: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        raise NotImplementedError
+
+    def train_item_losses(self, idx: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        """``train_loss`` item by item (one value per sample of ``idx``, the same draws; their mean is it)."""
         raise NotImplementedError
 
     def selection_loss(self, idx: Sequence[int]) -> torch.Tensor:
@@ -248,6 +256,9 @@ class MLPTask(Task):
 
     def train_loss(self, idx, g):
         return self._loss(idx, g)
+
+    def train_item_losses(self, idx, g):
+        return self._loss(idx, g, per_row=True).view(len(idx), -1).mean(dim=1)
 
     def selection_loss(self, idx):
         return self._loss(torch.as_tensor(list(idx)), None, per_row=True)
@@ -387,6 +398,9 @@ class TextureTask(Task):
     def train_loss(self, idx, g):
         return _denoising(self.model.inner, self.train_x[idx], self.cond, g, None, self.loss_kind)
 
+    def train_item_losses(self, idx, g):
+        return _denoising(self.model.inner, self.train_x[idx], self.cond, g, None, self.loss_kind, per_row=True)
+
     def _fixed(self, x0: torch.Tensor, loss_kind: str) -> torch.Tensor:
         """The loss of every (patch, timestep) pair at 4 fixed timesteps with fixed noise (1-D)."""
         g = torch.Generator().manual_seed(1234)
@@ -439,6 +453,7 @@ class Method:
     resize: tuple[str, float] = ("", 0.0)
     two_runs: bool = False  # a held-out run chooses the ranks, then a fresh LoRA at them trains on all 15
     ranks_from: Optional[dict] = None  # train at these per-module ranks (the second of the two runs)
+    holdout: Optional[float] = None  # the network's own split (holdout=): it holds ids, the loop gives their loss
 
 
 def methods(sweep: Sequence[int], adalora: bool = True) -> list[Method]:
@@ -446,6 +461,13 @@ def methods(sweep: Sequence[int], adalora: bool = True) -> list[Method]:
     rows += [
         Method("AC-LoRA (defaults, 3 of 15 held out)", "aclora", MAX_RANK, held_out=True),
         Method("AC-LoRA (defaults, held out then folded back)", "aclora", MAX_RANK, held_out=True, fold_back=0.7),
+        Method(
+            "AC-LoRA (defaults, holdout=0.2: the network holds ids, folded back)",
+            "aclora",
+            MAX_RANK,
+            fold_back=0.7,
+            holdout=0.2,
+        ),  # fmt: skip
         Method("AC-LoRA (defaults, no held-out loss: training left whole)", "aclora", MAX_RANK),
         Method(
             "AC-LoRA (no held-out loss, min_importance 0: keep every component)",
@@ -514,6 +536,8 @@ def train_ours(task: Task, method: Method, seed: int, training: Training, workdi
     options = dict(method.options)
     if method.kind == "lora":
         options["restart_mode"] = "off"
+    if method.holdout is not None:
+        options.update(holdout=method.holdout, holdout_until=method.fold_back)
     network = attach(task.model, max_rank=method.rank, alpha=float(method.rank), include=_targets(task), **options)
     if method.ranks_from:
         network.train_at_ranks(method.ranks_from)
@@ -526,6 +550,14 @@ def train_ours(task: Task, method: Method, seed: int, training: Training, workdi
         )
     steps_per_epoch = math.ceil(len(train_ids) / training.per_step)
     network.set_training_length(total_steps=training.epochs * steps_per_epoch)
+    if method.holdout is not None:  # the ids the network holds (its rule), not the loop's choice
+        trained = holdout.loop_trained(network.holdout, everything, torch.device("cpu")).tolist()
+        held = [i for i, t in zip(everything, trained) if t == 0.0]
+        if not held:
+            raise RuntimeError(f"{method.label}: holdout={method.holdout} holds none of the ids 0..{N_TRAIN - 1}")
+        network.set_validation(
+            lambda: task.selection_loss(held), until=method.fold_back, groups=task.selection_groups(held)
+        )
     optimizer = torch.optim.AdamW(network.parameters(), lr=training.lr, weight_decay=0.0)
     g = torch.Generator().manual_seed(seed + 104729)
     losses = []
@@ -535,7 +567,10 @@ def train_ours(task: Task, method: Method, seed: int, training: Training, workdi
         ids = train_ids if network.validation_active or not method.held_out or method.fold_back is None else everything
         order = torch.as_tensor(ids)[torch.randperm(len(ids), generator=g)]
         for idx in order.split(training.per_step):
-            loss = task.train_loss(idx, g)
+            if method.holdout is not None:  # the held ids' gradient left out by the network until fold_back
+                loss = network.item_loss(task.train_item_losses(idx, g), idx)
+            else:
+                loss = task.train_loss(idx, g)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -880,7 +915,9 @@ def run_timing(
     and each recipe's ratio to the plain LoRA."""
     plain = next(m for m in rows if m.kind == "lora" and m.rank == MAX_RANK)
     recipes = {
-        "no split": next(m for m in rows if m.kind == "aclora" and not m.held_out and not m.options),
+        "no split": next(
+            m for m in rows if m.kind == "aclora" and not m.held_out and not m.options and m.holdout is None
+        ),
         "split": next(
             m
             for m in rows
