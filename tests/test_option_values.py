@@ -177,6 +177,7 @@ def test_ranks_from_takes_an_existing_lora_file_whatever_the_case_of_its_suffix(
 def test_block_selections_read_all_none_indices_and_inclusive_ranges():
     key = "train_block_indices"
     assert parsed(key, " ALL ") == "all"
+    assert parsed(key, None) == "all"  # a Python None leaves it unset: every block, the default
     assert parsed(key, "none") == () and parsed(key, " None ") == () and parsed(key, "") == ()
     assert parsed(key, "5, 0-2,2") == (0, 1, 2, 5)
     assert parsed(key, "3-3") == (3,)
@@ -201,7 +202,8 @@ def test_rank_patterns_read_pattern_rank_pairs_in_order_or_a_mapping():
     assert parsed(key, " up_blocks =4,,mid=0, ") == (("up_blocks", 4), ("mid", 0))
     assert parsed(key, {"attn1": 2, "ff": "3"}) == (("attn1", 2), ("ff", 3))
     assert parsed(key, "none") is None
-    for bad in ("up_blocks", "=4", "(=4", "a=-1", "a=x", ",", "a=1.5"):
+    # a pattern ends at its first "=", as sd-scripts splits the pair: "a=b=2" gives pattern a the rank "b=2"
+    for bad in ("up_blocks", "=4", "(=4", "a=-1", "a=x", ",", "a=1.5", "a=b=2"):
         assert refusal({key: bad}).startswith(f"network_args: {key}={bad!r} is not valid")
     for bad in ({}, {"a": -1}, {"": 2}, {"a": True}, {"a": 2.0}, 3):
         assert refusal({key: bad}).startswith(f"network_args: {key}={bad!r} is not valid")
@@ -350,6 +352,12 @@ def test_a_quoted_unknown_key_names_the_argument_as_it_arrived():
     assert refusal({"'seeds": "3'"}) == (
         f"network_args: unknown key 'seeds' (value '3', from the quoted argument \"'seeds=3'\"); allowed keys: "
         f"{ALLOWED_KEYS}"
+    )
+
+
+def test_a_quoted_one_letter_key_is_unwrapped_too():
+    assert refusal({"'k": "1'"}) == (
+        f"network_args: unknown key 'k' (value '1', from the quoted argument \"'k=1'\"); allowed keys: {ALLOWED_KEYS}"
     )
 
 
