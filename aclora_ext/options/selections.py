@@ -89,7 +89,7 @@ def parse_ints(raw: Any, length: Optional[int]) -> tuple[int, ...]:
 
 def parse_regex_dims(raw: Any) -> tuple[tuple[str, int], ...]:
     """Comma-separated pattern=rank pairs (or a mapping), each pattern a valid regular expression."""
-    return parse_regex_pairs(raw, lambda rank: rank if isinstance(rank, int) and rank >= 0 else _index(str(rank)))
+    return parse_regex_pairs(raw, _rank)
 
 
 def parse_regex_pairs(raw: Any, value_of: Callable[[Any], Any]) -> tuple[tuple[str, Any], ...]:
@@ -141,6 +141,13 @@ def _learning_rate(raw: Any) -> float:
     if not math.isfinite(value) or value < 0:
         raise ValueError(raw)
     return value
+
+
+def _rank(raw: Any) -> int:
+    """A rank >= 0 (an int, or its text); a bool is no rank (as in :func:`parse_ints`)."""
+    if isinstance(raw, bool):
+        raise ValueError(raw)
+    return _index(str(raw))
 
 
 def _index(text: str) -> int:
