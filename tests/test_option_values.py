@@ -24,8 +24,8 @@ from aclora_ext.options.option import Option
 ALLOWED_KEYS = (
     "conv_dim, conv_alpha, dropout, rank_dropout, module_dropout, loraplus_lr_ratio, loraplus_unet_lr_ratio, "
     "loraplus_text_encoder_lr_ratio, network_reg_lrs, restart_mode, restart_every, restart_every_steps, energy, "
-    "min_rank, fixed_p, ranks_from, min_importance, seed, save_full_rank, max_file_size, img_attn_dim, "
-    "txt_attn_dim, img_mlp_dim, txt_mlp_dim, img_mod_dim, txt_mod_dim, single_dim, single_mod_dim, in_dims, "
+    "min_rank, fixed_p, ranks_from, min_importance, holdout, holdout_until, seed, save_full_rank, max_file_size, "
+    "img_attn_dim, txt_attn_dim, img_mlp_dim, txt_mlp_dim, img_mod_dim, txt_mod_dim, single_dim, single_mod_dim, in_dims, "
     "train_blocks, train_double_block_indices, train_single_block_indices, context_attn_dim, context_mlp_dim, "
     "context_mod_dim, x_attn_dim, x_mlp_dim, x_mod_dim, emb_dims, train_block_indices, attn_dim, mlp_dim, mod_dim, "
     "refiner_dim, embedder_dims, train_llm_adapter, exclude_patterns, include_patterns, train_t5xxl, split_qkv, "
