@@ -29,6 +29,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Union, cast
 
 import torch
 
+from . import train_util
 from .sdcalls import (
     SD_SCRIPTS_DEFAULT_MAX_TRAIN_STEPS,
     collate,
@@ -346,6 +347,7 @@ class _Loop:
         self.on_step_start = getattr(self.unwrapped, "on_step_start", None)
         self.global_step = 0
         self.losses: List[float] = []
+        self.library: Any = None  # the stand-in library.train_util the step calls through (sd_library)
 
     @property
     def unwrapped(self):
@@ -371,8 +373,9 @@ class _Loop:
         with accelerator.accumulate(self.network):
             if self.on_step_start is not None:
                 self.on_step_start(self.text_encoder, self.models["unet"])
+            models, encoders, library = self.models, self.text_encoders, self.library
             loss = training_loss(
-                accelerator, self.models, self.text_encoders, batch, self.sdxl, self.train_unet, self.train_text_encoder
+                accelerator, models, encoders, batch, self.sdxl, self.train_unet, self.train_text_encoder, library
             )
             accelerator.backward(loss)
             if accelerator.sync_gradients and args.max_grad_norm != 0.0:
@@ -410,13 +413,23 @@ def replay_training(
     network: Optional[NetworkSetup] = None,
     schedule: Optional[Schedule] = None,
     saving: Optional[Saving] = None,
+    sd_library: bool = False,
 ) -> ReplayResult:
     """Train ``network_module``'s network on ``dataset`` the way sd-scripts' train_network.py would.
 
     ``network`` and ``schedule`` are sd-scripts' options (defaults: :class:`NetworkSetup`,
     :class:`Schedule`); files are written only with ``saving``. ``models`` are changed in place
-    (frozen, patched by the network), as in sd-scripts.
+    (frozen, patched by the network), as in sd-scripts. ``sd_library``: the step noises the latents
+    and computes the loss through a stand-in ``library.train_util`` (``harness.train_util``), installed
+    for the run, so that a network wrapping sd-scripts' functions (``holdout``) finds them.
     """
+    if not sd_library:
+        return _replay_training(network_module, models, dataset, sdxl, network, schedule, saving, None)
+    with train_util.installed() as library:
+        return _replay_training(network_module, models, dataset, sdxl, network, schedule, saving, library)
+
+
+def _replay_training(network_module, models, dataset, sdxl, network, schedule, saving, library) -> ReplayResult:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
@@ -432,6 +445,7 @@ def replay_training(
     loader = torch.utils.data.DataLoader(samples, batch_size=args.train_batch_size, shuffle=True, collate_fn=collate)
     _final_max_train_steps(args, len(loader), accelerator.num_processes)
     loop = _Loop(accelerator, built, optimizer, loader, models, sdxl, args)
+    loop.library = library
 
     epochs = loop.num_train_epochs
     metadata = training_metadata(args, net_kwargs, sdxl, epochs, len(loop.loader), te_lr, len(dataset))

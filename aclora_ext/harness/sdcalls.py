@@ -242,16 +242,34 @@ def fixed_batch_loss(
 
 
 def training_loss(
-    accelerator, models, text_encoders, batch, sdxl: bool, train_unet: bool, train_text_encoder: bool
+    accelerator,
+    models,
+    text_encoders,
+    batch,
+    sdxl: bool,
+    train_unet: bool,
+    train_text_encoder: bool,
+    train_util: Any = None,
 ) -> torch.Tensor:
-    """One micro-batch of sd-scripts' objective, drawing noise and timesteps from the global RNG."""
+    """One micro-batch of sd-scripts' objective, drawing noise and timesteps from the global RNG.
+
+    With ``train_util`` (a module like sd-scripts' ``library.train_util``; ``harness.train_util``), the
+    latents are noised and the per-element loss computed through its functions, as train_network.py
+    calls them, and reduced per item, then over the batch."""
     device = accelerator.device
     latents = batch["latents"].to(device)
     with torch.set_grad_enabled(train_text_encoder), accelerator.autocast():
         conds = encode_text(text_encoders, batch["input_ids"].to(device), sdxl)
-    noise = torch.randn_like(latents)
-    timesteps = torch.randint(0, NUM_TRAIN_TIMESTEPS, (latents.shape[0],), device=device)
-    noisy_latents = add_noise(latents, noise, timesteps).requires_grad_(train_unet)
+    if train_util is not None:
+        noise, noisy_latents, timesteps = train_util.get_noise_noisy_latents_and_timesteps(None, None, latents)
+    else:
+        noise = torch.randn_like(latents)
+        timesteps = torch.randint(0, NUM_TRAIN_TIMESTEPS, (latents.shape[0],), device=device)
+        noisy_latents = add_noise(latents, noise, timesteps)
+    noisy_latents = noisy_latents.requires_grad_(train_unet)
     with accelerator.autocast():
         prediction = call_unet(models["unet"], noisy_latents, timesteps, conds, sdxl)
-    return torch.nn.functional.mse_loss(prediction.float(), noise.float())
+    if train_util is None:
+        return torch.nn.functional.mse_loss(prediction.float(), noise.float())
+    loss = train_util.conditional_loss(prediction.float(), noise.float(), "l2", "none", None)
+    return loss.mean(dim=list(range(1, loss.ndim))).mean()

@@ -7,6 +7,18 @@ captions, and trains through the same call sequence sd-scripts uses
 on_epoch_start, per step on_step_start / accelerator.backward, save_weights).
 RESTARTs run every tenth of the run; the file is written and its rank report
 printed.
+
+By default the demo runs with the network's ``holdout=0.2`` option (3 of the 15
+images held out until ``holdout_until`` = 70% of the run), so its RESTARTs choose
+the ranks on a held-out loss, and later ones keep that choice while the held
+images train again. The step calls sd-scripts' ``library.train_util`` functions
+the option wraps through the replay's stand-in (``harness.train_util``); the
+latents are fixed tensors, as cached latents are. The data is the built-in style
+(``tiny.style_dataset``): every latent mixes the same 3 patterns plus noise of its
+own, so there is a low-rank signal to find; no rank is planted in the model.
+``--no-holdout`` runs the network's default without a validation split: every
+RESTART is deferred and training is a plain LoRA at ``network_dim``
+(docs/training.md).
 """
 
 from __future__ import annotations
@@ -20,6 +32,9 @@ from typing import Optional, Sequence
 
 logger = logging.getLogger(__name__)
 
+#: the demo's default ``holdout=`` share: 3 of its 15 images
+HOLDOUT = 0.2
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="aclora demo", description=__doc__.splitlines()[0])
@@ -32,6 +47,19 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("product", "paper", "off"),
         default="product",
         help="restart_mode (default: product, the default of the network)",
+    )
+    parser.add_argument(
+        "--holdout",
+        type=float,
+        default=HOLDOUT,
+        help=f"the network's holdout= share of the 15 images (default {HOLDOUT}: 3 of them)",
+    )
+    parser.add_argument(
+        "--no-holdout",
+        dest="holdout",
+        action="store_const",
+        const=None,
+        help="no held-out split: the network's default without a validation split (RESTARTs deferred, rank R)",
     )
     parser.add_argument("--seed", type=int, default=0)
     return parser
@@ -51,8 +79,17 @@ def _require_demo_dependencies() -> None:
         )
 
 
-def run(out: str, sdxl: bool = False, epochs: int = 20, rank: int = 32, mode: str = "product", seed: int = 0) -> str:
-    """Train the tiny model and return the path of the saved LoRA file."""
+def run(
+    out: str,
+    sdxl: bool = False,
+    epochs: int = 20,
+    rank: int = 32,
+    mode: str = "product",
+    seed: int = 0,
+    holdout: Optional[float] = HOLDOUT,
+) -> str:
+    """Train the tiny model and return the path of the saved LoRA file (``holdout``: the network's
+    ``holdout=`` share, None for none)."""
     _require_demo_dependencies()
     import networks.aclora as network_module
 
@@ -73,7 +110,16 @@ def run(out: str, sdxl: bool = False, epochs: int = 20, rank: int = 32, mode: st
         f"{epochs} epochs, maximum rank {rank}, restart_mode={mode}"
     )
     start = time.perf_counter()
-    setup = NetworkSetup(dim=rank, alpha=rank / 2, args={"restart_mode": mode, "seed": str(seed)})
+    network_args = {"restart_mode": mode, "seed": str(seed)}
+    if holdout is not None:
+        network_args["holdout"] = str(holdout)
+        print(
+            f"this demo uses the network's holdout={holdout} option (its own held-out split, about "
+            f"{round(holdout * 15)} of the 15 images until 70% of the run) so that its RESTARTs choose ranks on a "
+            "held-out loss; the network's default without a validation split is unchanged: a plain LoRA at "
+            "network_dim (docs/training.md; aclora demo --no-holdout)"
+        )
+    setup = NetworkSetup(dim=rank, alpha=rank / 2, args=network_args)
     result = replay_training(
         network_module,
         models,
@@ -82,6 +128,7 @@ def run(out: str, sdxl: bool = False, epochs: int = 20, rank: int = 32, mode: st
         network=setup,
         schedule=Schedule(epochs=epochs, batch_size=3, lr=2e-3, seed=seed),
         saving=Saving(path),
+        sd_library=True,
     )
     seconds = time.perf_counter() - start
     network = result.network
@@ -100,7 +147,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
-    path = run(args.out, args.sdxl, args.epochs, args.rank, args.mode, args.seed)
+    path = run(args.out, args.sdxl, args.epochs, args.rank, args.mode, args.seed, args.holdout)
     from . import inspect
 
     return inspect.run(path)
