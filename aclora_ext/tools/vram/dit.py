@@ -65,6 +65,18 @@ def build_dit(config: FluxConfig | SD3Config) -> nn.Module:
     return Flux(config) if isinstance(config, FluxConfig) else MMDiT(config)
 
 
+def dit_vae(setup: Setup, config: Optional[dict] = None) -> Optional[nn.Module]:
+    """The autoencoder on the device when latents are not cached (FLUX.1's 16-channel one as diffusers'
+    AutoencoderKL, or ``config``), else None; built on the current default device."""
+    if setup.cache_latents:
+        return None
+    try:
+        from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL  # typed, unlike diffusers' root
+    except ImportError:
+        _needs("diffusers")
+    return AutoencoderKL(**(config or DIT_VAE_CONFIG))
+
+
 def build_dit_models(
     setup: Setup,
     device: str = "meta",
@@ -91,13 +103,7 @@ def build_dit_models(
                 encoders.append(kind(CLIPTextConfig(**texts[name])))
         if not setup.cache_text_encoder_outputs:
             encoders.append(T5EncoderModel(T5Config(**texts["t5xxl"])))
-        vae = None
-        if not setup.cache_latents:
-            try:
-                from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL  # typed, unlike diffusers' root
-            except ImportError:
-                _needs("diffusers")
-            vae = AutoencoderKL(**(vae_config or DIT_VAE_CONFIG))
+        vae = dit_vae(setup, vae_config)
     models = Models(setup.family, dit, encoders, vae)
     prepare_dit_models(models, setup)
     return models

@@ -40,8 +40,9 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from ...harness.dit import DIT_LATENT_CHANNELS, DIT_VAE_CONFIG
+from ...harness.dit import DIT_LATENT_CHANNELS
 from ...harness.lumina_dit import GEMMA2_2B_CONFIG, LUMINA_2B, LuminaConfig, NextDiT
+from .dit import dit_vae
 from .models import Models, _needs, block_weights
 from .setup import Setup, VramError
 from .step import TrainingStep
@@ -70,13 +71,7 @@ def build_lumina_models(
         encoders: list[nn.Module] = []
         if gemma2_on_device(setup):
             encoders.append(Gemma2Model(Gemma2Config(**(gemma2_config or GEMMA2_2B_CONFIG))))
-        vae = None
-        if not setup.cache_latents:
-            try:
-                from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL  # typed, unlike diffusers' root
-            except ImportError:
-                _needs("diffusers")
-            vae = AutoencoderKL(**(vae_config or DIT_VAE_CONFIG))
+        vae = dit_vae(setup, vae_config)
     models = Models(setup.family, dit, encoders, vae)
     dit.requires_grad_(False).to(dtype=setup.unet_dtype)
     for te in encoders:
