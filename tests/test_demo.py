@@ -39,15 +39,19 @@ class _Lines(logging.Handler):
 
 
 def _run(tmp_path_factory, **options):
-    handler, root = _Lines(), logging.getLogger()
-    level, module_before = root.level, sys.modules.get(MODULE)
-    root.addHandler(handler)
-    root.setLevel(logging.INFO)
+    # the handler sits on the project's logger itself, at INFO, with logging enabled: whatever earlier tests of a
+    # full run left on the root logger, on this one or in logging.disable, the demo's lines reach it
+    handler, ours = _Lines(), logging.getLogger("aclora_ext")
+    level, disabled, module_before = ours.level, logging.root.manager.disable, sys.modules.get(MODULE)
+    ours.addHandler(handler)
+    ours.setLevel(logging.INFO)
+    logging.disable(logging.NOTSET)
     try:
         path = demo.run(str(tmp_path_factory.mktemp("demo")), **options)
     finally:
-        root.removeHandler(handler)
-        root.setLevel(level)
+        ours.removeHandler(handler)
+        ours.setLevel(level)
+        logging.disable(disabled)
     assert sys.modules.get(MODULE) is module_before  # the stand-in library.train_util is gone after the run
     with safe_open(path, "pt") as file:
         meta = file.metadata()
