@@ -117,6 +117,7 @@ LUMINA_SHARED = (
     "logit_std",
     "mode_scale",
 )
+FAMILY_ONLY.update({key: (*FAMILY_ONLY[key], "lumina") for key in LUMINA_SHARED})
 LUMINA_IGNORED = ("gemma2", "system_prompt")
 _SD3_PATH = re.compile(r"sd3|sd_3|stable[-_ ]?diffusion[-_ ]?3")
 _SD35_PATH = re.compile(r"3[._-]5|sd35")
@@ -205,10 +206,8 @@ def check_family_arguments(family: str, arguments: Mapping[str, tuple[Any, str]]
     """Refuse an argument another trainer has (e.g. --clip_g for FLUX.1, --blocks_to_swap for SDXL)."""
     for key, (raw, origin) in arguments.items():
         families = FAMILY_ONLY.get(key)
-        if family == "lumina" and key in LUMINA_SHARED:
-            continue
         if families and family not in families and raw not in (None, False, "false"):
-            scripts = sorted({SCRIPTS[f].split()[0] for f in families + (("lumina",) if key in LUMINA_SHARED else ())})
+            scripts = sorted({SCRIPTS[f].split()[0] for f in families})
             named = ", ".join(scripts[:-1]) + " and " + scripts[-1] if len(scripts) > 1 else scripts[0]
             raise VramError(
                 f"{origin}: {key}={raw!r} is an argument of {named}, not of "
