@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import resource
@@ -376,3 +377,31 @@ def ratio(numerator: float, denominator: float) -> float:
 
 def verdict(ok: bool) -> str:
     return "met" if ok else "MISSED"
+
+
+def paired_ratio_ci(values: Sequence[float], reference: Sequence[float], *, resamples: int = 2000, seed: int = 0,
+                    level: float = 0.95) -> dict:
+    """The geometric-mean ratio of paired values (``values[i]`` and ``reference[i]`` from the same seed) and
+    its percentile bootstrap confidence interval over the pairs: the seeds are resampled with replacement,
+    the same resample for both recipes (so the pairing is kept), ``resamples`` times from a fixed RNG seed.
+
+    Returns ``{"ratio", "low", "high", "seeds", "resamples", "level"}``. A reference chosen from the data
+    (e.g. the best fixed rank) is held fixed inside the bootstrap: choose it before calling this."""
+    if len(values) != len(reference) or not values:
+        raise ValueError(f"paired_ratio_ci: values ({len(values)}) and reference ({len(reference)}) must be "
+                         "paired, one of each per seed, at least one pair")
+    if resamples < 1 or not 0 < level < 1:
+        raise ValueError(f"paired_ratio_ci: resamples={resamples}, level={level}; allowed: resamples >= 1, "
+                         "0 < level < 1")
+    for name, seq in (("values", values), ("reference", reference)):
+        bad = [v for v in seq if not (v > 0 and math.isfinite(v))]
+        if bad:
+            raise ValueError(f"paired_ratio_ci: {name} has {bad[0]!r}; allowed: finite values > 0 (a ratio of "
+                             "geometric means)")
+    logs = torch.tensor([math.log(a / b) for a, b in zip(values, reference)], dtype=torch.float64)
+    g = torch.Generator().manual_seed(seed)
+    means = logs[torch.randint(0, len(logs), (resamples, len(logs)), generator=g)].mean(dim=1)
+    tail = (1 - level) / 2
+    low, high = torch.quantile(means, torch.tensor([tail, 1 - tail], dtype=torch.float64)).tolist()
+    return {"ratio": math.exp(float(logs.mean())), "low": math.exp(low), "high": math.exp(high),
+            "seeds": len(logs), "resamples": resamples, "level": level}
