@@ -382,7 +382,9 @@ def continued(scene: Scene, method: Row, settings: Settings, workdir: str) -> di
     frozen (``restart_mode=off``), with a fresh AdamW on every image for the remaining epochs. The result is
     the second run's; its time is both runs'."""
     assert method.continued is not None
-    first_epochs = max(1, round(method.continued * settings.epochs))
+    if settings.epochs < 2:
+        raise ValueError(f"{method.label}: epochs={settings.epochs}; allowed: 2 or more (two invocations)")
+    first_epochs = min(settings.epochs - 1, max(1, round(method.continued * settings.epochs)))
     unet = copy.deepcopy(scene.base)
     torch.manual_seed(scene.seed + 7919)
     network = attach(unet, max_rank=method.rank, alpha=float(method.rank), include=TARGETS, prefix="lora_unet",
@@ -517,7 +519,7 @@ def scaled(settings: Settings, images: int) -> Settings:
     if images == N_TRAIN:
         return settings
     steps = settings.epochs * math.ceil(N_TRAIN / settings.batch)
-    return replace(settings, images=images, epochs=max(1, round(steps / math.ceil(images / settings.batch))))
+    return replace(settings, images=images, epochs=max(2, round(steps / math.ceil(images / settings.batch))))
 
 
 def all_rows(sweep: Sequence[int], max_rank: int, adalora: dict, ablation: Sequence[tuple[str, float]],
