@@ -38,10 +38,8 @@ HOLDOUT_ARGS = ("--max_train_epochs", "3", "--network_args", "holdout=0.5", "hol
 # qualifies when every view of it drawn in epoch 1 was held); with these seeds, on these fixtures' latents, it does
 FLUX_SEED = "0"
 HOLDOUT_LINE = re.compile(r"AC-LoRA: holdout: (\d+) of (\d+) images held out until (\d+)% of the run")
-SCHEDULE = [(1, 1, 4), (2, 2, 8)]
- # (RESTART, epoch, step)
+SCHEDULE = [(1, 1, 4), (2, 2, 8)]  # (RESTART, epoch, step)
 FLUX_MODULES = 13  # tests/test_flux_sd3_e2e.py
-
 
 
 @pytest.fixture(scope="session")
