@@ -537,3 +537,18 @@ def test_the_resumable_state_uses_only_dtypes_nccl_can_broadcast():
                   torch.bfloat16, torch.bool}
     _, network = make_network()
     assert {buffer.dtype for buffer in network.buffers()} <= nccl_types
+
+
+def test_the_restart_line_says_the_maximum_rank_even_after_every_module_was_cut_below_it(caplog):
+    # "of N" is the network's maximum rank (what a module may hold), not the largest rank left by the last
+    # RESTART: after every module is cut to 1, the next line must still say "of MAX_RANK", as its history does
+    _, network = make_network()
+    network.record_loss(0.2)
+    first = network.restart(p=0.01)  # keeps the first component of every module
+    assert set(first.ranks.values()) == {1} and first.max_rank == MAX_RANK
+    network.record_loss(0.2)
+    with caplog.at_level(logging.INFO, logger="aclora_ext"):
+        second = network.restart(p=0.01)
+    assert second.max_rank == MAX_RANK
+    line = [r.getMessage() for r in caplog.records if "RESTART #2" in r.getMessage()][0]
+    assert f"ranks min/median/max 1/1/1 of {MAX_RANK} over" in line

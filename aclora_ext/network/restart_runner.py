@@ -91,7 +91,7 @@ def run(
         alpha=chosen.alpha,
         mode=inputs.mode,
         ranks=dict(inputs.ranks),
-        max_rank=max(inputs.ranks.values()),
+        max_rank=max(m.rank for m in inputs.modules),  # what a module may hold, not what the last cut left
         p_clamped=chosen.clamped,
         p_source=chosen.source,
     )
