@@ -4,16 +4,13 @@ epoch's end, replayed through the denoiser as it is now for the rank search (see
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
 
 from ..families.base import Prediction
 from .heldout import PREDICTION_TOLERANCE, SdScriptsValidation, _Call
-
-if TYPE_CHECKING:
-    from .holdout import Holdout
 
 logger = logging.getLogger(__name__)
 
@@ -29,7 +26,7 @@ class HeldCalls(SdScriptsValidation):
 
     def __init__(
         self,
-        holdout: Holdout,
+        holdout: Any,  # holdout.Holdout (not imported: that module imports this one)
         recording: Callable[[], bool],
         unet: nn.Module,
         loss_fn: Any,
@@ -98,7 +95,7 @@ class HeldCalls(SdScriptsValidation):
             images = self.holdout.held_images(known, shape, batch)
             positions = [i for i, image in enumerate(images) if image is not None]
             if positions:
-                self.kept.append((call, positions, [images[i] for i in positions]))  # type: ignore[misc]
+                self.kept.append((call, positions, [images[i] for i in positions]))
         del self.kept[:-MAX_CALLS]
         self.calls = [call for call, _, _ in self.kept]
 
