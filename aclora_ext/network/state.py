@@ -9,6 +9,7 @@ cast with ``.to(dtype)`` keeps them exact.
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any, Optional
 
@@ -18,6 +19,8 @@ from .. import functional as F
 from ..lora.batching import held_slots, hold_from
 from ..lora.report import RestartReport
 from . import schedule
+
+logger = logging.getLogger(__name__)
 
 HISTORY_CAPACITY = 128  # restarts kept in the resumable state (the oldest are dropped beyond it)
 FIXED_POINT = 1_000_000_000  # p and L are stored in integer buffers (float buffers would follow .to(dtype))
@@ -43,6 +46,9 @@ def register_buffers(network) -> None:
     network.register_buffer("aclora_input_stats", torch.zeros(0, dtype=torch.int64))
     # product mode: every module's held slots (1 = held), concatenated; empty when none is held
     network.register_buffer("aclora_held", torch.zeros(0, dtype=torch.int64))
+    # holdout=: the held set, whether it was decided, and the identities it rests on (Holdout.state); empty
+    # between saves and without holdout
+    network.register_buffer("aclora_holdout", torch.zeros(0, dtype=torch.int64))
 
 
 def write_buffers(network) -> None:
@@ -59,22 +65,30 @@ def write_buffers(network) -> None:
     network.aclora_input_stats = network.rank_search.stats_state(network.loras).view(torch.int64)
     if network.rank_search.holding(network.loras):
         network.aclora_held = held_slots(network.loras)
+    if network.holdout is not None:
+        network.items.resolve()  # the views the steps left on the device: a resumed run must know them too
+        network.aclora_holdout = network.holdout.state(network.items.recogniser).to(network.aclora_levels.device)
 
 
 def clear_transient(network) -> None:
     """After a save: the activation statistics' buffer holds no device memory between saves."""
     network.aclora_input_stats = torch.zeros(0, dtype=torch.int64, device=network.aclora_levels.device)
     network.aclora_held = torch.zeros(0, dtype=torch.int64, device=network.aclora_levels.device)
+    network.aclora_holdout = torch.zeros(0, dtype=torch.int64, device=network.aclora_levels.device)
 
 
-def upgrade(state_dict: dict, prefix: str) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+Variable = tuple[Optional[torch.Tensor], ...]
+
+
+def upgrade(state_dict: dict, prefix: str) -> Variable:
     """Before torch loads the buffers: make a state saved by an older version loadable (in place), and
-    return the activation statistics and held slots it holds (their buffers' sizes vary, so torch does not
-    load them)."""
-    variable = state_dict.get(prefix + "aclora_input_stats"), state_dict.get(prefix + "aclora_held")
-    if prefix + "aclora_clock" in state_dict:  # also a state saved before the activation statistics were kept
-        state_dict[prefix + "aclora_input_stats"] = torch.zeros(0, dtype=torch.int64)
-        state_dict[prefix + "aclora_held"] = torch.zeros(0, dtype=torch.int64)  # also a state saved before it
+    return the activation statistics, held slots and held set it holds (None: a state saved before that
+    buffer existed; their sizes vary, so torch does not load them)."""
+    names = ("aclora_input_stats", "aclora_held", "aclora_holdout")
+    variable = tuple(state_dict.get(prefix + name) for name in names)
+    if prefix + "aclora_clock" in state_dict:  # also a state saved before one of them was kept
+        for name in names:
+            state_dict[prefix + name] = torch.zeros(0, dtype=torch.int64)
     old = state_dict.get(prefix + "aclora_history_stats")
     if isinstance(old, torch.Tensor) and old.dim() == 2 and old.shape[1] == 8:  # saved by version 0.1
         pad = torch.tensor([-1, 0, -1], dtype=old.dtype).expand(old.shape[0], 3)
@@ -82,12 +96,10 @@ def upgrade(state_dict: dict, prefix: str) -> tuple[Optional[torch.Tensor], Opti
     return variable
 
 
-def read_buffers(
-    network, state_dict: dict, prefix: str, variable: tuple[Optional[torch.Tensor], Optional[torch.Tensor]]
-) -> None:
+def read_buffers(network, state_dict: dict, prefix: str, variable: Variable) -> None:
     """After torch loaded the buffers: rebuild the network's Python-side state from them (``variable``:
     what ``upgrade`` took out)."""
-    input_stats, held = variable
+    input_stats, held, held_set = variable
     if prefix + "aclora_clock" not in state_dict:
         return
     network.clock.load_list(network.aclora_clock.tolist())
@@ -104,12 +116,25 @@ def read_buffers(
         network.rank_search.load_stats_state(network.loras, input_stats.cpu().view(torch.float64))
     if isinstance(held, torch.Tensor) and held.numel() == sum(m.rank for m in network.loras):
         hold_from(network.loras, held)
+    if network.holdout is not None:
+        read_holdout(network, held_set)
     names = [m.lora_name for m in network.loras]
     network.history = [
         history_record(stats, ranks, names, network.config.restart_mode, network.max_rank)
         for ranks, stats in zip(network.aclora_history_ranks.tolist(), network.aclora_history_stats.tolist())
         if stats[7] == 1
     ]
+
+
+def read_holdout(network, held_set: Optional[torch.Tensor]) -> None:
+    """holdout=: the held set as the saved run had it, or (a state without one) say that it is drawn afresh."""
+    if isinstance(held_set, torch.Tensor) and held_set.numel() > 0:
+        network.holdout.load_state(held_set, network.items.recogniser, network.aclora_levels.device)
+        return
+    logger.warning(
+        "AC-LoRA: holdout: the saved state has no held set (saved without holdout, or by an older version): the "
+        "held set restarts with the first epoch's rule, so images trained before the resume may now be held"
+    )
 
 
 def history_row(report: RestartReport) -> list[int]:

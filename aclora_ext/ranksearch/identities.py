@@ -19,7 +19,7 @@ resolved to image ids later, on the host, by :class:`Recogniser`:
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -53,6 +53,15 @@ def _mix(x: torch.Tensor) -> torch.Tensor:
     x = (x ^ _shift_right(x, 30)) * _signed(0xBF58476D1CE4E5B9)
     x = (x ^ _shift_right(x, 27)) * _signed(0x94D049BB133111EB)
     return x ^ _shift_right(x, 31)
+
+
+def _float_bits(values: Sequence[float]) -> list[int]:
+    """Floats as the int64 view of their float64 bits (exact, for an integer buffer)."""
+    return torch.tensor(list(values), dtype=torch.float64).view(torch.int64).tolist()
+
+
+def _from_float_bits(values: Sequence[int]) -> list[float]:
+    return torch.tensor(list(values), dtype=torch.int64).view(torch.float64).tolist()
 
 
 def fingerprint(latents: torch.Tensor) -> torch.Tensor:
@@ -177,6 +186,48 @@ class Recogniser:
         if self.exact:
             self._known[key] = image
         return image
+
+    # --- the resumable state (network/state.py stores it in an integer buffer) -----------------------
+    def state(self) -> list[int]:
+        """Everything resolution has learnt, as integers (floats by their bit patterns, so exact): per image
+        its view count and gap, every (shape, fingerprint) -> image, every kept descriptor with its owner."""
+        shapes = sorted(set(self._descriptors) | {shape for shape, _ in self._known})
+        index = {shape: i for i, shape in enumerate(shapes)}
+        out = [len(self._view_count), *self._view_count, *_float_bits(self._gap), len(shapes)]
+        for shape in shapes:
+            out += [len(shape), *shape]
+        out.append(len(self._known))
+        for (shape, fp), image in self._known.items():
+            out += [index[shape], fp, image]
+        for shape in shapes:
+            kept = self._descriptors.get(shape, [])
+            out.append(len(kept))
+            for owner, d in zip(self._owners[shape] if kept else [], kept):
+                bits = d.float().contiguous().view(torch.int32).tolist()
+                out += [owner, len(bits), *bits]
+        return out
+
+    def load_state(self, values: Iterator[int]) -> None:
+        """Restore what :meth:`state` wrote (``values`` read in order)."""
+        images = next(values)
+        self._view_count = [next(values) for _ in range(images)]
+        self._gap = _from_float_bits([next(values) for _ in range(images)])
+        shapes = []
+        for _ in range(next(values)):
+            shapes.append(tuple(next(values) for _ in range(next(values))))
+        self._known = {}
+        for _ in range(next(values)):
+            shape, fp, image = shapes[next(values)], next(values), next(values)
+            self._known[(shape, fp)] = image
+        self._descriptors, self._owners = {}, {}
+        for shape in shapes:
+            for _ in range(next(values)):
+                owner = next(values)
+                bits = [next(values) for _ in range(next(values))]
+                self._owners.setdefault(shape, []).append(owner)
+                self._descriptors.setdefault(shape, []).append(
+                    torch.tensor(bits, dtype=torch.int32).view(torch.float32)
+                )
 
     def _keep(self, shape: tuple, image: int, d: torch.Tensor) -> None:
         """Keep a view of ``image``, updating the distances between images."""
