@@ -164,7 +164,7 @@ def test_after_resolution_held_images_stay_held_and_their_other_views_too(train_
     assert hold.trained(fingerprint(images[:1].flip(-1) + 0.01)).tolist() == [0.0]
 
 
-def test_a_step_of_held_items_only_moves_sgd_by_nothing_and_every_image_trains_after_until(train_util):
+def test_a_step_of_held_items_only_moves_sgd_by_nothing_and_every_image_trains_after_until(train_util, caplog):
     """Batch size 1: a held item's step gives a zero gradient (plain SGD: no move); once holdout_until of the
     run is done, the same item trains."""
     models = tiny.sd1_models(seed=0)
@@ -180,8 +180,14 @@ def test_a_step_of_held_items_only_moves_sgd_by_nothing_and_every_image_trains_a
     assert grads and all(torch.count_nonzero(g) == 0 for g in grads)
     network.clock.optimizer_steps = 5  # half the run done
     assert not network.holdout.active and not network.validation_active
-    sd_step(network, models, train_util, images[held[:1]], held[:1], optimizer)
+    with caplog.at_level(logging.INFO, logger="aclora_ext"):
+        sd_step(network, models, train_util, images[held[:1]], held[:1], optimizer)
+        sd_step(network, models, train_util, images[held[:1]], held[:1], optimizer)
     assert any(not torch.equal(before[k], v) for k, v in parameters(network).items())
+    # the log says once, at the first step after holdout_until, that the held images train again
+    lines = [r.getMessage() for r in caplog.records if "train again" in r.getMessage()]
+    assert lines == [f"AC-LoRA: holdout: the {len(network.holdout.held)} held image(s) train again from 50% of the run "
+                     "(holdout_until=0.5)"]
 
 
 def test_the_rank_search_judges_on_the_held_items_recorded_training_calls(train_util):

@@ -85,6 +85,7 @@ class Holdout:
         self.shape: tuple = ()  # the current batch's latent shape (one item)
         self.device: Optional[torch.device] = None
         self._warned = False
+        self._released = False  # the line that the held images train again was logged
 
     @property
     def active(self) -> bool:
@@ -108,7 +109,16 @@ class Holdout:
         """A training batch's fingerprints and latent shape (before its denoiser call): which items train."""
         self.fingerprints, self.shape = fingerprints, shape
         self.device = fingerprints.device
-        self._trained = self.trained(fingerprints) if self.active else None
+        active = self.active
+        self._trained = self.trained(fingerprints) if active else None
+        if not active and not self._released:
+            self._released = True
+            logger.info(
+                "AC-LoRA: holdout: the %d held image(s) train again from %.0f%% of the run (holdout_until=%g)",
+                len(self.held),
+                100.0 * self._progress(),
+                self.until,
+            )
 
     def adjust_loss(self, loss: Any) -> Any:
         """sd-scripts' per-element training loss of the batch just observed, its held items masked."""
