@@ -132,3 +132,68 @@ def test_groups_that_are_not_a_1d_integer_sequence_are_refused_with_the_whole_me
         f"set_validation: groups={groups!r} is not valid; allowed: a 1-D sequence of integers, "
         "the held-out unit (e.g. image) of each item the loss returns"
     )
+
+
+# --- the held-out evaluation ---------------------------------------------------------------------------------
+def trained_two_layers(loss_fn=None, groups=None):
+    """Two layers whose factors hold an update, training forwards recorded, a held-out loss set."""
+    model, network = two_layers()
+    with torch.no_grad():
+        for m in network.loras:
+            m.lora_up.weight.copy_(torch.randn(m.lora_up.weight.shape, generator=torch.Generator().manual_seed(3)))
+    x = torch.randn(64, 8, generator=torch.Generator().manual_seed(1))
+    network.train()
+    with torch.enable_grad():
+        model(x)
+    target = model(x).detach() * 0.5
+    network.set_validation(loss_fn or (lambda: (model(x) - target).pow(2).mean(dim=1)), None, groups=groups)
+    return model, network, x
+
+
+def test_a_scalar_held_out_loss_is_one_float64_item():
+    """``held_out_losses``: a Python number becomes one float64 item (not rounded to float32)."""
+    _, network = two_layers()
+    network.rank_search.set_validation(lambda: 0.1, None)
+    items = network.rank_search.held_out_losses()
+    assert items.dtype == torch.float64 and items.tolist() == [0.1]
+
+
+def test_training_records_again_after_a_held_out_decision():
+    """The held-out evaluation stops the recording only while it runs: the training forwards after a
+    RESTART chosen on the held-out loss are recorded (the next importances come from them)."""
+    model, network, x = trained_two_layers()
+    assert network.restart().p_source == "validation"
+    network.train()
+    with torch.enable_grad():
+        model(x)
+    assert all(network.rank_search.stats[m.lora_name].count == 64 for m in network.loras)
+
+
+def test_the_held_out_choice_uses_the_window_of_the_last_choice_the_groups_and_final(monkeypatch):
+    """After a held-out choice the coarse candidates are ``F.window_levels`` around it; the one-standard-error
+    rule gets the items' groups, and ``final`` only for the file's own ranks (save time)."""
+    windows, choices = [], []
+    window_levels, parsimonious_choice = F.window_levels, F.parsimonious_choice
+
+    def window_spy(center):
+        windows.append(center)
+        return window_levels(center)
+
+    def choice_spy(candidates, groups=None, final=False):
+        choices.append((None if groups is None else groups.tolist(), final))
+        return parsimonious_choice(candidates, groups, final)
+
+    monkeypatch.setattr(F, "window_levels", window_spy)
+    monkeypatch.setattr(F, "parsimonious_choice", choice_spy)
+    model, network, x = trained_two_layers(groups=[i // 2 for i in range(64)])
+    network.restart()
+    frozen = network.rank_search.frozen_level
+    assert windows == [None] and frozen is not None
+    network.train()
+    with torch.enable_grad():
+        model(x)
+    network.restart()
+    assert windows == [None, frozen]
+    network.state_for_export()
+    groups = [i // 2 for i in range(64)]
+    assert choices == [(groups, False), (groups, False), (groups, True)]
