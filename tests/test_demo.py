@@ -94,8 +94,10 @@ def test_the_demo_chooses_ranks_on_held_out_loss_until_holdout_until_then_gives_
 def test_the_demo_file_has_the_ranks_the_held_out_search_chose(runs):
     run = runs["holdout"]
     ranks = [run["ranks"][name] for name in run["modules"]]
-    frozen = [entry["ranks"] for entry in run["history"] if entry["source"] == "frozen"]
-    assert len(ranks) == 60 and len(frozen) == 3 and all(entry == ranks for entry in frozen)  # the save kept them
+    frozen = [entry for entry in run["history"] if entry["source"] == "frozen"]
+    # after holdout_until the RESTARTs keep the held-out choice (a module may gain a component once the held
+    # images train again: not pinned, it differs between CPUs); the save keeps the last RESTART's ranks
+    assert len(ranks) == 60 and len(frozen) == 3 and frozen[-1]["ranks"] == ranks
     assert json.loads(run["meta"]["aclora_file_decision"])["source"] == "frozen"  # the last held-out level
     assert 1 <= min(ranks) and max(ranks) <= RANK and sum(ranks) < 0.75 * RANK * len(ranks)  # the search cut
 
