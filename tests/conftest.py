@@ -30,6 +30,26 @@ if "OMP_NUM_THREADS" not in os.environ:
     torch.set_num_threads(1)
 
 
+def sd_scripts_loss(model_pred, target, loss_type, reduction, huber_c=None):
+    """sd-scripts' conditional_loss for l2 and huber (what the held-out tests need)."""
+    if loss_type == "l2":
+        return torch.nn.functional.mse_loss(model_pred, target, reduction=reduction)
+    huber_c = huber_c.view(-1, *([1] * (model_pred.ndim - 1)))
+    return 2 * huber_c * (torch.sqrt((model_pred - target) ** 2 + huber_c**2) - huber_c)
+
+
+@pytest.fixture
+def train_util(monkeypatch):
+    """A stand-in for sd-scripts' library.train_util, as train_network.py has it imported (its
+    conditional_loss); a test file may define its own."""
+    import types
+
+    module = types.ModuleType("library.train_util")
+    module.conditional_loss = sd_scripts_loss
+    monkeypatch.setitem(sys.modules, "library.train_util", module)
+    return module
+
+
 @pytest.fixture
 def sd1_models():
     """A tiny SD1.x-like model set: dict(unet, text_encoder, vae=None)."""

@@ -24,23 +24,6 @@ from aclora_ext.harness.sdcalls import add_noise
 from helpers import text_encoder_of
 
 
-def sd_scripts_loss(model_pred, target, loss_type, reduction, huber_c=None):
-    """sd-scripts' conditional_loss for l2 and huber (the two this file needs)."""
-    if loss_type == "l2":
-        return F.mse_loss(model_pred, target, reduction=reduction)
-    huber_c = huber_c.view(-1, *([1] * (model_pred.ndim - 1)))
-    return 2 * huber_c * (torch.sqrt((model_pred - target) ** 2 + huber_c ** 2) - huber_c)
-
-
-@pytest.fixture
-def train_util(monkeypatch):
-    """A stand-in for sd-scripts' library.train_util, as train_network.py has it imported."""
-    module = types.ModuleType("library.train_util")
-    module.conditional_loss = sd_scripts_loss
-    monkeypatch.setitem(sys.modules, "library.train_util", module)
-    return module
-
-
 def sd_network(models, validation_split: float, **network_args):
     """create_network, prepare_network, apply_to as sd-scripts calls them (a split in the dataset config
     leaves args.validation_split at 0: the recorder is there whatever the args say)."""

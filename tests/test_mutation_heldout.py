@@ -21,19 +21,6 @@ from aclora_ext.families.base import Prediction
 from aclora_ext.ranksearch import heldout
 
 
-def mse(model_pred, target, loss_type, reduction, huber_c=None):
-    return F.mse_loss(model_pred, target, reduction=reduction)
-
-
-@pytest.fixture
-def train_util(monkeypatch):
-    """A stand-in for sd-scripts' library.train_util (its conditional_loss, l2 only)."""
-    module = types.ModuleType("library.train_util")
-    module.conditional_loss = mse
-    monkeypatch.setitem(sys.modules, "library.train_util", module)
-    return module
-
-
 class Denoiser(torch.nn.Module):
     """Called with keywords only (as sd-scripts' DiTs are)."""
 
